@@ -1,0 +1,1 @@
+"""Estuary cloud worker groups (full-precision model, pipeline stages)."""

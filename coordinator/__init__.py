@@ -1,0 +1,1 @@
+"""The Estuary federation service (coordinator role)."""

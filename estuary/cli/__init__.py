@@ -1,0 +1,1 @@
+"""The ``estuary`` command line: one console script, one sub-command group per role."""

@@ -1,0 +1,90 @@
+"""The ``estuary`` console script: one entry point, a command group per role.
+
+Exit codes come from :class:`estuary.cli.exit_codes.ExitCode` and are listed in
+``estuary --help``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from estuary import __version__
+from estuary.cli import config_cmd, status_cmd
+from estuary.cli.exit_codes import ExitCode
+from estuary.log import init_logging
+
+log = logging.getLogger(__name__)
+
+_EXIT_CODES_HELP = ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode)
+
+app = typer.Typer(
+    name="estuary",
+    help=(
+        "Estuary: federated fine-tuning of language models on private edge data, with "
+        "secure, asynchronous, staleness-aware aggregation.\n\n"
+        f"Exit codes: {_EXIT_CODES_HELP}."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"estuary {__version__}")
+        raise typer.Exit(ExitCode.OK)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level",
+            help="DEBUG, INFO, WARNING or ERROR. Default: $ESTUARY_LOG_LEVEL, else INFO.",
+        ),
+    ] = None,
+    log_json: Annotated[
+        bool,
+        typer.Option(
+            "--log-json", help="Log JSON lines instead of text (or ESTUARY_LOG_FORMAT=json)."
+        ),
+    ] = False,
+) -> None:
+    try:
+        init_logging(level=log_level, fmt="json" if log_json else None)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(ExitCode.USAGE) from None
+
+
+app.add_typer(config_cmd.app, name="config")
+app.command("status")(status_cmd.status)
+
+
+def main() -> None:
+    """Run the CLI; an unexpected exception is logged and exits with ``FAILURE``."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(ExitCode.INTERRUPTED)
+    except SystemExit:
+        raise
+    except Exception:
+        log.exception("unexpected error")
+        sys.exit(ExitCode.FAILURE)
+
+
+if __name__ == "__main__":
+    main()

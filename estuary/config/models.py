@@ -1,0 +1,479 @@
+"""Typed configuration of every Estuary role.
+
+One pydantic model per role (:class:`CoordinatorSettings`, :class:`WorkerSettings`,
+:class:`EdgeSettings`, :class:`SimulationSettings`), each a tree of small section
+models. Every field documents its unit and what 0 / ``None`` means; combinations that
+cannot work are refused when the file is loaded, naming the field.
+
+Values come from a TOML file and can be overridden by environment variables
+``ESTUARY_<SECTION>__<FIELD>`` (double underscore between levels), e.g.
+``ESTUARY_STATE__URL=redis://redis:6379/0``. See :mod:`estuary.config.loader`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from estuary.config.secrets import SecretRef
+
+#: Environment prefix of every override; nested fields are joined with ``__``.
+ENV_PREFIX = "ESTUARY_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors (they are usually typos)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------- shared sections
+
+
+class StateSettings(Section):
+    """Where durable state and blobs live."""
+
+    url: str = Field(
+        default="memory://",
+        description=(
+            "State store URL: 'memory://' (in-process, lost at exit; single-process simulation "
+            "only), 'redis://host:port/db' or 'rediss://host:port/db' (TLS). Never put a "
+            "password in the URL; use 'password'."
+        ),
+    )
+    password: SecretRef | None = Field(
+        default=None, description="Redis password, by environment variable or file. None: no AUTH."
+    )
+    tls_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle (PEM) to verify a rediss:// server. None: the system trust store.",
+    )
+    key_prefix: str = Field(
+        default="estuary:",
+        min_length=1,
+        description="Prefix of every Redis key, so several federations can share one Redis.",
+    )
+    blob_dir: Path = Field(
+        default=Path("estuary-blobs"),
+        description="Directory of the content-addressed blob store (artifacts, adapter versions).",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in {"memory", "redis", "rediss"}:
+            raise ValueError(
+                f"unsupported scheme {parts.scheme!r}; use memory://, redis:// or rediss://"
+            )
+        if parts.password:
+            raise ValueError(
+                "the URL contains a password; secrets are never inline: set "
+                "state.password.env or state.password.file instead"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> StateSettings:
+        if self.tls_ca_file is not None and not self.url.startswith("rediss://"):
+            raise ValueError("tls_ca_file: set, but url is not rediss:// (TLS is not in use)")
+        return self
+
+
+class ModelSettings(Section):
+    """Which base model the federation fine-tunes and the shape of its adapters."""
+
+    preset: Literal["tiny", "small"] | None = Field(
+        default="tiny",
+        description="Built-in preset to create the base from. None: load 'path' instead.",
+    )
+    path: Path | None = Field(
+        default=None,
+        description="Local Hugging Face model directory. None: use 'preset'.",
+    )
+    r_max: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Largest adapter rank (rows of the shared frozen LoRA A), in ranks.",
+    )
+    adapter_seed: int = Field(
+        default=0, ge=0, description="Seed that derives the shared frozen LoRA A matrices."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSettings:
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("preset: set exactly one of preset or path")
+        return self
+
+
+class DeviceClass(Section):
+    """A class of edge devices that train the same adapter rank at a similar speed."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", description="Class identifier.")
+    rank: int = Field(ge=1, le=256, description="Adapter rank r this class trains (≤ r_max).")
+    expected_task_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Typical seconds for one local training task; the pacer's speed estimate.",
+    )
+
+
+def _check_device_classes(classes: list[DeviceClass], r_max: int) -> None:
+    names = [c.name for c in classes]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"device_classes: duplicate class names {duplicates}")
+    too_big = [c.name for c in classes if c.rank > r_max]
+    if too_big:
+        raise ValueError(f"device_classes: rank above model.r_max={r_max} for {too_big}")
+
+
+class AggregationSettings(Section):
+    """Buffered asynchronous, staleness-aware aggregation (FedBuff)."""
+
+    buffer_size: int = Field(
+        default=8, ge=1, description="K: client updates buffered before a new version is made."
+    )
+    server_lr: float = Field(
+        default=1.0, gt=0, le=10, description="η_server: B ← B + η · ΣwΔB / Σw (dimensionless)."
+    )
+    staleness: Literal["constant", "polynomial", "hinge"] = Field(
+        default="polynomial",
+        description=(
+            "Weight f(s) of an update s versions stale: constant 1; polynomial (1+s)^-a; "
+            "hinge 1 for s ≤ b, else 1/(a·(s−b)+1)."
+        ),
+    )
+    staleness_a: float = Field(
+        default=0.5, ge=0, description="Exponent (polynomial) or slope (hinge) a."
+    )
+    staleness_b: int = Field(default=4, ge=0, description="Hinge knee b, in versions.")
+    max_staleness: int = Field(
+        default=16,
+        ge=0,
+        description="Updates more than this many versions stale are refused. 0: only current.",
+    )
+
+
+class PacingSettings(Section):
+    """How many devices train at once, and how long idle devices wait."""
+
+    target_staleness: float = Field(
+        default=2.0,
+        gt=0,
+        description="Expected staleness to aim for, in versions; concurrency ≈ K × this.",
+    )
+    retry_after_min_s: float = Field(
+        default=1.0, gt=0, description="Shortest retry-after told to a device, in seconds."
+    )
+    retry_after_max_s: float = Field(
+        default=300.0, gt=0, description="Longest retry-after told to a device, in seconds."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PacingSettings:
+        if self.retry_after_min_s > self.retry_after_max_s:
+            raise ValueError("retry_after_min_s: must not exceed retry_after_max_s")
+        return self
+
+
+class CohortSettings(Section):
+    """Secure-aggregation cohorts: size, threshold and numerics."""
+
+    min_size: int = Field(default=4, ge=2, description="Smallest cohort, in devices.")
+    max_size: int = Field(default=32, ge=2, description="Largest cohort, in devices.")
+    threshold_fraction: float = Field(
+        default=0.67,
+        gt=0.5,
+        le=1.0,
+        description=(
+            "t / n: survivors needed to unmask. Above 1/2 so two disjoint halves can never "
+            "both reconstruct."
+        ),
+    )
+    deadline_s: float = Field(
+        default=600.0, gt=0, description="Seconds from cohort start to the upload deadline."
+    )
+    neighbours: int | None = Field(
+        default=None,
+        ge=2,
+        description="SecAgg+ neighbourhood size k. None: complete graph (plain SecAgg).",
+    )
+    bits: int = Field(
+        default=32, ge=8, le=62, description="b: masked sums live in Z_(2^b), in bits."
+    )
+    clip_norm: float = Field(
+        default=1.0, gt=0, description="L2 clip of each update before masking (adapter units)."
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> CohortSettings:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size: {self.min_size} exceeds max_size={self.max_size}")
+        return self
+
+
+class TrainingSettings(Section):
+    """Local training that a task asks of a device."""
+
+    local_steps: int = Field(default=20, ge=1, description="Optimizer steps per task.")
+    learning_rate: float = Field(default=3e-3, gt=0, description="Local Adam learning rate.")
+    batch_size: int = Field(default=8, ge=1, description="Sequences per step.")
+    seq_len: int = Field(default=128, ge=8, description="Tokens per sequence.")
+
+
+class ServerTLSSettings(Section):
+    """TLS of a gRPC server."""
+
+    cert_file: Path | None = Field(default=None, description="Server certificate chain (PEM).")
+    key_file: Path | None = Field(default=None, description="Server private key (PEM).")
+    client_ca_file: Path | None = Field(
+        default=None,
+        description="CA (PEM) that client certificates must chain to. None: no client certs.",
+    )
+    allow_plaintext: bool = Field(
+        default=False,
+        description="Serve without TLS. Only for loopback tests and simulation.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerTLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file, or neither")
+        if self.cert_file is None and not self.allow_plaintext:
+            raise ValueError(
+                "cert_file: not set; set cert_file and key_file, or allow_plaintext = true"
+            )
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file: needs cert_file and key_file (mTLS runs over TLS)")
+        return self
+
+
+class ServerSettings(Section):
+    """Where the coordinator listens."""
+
+    listen: str = Field(
+        default="0.0.0.0:50051",
+        pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$",
+        description="host:port (IPv6 as [addr]:port) of the gRPC server.",
+    )
+    metrics_port: int = Field(
+        default=9464, ge=0, le=65535, description="Prometheus /metrics HTTP port. 0: disabled."
+    )
+    device_requests_per_s: float = Field(
+        default=5.0, gt=0, description="Sustained per-device request rate limit, per second."
+    )
+    device_burst: int = Field(
+        default=20, ge=1, description="Requests a device may burst above that rate."
+    )
+
+
+# --------------------------------------------------------------------------- roles
+
+
+class RoleSettings(BaseSettings):
+    """Common behaviour of the per-role settings: strict keys, ``ESTUARY_*`` overrides."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    @classmethod
+    def settings_customise_sources(  # type: ignore[override]
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: object,
+        env_settings: object,
+        dotenv_settings: object,
+        file_secret_settings: object,
+    ) -> tuple[object, ...]:
+        """Return the sources in priority order: environment, then the TOML file's values."""
+        # The loader passes the TOML file's content as init kwargs; environment overrides
+        # must win over the file, so env comes first. No .env files: deployments already
+        # have a way to set environment variables, and a stray .env would be a surprise.
+        return (env_settings, init_settings)
+
+
+def _default_classes() -> list[DeviceClass]:
+    return [
+        DeviceClass(name="phone", rank=4, expected_task_s=120.0),
+        DeviceClass(name="laptop", rank=16, expected_task_s=40.0),
+    ]
+
+
+class CoordinatorSettings(RoleSettings):
+    """Settings of ``estuary coordinator serve``."""
+
+    node_id: str = Field(
+        default_factory=lambda: os.environ.get("HOSTNAME", "coordinator"),
+        min_length=1,
+        description="Name of this replica in logs, leases and metrics.",
+    )
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    tls: ServerTLSSettings = Field(default_factory=ServerTLSSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    device_classes: list[DeviceClass] = Field(
+        default_factory=_default_classes,
+        min_length=1,
+        description="Device classes the federation admits.",
+    )
+    aggregation: AggregationSettings = Field(default_factory=AggregationSettings)
+    pacing: PacingSettings = Field(default_factory=PacingSettings)
+    cohort: CohortSettings = Field(default_factory=CohortSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> CoordinatorSettings:
+        _check_device_classes(self.device_classes, self.model.r_max)
+        return self
+
+
+class WorkerSettings(RoleSettings):
+    """Settings of ``estuary worker run``: one worker group."""
+
+    group: str = Field(
+        default="default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Worker group name (the job stream's consumer name).",
+    )
+    state: StateSettings = Field(default_factory=StateSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    stages: int = Field(
+        default=1, ge=1, description="Pipeline stages (= processes) the model is split into."
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        default="auto", description="torch.distributed backend; auto: nccl with CUDA, else gloo."
+    )
+    micro_batches: int = Field(default=4, ge=1, description="Pipeline micro-batches per batch.")
+    heartbeat_s: float = Field(
+        default=5.0, gt=0, description="Seconds between heartbeats written to the store."
+    )
+    reclaim_idle_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A job pending this many seconds on a silent group is taken over.",
+    )
+    process_group_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="torch.distributed collective timeout: a dead peer fails the group.",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_vs_reclaim(self) -> WorkerSettings:
+        if self.reclaim_idle_s <= 2 * self.heartbeat_s:
+            raise ValueError(
+                f"reclaim_idle_s: {self.reclaim_idle_s} must exceed 2 × heartbeat_s="
+                f"{self.heartbeat_s}, or live groups would have their jobs taken"
+            )
+        return self
+
+
+class EdgeTLSSettings(Section):
+    """TLS of the edge's connection to the coordinator."""
+
+    ca_file: Path | None = Field(
+        default=None, description="CA (PEM) of the coordinator. None: the system trust store."
+    )
+    cert_file: Path | None = Field(default=None, description="Client certificate (PEM), mTLS.")
+    key_file: Path | None = Field(default=None, description="Client private key (PEM), mTLS.")
+    allow_plaintext: bool = Field(
+        default=False, description="Connect without TLS. Only for loopback and simulation."
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> EdgeTLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file, or neither")
+        return self
+
+
+class EdgeSettings(RoleSettings):
+    """Settings of ``estuary edge``: one device."""
+
+    coordinator: str = Field(
+        default="127.0.0.1:50051",
+        pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$",
+        description="host:port of the coordinator (or its load balancer).",
+    )
+    tls: EdgeTLSSettings = Field(default_factory=EdgeTLSSettings)
+    state_dir: Path = Field(
+        default=Path("estuary-edge"),
+        description="Directory for keys, progress and downloaded artifacts.",
+    )
+    data_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Private training data (folder of text files or a JSONL file). None: no training."
+        ),
+    )
+    device_class: str = Field(default="laptop", description="Device class to enrol as.")
+    threads: int = Field(
+        default=2, ge=0, description="Torch/onnxruntime threads. 0: one per available core."
+    )
+    enrolment_token: SecretRef | None = Field(
+        default=None, description="One-time enrolment token. None: already enrolled."
+    )
+    max_backoff_s: float = Field(
+        default=300.0, gt=0, description="Longest wait between reconnection attempts, seconds."
+    )
+
+
+class SimulationSettings(RoleSettings):
+    """Settings of ``estuary simulate``: a whole federation on one machine."""
+
+    clients: int = Field(default=16, ge=2, description="Simulated edge devices.")
+    device_classes: list[DeviceClass] = Field(
+        default_factory=_default_classes,
+        min_length=1,
+        description="Classes clients are split into.",
+    )
+    versions: int = Field(default=6, ge=1, description="Stop after this many new versions.")
+    dropout: float = Field(
+        default=0.1, ge=0, lt=1, description="Probability a client vanishes during a task."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of every random choice in the run.")
+    scarce: bool = Field(
+        default=True, description="Cap each client's training bytes (the scarce-data regime)."
+    )
+    baselines: bool = Field(
+        default=False, description="Also train local-only and centralized baselines."
+    )
+    out_dir: Path = Field(default=Path("runs"), description="Where runs/<id>/ is written.")
+    state: StateSettings = Field(default_factory=StateSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    aggregation: AggregationSettings = Field(default_factory=AggregationSettings)
+    pacing: PacingSettings = Field(default_factory=PacingSettings)
+    cohort: CohortSettings = Field(default_factory=CohortSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> SimulationSettings:
+        _check_device_classes(self.device_classes, self.model.r_max)
+        if self.cohort.min_size > self.clients:
+            raise ValueError(
+                f"cohort.min_size: {self.cohort.min_size} exceeds clients={self.clients}, "
+                "so no cohort could ever form"
+            )
+        return self
+
+
+#: Role name (as typed on the command line) → settings class.
+ROLES: dict[str, type[RoleSettings]] = {
+    "coordinator": CoordinatorSettings,
+    "worker": WorkerSettings,
+    "edge": EdgeSettings,
+    "simulation": SimulationSettings,
+}

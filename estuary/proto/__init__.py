@@ -1,0 +1,1 @@
+"""The Estuary wire protocol: ``.proto`` sources and their committed generated code."""
