@@ -46,3 +46,28 @@ def worker_key(group: str) -> str:
 def device_key(device_id: str) -> str:
     """Return the record key of device ``device_id``."""
     return f"{DEVICE_PREFIX}{device_id}"
+
+
+#: ``head/version`` → the announced (current) version: ``version``, ``adapter_sha256``,
+#: ``cohorts`` (ids folded into it). Advanced only by a fenced compare-and-set, so it is
+#: the single commit point of a new version; ``version/<n>`` is written before it.
+HEAD_KEY = "head/version"
+
+#: ``buffer/<cohort_id>`` → an unmasked cohort sum waiting for the next version.
+#: Created with insert-if-absent, so a cohort's sum is counted at most once.
+BUFFER_PREFIX = "buffer/"
+
+
+def buffer_key(cohort_id: str) -> str:
+    """Return the record key of cohort ``cohort_id``'s buffered sum."""
+    return f"{BUFFER_PREFIX}{cohort_id}"
+
+
+#: ``buffer-seen/<cohort_id>`` → marker that a cohort's sum was accepted; never deleted,
+#: so a cohort result delivered again after its version was committed is still refused.
+BUFFER_SEEN_PREFIX = "buffer-seen/"
+
+
+def buffer_seen_key(cohort_id: str) -> str:
+    """Return the key of the marker that cohort ``cohort_id``'s sum was accepted."""
+    return f"{BUFFER_SEEN_PREFIX}{cohort_id}"

@@ -1,0 +1,358 @@
+"""Buffered asynchronous aggregation (FedBuff) and the version commit.
+
+Unmasked cohort sums ``(Σ w ΔB, Σ w, n)`` enter a buffer in the store. When the buffer
+holds at least ``K`` client updates, one replica (the holder of the ``aggregator``
+lease) makes version ``v+1``::
+
+    B_{v+1} = B_v + η · (Σ_cohorts Σ w ΔB) / (Σ_cohorts Σ w)
+
+Durability and exactly-once, step by step:
+
+1. ``add_cohort_sum`` stores a cohort's sum with insert-if-absent under the cohort id,
+   then a permanent "seen" marker: a repeated delivery of the same cohort result, even
+   long after its version was committed, is recognised and not counted twice. It
+   returns only once the record is durable in the store.
+2. ``try_commit`` runs under the lease. It writes the new adapter blob (content
+   addressed) and the ``version/<v+1>`` record with fenced writes, then advances
+   ``head/version`` with a fenced compare-and-set: that single write is the commit
+   point, so versions strictly increase and a replica that lost its lease (older
+   fencing token) cannot commit anything.
+3. Buffer entries folded into a version are marked seen and deleted after the head
+   moves. A crash in between leaves them behind; the next commit first drops every
+   entry named in the head's ``cohorts`` list, so they are never counted again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+from estuary.state.base import Lease, Store
+from estuary.state.blobs import BlobStore
+from estuary.state.errors import FencingError, LeaseLost, VersionConflict
+from estuary.state.keys import (
+    BUFFER_PREFIX,
+    HEAD_KEY,
+    buffer_key,
+    buffer_seen_key,
+    version_key,
+)
+
+log = logging.getLogger(__name__)
+
+Adapter = dict[str, np.ndarray]
+
+#: Lease guarding the version commit. Its TTL is long enough for one commit (reading
+#: the buffer and writing one adapter blob: well under a second for adapters of a few
+#: MB) with a wide margin, and short enough that a crashed replica blocks commits for
+#: at most this long.
+AGGREGATOR_LEASE = "aggregator"
+DEFAULT_LEASE_TTL_S = 30.0
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """An announced version.
+
+    Attributes
+    ----------
+    version
+        Version number, 0 for the initial adapter.
+    adapter_sha256
+        Blob digest of the adapter (safetensors, float32 ``B`` per module).
+    cohorts
+        Cohort ids whose sums were folded into this version.
+    updates
+        Client updates folded into this version.
+    """
+
+    version: int
+    adapter_sha256: str
+    cohorts: tuple[str, ...]
+    updates: int
+
+
+def encode_adapter(adapter: Mapping[str, np.ndarray]) -> bytes:
+    """Return ``adapter`` as safetensors bytes (float32, keys sorted; deterministic)."""
+    return save_tensors(
+        {k: np.ascontiguousarray(adapter[k], dtype=np.float32) for k in sorted(adapter)}
+    )
+
+
+def decode_adapter(data: bytes) -> Adapter:
+    """Return the tensors of a safetensors blob."""
+    return dict(load_tensors(data))
+
+
+def _check_like(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> None:
+    if set(reference) != set(other):
+        missing = sorted(set(reference) - set(other))
+        extra = sorted(set(other) - set(reference))
+        raise ValueError(f"weighted_sum: tensor names differ (missing {missing}, extra {extra})")
+    for name, ref in reference.items():
+        if other[name].shape != ref.shape:
+            raise ValueError(
+                f"weighted_sum: tensor {name!r} has shape {other[name].shape}, expected {ref.shape}"
+            )
+
+
+class VersionLedger:
+    """The FedBuff buffer and version history of one federation, kept in the store.
+
+    Parameters
+    ----------
+    store
+        The state store (any replica's view of it).
+    blobs
+        Blob store holding adapter versions.
+    holder
+        This replica's id, recorded on the lease.
+    buffer_size
+        ``K``: client updates needed for a new version; ≥ 1.
+    server_lr
+        ``η``: server learning rate; > 0.
+    lease_ttl_s
+        Lease time-to-live in seconds; > 0.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        blobs: BlobStore,
+        holder: str,
+        buffer_size: int,
+        server_lr: float = 1.0,
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+    ) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size: must be >= 1, got {buffer_size}")
+        if not server_lr > 0:
+            raise ValueError(f"server_lr: must be > 0, got {server_lr}")
+        if not lease_ttl_s > 0:
+            raise ValueError(f"lease_ttl_s: must be > 0, got {lease_ttl_s}")
+        if not holder:
+            raise ValueError("holder: must be a non-empty replica id")
+        self._store = store
+        self._blobs = blobs
+        self._holder = holder
+        self._k = buffer_size
+        self._lr = server_lr
+        self._ttl = lease_ttl_s
+        self._lease: Lease | None = None
+
+    # ------------------------------------------------------------------ reading
+
+    def head(self) -> VersionInfo | None:
+        """Return the announced version, or ``None`` before :meth:`initialise`."""
+        record = self._store.get(HEAD_KEY)
+        if record is None:
+            return None
+        obj = json.loads(record.value)
+        return VersionInfo(
+            version=int(obj["version"]),
+            adapter_sha256=str(obj["adapter_sha256"]),
+            cohorts=tuple(obj["cohorts"]),
+            updates=int(obj["updates"]),
+        )
+
+    def adapter(self, info: VersionInfo) -> Adapter:
+        """Return the adapter tensors of version ``info`` (hash verified)."""
+        return decode_adapter(self._blobs.read(info.adapter_sha256))
+
+    def buffered_updates(self) -> int:
+        """Return how many client updates wait in the buffer (leftovers excluded)."""
+        head = self.head()
+        done = set(head.cohorts) if head else set()
+        return sum(
+            int(json.loads(load_tensors(rec.value)["__meta__"].tobytes())["updates"])
+            for key, rec in self._store.scan(BUFFER_PREFIX).items()
+            if key[len(BUFFER_PREFIX) :] not in done
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    def initialise(self, adapter: Mapping[str, np.ndarray]) -> VersionInfo:
+        """Record ``adapter`` as version 0 unless a version exists; return the head.
+
+        Safe to call from every replica at start-up: only the first call writes.
+        """
+        if not adapter:
+            raise ValueError("adapter: needs at least one tensor")
+        digest = self._blobs.put_bytes(encode_adapter(adapter))
+        head = {"version": 0, "adapter_sha256": digest, "cohorts": [], "updates": 0}
+        if self._store.insert_if_absent(HEAD_KEY, json.dumps(head).encode()):
+            record = {**head, "committed_at": time.time()}
+            self._store.put(version_key(0), json.dumps(record).encode())
+            log.info("initialised version 0 (adapter %s)", digest[:12])
+        current = self.head()
+        assert current is not None
+        return current
+
+    def add_cohort_sum(
+        self,
+        cohort_id: str,
+        *,
+        weighted_sum: Mapping[str, np.ndarray],
+        weight_total: float,
+        updates: int,
+    ) -> bool:
+        """Buffer one cohort's unmasked sum; return ``False`` if it was already buffered.
+
+        Parameters
+        ----------
+        cohort_id
+            Unique id of the cohort; the idempotency key.
+        weighted_sum
+            ``Σ w_i ΔB_i`` per tensor name, same names and shapes as the adapter.
+        weight_total
+            ``Σ w_i`` over the cohort's survivors; > 0.
+        updates
+            Number of client updates in the sum (survivors); ≥ 1.
+
+        Raises
+        ------
+        ValueError
+            If the sum does not match the adapter's tensors, holds non-finite values,
+            or the weight or count is out of range. Nothing is stored.
+        """
+        if not cohort_id or "/" in cohort_id:
+            raise ValueError(f"cohort_id: must be non-empty without '/', got {cohort_id!r}")
+        if not (weight_total > 0 and np.isfinite(weight_total)):
+            raise ValueError(f"weight_total: must be finite and > 0, got {weight_total}")
+        if updates < 1:
+            raise ValueError(f"updates: must be >= 1, got {updates}")
+        if not 0 < weight_total <= updates * (1 + 1e-6):
+            raise ValueError(
+                f"weight_total: {weight_total} exceeds updates={updates} (each weight is <= 1)"
+            )
+        head = self.head()
+        if head is None:
+            raise RuntimeError("the ledger is not initialised: call initialise() first")
+        if cohort_id in head.cohorts or self._store.get(buffer_seen_key(cohort_id)):
+            log.info("cohort %s already accepted; not counted again", cohort_id)
+            return False
+        _check_like(self.adapter(head), weighted_sum)
+        bad = [n for n, a in weighted_sum.items() if not np.all(np.isfinite(a))]
+        if bad:
+            raise ValueError(f"weighted_sum: non-finite values in {sorted(bad)}")
+        meta = json.dumps({"weight_total": float(weight_total), "updates": int(updates)})
+        tensors = {k: np.asarray(v, dtype=np.float32) for k, v in weighted_sum.items()}
+        tensors["__meta__"] = np.frombuffer(meta.encode(), dtype=np.uint8)
+        created = self._store.insert_if_absent(buffer_key(cohort_id), save_tensors(tensors))
+        # The marker goes second: if we crash before it, the buffered entry itself still
+        # makes a re-delivery a duplicate, and a commit writes markers for what it folds in.
+        self._store.put(buffer_seen_key(cohort_id), b"1")
+        if not created:
+            log.info("cohort %s already buffered; not counted again", cohort_id)
+        return created
+
+    def _retire(self, cohort_ids: list[str]) -> None:
+        """Mark folded-in cohorts as seen, then drop their buffer entries."""
+        for cohort_id in cohort_ids:
+            self._store.put(buffer_seen_key(cohort_id), b"1")
+            self._store.delete(buffer_key(cohort_id))
+
+    def _ensure_lease(self) -> Lease | None:
+        if self._lease is not None:
+            try:
+                self._lease = self._store.renew_lease(self._lease, ttl_s=self._ttl)
+                return self._lease
+            except LeaseLost:
+                self._lease = None
+        self._lease = self._store.acquire_lease(
+            AGGREGATOR_LEASE, holder=self._holder, ttl_s=self._ttl
+        )
+        return self._lease
+
+    def release(self) -> None:
+        """Give up the aggregator lease, if held (on clean shutdown)."""
+        if self._lease is not None:
+            self._store.release_lease(self._lease)
+            self._lease = None
+
+    def try_commit(self) -> VersionInfo | None:
+        """Make the next version if the buffer holds ≥ K updates and we hold the lease.
+
+        Returns
+        -------
+        VersionInfo or None
+            The new head, or ``None`` when there was nothing to do, another replica
+            holds the lease, or our lease was superseded mid-commit (nothing announced).
+        """
+        lease = self._ensure_lease()
+        if lease is None:
+            return None
+        head_record = self._store.get(HEAD_KEY)
+        if head_record is None:
+            raise RuntimeError("the ledger is not initialised: call initialise() first")
+        head = self.head()
+        assert head is not None
+        done = set(head.cohorts)
+        entries = self._store.scan(BUFFER_PREFIX)
+        leftovers = [k[len(BUFFER_PREFIX) :] for k in entries if k[len(BUFFER_PREFIX) :] in done]
+        # Leftovers of a commit that crashed after moving the head: already counted.
+        self._retire(leftovers)
+        for cohort_id in leftovers:
+            del entries[buffer_key(cohort_id)]
+        total_updates = 0
+        weight_total = 0.0
+        current = self.adapter(head)
+        summed = {name: np.zeros_like(t, dtype=np.float64) for name, t in current.items()}
+        cohorts: list[str] = []
+        for key, record in sorted(entries.items()):
+            tensors = dict(load_tensors(record.value))
+            meta = json.loads(tensors.pop("__meta__").tobytes())
+            for name in summed:
+                summed[name] += tensors[name]
+            weight_total += float(meta["weight_total"])
+            total_updates += int(meta["updates"])
+            cohorts.append(key[len(BUFFER_PREFIX) :])
+        if total_updates < self._k:
+            return None
+        scale = self._lr / weight_total
+        new_adapter = {
+            name: (current[name].astype(np.float64) + scale * summed[name]).astype(np.float32)
+            for name in current
+        }
+        digest = self._blobs.put_bytes(encode_adapter(new_adapter))
+        new_version = head.version + 1
+        head_obj = {
+            "version": new_version,
+            "adapter_sha256": digest,
+            "cohorts": cohorts,
+            "updates": total_updates,
+        }
+        try:
+            self._store.fenced_put(
+                version_key(new_version),
+                json.dumps(
+                    {**head_obj, "committed_at": time.time(), "holder": self._holder}
+                ).encode(),
+                lease=lease,
+            )
+            self._store.fenced_compare_and_set(
+                HEAD_KEY,
+                json.dumps(head_obj).encode(),
+                lease=lease,
+                expected_version=head_record.version,
+            )
+        except (FencingError, VersionConflict) as exc:
+            log.warning("version %d not committed: %s", new_version, exc)
+            self._lease = None
+            return None
+        self._retire(cohorts)
+        log.info(
+            "committed version %d from %d updates in %d cohorts",
+            new_version,
+            total_updates,
+            len(cohorts),
+        )
+        return VersionInfo(new_version, digest, tuple(cohorts), total_updates)
