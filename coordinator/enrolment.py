@@ -1,0 +1,218 @@
+"""Device enrolment, revocation and per-request authentication, backed by the store.
+
+An operator issues one-time enrolment tokens (``issue_token``); only the token's
+SHA-256 is stored, so a store dump does not leak usable tokens. A device enrols once
+with a token and its own Ed25519 public key; consuming the token is a versioned
+delete, so of two devices racing with one token exactly one succeeds. Every later
+request is authenticated with :mod:`estuary.auth`; nonces are remembered per device
+in a sorted set (score = timestamp) for the clock-skew window, which is what makes
+a captured request useless to replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from estuary.auth import (
+    MAX_CLOCK_SKEW_MS,
+    AuthError,
+    SignedAuth,
+    device_id_for,
+    verify_request,
+)
+from estuary.state.base import Store
+from estuary.state.errors import VersionConflict
+from estuary.state.keys import device_key
+
+log = logging.getLogger(__name__)
+
+TOKEN_PREFIX = "enrol-token/"
+NONCE_PREFIX = "nonces/"
+
+#: Token length in bytes of randomness (URL-safe base64 in the token string): 256 bits,
+#: far beyond guessing even with no rate limit on Enroll.
+TOKEN_BYTES = 32
+
+
+class EnrolmentError(Exception):
+    """Enrolment refused: unknown/used/expired token, bad key, or unknown class."""
+
+
+class Unauthenticated(Exception):
+    """A request is not from an enrolled, non-revoked device with a valid signature."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """An enrolled device as recorded in the store."""
+
+    device_id: str
+    device_class: str
+    public_key: bytes
+    enrolled_at: float
+    revoked: bool
+
+
+def _token_key(token: str) -> str:
+    return TOKEN_PREFIX + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class DeviceRegistry:
+    """Enrolment and authentication of devices.
+
+    Parameters
+    ----------
+    store
+        The state store shared by all coordinator replicas.
+    device_classes
+        Names of the configured device classes.
+    clock
+        Wall clock in seconds (injected for tests).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        device_classes: Collection[str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not device_classes:
+            raise ValueError("device_classes: at least one class is needed")
+        self._store = store
+        self._classes = frozenset(device_classes)
+        self._clock = clock
+
+    def issue_token(self, *, device_class: str | None = None, ttl_s: float = 86_400.0) -> str:
+        """Create a one-time enrolment token and return it (shown once, stored hashed).
+
+        Parameters
+        ----------
+        device_class
+            Restrict the token to this class; ``None`` allows any configured class.
+        ttl_s
+            Seconds the token stays valid; > 0.
+        """
+        if device_class is not None and device_class not in self._classes:
+            raise ValueError(f"device_class: unknown class {device_class!r}")
+        if not ttl_s > 0:
+            raise ValueError(f"ttl_s: must be > 0, got {ttl_s}")
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        record = {"device_class": device_class, "expires_at": self._clock() + ttl_s}
+        if not self._store.insert_if_absent(_token_key(token), json.dumps(record).encode()):
+            raise RuntimeError("token collision")  # 256 random bits: never in practice
+        return token
+
+    def enroll(self, token: str, *, public_key: bytes, device_class: str) -> Device:
+        """Consume ``token`` and record the device; return it.
+
+        Raises
+        ------
+        EnrolmentError
+            Unknown, used or expired token; token for another class; unknown class;
+            malformed key; key already enrolled. The token is consumed only on success.
+        """
+        if device_class not in self._classes:
+            raise EnrolmentError(
+                f"unknown device class {device_class!r}; configured: {sorted(self._classes)}"
+            )
+        try:
+            device_id = device_id_for(public_key)
+        except ValueError as exc:
+            raise EnrolmentError(f"identity public key: {exc}") from None
+        key = _token_key(token)
+        record = self._store.get(key)
+        if record is None:
+            raise EnrolmentError("enrolment token unknown or already used")
+        meta = json.loads(record.value)
+        if meta["expires_at"] < self._clock():
+            raise EnrolmentError("enrolment token expired")
+        if meta["device_class"] not in (None, device_class):
+            raise EnrolmentError(f"enrolment token is for device class {meta['device_class']!r}")
+        if self._store.get(device_key(device_id)) is not None:
+            raise EnrolmentError("this identity key is already enrolled")
+        if not self._store.delete(key, expected_version=record.version):
+            raise EnrolmentError("enrolment token unknown or already used")
+        now = self._clock()
+        device = {
+            "device_class": device_class,
+            "public_key": public_key.hex(),
+            "enrolled_at": now,
+            "revoked": False,
+            "last_seen": now,
+        }
+        if not self._store.insert_if_absent(device_key(device_id), json.dumps(device).encode()):
+            raise EnrolmentError("this identity key is already enrolled")
+        log.info("enrolled device %s in class %s", device_id, device_class)
+        return Device(device_id, device_class, public_key, now, False)
+
+    def get(self, device_id: str) -> Device | None:
+        """Return the device record, or ``None`` if unknown."""
+        record = self._store.get(device_key(device_id))
+        if record is None:
+            return None
+        obj = json.loads(record.value)
+        return Device(
+            device_id,
+            str(obj["device_class"]),
+            bytes.fromhex(obj["public_key"]),
+            float(obj["enrolled_at"]),
+            bool(obj["revoked"]),
+        )
+
+    def revoke(self, device_id: str) -> bool:
+        """Revoke a device; return ``False`` if it is unknown. Retries on concurrent writes."""
+        while True:
+            record = self._store.get(device_key(device_id))
+            if record is None:
+                return False
+            obj = json.loads(record.value)
+            obj["revoked"] = True
+            try:
+                self._store.compare_and_set(
+                    device_key(device_id), json.dumps(obj).encode(), expected_version=record.version
+                )
+            except VersionConflict:
+                continue
+            log.info("revoked device %s", device_id)
+            return True
+
+    def authenticate(self, auth: SignedAuth, *, method: str, body_sha256: bytes) -> Device:
+        """Return the device a request comes from, or raise :class:`Unauthenticated`.
+
+        Checks, in order: enrolled, not revoked, signature over this method and body,
+        timestamp within the skew window, nonce not seen before within it.
+        """
+        device = self.get(auth.device_id) if auth.device_id else None
+        if device is None:
+            raise Unauthenticated("unknown device")
+        if device.revoked:
+            raise Unauthenticated("device revoked")
+        now_ms = int(self._clock() * 1000)
+        try:
+            verify_request(
+                auth,
+                public_key=device.public_key,
+                method=method,
+                body_sha256=body_sha256,
+                now_ms=now_ms,
+            )
+        except AuthError as exc:
+            raise Unauthenticated(str(exc)) from None
+        nonces = NONCE_PREFIX + device.device_id
+        # Forget nonces older than the window: a request that old is refused by its
+        # timestamp anyway, so the set stays bounded by the device's request rate.
+        stale = self._store.zrange_by_score(
+            nonces, min_score=float("-inf"), max_score=float(now_ms - 2 * MAX_CLOCK_SKEW_MS)
+        )
+        if stale:
+            self._store.zrem(nonces, *(member for member, _ in stale))
+        if self._store.zadd(nonces, {auth.nonce.hex(): float(auth.timestamp_ms)}) == 0:
+            raise Unauthenticated("replayed request (nonce already used)")
+        return device

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.enrolment import DeviceRegistry, EnrolmentError, Unauthenticated
+from estuary.auth import SignedAuth, raw_public_key, sign_request
+from estuary.state.memory import MemoryStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+BODY = hashlib.sha256(b"request").digest()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def registry(clock: Clock) -> DeviceRegistry:
+    return DeviceRegistry(MemoryStore(clock=clock), device_classes=["phone", "laptop"], clock=clock)
+
+
+def _enrolled(registry: DeviceRegistry) -> Ed25519PrivateKey:
+    key = Ed25519PrivateKey.generate()
+    token = registry.issue_token()
+    registry.enroll(token, public_key=raw_public_key(key), device_class="phone")
+    return key
+
+
+def _sign(key: Ed25519PrivateKey, clock: Clock, method: str = "GetTask") -> SignedAuth:
+    return sign_request(key, method, BODY, timestamp_ms=int(clock.now * 1000))
+
+
+def test_enrol_then_authenticate(registry: DeviceRegistry, clock: Clock) -> None:
+    key = _enrolled(registry)
+    device = registry.authenticate(_sign(key, clock), method="GetTask", body_sha256=BODY)
+    assert device.device_class == "phone"
+    assert device.public_key == raw_public_key(key)
+
+
+def test_token_is_single_use_even_under_a_race(registry: DeviceRegistry) -> None:
+    token = registry.issue_token()
+    results: list[str] = []
+
+    def attempt() -> None:
+        try:
+            registry.enroll(
+                token, public_key=raw_public_key(Ed25519PrivateKey.generate()), device_class="phone"
+            )
+            results.append("ok")
+        except EnrolmentError:
+            results.append("refused")
+
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["ok"] + ["refused"] * 7
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("unknown_token", "unknown or already used"),
+        ("expired", "expired"),
+        ("wrong_class_token", "is for device class"),
+        ("unknown_class", "unknown device class"),
+        ("short_key", "identity public key"),
+        ("same_key_twice", "already enrolled"),
+    ],
+)
+def test_enrolment_refusals(
+    registry: DeviceRegistry, clock: Clock, case: str, message: str
+) -> None:
+    key = raw_public_key(Ed25519PrivateKey.generate())
+    token, cls = registry.issue_token(ttl_s=60), "phone"
+    if case == "unknown_token":
+        token = "not-a-token"
+    elif case == "expired":
+        clock.now += 61
+    elif case == "wrong_class_token":
+        token = registry.issue_token(device_class="laptop")
+    elif case == "unknown_class":
+        cls = "toaster"
+    elif case == "short_key":
+        key = key[:31]
+    elif case == "same_key_twice":
+        registry.enroll(registry.issue_token(), public_key=key, device_class="phone")
+    with pytest.raises(EnrolmentError, match=message):
+        registry.enroll(token, public_key=key, device_class=cls)
+
+
+def test_refused_enrolment_does_not_burn_the_token(registry: DeviceRegistry) -> None:
+    token = registry.issue_token(device_class="phone")
+    key = raw_public_key(Ed25519PrivateKey.generate())
+    with pytest.raises(EnrolmentError):
+        registry.enroll(token, public_key=key, device_class="laptop")
+    assert registry.enroll(token, public_key=key, device_class="phone").device_class == "phone"
+
+
+def test_store_holds_only_token_hashes(registry: DeviceRegistry) -> None:
+    token = registry.issue_token()
+    store = registry._store
+    dump = repr(store.scan(""))
+    assert token not in dump
+
+
+@pytest.mark.parametrize(
+    "case", ["unknown", "revoked", "forged", "other_method", "other_body", "stale", "replay"]
+)
+def test_authentication_refusals(registry: DeviceRegistry, clock: Clock, case: str) -> None:
+    key = _enrolled(registry)
+    auth = _sign(key, clock)
+    method, body = "GetTask", BODY
+    if case == "unknown":
+        auth = _sign(Ed25519PrivateKey.generate(), clock)
+    elif case == "revoked":
+        assert registry.revoke(auth.device_id)
+    elif case == "forged":
+        auth = SignedAuth(auth.device_id, auth.timestamp_ms, auth.nonce, bytes(64))
+    elif case == "other_method":
+        method = "Enroll"
+    elif case == "other_body":
+        body = hashlib.sha256(b"tampered").digest()
+    elif case == "stale":
+        clock.now += 3600
+    elif case == "replay":
+        registry.authenticate(auth, method=method, body_sha256=body)
+    with pytest.raises(Unauthenticated):
+        registry.authenticate(auth, method=method, body_sha256=body)
+
+
+def test_nonce_memory_is_pruned(registry: DeviceRegistry, clock: Clock) -> None:
+    key = _enrolled(registry)
+    for _ in range(5):
+        registry.authenticate(_sign(key, clock), method="GetTask", body_sha256=BODY)
+        clock.now += 400  # beyond twice the skew window over the loop
+    device_id = _sign(key, clock).device_id
+    assert registry._store.zcard("nonces/" + device_id) <= 2
