@@ -137,7 +137,11 @@ class DeviceRegistry:
             raise EnrolmentError(f"enrolment token is for device class {meta['device_class']!r}")
         if self._store.get(device_key(device_id)) is not None:
             raise EnrolmentError("this identity key is already enrolled")
-        if not self._store.delete(key, expected_version=record.version):
+        try:
+            consumed = self._store.delete(key, expected_version=record.version)
+        except VersionConflict:
+            consumed = False
+        if not consumed:
             raise EnrolmentError("enrolment token unknown or already used")
         now = self._clock()
         device = {

@@ -1,0 +1,545 @@
+"""In-process state store: the embedded default for single-process simulation.
+
+:class:`MemoryStore` keeps everything in dictionaries behind one lock, so every
+operation is atomic with respect to every other. It holds the same contract as
+:class:`~estuary.state.redis_store.RedisStore` (one suite tests both), but its
+data lives and dies with the process: it is for simulations and tests, never
+for a deployment with more than one process.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from estuary.state.base import (
+    Job,
+    Lease,
+    PendingJob,
+    Record,
+    Store,
+    check_bytes,
+    check_count,
+    check_fields,
+    check_name,
+    check_score,
+    check_seconds,
+    check_stream_ids,
+)
+from estuary.state.errors import FencingError, LeaseLost, StoreError, VersionConflict
+
+__all__ = ["MemoryStore", "shared_memory_store"]
+
+_StreamId = tuple[int, int]
+
+
+def _format_id(entry_id: _StreamId) -> str:
+    return f"{entry_id[0]}-{entry_id[1]}"
+
+
+def _parse_id(text: str) -> _StreamId | None:
+    """Parse ``"<ms>-<seq>"``; ``None`` if ``text`` is not a well-formed id."""
+    ms, sep, seq = text.partition("-")
+    if not sep or not ms.isdigit() or not seq.isdigit():
+        return None
+    return int(ms), int(seq)
+
+
+def _zkey(item: tuple[str, float]) -> tuple[float, bytes]:
+    # Redis orders equal scores by the member's bytes; compare UTF-8 so both
+    # stores agree on non-ASCII members too.
+    return item[1], item[0].encode("utf-8")
+
+
+@dataclass
+class _Delivery:
+    consumer: str
+    delivered_at: float
+    deliveries: int
+
+
+@dataclass
+class _Group:
+    last_delivered: _StreamId = (0, 0)
+    pending: dict[_StreamId, _Delivery] = field(default_factory=dict)
+
+
+@dataclass
+class _Stream:
+    ids: list[_StreamId] = field(default_factory=list)
+    entries: dict[_StreamId, dict[str, bytes]] = field(default_factory=dict)
+    groups: dict[str, _Group] = field(default_factory=dict)
+
+
+class MemoryStore(Store):
+    """Thread-safe in-memory :class:`~estuary.state.base.Store`.
+
+    Parameters
+    ----------
+    name
+        Optional name, shown in :attr:`url` (``memory://name``); instances
+        shared by name come from :func:`shared_memory_store`.
+    clock
+        Returns the current time in seconds since the epoch. Lease expiry,
+        job idle times and stream ids use it; tests inject a fake one.
+    """
+
+    def __init__(self, name: str = "", *, clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(name, str):
+            raise ValueError(f"name must be a str, got {type(name).__name__}")
+        if not callable(clock):
+            raise ValueError("clock must be callable")
+        self._name = name
+        self._clock = clock
+        # One lock for everything: simple, and every operation is O(small) so
+        # contention is not a concern for a single-process simulation. A
+        # Condition on it wakes blocked read_group callers on stream_add.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._records: dict[str, Record] = {}
+        self._leases: dict[str, Lease] = {}
+        self._tokens: dict[str, int] = {}
+        self._queues: dict[str, deque[bytes]] = {}
+        self._zsets: dict[str, dict[str, float]] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._last_id: dict[str, _StreamId] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def url(self) -> str:
+        """``memory://`` or ``memory://<name>``."""
+        return f"memory://{self._name}"
+
+    def ping(self) -> None:
+        """Return at once: the data lives in this process, so it is always reachable."""
+
+    def close(self) -> None:
+        """Do nothing: other users of a shared instance keep their data."""
+
+    # ------------------------------------------------------------------ records
+
+    def get(self, key: str) -> Record | None:
+        """See :meth:`Store.get`."""
+        check_name(key, parameter="key")
+        with self._lock:
+            return self._records.get(key)
+
+    def put(self, key: str, value: bytes) -> int:
+        """See :meth:`Store.put`."""
+        check_name(key, parameter="key")
+        check_bytes(value, parameter="value")
+        with self._lock:
+            return self._write(key, value)
+
+    def compare_and_set(self, key: str, value: bytes, *, expected_version: int) -> int:
+        """See :meth:`Store.compare_and_set`."""
+        check_name(key, parameter="key")
+        check_bytes(value, parameter="value")
+        check_count(expected_version, parameter="expected_version", minimum=0)
+        with self._lock:
+            self._check_version(key, expected_version)
+            return self._write(key, value)
+
+    def insert_if_absent(self, key: str, value: bytes) -> bool:
+        """See :meth:`Store.insert_if_absent`."""
+        check_name(key, parameter="key")
+        check_bytes(value, parameter="value")
+        with self._lock:
+            if key in self._records:
+                return False
+            self._records[key] = Record(value=value, version=1)
+            return True
+
+    def delete(self, key: str, *, expected_version: int | None = None) -> bool:
+        """See :meth:`Store.delete`."""
+        check_name(key, parameter="key")
+        if expected_version is not None:
+            check_count(expected_version, parameter="expected_version", minimum=1)
+        with self._lock:
+            if expected_version is not None:
+                self._check_version(key, expected_version)
+            return self._records.pop(key, None) is not None
+
+    def scan(self, prefix: str) -> dict[str, Record]:
+        """See :meth:`Store.scan`; here the result is a consistent snapshot."""
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix must be a str, got {type(prefix).__name__}")
+        with self._lock:
+            return {k: r for k, r in self._records.items() if k.startswith(prefix)}
+
+    def _write(self, key: str, value: bytes) -> int:
+        current = self._records.get(key)
+        version = 1 if current is None else current.version + 1
+        self._records[key] = Record(value=value, version=version)
+        return version
+
+    def _check_version(self, key: str, expected: int) -> None:
+        current = self._records.get(key)
+        actual = 0 if current is None else current.version
+        if actual != expected:
+            raise VersionConflict(key, expected=expected, actual=actual)
+
+    # ------------------------------------------------------------------ leases
+
+    def acquire_lease(self, name: str, *, holder: str, ttl_s: float) -> Lease | None:
+        """See :meth:`Store.acquire_lease`."""
+        check_name(name, parameter="name")
+        check_name(holder, parameter="holder")
+        ttl = check_seconds(ttl_s, parameter="ttl_s", allow_zero=False)
+        with self._lock:
+            now = self._clock()
+            if self._live_lease(name, now) is not None:
+                return None
+            token = self._tokens.get(name, 0) + 1
+            self._tokens[name] = token
+            lease = Lease(name=name, holder=holder, token=token, expires_at=now + ttl)
+            self._leases[name] = lease
+            return lease
+
+    def renew_lease(self, lease: Lease, *, ttl_s: float) -> Lease:
+        """See :meth:`Store.renew_lease`."""
+        ttl = check_seconds(ttl_s, parameter="ttl_s", allow_zero=False)
+        with self._lock:
+            now = self._clock()
+            current = self._live_lease(lease.name, now)
+            if current is None or current.token != lease.token:
+                raise LeaseLost(lease.name, token=lease.token)
+            renewed = Lease(
+                name=current.name, holder=current.holder, token=current.token, expires_at=now + ttl
+            )
+            self._leases[lease.name] = renewed
+            return renewed
+
+    def release_lease(self, lease: Lease) -> None:
+        """See :meth:`Store.release_lease`."""
+        with self._lock:
+            current = self._leases.get(lease.name)
+            if current is not None and current.token == lease.token:
+                del self._leases[lease.name]
+
+    def fenced_put(self, key: str, value: bytes, *, lease: Lease) -> int:
+        """See :meth:`Store.fenced_put`."""
+        check_name(key, parameter="key")
+        check_bytes(value, parameter="value")
+        with self._lock:
+            self._check_fence(key, lease)
+            return self._write(key, value)
+
+    def fenced_compare_and_set(
+        self, key: str, value: bytes, *, lease: Lease, expected_version: int
+    ) -> int:
+        """See :meth:`Store.fenced_compare_and_set`."""
+        check_name(key, parameter="key")
+        check_bytes(value, parameter="value")
+        check_count(expected_version, parameter="expected_version", minimum=0)
+        with self._lock:
+            self._check_fence(key, lease)
+            self._check_version(key, expected_version)
+            return self._write(key, value)
+
+    def _live_lease(self, name: str, now: float) -> Lease | None:
+        current = self._leases.get(name)
+        if current is not None and now >= current.expires_at:
+            del self._leases[name]
+            return None
+        return current
+
+    def _check_fence(self, key: str, lease: Lease) -> None:
+        newest = self._tokens.get(lease.name, 0)
+        if lease.token < newest:
+            raise FencingError(
+                key, lease_name=lease.name, token=lease.token, reason=f"superseded by {newest}"
+            )
+        current = self._live_lease(lease.name, self._clock())
+        if current is None or current.token != lease.token:
+            raise FencingError(
+                key, lease_name=lease.name, token=lease.token, reason="expired or released"
+            )
+
+    # ------------------------------------------------------------------ queues
+
+    def push_message(self, recipient: str, payload: bytes) -> int:
+        """See :meth:`Store.push_message`."""
+        check_name(recipient, parameter="recipient")
+        check_bytes(payload, parameter="payload")
+        with self._lock:
+            queue = self._queues.setdefault(recipient, deque())
+            queue.append(payload)
+            return len(queue)
+
+    def pop_messages(self, recipient: str, *, max_count: int) -> list[bytes]:
+        """See :meth:`Store.pop_messages`."""
+        check_name(recipient, parameter="recipient")
+        check_count(max_count, parameter="max_count")
+        with self._lock:
+            queue = self._queues.get(recipient)
+            if queue is None:
+                return []
+            out = [queue.popleft() for _ in range(min(max_count, len(queue)))]
+            if not queue:
+                del self._queues[recipient]
+            return out
+
+    def queue_length(self, recipient: str) -> int:
+        """See :meth:`Store.queue_length`."""
+        check_name(recipient, parameter="recipient")
+        with self._lock:
+            queue = self._queues.get(recipient)
+            return 0 if queue is None else len(queue)
+
+    # ------------------------------------------------------------------ sorted sets
+
+    def zadd(self, name: str, members: Mapping[str, float]) -> int:
+        """See :meth:`Store.zadd`."""
+        check_name(name, parameter="name")
+        if not members:
+            raise ValueError("members must hold at least one member")
+        scores = {
+            check_name(m, parameter="member"): check_score(s, parameter=f"score of {m!r}")
+            for m, s in members.items()
+        }
+        with self._lock:
+            zset = self._zsets.setdefault(name, {})
+            added = sum(1 for m in scores if m not in zset)
+            zset.update(scores)
+            return added
+
+    def zrange_by_score(
+        self,
+        name: str,
+        *,
+        min_score: float,
+        max_score: float,
+        limit: int | None = None,
+    ) -> list[tuple[str, float]]:
+        """See :meth:`Store.zrange_by_score`."""
+        check_name(name, parameter="name")
+        low = check_score(min_score, parameter="min_score")
+        high = check_score(max_score, parameter="max_score")
+        if limit is not None:
+            check_count(limit, parameter="limit", minimum=0)
+        with self._lock:
+            items = sorted(
+                ((m, s) for m, s in self._zsets.get(name, {}).items() if low <= s <= high),
+                key=_zkey,
+            )
+        return items if limit is None else items[:limit]
+
+    def zrem(self, name: str, *members: str) -> int:
+        """See :meth:`Store.zrem`."""
+        check_name(name, parameter="name")
+        if not members:
+            raise ValueError("members must name at least one member")
+        for m in members:
+            check_name(m, parameter="member")
+        with self._lock:
+            zset = self._zsets.get(name)
+            if zset is None:
+                return 0
+            removed = sum(1 for m in set(members) if zset.pop(m, None) is not None)
+            if not zset:
+                del self._zsets[name]
+            return removed
+
+    def zcard(self, name: str) -> int:
+        """See :meth:`Store.zcard`."""
+        check_name(name, parameter="name")
+        with self._lock:
+            return len(self._zsets.get(name, {}))
+
+    def zpop_min(self, name: str, *, count: int = 1) -> list[tuple[str, float]]:
+        """See :meth:`Store.zpop_min`."""
+        check_name(name, parameter="name")
+        check_count(count, parameter="count")
+        with self._lock:
+            zset = self._zsets.get(name)
+            if zset is None:
+                return []
+            out = sorted(zset.items(), key=_zkey)[:count]
+            for m, _ in out:
+                del zset[m]
+            if not zset:
+                del self._zsets[name]
+            return out
+
+    # ------------------------------------------------------------------ job streams
+
+    def stream_add(self, stream: str, fields: Mapping[str, bytes]) -> str:
+        """See :meth:`Store.stream_add`."""
+        check_name(stream, parameter="stream")
+        entry = check_fields(fields)
+        with self._lock:
+            ms = int(self._clock() * 1000)
+            last = self._last_id.get(stream, (0, 0))
+            # Like Redis: ids never go backwards, even if the clock does.
+            new_id = (ms, 0) if ms > last[0] else (last[0], last[1] + 1)
+            self._last_id[stream] = new_id
+            s = self._streams.setdefault(stream, _Stream())
+            s.ids.append(new_id)
+            s.entries[new_id] = entry
+            self._changed.notify_all()
+            return _format_id(new_id)
+
+    def ensure_group(self, stream: str, group: str) -> None:
+        """See :meth:`Store.ensure_group`."""
+        check_name(stream, parameter="stream")
+        check_name(group, parameter="group")
+        with self._lock:
+            self._streams.setdefault(stream, _Stream()).groups.setdefault(group, _Group())
+
+    def read_group(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int,
+        block_s: float = 0.0,
+    ) -> list[Job]:
+        """See :meth:`Store.read_group`."""
+        check_name(stream, parameter="stream")
+        check_name(group, parameter="group")
+        check_name(consumer, parameter="consumer")
+        check_count(count, parameter="count")
+        wait = check_seconds(block_s, parameter="block_s", allow_zero=True)
+        deadline = time.monotonic() + wait
+        with self._lock:
+            while True:
+                s, g = self._group(stream, group)
+                start = bisect.bisect_right(s.ids, g.last_delivered)
+                new_ids = s.ids[start : start + count]
+                if new_ids or time.monotonic() >= deadline:
+                    break
+                self._changed.wait(timeout=deadline - time.monotonic())
+            now = self._clock()
+            jobs = []
+            for entry_id in new_ids:
+                g.pending[entry_id] = _Delivery(consumer=consumer, delivered_at=now, deliveries=1)
+                jobs.append(
+                    Job(
+                        stream=stream,
+                        id=_format_id(entry_id),
+                        fields=dict(s.entries[entry_id]),
+                        deliveries=1,
+                    )
+                )
+            if new_ids:
+                g.last_delivered = new_ids[-1]
+            return jobs
+
+    def ack(self, stream: str, group: str, *ids: str) -> int:
+        """See :meth:`Store.ack`."""
+        check_name(stream, parameter="stream")
+        check_name(group, parameter="group")
+        parsed = {_parse_id(i) for i in check_stream_ids(ids)}
+        with self._lock:
+            s = self._streams.get(stream)
+            g = None if s is None else s.groups.get(group)
+            if g is None:
+                return 0
+            return sum(1 for i in parsed if i is not None and g.pending.pop(i, None) is not None)
+
+    def reclaim(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        min_idle_s: float,
+        count: int,
+    ) -> list[Job]:
+        """See :meth:`Store.reclaim`."""
+        check_name(stream, parameter="stream")
+        check_name(group, parameter="group")
+        check_name(consumer, parameter="consumer")
+        min_idle = check_seconds(min_idle_s, parameter="min_idle_s", allow_zero=True)
+        check_count(count, parameter="count")
+        with self._lock:
+            s, g = self._group(stream, group)
+            now = self._clock()
+            jobs: list[Job] = []
+            for entry_id in sorted(g.pending):
+                if len(jobs) >= count:
+                    break
+                delivery = g.pending[entry_id]
+                if now - delivery.delivered_at < min_idle:
+                    continue
+                if entry_id not in s.entries:
+                    # Matches XAUTOCLAIM: an entry deleted from the stream is
+                    # dropped from the pending list instead of being delivered.
+                    del g.pending[entry_id]
+                    continue
+                delivery.consumer = consumer
+                delivery.delivered_at = now
+                delivery.deliveries += 1
+                jobs.append(
+                    Job(
+                        stream=stream,
+                        id=_format_id(entry_id),
+                        fields=dict(s.entries[entry_id]),
+                        deliveries=delivery.deliveries,
+                    )
+                )
+            return jobs
+
+    def pending(self, stream: str, group: str) -> list[PendingJob]:
+        """See :meth:`Store.pending`."""
+        check_name(stream, parameter="stream")
+        check_name(group, parameter="group")
+        with self._lock:
+            _, g = self._group(stream, group)
+            now = self._clock()
+            return [
+                PendingJob(
+                    id=_format_id(i),
+                    consumer=d.consumer,
+                    idle_s=max(0.0, now - d.delivered_at),
+                    deliveries=d.deliveries,
+                )
+                for i, d in sorted(g.pending.items())
+            ]
+
+    def stream_length(self, stream: str) -> int:
+        """See :meth:`Store.stream_length`."""
+        check_name(stream, parameter="stream")
+        with self._lock:
+            s = self._streams.get(stream)
+            return 0 if s is None else len(s.ids)
+
+    def _group(self, stream: str, group: str) -> tuple[_Stream, _Group]:
+        s = self._streams.get(stream)
+        g = None if s is None else s.groups.get(group)
+        if s is None or g is None:
+            raise StoreError(f"no consumer group {group!r} on stream {stream!r}")
+        return s, g
+
+
+_shared_lock = threading.Lock()
+_shared: dict[str, MemoryStore] = {}
+
+
+def shared_memory_store(name: str) -> MemoryStore:
+    """Return the process-wide :class:`MemoryStore` called ``name``, creating it once.
+
+    Parameters
+    ----------
+    name
+        Non-empty instance name; every caller in this process passing the same
+        name gets the same store (``memory://name``).
+
+    Returns
+    -------
+    MemoryStore
+        The shared instance.
+    """
+    check_name(name, parameter="name")
+    with _shared_lock:
+        store = _shared.get(name)
+        if store is None:
+            store = _shared[name] = MemoryStore(name)
+        return store
