@@ -90,8 +90,11 @@ class ModelSettings(Section):
     """Which base model the federation fine-tunes and the shape of its adapters."""
 
     preset: Literal["tiny", "small"] | None = Field(
-        default="tiny",
-        description="Built-in preset to create the base from. None: load 'path' instead.",
+        default=None,
+        description=(
+            "Built-in preset to create the base from. None: load 'path', or 'tiny' when "
+            "'path' is not set either."
+        ),
     )
     path: Path | None = Field(
         default=None,
@@ -109,8 +112,11 @@ class ModelSettings(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSettings:
-        if (self.preset is None) == (self.path is None):
-            raise ValueError("preset: set exactly one of preset or path")
+        if self.preset is not None and self.path is not None:
+            raise ValueError("preset: set preset or path, not both")
+        if self.preset is None and self.path is None:
+            # TOML has no null, so "path only" must be expressible by leaving preset out.
+            self.preset = "tiny"
         return self
 
 
@@ -208,7 +214,7 @@ class CohortSettings(Section):
         description="SecAgg+ neighbourhood size k. None: complete graph (plain SecAgg).",
     )
     bits: int = Field(
-        default=32, ge=8, le=62, description="b: masked sums live in Z_(2^b), in bits."
+        default=32, ge=8, le=32, description="b: masked sums live in Z_(2^b), in bits (≤ 32)."
     )
     clip_norm: float = Field(
         default=1.0, gt=0, description="L2 clip of each update before masking (adapter units)."

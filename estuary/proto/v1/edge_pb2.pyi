@@ -67,8 +67,36 @@ class Pace(_message.Message):
     reason: str
     def __init__(self, retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class SecAggParams(_message.Message):
+    __slots__ = ("cohort", "cohort_size", "threshold", "bits", "frac_bits", "clip", "neighbours", "tensors")
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    COHORT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    cohort: bytes
+    cohort_size: int
+    threshold: int
+    bits: int
+    frac_bits: int
+    clip: float
+    neighbours: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, cohort: _Optional[bytes] = ..., cohort_size: _Optional[int] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., frac_bits: _Optional[int] = ..., clip: _Optional[float] = ..., neighbours: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "length")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    length: int
+    def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ...) -> None: ...
+
 class Task(_message.Message):
-    __slots__ = ("task_id", "cohort_id", "version", "artifact", "rank", "local_steps", "learning_rate", "clip_norm", "batch_size", "seq_len", "deadline_ms", "member_index")
+    __slots__ = ("task_id", "cohort_id", "version", "artifact", "rank", "local_steps", "learning_rate", "clip_norm", "batch_size", "seq_len", "deadline_ms", "member_index", "secagg")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     COHORT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +109,7 @@ class Task(_message.Message):
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     MEMBER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     cohort_id: str
     version: int
@@ -93,7 +122,8 @@ class Task(_message.Message):
     seq_len: int
     deadline_ms: int
     member_index: int
-    def __init__(self, task_id: _Optional[str] = ..., cohort_id: _Optional[str] = ..., version: _Optional[int] = ..., artifact: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_norm: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., member_index: _Optional[int] = ...) -> None: ...
+    secagg: SecAggParams
+    def __init__(self, task_id: _Optional[str] = ..., cohort_id: _Optional[str] = ..., version: _Optional[int] = ..., artifact: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_norm: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., member_index: _Optional[int] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
     __slots__ = ("task", "pace")

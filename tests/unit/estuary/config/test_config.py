@@ -160,3 +160,14 @@ def test_valid_numbers_round_trip(k: int, lr: float) -> None:
     assert settings.aggregation.buffer_size == k
     assert settings.aggregation.server_lr == lr
     assert effective_settings(settings)["aggregation"]["buffer_size"] == k
+
+
+def test_model_source_path_or_preset(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[model]\npath = "/models/llama"\n')
+    settings = load_settings("worker", path)
+    assert settings.model.path == Path("/models/llama")  # type: ignore[attr-defined]
+    assert settings.model.preset is None  # type: ignore[attr-defined]
+    assert load_settings("worker", None).model.preset == "tiny"  # type: ignore[attr-defined]
+    both = _write(tmp_path, '[model]\npath = "/m"\npreset = "small"\n')
+    with pytest.raises(ConfigError, match="model.preset: set preset or path, not both"):
+        load_settings("worker", both)
