@@ -1,0 +1,116 @@
+"""Public parameters of one secure aggregation session, shared by the server and every client."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from secure_agg.constants import (
+    LABEL_PARAMS,
+    MAX_COHORT_ID_BYTES,
+    MAX_TENSOR_NAME_BYTES,
+    PROTOCOL_VERSION,
+)
+from secure_agg.numerics import FixedPoint
+
+_MAX_ID = 2**32 - 1
+"""Client ids travel as uint32."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Everything the parties must agree on before AdvertiseKeys.
+
+    Parameters
+    ----------
+    cohort
+        The coordinator's cohort id (1 to 64 bytes); bound into signatures and the session id.
+    cohort_size
+        n: the number of clients invited. Also the worst case of the overflow check.
+    threshold
+        t: global (complete graph) or per closed neighbourhood (SecAgg+); see
+        :mod:`secure_agg.graph` for how to choose it.
+    tensors
+        (name, length) of every tensor of an update. Stored sorted by name: order never matters.
+    fixed_point
+        Encoding; its capacity is checked against ``cohort_size`` here.
+    neighbours
+        k for the SecAgg+ Harary graph (even), or None for the complete graph.
+    active
+        Active-adversary mode: Ed25519 signatures on keys and the ConsistencyCheck stage.
+    """
+
+    cohort: bytes
+    cohort_size: int
+    threshold: int
+    tensors: tuple[tuple[str, int], ...]
+    fixed_point: FixedPoint
+    neighbours: int | None = None
+    active: bool = False
+    _params: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.cohort) <= MAX_COHORT_ID_BYTES:
+            raise ValueError(f"cohort must be 1..{MAX_COHORT_ID_BYTES} bytes")
+        if not 1 <= self.cohort_size <= _MAX_ID:
+            raise ValueError(f"cohort_size must be >= 1, got {self.cohort_size}")
+        if not 1 <= self.threshold <= self.cohort_size:
+            raise ValueError(
+                f"threshold must be in [1, cohort_size={self.cohort_size}], got {self.threshold}"
+            )
+        if self.neighbours is not None:
+            if self.neighbours < 2 or self.neighbours % 2:
+                raise ValueError(f"neighbours must be even and >= 2, got {self.neighbours}")
+            if self.threshold > self.neighbours + 1:
+                raise ValueError(
+                    f"threshold {self.threshold} exceeds the closed neighbourhood size "
+                    f"neighbours + 1 = {self.neighbours + 1}"
+                )
+        tensors = tuple(sorted((str(n), int(m)) for n, m in self.tensors))
+        if not tensors:
+            raise ValueError("tensors must name at least one tensor")
+        names = [n for n, _ in tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("tensors has duplicate names")
+        for name, length in tensors:
+            if not 1 <= len(name.encode("utf-8")) <= MAX_TENSOR_NAME_BYTES:
+                raise ValueError(f"tensors: name {name!r} must be 1..255 UTF-8 bytes")
+            if length < 1:
+                raise ValueError(f"tensors: length of {name!r} must be >= 1, got {length}")
+        object.__setattr__(self, "tensors", tensors)
+        self.fixed_point.check_capacity(self.cohort_size)
+        object.__setattr__(self, "_params", self._encode_params())
+
+    @property
+    def params(self) -> bytes:
+        """Canonical encoding of the parameters, hashed into the session id."""
+        return self._params
+
+    @property
+    def total_length(self) -> int:
+        """Total number of elements over all tensors."""
+        return sum(length for _, length in self.tensors)
+
+    def _encode_params(self) -> bytes:
+        fp = self.fixed_point
+        parts = [
+            LABEL_PARAMS,
+            struct.pack(
+                "<BIIBbddBIB",
+                PROTOCOL_VERSION,
+                self.cohort_size,
+                self.threshold,
+                fp.bits,
+                fp.frac_bits,
+                fp.clip,
+                fp.weight_bound,
+                int(fp.per_tensor),
+                0 if self.neighbours is None else self.neighbours,
+                int(self.active),
+            ),
+            struct.pack("<I", len(self.tensors)),
+        ]
+        for name, length in self.tensors:
+            encoded = name.encode("utf-8")
+            parts.append(struct.pack("<B", len(encoded)) + encoded + struct.pack("<Q", length))
+        return b"".join(parts)

@@ -1,0 +1,154 @@
+"""Stage AdvertiseKeys and the key broadcast: every refusal, on the client and on the server."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from secagg_harness import Harness
+
+from secure_agg import ClientAborted, Stage
+from secure_agg.errors import (
+    DuplicateMessage,
+    InsufficientParticipants,
+    InvalidKeyBroadcast,
+    InvalidPublicKey,
+    InvalidSignature,
+    ProtocolViolation,
+    SessionMismatch,
+    UnknownClient,
+)
+from secure_agg.messages import KeyBroadcast, KeyEntry
+
+
+def _fresh_key() -> bytes:
+    return X25519PrivateKey.generate().public_key().public_bytes_raw()
+
+
+def _tamper(broadcast: KeyBroadcast, client: int, **changes: bytes) -> KeyBroadcast:
+    entries = tuple(
+        dataclasses.replace(e, **changes) if e.client == client else e for e in broadcast.entries
+    )
+    return dataclasses.replace(broadcast, entries=entries)
+
+
+def _refused(h: Harness, bad: KeyBroadcast, error: type[ProtocolViolation]) -> None:
+    """Deliver ``bad`` to client 0: it must raise ``error``, abort and answer nothing more."""
+    client = h.clients[0]
+    with pytest.raises(error):
+        client.handle(bad.encode())
+    assert client.stage is Stage.ABORTED
+    assert client.session == b""
+    with pytest.raises(ClientAborted):
+        client.handle(bad.encode())
+
+
+def test_honest_broadcast_yields_share_keys(harness: Callable[..., Harness]) -> None:
+    h = harness(n=4, t=3)
+    broadcast = h.step_advertise()[0]
+    reply = h.clients[0].handle(broadcast.encode())
+    assert reply is not None and len(reply.recipients) == 3  # type: ignore[union-attr]
+    assert h.clients[0].stage is Stage.MASKED_INPUT
+
+
+def test_own_key_missing(harness: Callable[..., Harness]) -> None:
+    h = harness(n=5, t=3)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    _refused(h, dataclasses.replace(b, entries=b.entries[1:]), InvalidKeyBroadcast)
+
+
+def test_own_key_altered(harness: Callable[..., Harness]) -> None:
+    h = harness(n=5, t=3)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    _refused(h, _tamper(b, 0, c_pk=_fresh_key()), InvalidKeyBroadcast)
+
+
+def test_peer_listed_twice(harness: Callable[..., Harness]) -> None:
+    h = harness(n=5, t=3)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    twice = dataclasses.replace(b, entries=(*b.entries[:4], b.entries[1]))
+    _refused(h, twice, InvalidKeyBroadcast)
+
+
+def test_duplicate_public_keys(harness: Callable[..., Harness]) -> None:
+    h = harness(n=5, t=3)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    _refused(h, _tamper(b, 2, s_pk=b.entries[1].s_pk), InvalidKeyBroadcast)
+
+
+@pytest.mark.parametrize("point", [bytes(32), (1).to_bytes(32, "little")])
+def test_low_order_point(harness: Callable[..., Harness], point: bytes) -> None:
+    h = harness(n=5, t=3)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    _refused(h, _tamper(b, 1, c_pk=point), InvalidPublicKey)
+
+
+def test_more_keys_than_the_cohort(harness: Callable[..., Harness]) -> None:
+    h = harness(n=5, t=3)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    extra = KeyEntry(client=99, c_pk=_fresh_key(), s_pk=_fresh_key())
+    _refused(h, dataclasses.replace(b, entries=(*b.entries, extra)), InvalidKeyBroadcast)
+
+
+def test_fewer_keys_than_the_threshold(harness: Callable[..., Harness]) -> None:
+    h = harness(n=5, t=3)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    _refused(h, dataclasses.replace(b, entries=b.entries[:2]), InsufficientParticipants)
+
+
+def test_other_cohort(harness: Callable[..., Harness]) -> None:
+    h = harness(n=5, t=3)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    _refused(h, dataclasses.replace(b, cohort=b"another-cohort"), SessionMismatch)
+
+
+def test_active_mode_missing_signature(harness: Callable[..., Harness]) -> None:
+    h = harness(n=5, t=4, active=True)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    _refused(h, _tamper(b, 3, signature=b""), InvalidSignature)
+
+
+def test_active_mode_signature_of_someone_else(harness: Callable[..., Harness]) -> None:
+    h = harness(n=5, t=4, active=True)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    _refused(h, _tamper(b, 3, signature=b.entries[2].signature), InvalidSignature)
+
+
+def test_server_refuses_strangers_duplicates_and_impostors(harness: Callable[..., Harness]) -> None:
+    # Prepare
+    h = harness(n=5, t=3)
+    adverts = [c.advertise() for c in h.clients]
+    h.server.handle(0, adverts[0].encode())
+    # Execute / Assert: a non-member, a second advertisement, a sender claiming another id.
+    with pytest.raises(UnknownClient):
+        h.server.handle(77, dataclasses.replace(adverts[1], sender=77).encode())
+    with pytest.raises(DuplicateMessage):
+        h.server.handle(0, adverts[0].encode())
+    with pytest.raises(UnknownClient):
+        h.server.handle(2, adverts[1].encode())
+    # Clients 0 and 2 are dropped; 1, 3, 4 are enough to go on (t = 3).
+    for i in (1, 3, 4):
+        h.server.handle(i, adverts[i].encode())
+    h.server.deadline()
+    recipients = sorted(o.recipient for o in h.server.drain())
+    assert recipients == [1, 3, 4]
+    assert h.server.stage is Stage.SHARE_KEYS
+
+
+def test_server_refuses_bad_advert_signature(harness: Callable[..., Harness]) -> None:
+    h = harness(n=4, t=3, active=True)
+    advert = h.clients[0].advertise()
+    with pytest.raises(InvalidSignature):
+        h.server.handle(0, dataclasses.replace(advert, signature=b"\x00" * 64).encode())

@@ -1,0 +1,53 @@
+"""Neighbour graphs and the choice of k and t."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secure_agg.graph import choose_neighbours, choose_threshold, harary_neighbours
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(4, 60), data=st.data())
+def test_harary_graph_is_k_regular_and_symmetric(n: int, data: st.DataObject) -> None:
+    k = data.draw(st.sampled_from([x for x in range(2, n - 1, 2)] or [2]))
+    ids = list(range(100, 100 + n))
+    graph = harary_neighbours(ids, k=k, session=b"s" * 32)
+    expected_degree = min(k, n - 1)
+    assert all(len(v) == expected_degree for v in graph.values())
+    assert all(u in graph[v] for u, vs in graph.items() for v in vs)
+    assert all(u not in vs for u, vs in graph.items())
+
+
+def test_graph_is_a_function_of_the_session() -> None:
+    ids = list(range(30))
+    a = harary_neighbours(ids, k=4, session=b"a" * 32)
+    assert a == harary_neighbours(list(reversed(ids)), k=4, session=b"a" * 32)
+    assert a != harary_neighbours(ids, k=4, session=b"b" * 32)
+
+
+def test_complete_graph_without_k() -> None:
+    graph = harary_neighbours([1, 2, 3], k=None, session=b"")
+    assert graph == {1: {2, 3}, 2: {1, 3}, 3: {1, 2}}
+
+
+def test_odd_k_is_refused() -> None:
+    with pytest.raises(ValueError, match="k"):
+        harary_neighbours(list(range(10)), k=3, session=b"")
+
+
+def test_threshold_bounds() -> None:
+    assert choose_threshold(100, dropout=0.3, corrupt=0.2) == 21
+    assert choose_threshold(100, dropout=0.3, corrupt=0.2, active=True) == 61
+    with pytest.raises(ValueError, match="no threshold"):
+        choose_threshold(100, dropout=0.5, corrupt=0.5)
+
+
+def test_neighbours_meet_the_requested_probabilities() -> None:
+    k, t = choose_neighbours(1000, dropout=0.1, corrupt=0.1)
+    assert k % 2 == 0 and k < 999
+    assert 1 <= t <= k + 1
+    # Smaller than the complete graph by a wide margin, as SecAgg+ promises (O(log n)).
+    assert k <= 200
