@@ -24,11 +24,12 @@ so several replicas noticing the same deadline close the stage once.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from estuary.state.base import Store
 from secure_agg import Outgoing, Server, Stage
@@ -84,6 +85,7 @@ class Outcome:
     seq: int
     error: str | None = None
     error_type: str | None = None
+    duplicate: bool = False
 
 
 @dataclass
@@ -93,6 +95,7 @@ class _Replica:
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     mailbox: dict[int, list[tuple[Stage, bytes]]] = field(default_factory=dict)
     abort_reason: str | None = None
+    seen: dict[tuple[int, bytes], int] = field(default_factory=dict)
 
 
 def _log_key(cohort_id: str, seq: int) -> str:
@@ -129,6 +132,7 @@ class ReplicatedCohort:
         outcome = Outcome(seq)
         try:
             if event.kind == MESSAGE:
+                r.seen.setdefault((event.client, hashlib.sha256(event.payload).digest()), seq)
                 server.handle(event.client, event.payload)
             elif event.kind == DEADLINE:
                 if server.stage == Stage(event.stage):
@@ -182,7 +186,20 @@ class ReplicatedCohort:
             )
 
     def submit_message(self, client: int, payload: bytes) -> Outcome:
-        """Append a client's stage message (the caller has authenticated ``client``)."""
+        """Append a client's stage message (the caller has authenticated ``client``).
+
+        A byte-identical message the client already sent (a transport retry, or a
+        device resending after a lost acknowledgement) is not appended again: the
+        original's outcome is returned with ``duplicate=True``. Only a *different*
+        second message reaches the server, which treats it as the protocol violation
+        it is.
+        """
+        digest = hashlib.sha256(payload).digest()
+        with self._lock:
+            self._catch_up()
+            original = self._replica.seen.get((client, digest))
+            if original is not None:
+                return replace(self._replica.outcomes[original], duplicate=True)
         return self.append(CohortEvent(MESSAGE, client=client, payload=payload))
 
     def assign_weight(self, client: int, weight: float) -> Outcome:

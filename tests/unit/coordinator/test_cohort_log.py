@@ -128,8 +128,10 @@ def test_refusals_are_replicated_and_duplicates_not_counted() -> None:
     client = Client(0, config=config)
     advert = client.advertise().encode()
     assert a.submit_message(0, advert).error is None
-    again = b.submit_message(0, advert)
-    assert again.error_type == "DuplicateMessage"
+    again = b.submit_message(0, advert)  # a retry of the same bytes: acknowledged, not re-applied
+    assert again.duplicate and again.error is None and again.seq == 1
+    other = b.submit_message(0, Client(0, config=config).advertise().encode())
+    assert other.error_type == "DuplicateMessage"  # a different second advert: refused
     garbage = a.submit_message(3, b"\x00not a message")
     assert garbage.error is not None
     b.sync()
