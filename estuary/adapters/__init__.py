@@ -1,0 +1,37 @@
+"""Nested-rank LoRA adapters with a frozen shared A, exact aggregation and PEFT export."""
+
+from __future__ import annotations
+
+from estuary.adapters.lora import (
+    DEFAULT_TARGETS,
+    AdapterConfig,
+    GlobalAdapter,
+    LoRALinear,
+    aggregate,
+    attach_adapters,
+    delta_b,
+    derive_a,
+    detach_adapters,
+    mean_from_sum,
+    merge_into_base,
+    weighted_sum,
+)
+from estuary.adapters.peft_export import export_peft
+from estuary.adapters.server_opt import ServerAdam
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "AdapterConfig",
+    "GlobalAdapter",
+    "LoRALinear",
+    "ServerAdam",
+    "aggregate",
+    "attach_adapters",
+    "delta_b",
+    "derive_a",
+    "detach_adapters",
+    "export_peft",
+    "mean_from_sum",
+    "merge_into_base",
+    "weighted_sum",
+]

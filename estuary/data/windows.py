@@ -1,0 +1,113 @@
+"""Fixed-length windows over a byte stream, for training and evaluation.
+
+Training samples windows *lazily*: only offsets are drawn, and each batch is copied out
+of a read-only view of the data, so memory is bounded by the batch, not the corpus (the
+data itself may be a memory-mapped file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+
+def _as_array(data: bytes | npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    if isinstance(data, bytes | bytearray | memoryview):
+        # Zero-copy view over the bytes object.
+        return np.frombuffer(data, dtype=np.uint8)
+    if data.dtype != np.uint8 or data.ndim != 1:
+        raise ValueError(f"data: must be bytes or a 1-D uint8 array, got {data.dtype} {data.shape}")
+    return data
+
+
+class WindowSampler:
+    """Draw random windows of ``seq_len + 1`` tokens (inputs plus next-token targets).
+
+    Parameters
+    ----------
+    data
+        Byte-level token stream: ``bytes`` or a 1-D ``uint8`` array (e.g. ``np.memmap``).
+    seq_len
+        Tokens per input window; each sample holds ``seq_len + 1`` ids.
+    seed
+        Seed of the offset generator; the sequence of batches is a function of it.
+
+    Raises
+    ------
+    ValueError
+        If ``seq_len`` is not positive or ``data`` is shorter than one window.
+    """
+
+    def __init__(self, data: bytes | npt.NDArray[np.uint8], *, seq_len: int, seed: int = 0) -> None:
+        if seq_len <= 0:
+            raise ValueError(f"seq_len: must be positive, got {seq_len}")
+        self._data = _as_array(data)
+        if len(self._data) < seq_len + 1:
+            raise ValueError(
+                f"data: {len(self._data)} bytes is shorter than one window of {seq_len + 1}"
+            )
+        self.seq_len = seq_len
+        self._rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, seq_len: int, seed: int = 0) -> WindowSampler:
+        """Sample from a file without reading it into memory (memory-mapped)."""
+        return cls(np.memmap(path, dtype=np.uint8, mode="r"), seq_len=seq_len, seed=seed)
+
+    def __len__(self) -> int:
+        """Return the number of bytes in the underlying stream."""
+        return len(self._data)
+
+    def batch(self, batch_size: int) -> torch.Tensor:
+        """Return a ``(batch_size, seq_len + 1)`` int64 tensor of random windows."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size: must be positive, got {batch_size}")
+        span = self.seq_len + 1
+        starts = self._rng.integers(0, len(self._data) - span + 1, size=batch_size)
+        # (batch,) starts + (span,) arange -> (batch, span) gather indices
+        index = starts[:, None] + np.arange(span)[None, :]
+        return torch.from_numpy(self._data[index].astype(np.int64))
+
+
+def eval_windows(
+    data: bytes | npt.NDArray[np.uint8], *, seq_len: int, max_windows: int | None = None
+) -> torch.Tensor:
+    """Return consecutive non-overlapping windows of ``seq_len + 1`` tokens.
+
+    Each byte after the first of a window is predicted exactly once, so the mean loss
+    over these windows is an unbiased held-out estimate. A trailing partial window is
+    dropped.
+
+    Parameters
+    ----------
+    data
+        Byte-level token stream.
+    seq_len
+        Tokens per input window.
+    max_windows
+        Cap on the number of windows, evenly spaced over the data when it applies
+        (so a cap does not just evaluate the first file of a corpus).
+
+    Raises
+    ------
+    ValueError
+        If ``data`` is shorter than one window or an argument is not positive.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len: must be positive, got {seq_len}")
+    if max_windows is not None and max_windows <= 0:
+        raise ValueError(f"max_windows: must be positive or None, got {max_windows}")
+    array = _as_array(data)
+    span = seq_len + 1
+    count = len(array) // span
+    if count == 0:
+        raise ValueError(f"data: {len(array)} bytes is shorter than one window of {span}")
+    # (count * span,) -> (count, span)
+    windows = array[: count * span].reshape(count, span)
+    if max_windows is not None and count > max_windows:
+        keep = np.linspace(0, count - 1, max_windows).round().astype(np.int64)
+        windows = windows[keep]
+    return torch.from_numpy(windows.astype(np.int64))

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edge_client.train import train_adapter
+from estuary.adapters import AdapterConfig, GlobalAdapter, LoRALinear
+from estuary.compress import compress_model
+from estuary.model.presets import build_preset
+
+TEXT = b"def add(a, b):\n    return a + b\n\n" * 40
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    return compress_model(build_preset("tiny", seed=0), scheme="int8")
+
+
+@pytest.fixture(scope="module")
+def adapter(base: nn.Module) -> GlobalAdapter:
+    return GlobalAdapter.for_model(base, AdapterConfig(r_max=8, seed=1))
+
+
+def test_training_is_deterministic_and_returns_zero_padded_delta(
+    base: nn.Module, adapter: GlobalAdapter
+) -> None:
+    kwargs = {"rank": 4, "steps": 3, "batch_size": 2, "seq_len": 32, "threads": 1}
+
+    first = train_adapter(base, adapter, TEXT, seed=5, **kwargs)  # type: ignore[arg-type]
+    second = train_adapter(base, adapter, TEXT, seed=5, **kwargs)  # type: ignore[arg-type]
+    other = train_adapter(base, adapter, TEXT, seed=6, **kwargs)  # type: ignore[arg-type]
+
+    assert set(first.delta_b) == set(adapter.shapes)
+    for name, value in first.delta_b.items():
+        np.testing.assert_array_equal(value, second.delta_b[name])
+        assert value.shape == adapter.b[name].shape
+        assert np.abs(value[:, :4]).max() > 0 and not value[:, 4:].any()
+    assert any(not np.array_equal(first.delta_b[n], other.delta_b[n]) for n in first.delta_b)
+    assert first.metrics.tokens == 3 * 2 * 32 and first.metrics.steps == 3
+    assert first.metrics.seconds > 0
+
+
+def test_training_reduces_loss_and_leaves_base_untouched(
+    base: nn.Module, adapter: GlobalAdapter
+) -> None:
+    ids = torch.randint(0, 256, (1, 16))
+    before = base(input_ids=ids).logits
+    state = copy.deepcopy(base.state_dict())
+
+    result = train_adapter(base, adapter, TEXT, rank=8, steps=30, lr=1e-2, batch_size=4, seq_len=32)
+
+    assert result.metrics.loss_last < result.metrics.loss_first - 1.0
+    assert not any(isinstance(m, LoRALinear) for m in base.modules())
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    torch.testing.assert_close(base(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+def test_sgd_update_is_minus_lr_times_gradient_for_one_step(
+    base: nn.Module, adapter: GlobalAdapter
+) -> None:
+    small = train_adapter(
+        base, adapter, TEXT, rank=2, steps=1, lr=1e-3, batch_size=2, seq_len=16, optimizer="sgd"
+    )
+    large = train_adapter(
+        base, adapter, TEXT, rank=2, steps=1, lr=2e-3, batch_size=2, seq_len=16, optimizer="sgd"
+    )
+
+    # One plain SGD step from zero: ΔB = -lr · clipped gradient, linear in lr.
+    for name, value in small.delta_b.items():
+        np.testing.assert_allclose(large.delta_b[name], 2 * value, rtol=1e-5, atol=1e-12)
+    assert any(np.abs(v).max() > 0 for v in small.delta_b.values())
+
+
+def test_memory_mapped_file_trains(tmp_path: Path, base: nn.Module, adapter: GlobalAdapter) -> None:
+    path = tmp_path / "data.txt"
+    path.write_bytes(TEXT)
+
+    from_file = train_adapter(
+        base, adapter, path, rank=2, steps=2, batch_size=2, seq_len=16, seed=3
+    )
+    from_bytes = train_adapter(
+        base, adapter, TEXT, rank=2, steps=2, batch_size=2, seq_len=16, seed=3
+    )
+
+    for name, value in from_file.delta_b.items():
+        np.testing.assert_array_equal(value, from_bytes.delta_b[name])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rank": 9}, r"rank: 9 exceeds r_max=8"),
+        ({"rank": 0}, "rank"),
+        ({"steps": 0}, "steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"clip_norm": 0.0}, "clip_norm"),
+        ({"threads": 0}, "threads"),
+        ({"seq_len": 5000}, "data"),
+        ({"optimizer": "lamb"}, "optimizer"),
+    ],
+)
+def test_bad_arguments_name_the_parameter(
+    base: nn.Module, adapter: GlobalAdapter, kwargs: dict[str, float], match: str
+) -> None:
+    args: dict[str, float] = {"rank": 2, "steps": 1} | kwargs
+    with pytest.raises(ValueError, match=match):
+        train_adapter(base, adapter, TEXT, **args)  # type: ignore[arg-type]
+
+
+def test_edge_trainer_imports_no_redis_or_prometheus() -> None:
+    code = (
+        "import sys, edge_client.train; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('redis', 'prometheus_client')]; "
+        "sys.exit(1 if bad else 0)"
+    )
+
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
