@@ -1,0 +1,1 @@
+"""The Estuary on-device agent: adapter training and onnxruntime serving."""

@@ -1,0 +1,577 @@
+"""Export a Hugging Face causal LM to ONNX and quantise it to int8 for the edge.
+
+The graph is logits-only (no KV cache): ``input_ids`` int64 ``[batch, seq]`` in,
+``logits`` float32 ``[batch, seq, vocab]`` out, both axes dynamic. It is produced by the
+torch.onnx *dynamo* exporter (``torch.export`` underneath), which is the maintained path
+for transformers models; the TorchScript exporter is deprecated.
+
+Needs the cloud-side packages ``onnx`` and ``onnxscript`` (the ``worker`` extra) in
+addition to torch and transformers. Serving the result needs only onnxruntime
+(:mod:`edge_client.serving`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge_client.onnx_meta import (
+    FP32_FILENAME,
+    INT8_FILENAME,
+    METADATA_FILENAME,
+    TOKENIZER_BYTES,
+    TOKENIZER_HF,
+    ServedMetadata,
+    is_served_dir,
+    read_metadata,
+    write_metadata,
+)
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Sequence length of the example input. Any value ≥ 2 works: torch.export specialises
+#: a dimension whose example size is 0 or 1, so 1 would freeze ``seq``; 16 keeps export fast.
+EXAMPLE_SEQ_LEN = 16
+
+#: Largest fp32 weight payload written inline. Protobuf caps a message at 2 GiB, so larger
+#: models go to an external-data file next to the graph; 1.5 GiB leaves room for the graph.
+INLINE_WEIGHT_LIMIT = 3 * 2**29
+
+#: After export the graph is run once on a shape different from the example and compared
+#: with torch. fp32 kernels differ only in summation order (measured ~1e-6 on the presets);
+#: 1e-3 absolute flags a wrong graph (a specialised axis, a mistranslated op) and nothing else.
+VERIFY_ATOL = 1e-3
+
+#: Tokenizer files copied next to the graph for a non-byte-level model: every file name
+#: transformers' tokenizers read, so AutoTokenizer can load the served directory.
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+#: Subfolder of a Hugging Face model directory where ``estuary edge infer`` caches its
+#: export. Hidden and Estuary-specific because some hub repositories ship their own
+#: ``onnx/`` folder, which we must not overwrite.
+CACHE_DIRNAME = ".estuary-onnx"
+
+
+def _logits_only(model: nn.Module) -> nn.Module:
+    """Wrap ``model`` as ``input_ids -> logits`` with the KV cache off (one graph output).
+
+    The class is defined here rather than at module level so that importing this module
+    (which :mod:`edge_client.serving` re-exports) does not import torch.
+    """
+    from torch import nn
+
+    class LogitsOnly(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            # (batch, seq) -> (batch, seq, vocab)
+            logits: torch.Tensor = self.inner(input_ids=input_ids, use_cache=False).logits
+            return logits
+
+    return LogitsOnly(model)
+
+
+def _config_int(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _strip_node_metadata(proto: onnx.ModelProto) -> None:
+    """Drop per-node stack traces and doc strings the dynamo exporter records.
+
+    They are debugging aids that made up ~15 % of the fp32 file of the tiny preset and
+    ~35 % of its int8 file; nothing at run time reads them.
+    """
+    nodes = [*proto.graph.node, *(node for func in proto.functions for node in func.node)]
+    for node in nodes:
+        del node.metadata_props[:]
+        node.doc_string = ""
+
+
+def export_onnx(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    example_batch: int = 2,
+    opset: int | None = None,
+    source: str | None = None,
+    tokenizer_dir: str | Path | None = None,
+    verify: bool = True,
+) -> Path:
+    """Export a Hugging Face causal LM to a served ONNX directory.
+
+    Writes ``model.onnx`` (logits only, no KV cache; input ``input_ids`` int64
+    ``[batch, seq]``, output ``logits`` float32 ``[batch, seq, vocab]``; batch and
+    sequence dynamic), the model's ``config.json``, the tokenizer files of a non-byte
+    model, and the metadata file (:mod:`edge_client.onnx_meta`).
+
+    Parameters
+    ----------
+    model
+        A float32 Hugging Face causal LM on the CPU (``forward(input_ids=...).logits``).
+        It is put in eval mode for the export and restored afterwards.
+    out_dir
+        Directory to write; created if needed. Existing files of the same names are replaced.
+    example_batch
+        Batch size of the example input; must be ≥ 2, because torch.export specialises a
+        dimension whose example size is 1 and the batch axis would become fixed.
+    opset
+        ONNX opset; ``None`` takes the exporter's default.
+    source
+        Where the model came from, recorded in the metadata; ``None`` uses the config's
+        ``name_or_path`` or ``"in-memory"``.
+    tokenizer_dir
+        Directory holding the tokenizer files of a non-byte-level model; ``None`` uses the
+        config's ``name_or_path`` when that is a directory.
+    verify
+        Run the graph once in onnxruntime on a shape different from the example and
+        compare with torch (see :data:`VERIFY_ATOL`).
+
+    Returns
+    -------
+    Path
+        The fp32 graph ``out_dir / "model.onnx"``.
+
+    Raises
+    ------
+    ValueError
+        If ``example_batch`` < 2, ``opset`` is not positive, the model is not float32, or a
+        non-byte model has no tokenizer files to copy.
+    RuntimeError
+        If ``verify`` finds the graph disagreeing with torch.
+    """
+    import onnx
+    import torch
+
+    if example_batch < 2:
+        raise ValueError(
+            f"example_batch: must be >= 2, got {example_batch} (torch.export specialises a "
+            "size-1 example dimension, so the exported batch axis would be fixed)"
+        )
+    if opset is not None and opset <= 0:
+        raise ValueError(f"opset: must be positive or None, got {opset}")
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise ValueError(
+            f"model: export needs float32 weights, found {sorted(str(d) for d in dtypes)}; "
+            "call model.float() first"
+        )
+    config: Any = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("model: not a Hugging Face model (no .config)")
+    vocab_size = _config_int(config, "vocab_size")
+    if vocab_size is None:
+        raise ValueError("model: config has no positive vocab_size")
+    max_positions = _config_int(config, "max_position_embeddings", "n_positions", "n_ctx")
+    if max_positions is not None and max_positions < 2:
+        raise ValueError(f"model: max positions {max_positions} is too short to export")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name_or_path = str(getattr(config, "name_or_path", "") or "")
+    tokenizer_kind = (
+        TOKENIZER_BYTES
+        if getattr(config, "estuary_tokenizer", None) == TOKENIZER_BYTES
+        else TOKENIZER_HF
+    )
+    if tokenizer_kind == TOKENIZER_HF:
+        tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(name_or_path)
+        copied = _copy_tokenizer_files(tok_dir, out) if name_or_path or tokenizer_dir else []
+        if not any(name in copied for name in ("tokenizer.json", "tokenizer_config.json")):
+            raise ValueError(
+                f"tokenizer_dir: {tok_dir} has no tokenizer.json or tokenizer_config.json; a "
+                "model that is not byte-level needs its tokenizer to be served"
+            )
+
+    example_seq = min(EXAMPLE_SEQ_LEN, max_positions or EXAMPLE_SEQ_LEN)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randint(0, vocab_size, (example_batch, example_seq), generator=generator)
+    batch_dim = torch.export.Dim("batch", min=1)
+    seq_dim = (
+        torch.export.Dim("seq", min=1, max=max_positions)
+        if max_positions is not None
+        else torch.export.Dim("seq", min=1)
+    )
+    wrapper = _logits_only(model)
+    was_training = model.training
+    # Eval mode for the trace and for the check against torch: dropout would make both
+    # the graph and the comparison random.
+    model.eval()
+    wrapper.eval()
+    try:
+        proto = _export_proto(wrapper, example, batch_dim=batch_dim, seq_dim=seq_dim, opset=opset)
+        onnx_path = out / FP32_FILENAME
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        external = weight_bytes > INLINE_WEIGHT_LIMIT
+        onnx.save_model(
+            proto,
+            str(onnx_path),
+            save_as_external_data=external,
+            location=FP32_FILENAME + ".data" if external else None,
+        )
+        if verify:
+            _verify(
+                model,
+                onnx_path,
+                vocab_size=vocab_size,
+                max_positions=max_positions,
+                example_batch=example_batch,
+                example_seq=example_seq,
+            )
+    finally:
+        model.train(was_training)
+    model_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    config.to_json_file(str(out / "config.json"))
+    eos = getattr(config, "eos_token_id", None)
+    # Some configs list several end tokens; greedy decoding stops at the first listed.
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    metadata = ServedMetadata(
+        tokenizer=tokenizer_kind,
+        vocab_size=vocab_size,
+        max_positions=max_positions,
+        source=source if source is not None else (name_or_path or "in-memory"),
+        model_type=str(getattr(config, "model_type", "unknown")),
+        opset=int(model_opset),
+        fp32=FP32_FILENAME,
+        int8=None,
+        eos_token_id=eos if isinstance(eos, int) else None,
+    )
+    write_metadata(out, metadata)
+    logger.info("wrote %s (%d bytes)", onnx_path, onnx_path.stat().st_size)
+    return onnx_path
+
+
+def _export_proto(
+    wrapper: nn.Module,
+    example: torch.Tensor,
+    *,
+    batch_dim: Any,
+    seq_dim: Any,
+    opset: int | None,
+) -> onnx.ModelProto:
+    """Run the dynamo exporter on ``wrapper`` and return the stripped ONNX model."""
+    import torch
+
+    logger.info(
+        "exporting to ONNX (example %s, opset %s)",
+        tuple(example.shape),
+        opset if opset is not None else "default",
+    )
+    with torch.no_grad(), _quiet_third_party_logs(), warnings.catch_warnings():
+        # torch.export's own use of a deprecated pytree API; nothing the caller can fix.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            input_names=["input_ids"],
+            output_names=["logits"],
+            dynamic_shapes={"input_ids": {0: batch_dim, 1: seq_dim}},
+            opset_version=opset,
+            verbose=False,
+        )
+    if program is None:  # only None for the legacy exporter; guards the type
+        raise RuntimeError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    _strip_node_metadata(proto)
+    return proto
+
+
+def _copy_tokenizer_files(source: Path, out: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = source / name
+        if path.is_file():
+            shutil.copy2(path, out / name)
+            copied.append(name)
+    return copied
+
+
+def _verify(
+    model: nn.Module,
+    onnx_path: Path,
+    *,
+    vocab_size: int,
+    max_positions: int | None,
+    example_batch: int,
+    example_seq: int,
+) -> None:
+    """Compare onnxruntime with torch on a batch and length unlike the example."""
+    import onnxruntime as ort
+    import torch
+
+    seq = example_seq + 3 if max_positions is None else min(example_seq + 3, max_positions)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab_size, (example_batch + 1, seq), generator=generator)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits.numpy()
+    error = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
+    logger.info("ONNX vs torch on %s: max |Δlogit| = %.2e", tuple(ids.shape), error)
+    if error > VERIFY_ATOL:
+        raise RuntimeError(
+            f"{onnx_path}: exported graph disagrees with torch on input {tuple(ids.shape)}: "
+            f"shape {got.shape} vs {want.shape}, max |Δlogit| {error:.3g} > {VERIFY_ATOL}"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_third_party_logs() -> Iterator[None]:
+    """Keep the exporter's and quantiser's chatter out of our logs while they run.
+
+    onnxscript and onnx_ir log every rewrite rule at INFO, and onnxruntime's quantiser logs
+    through the *root* logger (one INFO line per tensor it skips, and a WARNING to run its
+    pre-processing first). At the CLI's default INFO level that is hundreds of lines per
+    export. Their warnings and errors still pass; only the root logger's INFO lines and the
+    pre-processing hint are dropped, plus the exporter's op-registry warnings that
+    torchvision is not installed (its detection ops never occur in a language model).
+
+    We skip ``quant_pre_process`` on purpose: on the dynamo export of the tiny preset it
+    gave a bit-identical int8 graph and no speed-up, for +1.4 s of work per export.
+    """
+
+    class _RootChatter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.levelno < logging.WARNING:
+                return False
+            return "pre-processing before quantization" not in record.getMessage()
+
+    root = logging.getLogger()
+    chatter = _RootChatter()
+    floors = {
+        "onnxscript": logging.WARNING,
+        "onnx_ir": logging.WARNING,
+        "torch.onnx._internal.exporter._registration": logging.ERROR,
+    }
+    noisy = {name: logging.getLogger(name) for name in floors}
+    saved = {name: noisy_logger.level for name, noisy_logger in noisy.items()}
+    root.addFilter(chatter)
+    for name, noisy_logger in noisy.items():
+        noisy_logger.setLevel(max(noisy_logger.getEffectiveLevel(), floors[name]))
+    try:
+        yield
+    finally:
+        root.removeFilter(chatter)
+        for name, noisy_logger in noisy.items():
+            noisy_logger.setLevel(saved[name])
+
+
+def quantize_int8(
+    onnx_path: str | Path,
+    out_path: str | Path,
+    *,
+    per_channel: bool = True,
+    reduce_range: bool = False,
+) -> Path:
+    """Quantise an fp32 ONNX graph to int8 weights with onnxruntime's dynamic quantisation.
+
+    Weights of every MatMul (projections, MLP, LM head) and of the embedding Gather are
+    stored as int8; activations are quantised to uint8 on the fly, so no calibration data
+    is needed. The activation scale is one per tensor per call, taken over the whole batch,
+    so an int8 result depends slightly on what else is in the batch (≈1e-4 bits/byte on
+    the tiny preset between batches of 5 and 16 windows).
+
+    If ``out_path`` lies in a served directory whose metadata names no int8 graph yet,
+    the metadata is updated to name it (so the directory serves it by default).
+
+    Parameters
+    ----------
+    onnx_path
+        The fp32 graph.
+    out_path
+        Where to write the int8 graph.
+    per_channel
+        One scale per output channel instead of one per tensor. Rows of a transformer
+        projection differ in range by an order of magnitude, so a per-tensor scale wastes
+        most of the 8 bits on the small rows; per-channel keeps each row's resolution at
+        the cost of one float per row.
+    reduce_range
+        Use 7-bit weights. Only for CPUs without VNNI, whose u8×s8 instruction can
+        saturate its 16-bit intermediate sums; on VNNI (and ARM dot-product) CPUs it
+        only loses accuracy.
+
+    Returns
+    -------
+    Path
+        ``out_path``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``onnx_path`` does not exist.
+    ValueError
+        If ``onnx_path`` and ``out_path`` are the same file.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = Path(onnx_path)
+    dst = Path(out_path)
+    if not src.is_file():
+        raise FileNotFoundError(f"onnx_path: {src} does not exist")
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"out_path: {dst} is the input graph; write the int8 graph elsewhere")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    external = (src.parent / (src.name + ".data")).is_file()
+    with _quiet_third_party_logs():
+        quantize_dynamic(
+            src,
+            dst,
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            op_types_to_quantize=["MatMul", "Gather"],
+            use_external_data_format=external,
+        )
+    if is_served_dir(dst.parent):
+        metadata = read_metadata(dst.parent)
+        if metadata.int8 is None:
+            write_metadata(dst.parent, metadata.with_int8(dst.name))
+    logger.info(
+        "quantised %s (%d bytes) -> %s (%d bytes)",
+        src,
+        src.stat().st_size,
+        dst,
+        dst.stat().st_size,
+    )
+    return dst
+
+
+def source_fingerprint(model_dir: str | Path) -> str:
+    """Return a digest of a model directory's config, weight and tokenizer files.
+
+    Names, sizes and modification times, not contents: hashing gigabytes of weights on
+    every ``infer`` would cost more than the inference. Any rewrite of a file changes it.
+    """
+    path = Path(model_dir)
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file() and (file.suffix in (".json", ".safetensors", ".model", ".txt")):
+            stat = file.stat()
+            digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def export_model_dir(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    int8: bool = True,
+    example_batch: int = 2,
+    opset: int | None = None,
+) -> ServedMetadata:
+    """Load a Hugging Face model directory and write a served ONNX directory from it.
+
+    Parameters
+    ----------
+    model_dir
+        Directory saved with ``save_pretrained`` (safetensors weights).
+    out_dir
+        Served directory to write.
+    int8
+        Also write the int8 graph.
+    example_batch, opset
+        As in :func:`export_onnx`.
+
+    Returns
+    -------
+    ServedMetadata
+        The metadata written, with the source fingerprint set.
+
+    Raises
+    ------
+    estuary.model.loading.CheckpointError
+        If the directory is not a loadable model (a ``ValueError``; names the file).
+    """
+    from estuary.model.loading import load_model
+
+    source = Path(model_dir)
+    model: nn.Module = load_model(source)
+    model.float()
+    out = Path(out_dir)
+    export_onnx(
+        model,
+        out,
+        example_batch=example_batch,
+        opset=opset,
+        source=str(source.resolve()),
+        tokenizer_dir=source,
+    )
+    if int8:
+        quantize_int8(out / FP32_FILENAME, out / INT8_FILENAME)
+    metadata = read_metadata(out)
+    fingerprinted = dataclasses.replace(metadata, source_fingerprint=source_fingerprint(source))
+    write_metadata(out, fingerprinted)
+    return fingerprinted
+
+
+def cached_export(
+    model_dir: str | Path, *, cache_dir: str | Path | None = None, int8: bool = True
+) -> tuple[Path, bool]:
+    """Return a served directory for Hugging Face model directory ``model_dir``.
+
+    The export lives in ``cache_dir`` (default ``model_dir / CACHE_DIRNAME``) and is
+    redone when missing, when it lacks the int8 graph asked for, or when the source
+    fingerprint changed.
+
+    Returns
+    -------
+    tuple[Path, bool]
+        The served directory and whether it was (re-)exported by this call.
+    """
+    source = Path(model_dir)
+    cache = Path(cache_dir) if cache_dir is not None else source / CACHE_DIRNAME
+    if is_served_dir(cache):
+        try:
+            metadata = read_metadata(cache)
+        except ValueError:
+            logger.warning("%s: unreadable cached metadata; exporting again", cache)
+        else:
+            fresh = metadata.source_fingerprint == source_fingerprint(source)
+            if fresh and (not int8 or metadata.int8 is not None):
+                return cache, False
+    export_model_dir(source, cache, int8=int8)
+    return cache, True
+
+
+__all__ = [
+    "CACHE_DIRNAME",
+    "METADATA_FILENAME",
+    "cached_export",
+    "export_model_dir",
+    "export_onnx",
+    "quantize_int8",
+    "source_fingerprint",
+]
