@@ -12,9 +12,12 @@ from typing import Annotated
 
 import typer
 
+from cloud_workers import cli as worker_cli
+from edge_client import cli as edge_cli
 from estuary import __version__
-from estuary.cli import config_cmd, status_cmd
+from estuary.cli import config_cmd, model_cmd, status_cmd
 from estuary.cli.exit_codes import ExitCode
+from estuary.cli.model_export_cmd import export_onnx_command
 from estuary.log import init_logging
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,10 @@ def _root(
 
 app.add_typer(config_cmd.app, name="config")
 app.command("status")(status_cmd.status)
+model_cmd.app.command("export-onnx")(export_onnx_command)
+app.add_typer(model_cmd.app, name="model")
+app.add_typer(edge_cli.app, name="edge")
+app.add_typer(worker_cli.app, name="worker")
 
 
 def main() -> None:

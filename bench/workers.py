@@ -1,0 +1,285 @@
+"""Worker-group benchmark: pull-based load balancing, superseded skips, reclaim.
+
+Usage::
+
+    python bench/workers.py --json
+    python bench/workers.py --json --jobs 400 --overload 2.0
+
+Two CPU worker groups share one job stream; the slow group gets an injected per-job
+delay that makes each of its jobs take 3× as long as the fast group's. A producer commits
+a new model version at a fixed rate and submits an ``evaluate`` and a
+``build_artifacts`` job for it (``--jobs`` in all); jobs arrive at ``--overload`` times
+the two groups' combined capacity (default 1.0: exactly what both together can absorb,
+so any idling or misassignment shows up as backlog, superseded skips and lag). Jobs are
+real (tiny preset: merge the version's adapter, held-out bits/byte on standard-library
+text; compressed base + adapter artifact).
+
+Reported per scenario:
+
+- ``throughput_fraction``: executed jobs per second, from the first arrival to the last
+  outcome, as a fraction of the two groups' combined capacity (per-job work measured
+  alone first, plus each group's delay). Pulling should reach ≥ 0.9. ``round_robin``
+  (each group owns every other job, on its own stream) is the baseline: the slow group
+  gets half the jobs for a quarter of the capacity, so its backlog is superseded and
+  skipped and its evaluations lag.
+- ``skipped_superseded``: jobs acknowledged without running because a newer version of
+  their kind had been submitted.
+- ``p95_commit_to_eval_s``: 95th percentile of (evaluation recorded − version committed)
+  over the versions that were evaluated.
+- ``killed``: the same pull run with the fast group killed half-way (its job left
+  pending, its heartbeat stopped): every job still has exactly one outcome, none ran to
+  completion twice.
+
+Prints one JSON object with ``--json``, else a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloud_workers.group import WorkerGroup
+from cloud_workers.jobs import JOB_STREAM, JobOutcome, ModelJobExecutor, make_job, submit_job
+from estuary.adapters import AdapterConfig, GlobalAdapter
+from estuary.data import eval_windows, stdlib_clients
+from estuary.model.presets import build_preset
+from estuary.state import open_store
+from estuary.state.base import Store
+from estuary.state.blobs import BlobStore
+from estuary.state.keys import version_key
+
+#: Baseline delay added to every job of the fast group: makes per-job time dominated by
+#: a sleep (stable on a loaded machine) rather than by CPU work two threads share.
+FAST_DELAY_S = 0.15
+SLOW_FACTOR = 3.0
+#: Heartbeat and reclaim timing of the benchmark groups: short so a killed group's
+#: job is reclaimed within the run; reclaim > 2 × heartbeat as the settings require.
+HEARTBEAT_S = 0.2
+RECLAIM_IDLE_S = 1.0
+
+
+class _Killed(BaseException):
+    """Raised inside a job to simulate the group's process dying mid-job.
+
+    A BaseException, so the loop's per-job error handling does not record it: the job
+    stays pending and unacknowledged, exactly as after a crash.
+    """
+
+
+class CountingExecutor:
+    """Wraps an executor: counts completed executions per job, can die on request."""
+
+    def __init__(
+        self, inner: ModelJobExecutor, completions: Counter[str], lock: threading.Lock
+    ) -> None:
+        self.inner = inner
+        self.completions = completions
+        self.lock = lock
+        self.kill = threading.Event()
+
+    def execute(self, job: Any) -> dict[str, Any]:
+        if self.kill.is_set():
+            raise _Killed
+        out = self.inner.execute(job)
+        if self.kill.is_set():  # died after the work, before recording it
+            raise _Killed
+        with self.lock:
+            self.completions[job.job_id] += 1
+        return out
+
+
+def publish(store: Store, blobs: BlobStore, base: torch.nn.Module, version: int) -> str:
+    adapter = GlobalAdapter.for_model(base, AdapterConfig(r_max=4))
+    rng = np.random.default_rng(version)
+    adapter = adapter.with_b(
+        {n: rng.normal(0, 0.02, v.shape).astype(np.float32) for n, v in adapter.b.items()}
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        digest = blobs.put_file(adapter.save(Path(tmp)))
+    record = {"version": version, "adapter_sha256": digest, "committed_at": time.time()}
+    store.put(version_key(version), json.dumps(record).encode())
+    return digest
+
+
+def calibrate(executor: ModelJobExecutor, store: Store, blobs: BlobStore, base: Any) -> float:
+    """Mean seconds of real work per job (evaluate and artifact alternating)."""
+    digest = publish(store, blobs, base, 0)
+    jobs = [
+        make_job("evaluate", version=0, adapter_sha256=digest),
+        make_job("build_artifacts", version=0, device_class="phone", adapter_sha256=digest),
+    ]
+    for job in jobs:  # warm-up: compress the base once, first-call overheads
+        executor.execute(job)
+    start = time.perf_counter()
+    rounds = 5
+    for _ in range(rounds):
+        for job in jobs:
+            executor.execute(job)
+    return (time.perf_counter() - start) / (rounds * len(jobs))
+
+
+def scenario(
+    *,
+    mode: str,
+    base: Any,
+    windows: torch.Tensor,
+    work_s: float,
+    jobs: int,
+    overload: float,
+    kill_half_way: bool,
+) -> dict[str, Any]:
+    store = open_store("memory://")
+    with tempfile.TemporaryDirectory() as tmp:
+        blobs = BlobStore(Path(tmp) / "blobs", fsync=False)
+        completions: Counter[str] = Counter()
+        lock = threading.Lock()
+        slow_delay = SLOW_FACTOR * (work_s + FAST_DELAY_S) - work_s
+        delays = {"fast": FAST_DELAY_S, "slow": slow_delay}
+        capacity = sum(1.0 / (work_s + d) for d in delays.values())
+        executors: dict[str, CountingExecutor] = {}
+        groups: dict[str, WorkerGroup] = {}
+        for i, (name, delay) in enumerate(delays.items()):
+            inner = ModelJobExecutor(store, blobs=blobs, base=base, eval_windows=windows)
+            executors[name] = CountingExecutor(inner, completions, lock)
+            groups[name] = WorkerGroup(
+                store, executor=executors[name], name=name, heartbeat_s=HEARTBEAT_S,
+                reclaim_idle_s=RECLAIM_IDLE_S, job_delay_s=delay,
+                stream=JOB_STREAM if mode == "pull" else f"{JOB_STREAM}-rr{i}",
+            )  # fmt: skip
+        # Compress the base once per executor before the clock starts, as a long-running
+        # group would have done long ago.
+        digest0 = publish(store, blobs, base, 0)
+        for ex in executors.values():
+            ex.inner.execute(
+                make_job("build_artifacts", version=0, device_class="phone", adapter_sha256=digest0)
+            )
+        versions = jobs // 2
+        interval = 2.0 / (overload * capacity)  # 2 jobs per version
+        # Adapters are published before the clock starts; each version is "committed"
+        # (its record written with the commit time) when the producer submits its jobs.
+        digests = {v: publish(store, blobs, base, v) for v in range(1, versions + 1)}
+        stop = threading.Event()
+        threads = {n: threading.Thread(target=_serve, args=(g, stop), daemon=True)
+                   for n, g in groups.items()}  # fmt: skip
+        for t in threads.values():
+            t.start()
+        submitted: list[str] = []
+        killed_at: float | None = None
+        start = time.time()
+        for v in range(1, versions + 1):
+            target = start + (v - 1) * interval
+            time.sleep(max(0.0, target - time.time()))
+            if kill_half_way and v == versions // 2 + 1:
+                executors["fast"].kill.set()
+                killed_at = time.time()
+            now_ms = int(time.time() * 1000)
+            for k, job in enumerate((
+                make_job("evaluate", version=v, adapter_sha256=digests[v], created_ms=now_ms),
+                make_job("build_artifacts", version=v, device_class="phone",
+                         adapter_sha256=digests[v], created_ms=now_ms),
+            )):  # fmt: skip
+                # Round-robin alternates which group gets the evaluation, version by version.
+                stream = JOB_STREAM if mode == "pull" else f"{JOB_STREAM}-rr{(v + k) % 2}"
+                submit_job(store, job, stream=stream)
+                submitted.append(job.job_id)
+        arrivals_end = time.time()
+        deadline = time.time() + 120.0
+        while time.time() < deadline and len(store.scan("jobresult/")) < len(submitted):
+            time.sleep(0.05)
+        stop.set()
+        for t in threads.values():
+            t.join(timeout=10)
+        results = [JobOutcome.from_json(r.value) for r in store.scan("jobresult/").values()]
+    executed = [r for r in results if r.status == "done"]
+    # From the first arrival to the last recorded outcome: the time the groups had.
+    window_s = max([r.finished_ms / 1000 for r in results] + [arrivals_end]) - start
+    lags = sorted((r.finished_ms - r.committed_ms) / 1000 for r in executed if r.kind == "evaluate")
+    per_group = Counter(r.group for r in executed)
+    # Capacity actually alive during the window: after the kill only the slow group serves.
+    alive_s = window_s if killed_at is None else killed_at - start
+    available = capacity * alive_s + (window_s - alive_s) / (work_s + delays["slow"])
+    out: dict[str, Any] = {
+        "jobs": len(submitted),
+        "outcomes": len(results),
+        "executed": len(executed),
+        "skipped_superseded": sum(r.status == "skipped" for r in results),
+        "failed": sum(r.status == "failed" for r in results),
+        "executed_by_group": dict(sorted(per_group.items())),
+        "throughput_fraction": round(len(executed) / window_s / capacity, 3),
+        "throughput_fraction_of_alive_capacity": round(len(executed) / available, 3),
+        "p95_commit_to_eval_s": round(float(np.percentile(lags, 95)), 3) if lags else None,
+        "median_commit_to_eval_s": round(statistics.median(lags), 3) if lags else None,
+        "lost_jobs": len(set(submitted) - {r.job_id for r in results}),
+        "completed_twice": sum(1 for c in completions.values() if c > 1),
+        "reclaimed": sum(r.deliveries > 1 for r in results),
+    }
+    return out
+
+
+def _serve(group: WorkerGroup, stop: threading.Event) -> None:
+    # _Killed is the simulated death: the job it held stays pending, heartbeats stop.
+    with contextlib.suppress(_Killed):
+        group.run(stop)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--jobs", type=int, default=200, help="jobs submitted per scenario")
+    parser.add_argument(
+        "--overload", type=float, default=1.0,
+        help="job arrival rate as a multiple of the groups' combined capacity",
+    )  # fmt: skip
+    args = parser.parse_args()
+    if args.jobs < 4 or args.overload <= 0:
+        parser.error("--jobs must be >= 4 and --overload > 0")
+    torch.set_num_threads(1)  # two groups share the cores: one thread each, no oversubscription
+    base = build_preset("tiny", seed=0)
+    windows = torch.cat([
+        eval_windows(c.heldout, seq_len=64, max_windows=2)
+        for c in stdlib_clients(("email", "json", "asyncio", "xml"))
+    ])  # fmt: skip
+    store = open_store("memory://")
+    with tempfile.TemporaryDirectory() as tmp:
+        blobs = BlobStore(Path(tmp), fsync=False)
+        executor = ModelJobExecutor(store, blobs=blobs, base=base, eval_windows=windows)
+        work_s = calibrate(executor, store, blobs, base)
+    common = {"base": base, "windows": windows, "work_s": work_s, "jobs": args.jobs,
+              "overload": args.overload}  # fmt: skip
+    report = {
+        "groups": {
+            "fast_s_per_job": round(work_s + FAST_DELAY_S, 4),
+            "slow_s_per_job": round(SLOW_FACTOR * (work_s + FAST_DELAY_S), 4),
+            "work_s_per_job": round(work_s, 4),
+        },
+        "overload": args.overload,
+        "pull": scenario(mode="pull", kill_half_way=False, **common),
+        "round_robin": scenario(mode="round_robin", kill_half_way=False, **common),
+        "killed": scenario(mode="pull", kill_half_way=True, **common),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for name in ("pull", "round_robin", "killed"):
+        r = report[name]
+        print(
+            f"{name:12s} throughput {r['throughput_fraction']:.2f} of capacity, "
+            f"executed {r['executed']}, skipped {r['skipped_superseded']}, "
+            f"p95 lag {r['p95_commit_to_eval_s']} s, lost {r['lost_jobs']}, "
+            f"twice {r['completed_twice']}"
+        )
+
+
+if __name__ == "__main__":
+    main()

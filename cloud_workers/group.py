@@ -1,0 +1,361 @@
+"""A worker group's job loop: pull, skip superseded, execute, record once, acknowledge.
+
+Stage 0 of a group runs :class:`WorkerGroup`. The loop guarantees:
+
+- **Load balancing by pulling.** A group asks for one job at a time when it is free, so a
+  group twice as fast takes twice as many.
+- **Superseded jobs are skipped.** A job whose version is older than the newest submitted
+  one of its kind is acknowledged and recorded as ``skipped`` without running.
+- **Heartbeats.** A background thread writes ``worker/<group>`` every ``heartbeat_s``.
+- **Reclaim.** Jobs pending on a group whose heartbeat is older than ``reclaim_idle_s``
+  and idle that long are taken over.
+- **Exactly-once completion.** The outcome is created with ``insert_if_absent`` at
+  ``jobresult/<job_id>`` before the acknowledgement: a job that ran twice (its first
+  group was slow, not dead) still has one recorded completion, and its outputs are
+  content-addressed, so both runs wrote the same blobs.
+- **Bad input does not stop the group.** A :class:`~cloud_workers.jobs.JobInputError`
+  (unknown version, missing checkpoint) is recorded as ``failed`` with its message.
+  Store outages propagate: the job stays pending and is reclaimed later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloud_workers.jobs import (
+    CONSUMER_GROUP,
+    JOB_STREAM,
+    JobExecutor,
+    JobInputError,
+    JobOutcome,
+    Status,
+    decode_job,
+    is_superseded,
+    job_kind,
+    result_key,
+)
+from estuary.state.base import Job as StreamJob
+from estuary.state.base import Store
+from estuary.state.errors import StoreError
+from estuary.state.keys import WORKER_PREFIX, worker_key
+
+__all__ = ["GroupStats", "WorkerGroup"]
+
+logger = logging.getLogger(__name__)
+
+#: How long one read waits for a new job. Short enough that the loop notices a stop
+#: request and runs its reclaim check promptly; long enough not to poll the store hot.
+READ_BLOCK_S = 0.5
+
+
+@dataclass
+class GroupStats:
+    """Counters a group reports in its heartbeat."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    reclaimed: int = 0
+    started_at: float = field(default_factory=time.time)
+    current_job: str | None = None
+    last_eval_version: int | None = None
+    last_eval_lag_s: float | None = None
+    last_lag_s: float | None = None
+
+    @property
+    def processed(self) -> int:
+        """Jobs this group recorded an outcome for (done, skipped or failed)."""
+        return self.done + self.skipped + self.failed
+
+
+class WorkerGroup:
+    """The job loop of one worker group (run on its stage 0).
+
+    Parameters
+    ----------
+    store
+        State store holding the job stream, outcomes and heartbeats.
+    executor
+        Runs a job (see :class:`~cloud_workers.jobs.ModelJobExecutor`).
+    name
+        Group name: the consumer name in the stream's consumer group.
+    heartbeat_s
+        Seconds between heartbeats.
+    reclaim_idle_s
+        A job pending this long on a group silent this long is taken over; must exceed
+        ``2 × heartbeat_s`` so one late heartbeat never costs a live group its job.
+    stages
+        Pipeline stages of this group (reported in the heartbeat).
+    stream, consumer_group
+        Where jobs come from.
+    job_delay_s
+        Extra seconds spent per executed job: an injected slowdown for benchmarks and
+        tests, 0 in production.
+    on_outcome
+        Called with each recorded outcome (for metrics and tests).
+    on_idle
+        Called after every read that found no job (a multi-stage group keeps its
+        followers' collectives alive with it).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        executor: JobExecutor,
+        name: str,
+        heartbeat_s: float,
+        reclaim_idle_s: float,
+        stages: int = 1,
+        stream: str = JOB_STREAM,
+        consumer_group: str = CONSUMER_GROUP,
+        job_delay_s: float = 0.0,
+        on_outcome: Callable[[JobOutcome], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        if not name:
+            raise ValueError("name: must be a non-empty group name")
+        if not heartbeat_s > 0:
+            raise ValueError(f"heartbeat_s: must be > 0, got {heartbeat_s}")
+        if not reclaim_idle_s > 2 * heartbeat_s:
+            raise ValueError(
+                f"reclaim_idle_s: {reclaim_idle_s} must exceed 2 × heartbeat_s={heartbeat_s}"
+            )
+        if job_delay_s < 0:
+            raise ValueError(f"job_delay_s: must be >= 0, got {job_delay_s}")
+        self.store = store
+        self.executor = executor
+        self.name = name
+        self.heartbeat_s = heartbeat_s
+        self.reclaim_idle_s = reclaim_idle_s
+        self.stages = stages
+        self.stream = stream
+        self.consumer_group = consumer_group
+        self.job_delay_s = job_delay_s
+        self.on_outcome = on_outcome
+        self.on_idle = on_idle
+        self.stats = GroupStats()
+        self._last_reclaim = 0.0
+        self._lock = threading.Lock()
+        store.ensure_group(stream, consumer_group)
+
+    # ---------------------------------------------------------------- heartbeat
+
+    def heartbeat(self) -> None:
+        """Write this group's ``worker/<name>`` record."""
+        with self._lock:
+            stats = self.stats
+            elapsed = max(time.time() - stats.started_at, 1e-9)
+            value = {
+                "group": self.name,
+                "last_seen": round(time.time(), 3),
+                "jobs_done": stats.done,
+                "jobs_skipped": stats.skipped,
+                "jobs_failed": stats.failed,
+                "jobs_reclaimed": stats.reclaimed,
+                "throughput_per_min": round(60.0 * stats.processed / elapsed, 3),
+                "current_job": stats.current_job,
+                "last_lag_s": stats.last_lag_s,
+                "last_eval_version": stats.last_eval_version,
+                "last_eval_lag_s": stats.last_eval_lag_s,
+                "stages": self.stages,
+                "started_at": round(stats.started_at, 3),
+            }
+        self.store.put(worker_key(self.name), json.dumps(value, sort_keys=True).encode())
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_s):
+            try:
+                self.heartbeat()
+            except StoreError as exc:  # an outage: keep trying; reclaim covers a long one
+                logger.warning("group %s: heartbeat failed: %s", self.name, exc)
+
+    # ---------------------------------------------------------------- reclaim
+
+    def silent_groups(self) -> set[str]:
+        """Return consumers with pending jobs whose heartbeat is older than ``reclaim_idle_s``."""
+        now = time.time()
+        silent: set[str] = set()
+        for entry in self.store.pending(self.stream, self.consumer_group):
+            if entry.idle_s < self.reclaim_idle_s:
+                continue
+            if entry.consumer == self.name:
+                # The loop is single-threaded and between jobs here, so a job pending on
+                # this name is an orphan of an earlier run of this group (it crashed and
+                # was restarted under the same name): take it back.
+                silent.add(entry.consumer)
+                continue
+            record = self.store.get(f"{WORKER_PREFIX}{entry.consumer}")
+            last_seen = float(json.loads(record.value)["last_seen"]) if record else 0.0
+            if now - last_seen >= self.reclaim_idle_s:
+                silent.add(entry.consumer)
+        return silent
+
+    def reclaim(self, *, count: int = 16) -> list[StreamJob]:
+        """Take over up to ``count`` jobs of silent groups; return them."""
+        silent = self.silent_groups()
+        if not silent:
+            return []
+        jobs = self.store.reclaim(
+            self.stream,
+            self.consumer_group,
+            self.name,
+            min_idle_s=self.reclaim_idle_s,
+            count=count,
+        )
+        if jobs:
+            logger.info(
+                "group %s reclaimed %d job(s) of silent group(s) %s",
+                self.name,
+                len(jobs),
+                sorted(silent),
+            )
+        return jobs
+
+    # ---------------------------------------------------------------- jobs
+
+    def _record(self, outcome: JobOutcome) -> bool:
+        created = self.store.insert_if_absent(result_key(outcome.job_id), outcome.to_json())
+        with self._lock:
+            if not created:
+                self.stats.duplicates += 1
+            elif outcome.status == "done":
+                self.stats.done += 1
+                # Commit → result: how far behind the newest versions this group runs.
+                lag = round((outcome.finished_ms - outcome.committed_ms) / 1000, 3)
+                self.stats.last_lag_s = lag if outcome.committed_ms else None
+                if outcome.kind == "evaluate":
+                    self.stats.last_eval_version = outcome.version
+                    self.stats.last_eval_lag_s = self.stats.last_lag_s
+            elif outcome.status == "skipped":
+                self.stats.skipped += 1
+            else:
+                self.stats.failed += 1
+        if created and self.on_outcome is not None:
+            self.on_outcome(outcome)
+        return created
+
+    def process(self, entry: StreamJob) -> JobOutcome | None:
+        """Handle one delivered stream entry; return the outcome recorded (``None``: none new).
+
+        Raises
+        ------
+        StoreError
+            The store failed; the job stays pending and will be reclaimed.
+        """
+        now_ms = int(time.time() * 1000)
+        try:
+            job = decode_job(entry.fields)
+        except JobInputError as exc:
+            # No job id to record under: name the outcome after the stream entry.
+            outcome = JobOutcome(
+                job_id=f"entry-{entry.id}", kind="unknown", version=-1, status="failed",
+                group=self.name, error=str(exc), finished_ms=now_ms,
+                deliveries=entry.deliveries,
+            )  # fmt: skip
+            logger.warning("group %s: undecodable job %s: %s", self.name, entry.id, exc)
+            created = self._record(outcome)
+            self.store.ack(self.stream, self.consumer_group, entry.id)
+            return outcome if created else None
+
+        def outcome_of(status: Status, **extra: Any) -> JobOutcome:
+            return JobOutcome(
+                job_id=job.job_id, kind=job_kind(job), version=job.version, status=status,
+                group=self.name, committed_ms=job.created_ms, deliveries=entry.deliveries,
+                finished_ms=int(time.time() * 1000), **extra,
+            )  # fmt: skip
+
+        if self.store.get(result_key(job.job_id)) is not None:
+            # Completed before (its runner died between recording and acknowledging).
+            self.store.ack(self.stream, self.consumer_group, entry.id)
+            with self._lock:
+                self.stats.duplicates += 1
+            return None
+        if is_superseded(self.store, job):
+            outcome = outcome_of("skipped")
+        else:
+            with self._lock:
+                self.stats.current_job = job.job_id
+            try:
+                output = self.executor.execute(job)
+                if self.job_delay_s:
+                    time.sleep(self.job_delay_s)
+                outcome = outcome_of("done", output=output)
+            except StoreError:
+                raise
+            except JobInputError as exc:
+                logger.warning("group %s: job %s failed: %s", self.name, job.job_id, exc)
+                outcome = outcome_of("failed", error=str(exc))
+            except Exception as exc:  # a bug in one job kind must not stop the group
+                logger.exception("group %s: job %s crashed", self.name, job.job_id)
+                outcome = outcome_of("failed", error=f"{type(exc).__name__}: {exc}")
+            finally:
+                with self._lock:
+                    self.stats.current_job = None
+        created = self._record(outcome)
+        self.store.ack(self.stream, self.consumer_group, entry.id)
+        logger.info(
+            "group %s: %s %s (v%d)%s",
+            self.name,
+            outcome.status,
+            job.job_id,
+            job.version,
+            "" if created else " (already recorded by another group)",
+        )
+        return outcome if created else None
+
+    def step(self, *, block_s: float = READ_BLOCK_S) -> int:
+        """Reclaim if due, then take one job and handle it; return entries handled."""
+        handled = 0
+        now = time.monotonic()
+        if now - self._last_reclaim >= self.heartbeat_s:
+            self._last_reclaim = now
+            reclaimed = self.reclaim()
+            with self._lock:
+                self.stats.reclaimed += len(reclaimed)
+            for entry in reclaimed:
+                self.process(entry)
+                handled += 1
+        if handled:
+            return handled
+        for entry in self.store.read_group(
+            self.stream, self.consumer_group, self.name, count=1, block_s=block_s
+        ):
+            self.process(entry)
+            handled += 1
+        return handled
+
+    def run(self, stop: threading.Event, *, idle_exit_s: float | None = None) -> GroupStats:
+        """Serve jobs until ``stop`` is set (or, with ``idle_exit_s``, after that long idle).
+
+        Heartbeats run on a background thread for the whole call.
+        """
+        self.heartbeat()
+        beat_stop = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat_loop, args=(beat_stop,), name=f"heartbeat-{self.name}",
+            daemon=True,
+        )  # fmt: skip
+        beat.start()
+        idle_since = time.monotonic()
+        try:
+            while not stop.is_set():
+                if self.step():
+                    idle_since = time.monotonic()
+                    continue
+                if self.on_idle is not None:
+                    self.on_idle()
+                if idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
+                    break
+        finally:
+            beat_stop.set()
+            beat.join(timeout=self.heartbeat_s + 1.0)
+            self.heartbeat()
+        return self.stats
