@@ -51,7 +51,7 @@ import torch
 
 from cloud_workers.group import WorkerGroup
 from cloud_workers.jobs import JOB_STREAM, JobOutcome, ModelJobExecutor, make_job, submit_job
-from estuary.adapters import AdapterConfig, GlobalAdapter
+from estuary.adapters import AdapterConfig, GlobalAdapter, put_adapter
 from estuary.data import eval_windows, stdlib_clients
 from estuary.model.presets import build_preset
 from estuary.state import open_store
@@ -102,11 +102,12 @@ class CountingExecutor:
 def publish(store: Store, blobs: BlobStore, base: torch.nn.Module, version: int) -> str:
     adapter = GlobalAdapter.for_model(base, AdapterConfig(r_max=4))
     rng = np.random.default_rng(version)
-    adapter = adapter.with_b(
-        {n: rng.normal(0, 0.02, v.shape).astype(np.float32) for n, v in adapter.b.items()}
+    digest = put_adapter(
+        blobs,
+        adapter.with_b(
+            {n: rng.normal(0, 0.02, v.shape).astype(np.float32) for n, v in adapter.b.items()}
+        ),
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        digest = blobs.put_file(adapter.save(Path(tmp)))
     record = {"version": version, "adapter_sha256": digest, "committed_at": time.time()}
     store.put(version_key(version), json.dumps(record).encode())
     return digest

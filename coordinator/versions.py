@@ -34,6 +34,8 @@ import numpy as np
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
+from estuary.adapters.blobs import get_adapter, put_adapter
+from estuary.adapters.lora import GlobalAdapter
 from estuary.state.base import Lease, Store
 from estuary.state.blobs import BlobStore
 from estuary.state.errors import FencingError, LeaseLost, VersionConflict
@@ -46,8 +48,6 @@ from estuary.state.keys import (
 )
 
 log = logging.getLogger(__name__)
-
-Adapter = dict[str, np.ndarray]
 
 #: Lease guarding the version commit. Its TTL is long enough for one commit (reading
 #: the buffer and writing one adapter blob: well under a second for adapters of a few
@@ -66,7 +66,7 @@ class VersionInfo:
     version
         Version number, 0 for the initial adapter.
     adapter_sha256
-        Blob digest of the adapter (safetensors, float32 ``B`` per module).
+        Blob digest of the adapter file (:func:`estuary.adapters.put_adapter`).
     cohorts
         Cohort ids whose sums were folded into this version.
     updates
@@ -79,27 +79,16 @@ class VersionInfo:
     updates: int
 
 
-def encode_adapter(adapter: Mapping[str, np.ndarray]) -> bytes:
-    """Return ``adapter`` as safetensors bytes (float32, keys sorted; deterministic)."""
-    return save_tensors(
-        {k: np.ascontiguousarray(adapter[k], dtype=np.float32) for k in sorted(adapter)}
-    )
-
-
-def decode_adapter(data: bytes) -> Adapter:
-    """Return the tensors of a safetensors blob."""
-    return dict(load_tensors(data))
-
-
-def _check_like(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> None:
-    if set(reference) != set(other):
-        missing = sorted(set(reference) - set(other))
-        extra = sorted(set(other) - set(reference))
+def _check_like(reference: GlobalAdapter, other: Mapping[str, np.ndarray]) -> None:
+    if set(reference.b) != set(other):
+        missing = sorted(set(reference.b) - set(other))
+        extra = sorted(set(other) - set(reference.b))
         raise ValueError(f"weighted_sum: tensor names differ (missing {missing}, extra {extra})")
-    for name, ref in reference.items():
-        if other[name].shape != ref.shape:
+    for name, ref in reference.b.items():
+        if np.shape(other[name]) != ref.shape:
             raise ValueError(
-                f"weighted_sum: tensor {name!r} has shape {other[name].shape}, expected {ref.shape}"
+                f"weighted_sum: tensor {name!r} has shape {np.shape(other[name])}, "
+                f"expected {ref.shape}"
             )
 
 
@@ -163,9 +152,9 @@ class VersionLedger:
             updates=int(obj["updates"]),
         )
 
-    def adapter(self, info: VersionInfo) -> Adapter:
-        """Return the adapter tensors of version ``info`` (hash verified)."""
-        return decode_adapter(self._blobs.read(info.adapter_sha256))
+    def adapter(self, info: VersionInfo) -> GlobalAdapter:
+        """Return the adapter of version ``info`` (hash verified)."""
+        return get_adapter(self._blobs, info.adapter_sha256)
 
     def buffered_updates(self) -> int:
         """Return how many client updates wait in the buffer (leftovers excluded)."""
@@ -179,14 +168,14 @@ class VersionLedger:
 
     # ------------------------------------------------------------------ writing
 
-    def initialise(self, adapter: Mapping[str, np.ndarray]) -> VersionInfo:
+    def initialise(self, adapter: GlobalAdapter) -> VersionInfo:
         """Record ``adapter`` as version 0 unless a version exists; return the head.
 
         Safe to call from every replica at start-up: only the first call writes.
         """
-        if not adapter:
-            raise ValueError("adapter: needs at least one tensor")
-        digest = self._blobs.put_bytes(encode_adapter(adapter))
+        if not adapter.b:
+            raise ValueError("adapter: needs at least one module")
+        digest = put_adapter(self._blobs, adapter)
         head = {"version": 0, "adapter_sha256": digest, "cohorts": [], "updates": 0}
         if self._store.insert_if_absent(HEAD_KEY, json.dumps(head).encode()):
             record = {**head, "committed_at": time.time()}
@@ -305,7 +294,7 @@ class VersionLedger:
         total_updates = 0
         weight_total = 0.0
         current = self.adapter(head)
-        summed = {name: np.zeros_like(t, dtype=np.float64) for name, t in current.items()}
+        summed = {name: np.zeros(b.shape, dtype=np.float64) for name, b in current.b.items()}
         cohorts: list[str] = []
         for key, record in sorted(entries.items()):
             tensors = dict(load_tensors(record.value))
@@ -317,12 +306,8 @@ class VersionLedger:
             cohorts.append(key[len(BUFFER_PREFIX) :])
         if total_updates < self._k:
             return None
-        scale = self._lr / weight_total
-        new_adapter = {
-            name: (current[name].astype(np.float64) + scale * summed[name]).astype(np.float32)
-            for name in current
-        }
-        digest = self._blobs.put_bytes(encode_adapter(new_adapter))
+        mean = {name: total / weight_total for name, total in summed.items()}
+        digest = put_adapter(self._blobs, current.apply_update(mean, server_lr=self._lr))
         new_version = head.version + 1
         head_obj = {
             "version": new_version,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from estuary.adapters.blobs import get_adapter, put_adapter
 from estuary.adapters.lora import (
     DEFAULT_TARGETS,
     AdapterConfig,
@@ -31,7 +32,9 @@ __all__ = [
     "derive_a",
     "detach_adapters",
     "export_peft",
+    "get_adapter",
     "mean_from_sum",
     "merge_into_base",
+    "put_adapter",
     "weighted_sum",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,15 +17,16 @@ from estuary.state.keys import version_key
 
 def publish_version(store: Store, blobs: BlobStore, base: nn.Module, version: int) -> str:
     """Store a random adapter (seeded by ``version``) and its version record; return its digest."""
-    from estuary.adapters.lora import AdapterConfig, GlobalAdapter
+    from estuary.adapters import AdapterConfig, GlobalAdapter, put_adapter
 
     adapter = GlobalAdapter.for_model(base, AdapterConfig(r_max=4, seed=0))
     rng = np.random.default_rng(version)
-    adapter = adapter.with_b(
-        {n: rng.normal(0, 0.02, v.shape).astype(np.float32) for n, v in adapter.b.items()}
+    digest = put_adapter(
+        blobs,
+        adapter.with_b(
+            {n: rng.normal(0, 0.02, v.shape).astype(np.float32) for n, v in adapter.b.items()}
+        ),
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        digest = blobs.put_file(adapter.save(Path(tmp)))
     record = {"version": version, "adapter_sha256": digest, "committed_at": time.time()}
     store.put(version_key(version), json.dumps(record).encode())
     return digest

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator.versions import VersionLedger
+from estuary.adapters import AdapterConfig, GlobalAdapter
 from estuary.state.blobs import BlobStore
 from estuary.state.memory import MemoryStore
 
@@ -24,6 +25,12 @@ class Clock:
 
 def _adapter(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _global(rng: np.random.Generator) -> GlobalAdapter:
+    # B is (out=8, r_max=4) per module; A would be (4, in=16).
+    shapes = {name: (8, 16) for name in SHAPES}
+    return GlobalAdapter(config=AdapterConfig(r_max=4), shapes=shapes, b=_adapter(rng))
 
 
 def _ledger(
@@ -43,8 +50,9 @@ def test_commit_applies_fedbuff_rule_exactly(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     store = MemoryStore()
     ledger = _ledger(store, tmp_path, k=4, lr=0.5)
-    base = _adapter(rng)
-    ledger.initialise(base)
+    initial = _global(rng)
+    base = initial.b
+    ledger.initialise(initial)
     s1, s2 = _adapter(rng), _adapter(rng)
     assert ledger.add_cohort_sum("c1", weighted_sum=s1, weight_total=1.5, updates=2)
     assert ledger.try_commit() is None  # 2 < K
@@ -52,7 +60,7 @@ def test_commit_applies_fedbuff_rule_exactly(tmp_path: Path) -> None:
     info = ledger.try_commit()
     assert info is not None
     assert (info.version, info.updates, sorted(info.cohorts)) == (1, 4, ["c1", "c2"])
-    got = ledger.adapter(info)
+    got = ledger.adapter(info).b
     for name in SHAPES:
         expected = base[name] + 0.5 * (s1[name] + s2[name]) / 3.5
         np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-6)
@@ -63,7 +71,7 @@ def test_commit_applies_fedbuff_rule_exactly(tmp_path: Path) -> None:
 def test_duplicate_cohort_is_not_counted_twice_even_after_commit(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     ledger = _ledger(MemoryStore(), tmp_path, k=1)
-    ledger.initialise(_adapter(rng))
+    ledger.initialise(_global(rng))
     s = _adapter(rng)
     assert ledger.add_cohort_sum("c1", weighted_sum=s, weight_total=1.0, updates=1)
     assert not ledger.add_cohort_sum("c1", weighted_sum=s, weight_total=1.0, updates=1)
@@ -78,8 +86,8 @@ def test_initialise_is_idempotent_across_replicas(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     store = MemoryStore()
     a, b = _ledger(store, tmp_path, "a"), _ledger(store, tmp_path, "b")
-    first = a.initialise(_adapter(rng))
-    second = b.initialise(_adapter(rng))  # different tensors: ignored, version 0 exists
+    first = a.initialise(_global(rng))
+    second = b.initialise(_global(rng))  # different tensors: ignored, version 0 exists
     assert first == second
     assert first.version == 0
 
@@ -89,7 +97,7 @@ def test_only_lease_holder_commits_and_stale_holder_is_fenced(tmp_path: Path) ->
     clock = Clock()
     store = MemoryStore(clock=clock)
     a, b = _ledger(store, tmp_path, "a", k=1), _ledger(store, tmp_path, "b", k=1)
-    a.initialise(_adapter(rng))
+    a.initialise(_global(rng))
     a.add_cohort_sum("c1", weighted_sum=_adapter(rng), weight_total=1.0, updates=1)
     assert a.try_commit() is not None  # a now holds the lease
     b.add_cohort_sum("c2", weighted_sum=_adapter(rng), weight_total=1.0, updates=1)
@@ -110,7 +118,7 @@ def test_crash_after_head_moved_does_not_double_count(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     store = MemoryStore()
     ledger = _ledger(store, tmp_path, k=1)
-    ledger.initialise(_adapter(rng))
+    ledger.initialise(_global(rng))
     ledger.add_cohort_sum("c1", weighted_sum=_adapter(rng), weight_total=1.0, updates=1)
 
     def crash(ids: list[str]) -> None:
@@ -147,7 +155,7 @@ def test_bad_sums_are_refused_and_nothing_is_stored(
     rng = np.random.default_rng(5)
     store = MemoryStore()
     ledger = _ledger(store, tmp_path)
-    ledger.initialise(_adapter(rng))
+    ledger.initialise(_global(rng))
     s = _adapter(rng)
     if kwargs.pop("bad_shape", False):
         s["layers.0.q_proj.lora_B"] = np.zeros((4, 8), np.float32)
@@ -175,8 +183,9 @@ def test_versions_strictly_increase_and_match_reference(
 ) -> None:
     rng = np.random.default_rng(seed)
     ledger = _ledger(MemoryStore(), tmp_path_factory.mktemp("v"), k=k, lr=1.0)
-    reference = _adapter(rng)
-    ledger.initialise(reference)
+    initial = _global(rng)
+    reference = initial.b
+    ledger.initialise(initial)
     pending_sum = {n: np.zeros(s) for n, s in SHAPES.items()}
     pending_w, pending_n, last = 0.0, 0, 0
     for i, n in enumerate(sizes):
@@ -193,7 +202,7 @@ def test_versions_strictly_increase_and_match_reference(
                 name: (reference[name] + pending_sum[name] / pending_w).astype(np.float32)
                 for name in SHAPES
             }
-            got = ledger.adapter(info)
+            got = ledger.adapter(info).b
             for name in SHAPES:
                 np.testing.assert_allclose(got[name], reference[name], rtol=1e-5, atol=1e-5)
             pending_sum = {name: np.zeros(s) for name, s in SHAPES.items()}
