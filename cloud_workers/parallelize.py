@@ -265,27 +265,23 @@ class PipelineRunner:
         self._eval: Any = None
         self._train: Any = None
 
+    def _new_stage(self) -> Any:
+        # A PipelineStage belongs to one schedule, so training and evaluation each get one.
+        return self._stage_cls(
+            self._stage_module,
+            self.topology.stage,
+            self.topology.stages,
+            self.device,
+            group=dist.group.WORLD,
+        )
+
     def _schedule(self, *, train: bool) -> Any:
         if train and self._train is None:
-            stage = self._stage_cls(
-                self._stage_module,
-                self.topology.stage,
-                self.topology.stages,
-                self.device,
-                group=dist.group.WORLD,
-            )
             self._train = self._schedule_cls(
-                stage, n_microbatches=self.micro_batches, loss_fn=self._loss_fn
+                self._new_stage(), n_microbatches=self.micro_batches, loss_fn=self._loss_fn
             )
         if not train and self._eval is None:
-            stage = self._stage_cls(
-                self._stage_module,
-                self.topology.stage,
-                self.topology.stages,
-                self.device,
-                group=dist.group.WORLD,
-            )
-            self._eval = self._schedule_cls(stage, n_microbatches=self.micro_batches)
+            self._eval = self._schedule_cls(self._new_stage(), n_microbatches=self.micro_batches)
         return self._train if train else self._eval
 
     def _check_batch(self, batch: torch.Tensor | None) -> None:
