@@ -52,3 +52,16 @@ def own_redis_server(redis_binary: str, tmp_path: Path) -> Iterator[RedisServer]
     server.start()
     yield server
     server.kill()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how many Redis-backed tests ran, so a green run visibly includes them."""
+    counts: dict[str, int] = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if "redis" in getattr(report, "keywords", {}) and report.when in ("call", "setup"):
+                if outcome == "passed" and report.when != "call":
+                    continue
+                counts[outcome] = counts.get(outcome, 0) + 1
+    line = ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) or "none ran"
+    terminalreporter.write_line(f"Redis-backed tests (real redis-server): {line}")
