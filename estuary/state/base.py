@@ -207,6 +207,12 @@ class Store(ABC):
     guarantees below hold across every client of the same backing store
     (every process connected to the same Redis, or every user of the same
     MemoryStore object).
+
+    Each public method validates and normalises its arguments here, once, and
+    then calls the protected method of the same name with a leading underscore
+    (``reclaim`` calls ``_reclaim``), which is what a backend implements. A
+    backend therefore receives only valid arguments: non-empty names, ``bytes``
+    values, ``float`` scores and durations, and copied fields and members.
     """
 
     # ------------------------------------------------------------------ lifecycle
@@ -230,22 +236,21 @@ class Store(ABC):
 
     # ------------------------------------------------------------------ records
 
-    @abstractmethod
     def get(self, key: str) -> Record | None:
         """Return the record at ``key``, or ``None`` if there is none.
 
         The value and version returned MUST belong to the same write.
         """
+        return self._get(check_name(key, parameter="key"))
 
-    @abstractmethod
     def put(self, key: str, value: bytes) -> int:
         """Write ``value`` unconditionally and return the new version.
 
         The new version MUST be 1 if the key did not exist, else the previous
         version + 1.
         """
+        return self._put(check_name(key, parameter="key"), check_bytes(value, parameter="value"))
 
-    @abstractmethod
     def compare_and_set(self, key: str, value: bytes, *, expected_version: int) -> int:
         """Write ``value`` only if the record is at ``expected_version``.
 
@@ -259,8 +264,12 @@ class Store(ABC):
         VersionConflict
             The record's version is not ``expected_version``; nothing was written.
         """
+        return self._compare_and_set(
+            check_name(key, parameter="key"),
+            check_bytes(value, parameter="value"),
+            expected_version=check_count(expected_version, parameter="expected_version", minimum=0),
+        )
 
-    @abstractmethod
     def insert_if_absent(self, key: str, value: bytes) -> bool:
         """Create the record at version 1 if ``key`` does not exist.
 
@@ -268,8 +277,10 @@ class Store(ABC):
         nothing) if it existed. Of several concurrent calls for one key,
         exactly one MUST return ``True``. Use it for idempotency keys.
         """
+        return self._insert_if_absent(
+            check_name(key, parameter="key"), check_bytes(value, parameter="value")
+        )
 
-    @abstractmethod
     def delete(self, key: str, *, expected_version: int | None = None) -> bool:
         """Delete the record at ``key``.
 
@@ -283,8 +294,11 @@ class Store(ABC):
             ``expected_version`` was given and the record (version 0 if absent)
             is at another version; nothing was deleted.
         """
+        check_name(key, parameter="key")
+        if expected_version is not None:
+            check_count(expected_version, parameter="expected_version", minimum=1)
+        return self._delete(key, expected_version=expected_version)
 
-    @abstractmethod
     def scan(self, prefix: str) -> dict[str, Record]:
         """Return every record whose key starts with ``prefix`` (``""``: all).
 
@@ -293,10 +307,36 @@ class Store(ABC):
         or deleted while the scan runs may or may not appear. Records that
         existed, unchanged, for the whole call MUST appear.
         """
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix must be a str, got {type(prefix).__name__}")
+        return self._scan(prefix)
+
+    @abstractmethod
+    def _get(self, key: str) -> Record | None:
+        """Implement :meth:`get`."""
+
+    @abstractmethod
+    def _put(self, key: str, value: bytes) -> int:
+        """Implement :meth:`put`."""
+
+    @abstractmethod
+    def _compare_and_set(self, key: str, value: bytes, *, expected_version: int) -> int:
+        """Implement :meth:`compare_and_set`."""
+
+    @abstractmethod
+    def _insert_if_absent(self, key: str, value: bytes) -> bool:
+        """Implement :meth:`insert_if_absent`."""
+
+    @abstractmethod
+    def _delete(self, key: str, *, expected_version: int | None) -> bool:
+        """Implement :meth:`delete`."""
+
+    @abstractmethod
+    def _scan(self, prefix: str) -> dict[str, Record]:
+        """Implement :meth:`scan`."""
 
     # ------------------------------------------------------------------ leases
 
-    @abstractmethod
     def acquire_lease(self, name: str, *, holder: str, ttl_s: float) -> Lease | None:
         """Acquire lease ``name`` for ``ttl_s`` seconds if nobody holds it.
 
@@ -305,8 +345,12 @@ class Store(ABC):
         On success the token MUST be strictly greater than every token issued
         for ``name`` before, forever: across expiry, release and store restart.
         """
+        return self._acquire_lease(
+            check_name(name, parameter="name"),
+            holder=check_name(holder, parameter="holder"),
+            ttl_s=check_seconds(ttl_s, parameter="ttl_s", allow_zero=False),
+        )
 
-    @abstractmethod
     def renew_lease(self, lease: Lease, *, ttl_s: float) -> Lease:
         """Extend a live lease to expire ``ttl_s`` seconds from now; same token.
 
@@ -316,16 +360,18 @@ class Store(ABC):
             The lease has expired, was released, or another token is current.
             A holder that sees this MUST stop the work the lease guarded.
         """
+        return self._renew_lease(
+            lease, ttl_s=check_seconds(ttl_s, parameter="ttl_s", allow_zero=False)
+        )
 
-    @abstractmethod
     def release_lease(self, lease: Lease) -> None:
         """Release ``lease`` if it is still the current one.
 
         MUST NOT remove a lease acquired by someone else since (a newer token);
         releasing a lost or already released lease is a no-op.
         """
+        self._release_lease(lease)
 
-    @abstractmethod
     def fenced_put(self, key: str, value: bytes, *, lease: Lease) -> int:
         """Write like :meth:`put`, only if ``lease`` is current; return the new version.
 
@@ -338,8 +384,10 @@ class Store(ABC):
         FencingError
             The lease is superseded or expired; nothing was written.
         """
+        return self._fenced_put(
+            check_name(key, parameter="key"), check_bytes(value, parameter="value"), lease=lease
+        )
 
-    @abstractmethod
     def fenced_compare_and_set(
         self, key: str, value: bytes, *, lease: Lease, expected_version: int
     ) -> int:
@@ -354,18 +402,48 @@ class Store(ABC):
         VersionConflict
             The lease is current but the version differs; nothing was written.
         """
+        return self._fenced_compare_and_set(
+            check_name(key, parameter="key"),
+            check_bytes(value, parameter="value"),
+            lease=lease,
+            expected_version=check_count(expected_version, parameter="expected_version", minimum=0),
+        )
+
+    @abstractmethod
+    def _acquire_lease(self, name: str, *, holder: str, ttl_s: float) -> Lease | None:
+        """Implement :meth:`acquire_lease`."""
+
+    @abstractmethod
+    def _renew_lease(self, lease: Lease, *, ttl_s: float) -> Lease:
+        """Implement :meth:`renew_lease`."""
+
+    @abstractmethod
+    def _release_lease(self, lease: Lease) -> None:
+        """Implement :meth:`release_lease`."""
+
+    @abstractmethod
+    def _fenced_put(self, key: str, value: bytes, *, lease: Lease) -> int:
+        """Implement :meth:`fenced_put`."""
+
+    @abstractmethod
+    def _fenced_compare_and_set(
+        self, key: str, value: bytes, *, lease: Lease, expected_version: int
+    ) -> int:
+        """Implement :meth:`fenced_compare_and_set`."""
 
     # ------------------------------------------------------------------ queues
 
-    @abstractmethod
     def push_message(self, recipient: str, payload: bytes) -> int:
         """Append ``payload`` to ``recipient``'s queue; return the queue's new length.
 
         Once this returns, the message MUST be durable to the backend's
         guarantee (fsynced for Redis with ``appendfsync always``).
         """
+        return self._push_message(
+            check_name(recipient, parameter="recipient"),
+            check_bytes(payload, parameter="payload"),
+        )
 
-    @abstractmethod
     def pop_messages(self, recipient: str, *, max_count: int) -> list[bytes]:
         """Remove and return up to ``max_count`` messages, oldest first.
 
@@ -375,18 +453,40 @@ class Store(ABC):
         consumed the messages, so it must persist what it still needs. Returns
         ``[]`` for an empty or unknown queue.
         """
+        return self._pop_messages(
+            check_name(recipient, parameter="recipient"),
+            max_count=check_count(max_count, parameter="max_count"),
+        )
 
-    @abstractmethod
     def queue_length(self, recipient: str) -> int:
         """Return the number of messages waiting for ``recipient`` (0 if none)."""
+        return self._queue_length(check_name(recipient, parameter="recipient"))
+
+    @abstractmethod
+    def _push_message(self, recipient: str, payload: bytes) -> int:
+        """Implement :meth:`push_message`."""
+
+    @abstractmethod
+    def _pop_messages(self, recipient: str, *, max_count: int) -> list[bytes]:
+        """Implement :meth:`pop_messages`."""
+
+    @abstractmethod
+    def _queue_length(self, recipient: str) -> int:
+        """Implement :meth:`queue_length`."""
 
     # ------------------------------------------------------------------ sorted sets
 
-    @abstractmethod
     def zadd(self, name: str, members: Mapping[str, float]) -> int:
         """Set each member's score (adding missing members); return how many were new."""
+        check_name(name, parameter="name")
+        if not members:
+            raise ValueError("members must hold at least one member")
+        scores = {
+            check_name(m, parameter="member"): check_score(s, parameter=f"score of {m!r}")
+            for m, s in members.items()
+        }
+        return self._zadd(name, scores)
 
-    @abstractmethod
     def zrange_by_score(
         self,
         name: str,
@@ -400,38 +500,75 @@ class Store(ABC):
         Ties MUST be ordered by member, comparing UTF-8 bytes. ``limit`` caps
         the number returned (``None``: no cap). Bounds may be ±inf.
         """
+        check_name(name, parameter="name")
+        low = check_score(min_score, parameter="min_score")
+        high = check_score(max_score, parameter="max_score")
+        if limit is not None:
+            check_count(limit, parameter="limit", minimum=0)
+        return self._zrange_by_score(name, min_score=low, max_score=high, limit=limit)
 
-    @abstractmethod
     def zrem(self, name: str, *members: str) -> int:
         """Remove the given members; return how many existed."""
+        check_name(name, parameter="name")
+        if not members:
+            raise ValueError("members must name at least one member")
+        for m in members:
+            check_name(m, parameter="member")
+        return self._zrem(name, *members)
 
-    @abstractmethod
     def zcard(self, name: str) -> int:
         """Return the number of members (0 for an unknown set)."""
+        return self._zcard(check_name(name, parameter="name"))
 
-    @abstractmethod
     def zpop_min(self, name: str, *, count: int = 1) -> list[tuple[str, float]]:
         """Atomically remove and return up to ``count`` lowest-scored members.
 
         Order and tie-breaking as in :meth:`zrange_by_score`; concurrent callers
         MUST never receive the same member.
         """
+        return self._zpop_min(
+            check_name(name, parameter="name"), count=check_count(count, parameter="count")
+        )
+
+    @abstractmethod
+    def _zadd(self, name: str, members: dict[str, float]) -> int:
+        """Implement :meth:`zadd`; ``members`` is a fresh dict of float scores."""
+
+    @abstractmethod
+    def _zrange_by_score(
+        self, name: str, *, min_score: float, max_score: float, limit: int | None
+    ) -> list[tuple[str, float]]:
+        """Implement :meth:`zrange_by_score`."""
+
+    @abstractmethod
+    def _zrem(self, name: str, *members: str) -> int:
+        """Implement :meth:`zrem`; ``members`` is never empty."""
+
+    @abstractmethod
+    def _zcard(self, name: str) -> int:
+        """Implement :meth:`zcard`."""
+
+    @abstractmethod
+    def _zpop_min(self, name: str, *, count: int) -> list[tuple[str, float]]:
+        """Implement :meth:`zpop_min`."""
 
     # ------------------------------------------------------------------ job streams
 
-    @abstractmethod
     def stream_add(self, stream: str, fields: Mapping[str, bytes]) -> str:
         """Append a job and return its id; ids MUST be strictly increasing per stream."""
+        check_name(stream, parameter="stream")
+        return self._stream_add(stream, check_fields(fields))
 
-    @abstractmethod
     def ensure_group(self, stream: str, group: str) -> None:
         """Create consumer group ``group`` on ``stream`` (and the stream) if missing.
 
         MUST be idempotent. A new group starts at the beginning of the stream:
         jobs added before it was created are delivered to it.
         """
+        self._ensure_group(
+            check_name(stream, parameter="stream"), check_name(group, parameter="group")
+        )
 
-    @abstractmethod
     def read_group(
         self,
         stream: str,
@@ -449,12 +586,20 @@ class Store(ABC):
         seconds for one; ``0`` returns at once. The group MUST exist
         (:meth:`ensure_group`), else :class:`StoreError` is raised.
         """
+        return self._read_group(
+            check_name(stream, parameter="stream"),
+            check_name(group, parameter="group"),
+            check_name(consumer, parameter="consumer"),
+            count=check_count(count, parameter="count"),
+            block_s=check_seconds(block_s, parameter="block_s", allow_zero=True),
+        )
 
-    @abstractmethod
     def ack(self, stream: str, group: str, *ids: str) -> int:
         """Acknowledge jobs; return how many were pending (each id counts once ever)."""
+        check_name(stream, parameter="stream")
+        check_name(group, parameter="group")
+        return self._ack(stream, group, *check_stream_ids(ids))
 
-    @abstractmethod
     def reclaim(
         self,
         stream: str,
@@ -472,11 +617,52 @@ class Store(ABC):
         returned job's ``deliveries`` MUST count this delivery, and its idle
         time restarts at 0.
         """
+        return self._reclaim(
+            check_name(stream, parameter="stream"),
+            check_name(group, parameter="group"),
+            check_name(consumer, parameter="consumer"),
+            min_idle_s=check_seconds(min_idle_s, parameter="min_idle_s", allow_zero=True),
+            count=check_count(count, parameter="count"),
+        )
 
-    @abstractmethod
     def pending(self, stream: str, group: str) -> list[PendingJob]:
         """Return all pending (delivered, unacknowledged) jobs of ``group``, by id."""
+        return self._pending(
+            check_name(stream, parameter="stream"), check_name(group, parameter="group")
+        )
 
-    @abstractmethod
     def stream_length(self, stream: str) -> int:
         """Return the number of entries in ``stream`` (0 for an unknown stream)."""
+        return self._stream_length(check_name(stream, parameter="stream"))
+
+    @abstractmethod
+    def _stream_add(self, stream: str, fields: dict[str, bytes]) -> str:
+        """Implement :meth:`stream_add`; ``fields`` is a checked copy the backend may keep."""
+
+    @abstractmethod
+    def _ensure_group(self, stream: str, group: str) -> None:
+        """Implement :meth:`ensure_group`."""
+
+    @abstractmethod
+    def _read_group(
+        self, stream: str, group: str, consumer: str, *, count: int, block_s: float
+    ) -> list[Job]:
+        """Implement :meth:`read_group`."""
+
+    @abstractmethod
+    def _ack(self, stream: str, group: str, *ids: str) -> int:
+        """Implement :meth:`ack`; ``ids`` is never empty and each is a stream id."""
+
+    @abstractmethod
+    def _reclaim(
+        self, stream: str, group: str, consumer: str, *, min_idle_s: float, count: int
+    ) -> list[Job]:
+        """Implement :meth:`reclaim`."""
+
+    @abstractmethod
+    def _pending(self, stream: str, group: str) -> list[PendingJob]:
+        """Implement :meth:`pending`."""
+
+    @abstractmethod
+    def _stream_length(self, stream: str) -> int:
+        """Implement :meth:`stream_length`."""

@@ -13,7 +13,7 @@ import bisect
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from estuary.state.base import (
@@ -22,13 +22,7 @@ from estuary.state.base import (
     PendingJob,
     Record,
     Store,
-    check_bytes,
-    check_count,
-    check_fields,
     check_name,
-    check_score,
-    check_seconds,
-    check_stream_ids,
 )
 from estuary.state.errors import FencingError, LeaseLost, StoreError, VersionConflict
 
@@ -123,52 +117,34 @@ class MemoryStore(Store):
 
     # ------------------------------------------------------------------ records
 
-    def get(self, key: str) -> Record | None:
-        """See :meth:`Store.get`."""
-        check_name(key, parameter="key")
+    def _get(self, key: str) -> Record | None:
         with self._lock:
             return self._records.get(key)
 
-    def put(self, key: str, value: bytes) -> int:
-        """See :meth:`Store.put`."""
-        check_name(key, parameter="key")
-        check_bytes(value, parameter="value")
+    def _put(self, key: str, value: bytes) -> int:
         with self._lock:
             return self._write(key, value)
 
-    def compare_and_set(self, key: str, value: bytes, *, expected_version: int) -> int:
-        """See :meth:`Store.compare_and_set`."""
-        check_name(key, parameter="key")
-        check_bytes(value, parameter="value")
-        check_count(expected_version, parameter="expected_version", minimum=0)
+    def _compare_and_set(self, key: str, value: bytes, *, expected_version: int) -> int:
         with self._lock:
             self._check_version(key, expected_version)
             return self._write(key, value)
 
-    def insert_if_absent(self, key: str, value: bytes) -> bool:
-        """See :meth:`Store.insert_if_absent`."""
-        check_name(key, parameter="key")
-        check_bytes(value, parameter="value")
+    def _insert_if_absent(self, key: str, value: bytes) -> bool:
         with self._lock:
             if key in self._records:
                 return False
             self._records[key] = Record(value=value, version=1)
             return True
 
-    def delete(self, key: str, *, expected_version: int | None = None) -> bool:
-        """See :meth:`Store.delete`."""
-        check_name(key, parameter="key")
-        if expected_version is not None:
-            check_count(expected_version, parameter="expected_version", minimum=1)
+    def _delete(self, key: str, *, expected_version: int | None) -> bool:
         with self._lock:
             if expected_version is not None:
                 self._check_version(key, expected_version)
             return self._records.pop(key, None) is not None
 
-    def scan(self, prefix: str) -> dict[str, Record]:
-        """See :meth:`Store.scan`; here the result is a consistent snapshot."""
-        if not isinstance(prefix, str):
-            raise ValueError(f"prefix must be a str, got {type(prefix).__name__}")
+    def _scan(self, prefix: str) -> dict[str, Record]:
+        """Scan under the lock, so here the result is a consistent snapshot."""
         with self._lock:
             return {k: r for k, r in self._records.items() if k.startswith(prefix)}
 
@@ -186,57 +162,46 @@ class MemoryStore(Store):
 
     # ------------------------------------------------------------------ leases
 
-    def acquire_lease(self, name: str, *, holder: str, ttl_s: float) -> Lease | None:
-        """See :meth:`Store.acquire_lease`."""
-        check_name(name, parameter="name")
-        check_name(holder, parameter="holder")
-        ttl = check_seconds(ttl_s, parameter="ttl_s", allow_zero=False)
+    def _acquire_lease(self, name: str, *, holder: str, ttl_s: float) -> Lease | None:
         with self._lock:
             now = self._clock()
             if self._live_lease(name, now) is not None:
                 return None
             token = self._tokens.get(name, 0) + 1
             self._tokens[name] = token
-            lease = Lease(name=name, holder=holder, token=token, expires_at=now + ttl)
+            lease = Lease(name=name, holder=holder, token=token, expires_at=now + ttl_s)
             self._leases[name] = lease
             return lease
 
-    def renew_lease(self, lease: Lease, *, ttl_s: float) -> Lease:
-        """See :meth:`Store.renew_lease`."""
-        ttl = check_seconds(ttl_s, parameter="ttl_s", allow_zero=False)
+    def _renew_lease(self, lease: Lease, *, ttl_s: float) -> Lease:
         with self._lock:
             now = self._clock()
             current = self._live_lease(lease.name, now)
             if current is None or current.token != lease.token:
                 raise LeaseLost(lease.name, token=lease.token)
             renewed = Lease(
-                name=current.name, holder=current.holder, token=current.token, expires_at=now + ttl
+                name=current.name,
+                holder=current.holder,
+                token=current.token,
+                expires_at=now + ttl_s,
             )
             self._leases[lease.name] = renewed
             return renewed
 
-    def release_lease(self, lease: Lease) -> None:
-        """See :meth:`Store.release_lease`."""
+    def _release_lease(self, lease: Lease) -> None:
         with self._lock:
             current = self._leases.get(lease.name)
             if current is not None and current.token == lease.token:
                 del self._leases[lease.name]
 
-    def fenced_put(self, key: str, value: bytes, *, lease: Lease) -> int:
-        """See :meth:`Store.fenced_put`."""
-        check_name(key, parameter="key")
-        check_bytes(value, parameter="value")
+    def _fenced_put(self, key: str, value: bytes, *, lease: Lease) -> int:
         with self._lock:
             self._check_fence(key, lease)
             return self._write(key, value)
 
-    def fenced_compare_and_set(
+    def _fenced_compare_and_set(
         self, key: str, value: bytes, *, lease: Lease, expected_version: int
     ) -> int:
-        """See :meth:`Store.fenced_compare_and_set`."""
-        check_name(key, parameter="key")
-        check_bytes(value, parameter="value")
-        check_count(expected_version, parameter="expected_version", minimum=0)
         with self._lock:
             self._check_fence(key, lease)
             self._check_version(key, expected_version)
@@ -263,19 +228,13 @@ class MemoryStore(Store):
 
     # ------------------------------------------------------------------ queues
 
-    def push_message(self, recipient: str, payload: bytes) -> int:
-        """See :meth:`Store.push_message`."""
-        check_name(recipient, parameter="recipient")
-        check_bytes(payload, parameter="payload")
+    def _push_message(self, recipient: str, payload: bytes) -> int:
         with self._lock:
             queue = self._queues.setdefault(recipient, deque())
             queue.append(payload)
             return len(queue)
 
-    def pop_messages(self, recipient: str, *, max_count: int) -> list[bytes]:
-        """See :meth:`Store.pop_messages`."""
-        check_name(recipient, parameter="recipient")
-        check_count(max_count, parameter="max_count")
+    def _pop_messages(self, recipient: str, *, max_count: int) -> list[bytes]:
         with self._lock:
             queue = self._queues.get(recipient)
             if queue is None:
@@ -285,58 +244,35 @@ class MemoryStore(Store):
                 del self._queues[recipient]
             return out
 
-    def queue_length(self, recipient: str) -> int:
-        """See :meth:`Store.queue_length`."""
-        check_name(recipient, parameter="recipient")
+    def _queue_length(self, recipient: str) -> int:
         with self._lock:
             queue = self._queues.get(recipient)
             return 0 if queue is None else len(queue)
 
     # ------------------------------------------------------------------ sorted sets
 
-    def zadd(self, name: str, members: Mapping[str, float]) -> int:
-        """See :meth:`Store.zadd`."""
-        check_name(name, parameter="name")
-        if not members:
-            raise ValueError("members must hold at least one member")
-        scores = {
-            check_name(m, parameter="member"): check_score(s, parameter=f"score of {m!r}")
-            for m, s in members.items()
-        }
+    def _zadd(self, name: str, members: dict[str, float]) -> int:
         with self._lock:
             zset = self._zsets.setdefault(name, {})
-            added = sum(1 for m in scores if m not in zset)
-            zset.update(scores)
+            added = sum(1 for m in members if m not in zset)
+            zset.update(members)
             return added
 
-    def zrange_by_score(
-        self,
-        name: str,
-        *,
-        min_score: float,
-        max_score: float,
-        limit: int | None = None,
+    def _zrange_by_score(
+        self, name: str, *, min_score: float, max_score: float, limit: int | None
     ) -> list[tuple[str, float]]:
-        """See :meth:`Store.zrange_by_score`."""
-        check_name(name, parameter="name")
-        low = check_score(min_score, parameter="min_score")
-        high = check_score(max_score, parameter="max_score")
-        if limit is not None:
-            check_count(limit, parameter="limit", minimum=0)
         with self._lock:
             items = sorted(
-                ((m, s) for m, s in self._zsets.get(name, {}).items() if low <= s <= high),
+                (
+                    (m, s)
+                    for m, s in self._zsets.get(name, {}).items()
+                    if min_score <= s <= max_score
+                ),
                 key=_zkey,
             )
         return items if limit is None else items[:limit]
 
-    def zrem(self, name: str, *members: str) -> int:
-        """See :meth:`Store.zrem`."""
-        check_name(name, parameter="name")
-        if not members:
-            raise ValueError("members must name at least one member")
-        for m in members:
-            check_name(m, parameter="member")
+    def _zrem(self, name: str, *members: str) -> int:
         with self._lock:
             zset = self._zsets.get(name)
             if zset is None:
@@ -346,16 +282,11 @@ class MemoryStore(Store):
                 del self._zsets[name]
             return removed
 
-    def zcard(self, name: str) -> int:
-        """See :meth:`Store.zcard`."""
-        check_name(name, parameter="name")
+    def _zcard(self, name: str) -> int:
         with self._lock:
             return len(self._zsets.get(name, {}))
 
-    def zpop_min(self, name: str, *, count: int = 1) -> list[tuple[str, float]]:
-        """See :meth:`Store.zpop_min`."""
-        check_name(name, parameter="name")
-        check_count(count, parameter="count")
+    def _zpop_min(self, name: str, *, count: int) -> list[tuple[str, float]]:
         with self._lock:
             zset = self._zsets.get(name)
             if zset is None:
@@ -369,10 +300,7 @@ class MemoryStore(Store):
 
     # ------------------------------------------------------------------ job streams
 
-    def stream_add(self, stream: str, fields: Mapping[str, bytes]) -> str:
-        """See :meth:`Store.stream_add`."""
-        check_name(stream, parameter="stream")
-        entry = check_fields(fields)
+    def _stream_add(self, stream: str, fields: dict[str, bytes]) -> str:
         with self._lock:
             ms = int(self._clock() * 1000)
             last = self._last_id.get(stream, (0, 0))
@@ -381,33 +309,18 @@ class MemoryStore(Store):
             self._last_id[stream] = new_id
             s = self._streams.setdefault(stream, _Stream())
             s.ids.append(new_id)
-            s.entries[new_id] = entry
+            s.entries[new_id] = fields
             self._changed.notify_all()
             return _format_id(new_id)
 
-    def ensure_group(self, stream: str, group: str) -> None:
-        """See :meth:`Store.ensure_group`."""
-        check_name(stream, parameter="stream")
-        check_name(group, parameter="group")
+    def _ensure_group(self, stream: str, group: str) -> None:
         with self._lock:
             self._streams.setdefault(stream, _Stream()).groups.setdefault(group, _Group())
 
-    def read_group(
-        self,
-        stream: str,
-        group: str,
-        consumer: str,
-        *,
-        count: int,
-        block_s: float = 0.0,
+    def _read_group(
+        self, stream: str, group: str, consumer: str, *, count: int, block_s: float
     ) -> list[Job]:
-        """See :meth:`Store.read_group`."""
-        check_name(stream, parameter="stream")
-        check_name(group, parameter="group")
-        check_name(consumer, parameter="consumer")
-        check_count(count, parameter="count")
-        wait = check_seconds(block_s, parameter="block_s", allow_zero=True)
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + block_s
         with self._lock:
             while True:
                 s, g = self._group(stream, group)
@@ -432,11 +345,8 @@ class MemoryStore(Store):
                 g.last_delivered = new_ids[-1]
             return jobs
 
-    def ack(self, stream: str, group: str, *ids: str) -> int:
-        """See :meth:`Store.ack`."""
-        check_name(stream, parameter="stream")
-        check_name(group, parameter="group")
-        parsed = {_parse_id(i) for i in check_stream_ids(ids)}
+    def _ack(self, stream: str, group: str, *ids: str) -> int:
+        parsed = {_parse_id(i) for i in ids}
         with self._lock:
             s = self._streams.get(stream)
             g = None if s is None else s.groups.get(group)
@@ -444,21 +354,9 @@ class MemoryStore(Store):
                 return 0
             return sum(1 for i in parsed if i is not None and g.pending.pop(i, None) is not None)
 
-    def reclaim(
-        self,
-        stream: str,
-        group: str,
-        consumer: str,
-        *,
-        min_idle_s: float,
-        count: int,
+    def _reclaim(
+        self, stream: str, group: str, consumer: str, *, min_idle_s: float, count: int
     ) -> list[Job]:
-        """See :meth:`Store.reclaim`."""
-        check_name(stream, parameter="stream")
-        check_name(group, parameter="group")
-        check_name(consumer, parameter="consumer")
-        min_idle = check_seconds(min_idle_s, parameter="min_idle_s", allow_zero=True)
-        check_count(count, parameter="count")
         with self._lock:
             s, g = self._group(stream, group)
             now = self._clock()
@@ -467,7 +365,7 @@ class MemoryStore(Store):
                 if len(jobs) >= count:
                     break
                 delivery = g.pending[entry_id]
-                if now - delivery.delivered_at < min_idle:
+                if now - delivery.delivered_at < min_idle_s:
                     continue
                 if entry_id not in s.entries:
                     # Matches XAUTOCLAIM: an entry deleted from the stream is
@@ -487,10 +385,7 @@ class MemoryStore(Store):
                 )
             return jobs
 
-    def pending(self, stream: str, group: str) -> list[PendingJob]:
-        """See :meth:`Store.pending`."""
-        check_name(stream, parameter="stream")
-        check_name(group, parameter="group")
+    def _pending(self, stream: str, group: str) -> list[PendingJob]:
         with self._lock:
             _, g = self._group(stream, group)
             now = self._clock()
@@ -504,9 +399,7 @@ class MemoryStore(Store):
                 for i, d in sorted(g.pending.items())
             ]
 
-    def stream_length(self, stream: str) -> int:
-        """See :meth:`Store.stream_length`."""
-        check_name(stream, parameter="stream")
+    def _stream_length(self, stream: str) -> int:
         with self._lock:
             s = self._streams.get(stream)
             return 0 if s is None else len(s.ids)

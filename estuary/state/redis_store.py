@@ -31,7 +31,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
@@ -55,13 +55,9 @@ from estuary.state.base import (
     PendingJob,
     Record,
     Store,
-    check_bytes,
     check_count,
-    check_fields,
     check_name,
-    check_score,
     check_seconds,
-    check_stream_ids,
 )
 from estuary.state.errors import (
     FencingError,
@@ -244,9 +240,8 @@ def _fields(flat: Sequence[Any]) -> dict[str, bytes]:
 
 
 def _ttl_ms(ttl_s: float) -> int:
-    ttl = check_seconds(ttl_s, parameter="ttl_s", allow_zero=False)
     # Redis expiry resolution is 1 ms; round up so a tiny TTL is never 0 ("no expiry").
-    return max(1, math.ceil(ttl * 1000))
+    return max(1, math.ceil(ttl_s * 1000))
 
 
 class RedisStore(Store):
@@ -476,25 +471,16 @@ class RedisStore(Store):
 
     # ------------------------------------------------------------------ records
 
-    def get(self, key: str) -> Record | None:
-        """See :meth:`Store.get`."""
-        check_name(key, parameter="key")
+    def _get(self, key: str) -> Record | None:
         reply = self._command("get", "HMGET", self._k("r", key), "v", "n", idempotent=True)
         if reply[1] is None:
             return None
         return Record(value=bytes(reply[0]), version=int(reply[1]))
 
-    def put(self, key: str, value: bytes) -> int:
-        """See :meth:`Store.put`."""
-        check_name(key, parameter="key")
-        check_bytes(value, parameter="value")
+    def _put(self, key: str, value: bytes) -> int:
         return int(self._script("put", _PUT, [self._k("r", key)], [value]))
 
-    def compare_and_set(self, key: str, value: bytes, *, expected_version: int) -> int:
-        """See :meth:`Store.compare_and_set`."""
-        check_name(key, parameter="key")
-        check_bytes(value, parameter="value")
-        check_count(expected_version, parameter="expected_version", minimum=0)
+    def _compare_and_set(self, key: str, value: bytes, *, expected_version: int) -> int:
         ok, version = self._script(
             "compare_and_set", _CAS, [self._k("r", key)], [value, expected_version]
         )
@@ -502,28 +488,19 @@ class RedisStore(Store):
             raise VersionConflict(key, expected=expected_version, actual=int(version))
         return int(version)
 
-    def insert_if_absent(self, key: str, value: bytes) -> bool:
-        """See :meth:`Store.insert_if_absent`."""
-        check_name(key, parameter="key")
-        check_bytes(value, parameter="value")
+    def _insert_if_absent(self, key: str, value: bytes) -> bool:
         return bool(self._script("insert_if_absent", _INSERT, [self._k("r", key)], [value]))
 
-    def delete(self, key: str, *, expected_version: int | None = None) -> bool:
-        """See :meth:`Store.delete`."""
-        check_name(key, parameter="key")
+    def _delete(self, key: str, *, expected_version: int | None) -> bool:
         if expected_version is None:
             # Deleting twice has the same effect as once, so this may be retried.
             return bool(self._command("delete", "DEL", self._k("r", key), idempotent=True))
-        check_count(expected_version, parameter="expected_version", minimum=1)
         ok, actual = self._script("delete", _DELETE_IF, [self._k("r", key)], [expected_version])
         if not ok:
             raise VersionConflict(key, expected=expected_version, actual=int(actual))
         return True
 
-    def scan(self, prefix: str) -> dict[str, Record]:
-        """See :meth:`Store.scan`."""
-        if not isinstance(prefix, str):
-            raise ValueError(f"prefix must be a str, got {type(prefix).__name__}")
+    def _scan(self, prefix: str) -> dict[str, Record]:
         base = self._k("r", "")
         pattern = _escape_glob(base + prefix) + "*"
         names: set[bytes] = set()
@@ -547,10 +524,7 @@ class RedisStore(Store):
 
     # ------------------------------------------------------------------ leases
 
-    def acquire_lease(self, name: str, *, holder: str, ttl_s: float) -> Lease | None:
-        """See :meth:`Store.acquire_lease`."""
-        check_name(name, parameter="name")
-        check_name(holder, parameter="holder")
+    def _acquire_lease(self, name: str, *, holder: str, ttl_s: float) -> Lease | None:
         ttl_ms = _ttl_ms(ttl_s)
         reply = self._script(
             "acquire_lease",
@@ -563,8 +537,7 @@ class RedisStore(Store):
         token, expires_ms = reply
         return Lease(name=name, holder=holder, token=int(token), expires_at=int(expires_ms) / 1000)
 
-    def renew_lease(self, lease: Lease, *, ttl_s: float) -> Lease:
-        """See :meth:`Store.renew_lease`."""
+    def _renew_lease(self, lease: Lease, *, ttl_s: float) -> Lease:
         ttl_ms = _ttl_ms(ttl_s)
         reply = self._script(
             "renew_lease", _RENEW, [self._k("lease", lease.name)], [lease.token, ttl_ms]
@@ -575,23 +548,15 @@ class RedisStore(Store):
             name=lease.name, holder=lease.holder, token=lease.token, expires_at=int(reply) / 1000
         )
 
-    def release_lease(self, lease: Lease) -> None:
-        """See :meth:`Store.release_lease`."""
+    def _release_lease(self, lease: Lease) -> None:
         self._script("release_lease", _RELEASE, [self._k("lease", lease.name)], [lease.token])
 
-    def fenced_put(self, key: str, value: bytes, *, lease: Lease) -> int:
-        """See :meth:`Store.fenced_put`."""
-        check_name(key, parameter="key")
-        check_bytes(value, parameter="value")
+    def _fenced_put(self, key: str, value: bytes, *, lease: Lease) -> int:
         return self._fenced("fenced_put", key, value, lease=lease, expected=-1)
 
-    def fenced_compare_and_set(
+    def _fenced_compare_and_set(
         self, key: str, value: bytes, *, lease: Lease, expected_version: int
     ) -> int:
-        """See :meth:`Store.fenced_compare_and_set`."""
-        check_name(key, parameter="key")
-        check_bytes(value, parameter="value")
-        check_count(expected_version, parameter="expected_version", minimum=0)
         return self._fenced(
             "fenced_compare_and_set", key, value, lease=lease, expected=expected_version
         )
@@ -617,105 +582,65 @@ class RedisStore(Store):
 
     # ------------------------------------------------------------------ queues
 
-    def push_message(self, recipient: str, payload: bytes) -> int:
-        """See :meth:`Store.push_message`."""
-        check_name(recipient, parameter="recipient")
-        check_bytes(payload, parameter="payload")
+    def _push_message(self, recipient: str, payload: bytes) -> int:
         return int(
             self._command(
                 "push_message", "RPUSH", self._k("q", recipient), payload, idempotent=False
             )
         )
 
-    def pop_messages(self, recipient: str, *, max_count: int) -> list[bytes]:
-        """See :meth:`Store.pop_messages`."""
-        check_name(recipient, parameter="recipient")
-        check_count(max_count, parameter="max_count")
+    def _pop_messages(self, recipient: str, *, max_count: int) -> list[bytes]:
         reply = self._command(
             "pop_messages", "LPOP", self._k("q", recipient), max_count, idempotent=False
         )
         return [] if reply is None else [bytes(m) for m in reply]
 
-    def queue_length(self, recipient: str) -> int:
-        """See :meth:`Store.queue_length`."""
-        check_name(recipient, parameter="recipient")
+    def _queue_length(self, recipient: str) -> int:
         return int(self._command("queue_length", "LLEN", self._k("q", recipient), idempotent=True))
 
     # ------------------------------------------------------------------ sorted sets
 
-    def zadd(self, name: str, members: Mapping[str, float]) -> int:
-        """See :meth:`Store.zadd`."""
-        check_name(name, parameter="name")
-        if not members:
-            raise ValueError("members must hold at least one member")
+    def _zadd(self, name: str, members: dict[str, float]) -> int:
         args: list[Any] = []
         for member, score in members.items():
-            check_name(member, parameter="member")
-            args += [repr(check_score(score, parameter=f"score of {member!r}")), member]
+            args += [repr(score), member]
         # Setting scores is idempotent: a repeat after a lost reply changes nothing.
         return int(self._command("zadd", "ZADD", self._k("z", name), *args, idempotent=True))
 
-    def zrange_by_score(
-        self,
-        name: str,
-        *,
-        min_score: float,
-        max_score: float,
-        limit: int | None = None,
+    def _zrange_by_score(
+        self, name: str, *, min_score: float, max_score: float, limit: int | None
     ) -> list[tuple[str, float]]:
-        """See :meth:`Store.zrange_by_score`."""
-        check_name(name, parameter="name")
-        low = repr(check_score(min_score, parameter="min_score"))
-        high = repr(check_score(max_score, parameter="max_score"))
+        low, high = repr(min_score), repr(max_score)
         args: list[Any] = ["ZRANGEBYSCORE", self._k("z", name), low, high, "WITHSCORES"]
         if limit is not None:
-            check_count(limit, parameter="limit", minimum=0)
             if limit == 0:
                 return []
             args += ["LIMIT", 0, limit]
         return _pairs(self._command("zrange_by_score", *args, idempotent=True))
 
-    def zrem(self, name: str, *members: str) -> int:
-        """See :meth:`Store.zrem`."""
-        check_name(name, parameter="name")
-        if not members:
-            raise ValueError("members must name at least one member")
-        for m in members:
-            check_name(m, parameter="member")
+    def _zrem(self, name: str, *members: str) -> int:
         return int(self._command("zrem", "ZREM", self._k("z", name), *members, idempotent=False))
 
-    def zcard(self, name: str) -> int:
-        """See :meth:`Store.zcard`."""
-        check_name(name, parameter="name")
+    def _zcard(self, name: str) -> int:
         return int(self._command("zcard", "ZCARD", self._k("z", name), idempotent=True))
 
-    def zpop_min(self, name: str, *, count: int = 1) -> list[tuple[str, float]]:
-        """See :meth:`Store.zpop_min`."""
-        check_name(name, parameter="name")
-        check_count(count, parameter="count")
+    def _zpop_min(self, name: str, *, count: int) -> list[tuple[str, float]]:
         return _pairs(
             self._command("zpop_min", "ZPOPMIN", self._k("z", name), count, idempotent=False)
         )
 
     # ------------------------------------------------------------------ job streams
 
-    def stream_add(self, stream: str, fields: Mapping[str, bytes]) -> str:
-        """See :meth:`Store.stream_add`."""
-        check_name(stream, parameter="stream")
-        entry = check_fields(fields)
+    def _stream_add(self, stream: str, fields: dict[str, bytes]) -> str:
         args: list[Any] = []
-        for field_name, value in entry.items():
+        for field_name, value in fields.items():
             args += [field_name, value]
         reply = self._command(
             "stream_add", "XADD", self._k("s", stream), "*", *args, idempotent=False
         )
         return _text(reply)
 
-    def ensure_group(self, stream: str, group: str) -> None:
-        """See :meth:`Store.ensure_group`."""
-        check_name(stream, parameter="stream")
-        check_name(group, parameter="group")
-
+    def _ensure_group(self, stream: str, group: str) -> None:
         def call(conn: _Conn) -> None:
             conn.send_command("XGROUP", "CREATE", self._k("s", stream), group, "0", "MKSTREAM")
             try:
@@ -726,26 +651,12 @@ class RedisStore(Store):
 
         self._run("ensure_group", call, idempotent=True)
 
-    def read_group(
-        self,
-        stream: str,
-        group: str,
-        consumer: str,
-        *,
-        count: int,
-        block_s: float = 0.0,
+    def _read_group(
+        self, stream: str, group: str, consumer: str, *, count: int, block_s: float
     ) -> list[Job]:
-        """See :meth:`Store.read_group`.
-
-        A wait is cut into slices of at most half the socket timeout, so that a
-        long ``block_s`` never looks like a hung server to the socket.
-        """
-        check_name(stream, parameter="stream")
-        check_name(group, parameter="group")
-        check_name(consumer, parameter="consumer")
-        check_count(count, parameter="count")
-        wait = check_seconds(block_s, parameter="block_s", allow_zero=True)
-        deadline = time.monotonic() + wait
+        # A wait is cut into slices of at most half the socket timeout, so that
+        # a long ``block_s`` never looks like a hung server to the socket.
+        deadline = time.monotonic() + block_s
         key = self._k("s", stream)
         while True:
             args: list[Any] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
@@ -765,29 +676,15 @@ class RedisStore(Store):
             if time.monotonic() >= deadline:
                 return []
 
-    def ack(self, stream: str, group: str, *ids: str) -> int:
-        """See :meth:`Store.ack`."""
-        check_name(stream, parameter="stream")
-        check_name(group, parameter="group")
-        check_stream_ids(ids)
+    def _ack(self, stream: str, group: str, *ids: str) -> int:
         # Acknowledging twice counts the job once, so a retry is harmless.
         return int(self._command("ack", "XACK", self._k("s", stream), group, *ids, idempotent=True))
 
-    def reclaim(
-        self,
-        stream: str,
-        group: str,
-        consumer: str,
-        *,
-        min_idle_s: float,
-        count: int,
+    def _reclaim(
+        self, stream: str, group: str, consumer: str, *, min_idle_s: float, count: int
     ) -> list[Job]:
-        """See :meth:`Store.reclaim` (XAUTOCLAIM, then XPENDING for delivery counts)."""
-        check_name(stream, parameter="stream")
-        check_name(group, parameter="group")
-        check_name(consumer, parameter="consumer")
-        min_idle_ms = int(check_seconds(min_idle_s, parameter="min_idle_s", allow_zero=True) * 1000)
-        check_count(count, parameter="count")
+        # XAUTOCLAIM moves the jobs; XPENDING then reads their delivery counts.
+        min_idle_ms = int(min_idle_s * 1000)
         key = self._k("s", stream)
         claimed: list[tuple[str, dict[str, bytes]]] = []
         cursor = "0-0"
@@ -821,10 +718,7 @@ class RedisStore(Store):
             jobs.append(Job(stream=stream, id=entry_id, fields=fields, deliveries=deliveries))
         return jobs
 
-    def pending(self, stream: str, group: str) -> list[PendingJob]:
-        """See :meth:`Store.pending`."""
-        check_name(stream, parameter="stream")
-        check_name(group, parameter="group")
+    def _pending(self, stream: str, group: str) -> list[PendingJob]:
         key = self._k("s", stream)
         out: list[PendingJob] = []
         start = "-"
@@ -845,7 +739,5 @@ class RedisStore(Store):
                 return out
             start = "(" + out[-1].id  # exclusive start (Redis ≥ 6.2)
 
-    def stream_length(self, stream: str) -> int:
-        """See :meth:`Store.stream_length`."""
-        check_name(stream, parameter="stream")
+    def _stream_length(self, stream: str) -> int:
         return int(self._command("stream_length", "XLEN", self._k("s", stream), idempotent=True))
