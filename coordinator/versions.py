@@ -79,16 +79,45 @@ class VersionInfo:
     updates: int
 
 
-def _check_like(reference: GlobalAdapter, other: Mapping[str, np.ndarray]) -> None:
-    if set(reference.b) != set(other):
-        missing = sorted(set(reference.b) - set(other))
-        extra = sorted(set(other) - set(reference.b))
+#: Tensor name under which a buffer entry carries its JSON metadata (weight, count).
+_META = "__meta__"
+
+
+def _encode_entry(
+    weighted_sum: Mapping[str, np.ndarray], *, weight_total: float, updates: int
+) -> bytes:
+    tensors = {k: np.asarray(v, dtype=np.float32) for k, v in weighted_sum.items()}
+    meta = json.dumps({"weight_total": float(weight_total), "updates": int(updates)})
+    tensors[_META] = np.frombuffer(meta.encode(), dtype=np.uint8)
+    return bytes(save_tensors(tensors))
+
+
+def _decode_entry(data: bytes) -> tuple[dict[str, np.ndarray], float, int]:
+    """Return ``(Σ w ΔB per tensor, Σ w, updates)`` of a stored buffer entry."""
+    tensors = dict(load_tensors(data))
+    meta = json.loads(tensors.pop(_META).tobytes())
+    return tensors, float(meta["weight_total"]), int(meta["updates"])
+
+
+def _head_info(data: bytes) -> VersionInfo:
+    obj = json.loads(data)
+    return VersionInfo(
+        version=int(obj["version"]),
+        adapter_sha256=str(obj["adapter_sha256"]),
+        cohorts=tuple(obj["cohorts"]),
+        updates=int(obj["updates"]),
+    )
+
+
+def _check_like(reference: Mapping[str, tuple[int, ...]], other: Mapping[str, np.ndarray]) -> None:
+    if set(reference) != set(other):
+        missing = sorted(set(reference) - set(other))
+        extra = sorted(set(other) - set(reference))
         raise ValueError(f"weighted_sum: tensor names differ (missing {missing}, extra {extra})")
-    for name, ref in reference.b.items():
-        if np.shape(other[name]) != ref.shape:
+    for name, shape in reference.items():
+        if np.shape(other[name]) != shape:
             raise ValueError(
-                f"weighted_sum: tensor {name!r} has shape {np.shape(other[name])}, "
-                f"expected {ref.shape}"
+                f"weighted_sum: tensor {name!r} has shape {np.shape(other[name])}, expected {shape}"
             )
 
 
@@ -136,32 +165,34 @@ class VersionLedger:
         self._lr = server_lr
         self._ttl = lease_ttl_s
         self._lease: Lease | None = None
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
 
     # ------------------------------------------------------------------ reading
 
     def head(self) -> VersionInfo | None:
         """Return the announced version, or ``None`` before :meth:`initialise`."""
         record = self._store.get(HEAD_KEY)
-        if record is None:
-            return None
-        obj = json.loads(record.value)
-        return VersionInfo(
-            version=int(obj["version"]),
-            adapter_sha256=str(obj["adapter_sha256"]),
-            cohorts=tuple(obj["cohorts"]),
-            updates=int(obj["updates"]),
-        )
+        return None if record is None else _head_info(record.value)
 
     def adapter(self, info: VersionInfo) -> GlobalAdapter:
         """Return the adapter of version ``info`` (hash verified)."""
         return get_adapter(self._blobs, info.adapter_sha256)
+
+    def _b_shapes(self, info: VersionInfo) -> dict[str, tuple[int, ...]]:
+        # Every cohort sum is checked against B's shapes; reading and hashing the adapter
+        # blob for each one would be wasted work, and the shapes of a digest never change.
+        shapes = self._shapes.get(info.adapter_sha256)
+        if shapes is None:
+            shapes = {n: b.shape for n, b in self.adapter(info).b.items()}
+            self._shapes[info.adapter_sha256] = shapes
+        return shapes
 
     def buffered_updates(self) -> int:
         """Return how many client updates wait in the buffer (leftovers excluded)."""
         head = self.head()
         done = set(head.cohorts) if head else set()
         return sum(
-            int(json.loads(load_tensors(rec.value)["__meta__"].tobytes())["updates"])
+            _decode_entry(rec.value)[2]
             for key, rec in self._store.scan(BUFFER_PREFIX).items()
             if key[len(BUFFER_PREFIX) :] not in done
         )
@@ -228,14 +259,12 @@ class VersionLedger:
         if cohort_id in head.cohorts or self._store.get(buffer_seen_key(cohort_id)):
             log.info("cohort %s already accepted; not counted again", cohort_id)
             return False
-        _check_like(self.adapter(head), weighted_sum)
+        _check_like(self._b_shapes(head), weighted_sum)
         bad = [n for n, a in weighted_sum.items() if not np.all(np.isfinite(a))]
         if bad:
             raise ValueError(f"weighted_sum: non-finite values in {sorted(bad)}")
-        meta = json.dumps({"weight_total": float(weight_total), "updates": int(updates)})
-        tensors = {k: np.asarray(v, dtype=np.float32) for k, v in weighted_sum.items()}
-        tensors["__meta__"] = np.frombuffer(meta.encode(), dtype=np.uint8)
-        created = self._store.insert_if_absent(buffer_key(cohort_id), save_tensors(tensors))
+        entry = _encode_entry(weighted_sum, weight_total=weight_total, updates=updates)
+        created = self._store.insert_if_absent(buffer_key(cohort_id), entry)
         # The marker goes second: if we crash before it, the buffered entry itself still
         # makes a re-delivery a duplicate, and a commit writes markers for what it folds in.
         self._store.put(buffer_seen_key(cohort_id), b"1")
@@ -282,30 +311,28 @@ class VersionLedger:
         head_record = self._store.get(HEAD_KEY)
         if head_record is None:
             raise RuntimeError("the ledger is not initialised: call initialise() first")
-        head = self.head()
-        assert head is not None
-        done = set(head.cohorts)
-        entries = self._store.scan(BUFFER_PREFIX)
-        leftovers = [k[len(BUFFER_PREFIX) :] for k in entries if k[len(BUFFER_PREFIX) :] in done]
+        head = _head_info(head_record.value)
+        entries = {
+            key[len(BUFFER_PREFIX) :]: record
+            for key, record in self._store.scan(BUFFER_PREFIX).items()
+        }
         # Leftovers of a commit that crashed after moving the head: already counted.
+        leftovers = [cohort_id for cohort_id in entries if cohort_id in head.cohorts]
         self._retire(leftovers)
         for cohort_id in leftovers:
-            del entries[buffer_key(cohort_id)]
-        total_updates = 0
-        weight_total = 0.0
+            del entries[cohort_id]
+        decoded = {cohort_id: _decode_entry(rec.value) for cohort_id, rec in entries.items()}
+        total_updates = sum(updates for _, _, updates in decoded.values())
+        if total_updates < self._k:
+            return None  # before loading the adapter: this is the common case
+        weight_total = sum(weight for _, weight, _ in decoded.values())
         current = self.adapter(head)
         summed = {name: np.zeros(b.shape, dtype=np.float64) for name, b in current.b.items()}
-        cohorts: list[str] = []
-        for key, record in sorted(entries.items()):
-            tensors = dict(load_tensors(record.value))
-            meta = json.loads(tensors.pop("__meta__").tobytes())
+        cohorts = sorted(decoded)
+        for cohort_id in cohorts:
+            tensors = decoded[cohort_id][0]
             for name in summed:
                 summed[name] += tensors[name]
-            weight_total += float(meta["weight_total"])
-            total_updates += int(meta["updates"])
-            cohorts.append(key[len(BUFFER_PREFIX) :])
-        if total_updates < self._k:
-            return None
         mean = {name: total / weight_total for name, total in summed.items()}
         digest = put_adapter(self._blobs, current.apply_update(mean, server_lr=self._lr))
         new_version = head.version + 1

@@ -62,11 +62,6 @@ def log_context(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
-def current_context() -> dict[str, Any]:
-    """Return a copy of the context fields in force."""
-    return dict(_context.get())
-
-
 class ContextFilter(logging.Filter):
     """Copy the context fields onto each record (``record.run`` etc.)."""
 

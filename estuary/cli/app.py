@@ -86,9 +86,7 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(ExitCode.INTERRUPTED)
-    except SystemExit:
-        raise
-    except Exception:
+    except Exception:  # SystemExit (typer's own exits) is not an Exception: it passes
         log.exception("unexpected error")
         sys.exit(ExitCode.FAILURE)
 

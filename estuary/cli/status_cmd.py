@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any
 
 import typer
@@ -95,8 +96,6 @@ def status(
     A fresh store (and memory://, which lives only inside one process) shows empty
     lists. Exit code 4 when the store cannot be reached, 3 for a malformed URL.
     """
-    import os
-
     from estuary.state import InvalidStoreURL, StoreError, StoreUnavailable
 
     password = None
