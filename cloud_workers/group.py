@@ -43,7 +43,7 @@ from cloud_workers.jobs import (
 from estuary.state.base import Job as StreamJob
 from estuary.state.base import Store
 from estuary.state.errors import StoreError
-from estuary.state.keys import WORKER_PREFIX, worker_key
+from estuary.state.keys import worker_key
 
 __all__ = ["GroupStats", "WorkerGroup"]
 
@@ -183,6 +183,7 @@ class WorkerGroup:
         """Return consumers with pending jobs whose heartbeat is older than ``reclaim_idle_s``."""
         now = time.time()
         silent: set[str] = set()
+        alive: set[str] = set()
         for entry in self.store.pending(self.stream, self.consumer_group):
             if entry.idle_s < self.reclaim_idle_s:
                 continue
@@ -192,10 +193,11 @@ class WorkerGroup:
                 # was restarted under the same name): take it back.
                 silent.add(entry.consumer)
                 continue
-            record = self.store.get(f"{WORKER_PREFIX}{entry.consumer}")
+            if entry.consumer in silent or entry.consumer in alive:
+                continue  # one heartbeat read per consumer, not per pending job
+            record = self.store.get(worker_key(entry.consumer))
             last_seen = float(json.loads(record.value)["last_seen"]) if record else 0.0
-            if now - last_seen >= self.reclaim_idle_s:
-                silent.add(entry.consumer)
+            (silent if now - last_seen >= self.reclaim_idle_s else alive).add(entry.consumer)
         return silent
 
     def reclaim(self, *, count: int = 16) -> list[StreamJob]:
@@ -209,6 +211,7 @@ class WorkerGroup:
             self.name,
             min_idle_s=self.reclaim_idle_s,
             count=count,
+            from_consumers=silent,
         )
         if jobs:
             logger.info(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -608,21 +608,27 @@ class Store(ABC):
         *,
         min_idle_s: float,
         count: int,
+        from_consumers: Collection[str] | None = None,
     ) -> list[Job]:
         """Move up to ``count`` pending jobs idle for ≥ ``min_idle_s`` to ``consumer``.
 
-        Used to take over the jobs of a consumer that died. Any idle pending job
-        qualifies (the caller's own included). MUST be atomic per job: two
-        reclaimers never both receive the same job in one idle period. Each
-        returned job's ``deliveries`` MUST count this delivery, and its idle
-        time restarts at 0.
+        Used to take over the jobs of a consumer that died. With ``from_consumers``
+        only jobs pending on those consumers qualify (so a live but slow consumer
+        keeps its job); with ``None`` any idle pending job does, the caller's own
+        included. MUST be atomic per job: two reclaimers never both receive the same
+        job in one idle period. Each returned job's ``deliveries`` MUST count this
+        delivery, and its idle time restarts at 0.
         """
+        owners = None
+        if from_consumers is not None:
+            owners = frozenset(check_name(c, parameter="from_consumers") for c in from_consumers)
         return self._reclaim(
             check_name(stream, parameter="stream"),
             check_name(group, parameter="group"),
             check_name(consumer, parameter="consumer"),
             min_idle_s=check_seconds(min_idle_s, parameter="min_idle_s", allow_zero=True),
             count=check_count(count, parameter="count"),
+            owners=owners,
         )
 
     def pending(self, stream: str, group: str) -> list[PendingJob]:
@@ -655,9 +661,16 @@ class Store(ABC):
 
     @abstractmethod
     def _reclaim(
-        self, stream: str, group: str, consumer: str, *, min_idle_s: float, count: int
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        min_idle_s: float,
+        count: int,
+        owners: frozenset[str] | None,
     ) -> list[Job]:
-        """Implement :meth:`reclaim`."""
+        """Implement :meth:`reclaim` (``owners``: ``from_consumers``, checked)."""
 
     @abstractmethod
     def _pending(self, stream: str, group: str) -> list[PendingJob]:

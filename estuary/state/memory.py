@@ -355,7 +355,14 @@ class MemoryStore(Store):
             return sum(1 for i in parsed if i is not None and g.pending.pop(i, None) is not None)
 
     def _reclaim(
-        self, stream: str, group: str, consumer: str, *, min_idle_s: float, count: int
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        min_idle_s: float,
+        count: int,
+        owners: frozenset[str] | None,
     ) -> list[Job]:
         with self._lock:
             s, g = self._group(stream, group)
@@ -366,6 +373,8 @@ class MemoryStore(Store):
                     break
                 delivery = g.pending[entry_id]
                 if now - delivery.delivered_at < min_idle_s:
+                    continue
+                if owners is not None and delivery.consumer not in owners:
                     continue
                 if entry_id not in s.entries:
                     # Matches XAUTOCLAIM: an entry deleted from the stream is

@@ -681,14 +681,42 @@ class RedisStore(Store):
         return int(self._command("ack", "XACK", self._k("s", stream), group, *ids, idempotent=True))
 
     def _reclaim(
-        self, stream: str, group: str, consumer: str, *, min_idle_s: float, count: int
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        min_idle_s: float,
+        count: int,
+        owners: frozenset[str] | None,
     ) -> list[Job]:
-        # XAUTOCLAIM moves the jobs; XPENDING then reads their delivery counts.
+        # XAUTOCLAIM (or XCLAIM of the owners' idle ids) moves the jobs; XPENDING then
+        # reads their delivery counts.
         min_idle_ms = int(min_idle_s * 1000)
         key = self._k("s", stream)
         claimed: list[tuple[str, dict[str, bytes]]] = []
         cursor = "0-0"
-        while len(claimed) < count:
+        if owners is not None:
+            ids = [
+                p.id
+                for p in self._pending(stream, group)
+                if p.consumer in owners and p.idle_s * 1000 >= min_idle_ms
+            ][:count]
+            if ids:
+                # XCLAIM re-checks the idle time atomically per id, so a job another
+                # reclaimer took in between (idle reset to 0) is not claimed twice.
+                reply = self._command(
+                    "reclaim",
+                    "XCLAIM",
+                    key,
+                    group,
+                    consumer,
+                    min_idle_ms,
+                    *ids,
+                    idempotent=False,
+                )
+                claimed = [(_text(e[0]), _fields(e[1])) for e in reply if e is not None]
+        while owners is None and len(claimed) < count:
             reply = self._command(
                 "reclaim",
                 "XAUTOCLAIM",

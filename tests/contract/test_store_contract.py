@@ -768,3 +768,18 @@ def test_rediss_verifies_the_server_certificate(redis_binary: str, tmp_path: Pat
         with pytest.raises(StoreError):
             plain.ping()
         assert time.monotonic() - start < 3
+
+
+def test_reclaim_from_named_consumers_leaves_live_ones_alone(store: Store) -> None:
+    for n in range(4):
+        store.stream_add("jobs", _fields(n))
+    store.ensure_group("jobs", "g")
+    dead_jobs = store.read_group("jobs", "g", "dead", count=2)
+    store.read_group("jobs", "g", "slow-but-alive", count=2)
+    taken = store.reclaim("jobs", "g", "rescuer", min_idle_s=0, count=10, from_consumers={"dead"})
+    assert [j.id for j in taken] == [j.id for j in dead_jobs]
+    assert [j.deliveries for j in taken] == [2, 2]
+    consumers = Counter(p.consumer for p in store.pending("jobs", "g"))
+    assert consumers == {"rescuer": 2, "slow-but-alive": 2}
+    with pytest.raises(ValueError, match="from_consumers"):
+        store.reclaim("jobs", "g", "r", min_idle_s=0, count=1, from_consumers={""})
