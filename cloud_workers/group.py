@@ -160,6 +160,8 @@ class WorkerGroup:
                 "jobs_skipped": stats.skipped,
                 "jobs_failed": stats.failed,
                 "jobs_reclaimed": stats.reclaimed,
+                # Jobs whose outcome another group had already recorded (run twice).
+                "jobs_duplicate": stats.duplicates,
                 "throughput_per_min": round(60.0 * stats.processed / elapsed, 3),
                 "current_job": stats.current_job,
                 "last_lag_s": stats.last_lag_s,

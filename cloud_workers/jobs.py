@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from estuary.proto.v1 import jobs_pb2
 from estuary.state.base import Store
-from estuary.state.blobs import BlobNotFound, BlobStore
+from estuary.state.blobs import BlobCorrupt, BlobNotFound, BlobStore
 from estuary.state.errors import VersionConflict
 from estuary.state.keys import version_key
 
@@ -295,8 +295,13 @@ class JobExecutor(Protocol):
         ...
 
 
-def update_version_record(store: Store, version: int, updates: Mapping[str, Any]) -> None:
+def update_version_record(
+    store: Store, version: int, updates: Mapping[str, Any], *, stamp: str | None = None
+) -> None:
     """Merge ``updates`` into the JSON record of ``version`` (compare-and-set loop).
+
+    With ``stamp``, that field is set to the current time when (and only when) the
+    record changes, so a re-run of the same job leaves the record as it was.
 
     Raises
     ------
@@ -312,6 +317,8 @@ def update_version_record(store: Store, version: int, updates: Mapping[str, Any]
         if all(value.get(k) == v for k, v in updates.items()):
             return  # already written, by an earlier run of the same job
         value.update(updates)
+        if stamp is not None:
+            value[stamp] = round(time.time(), 3)
         try:
             store.compare_and_set(
                 key, json.dumps(value, sort_keys=True).encode(), expected_version=record.version
@@ -393,12 +400,16 @@ class ModelJobExecutor:
 
     def load_adapter(self, job: jobs_pb2.Job) -> Any:
         """Return the version's :class:`~estuary.adapters.lora.GlobalAdapter`."""
-        from estuary.adapters.lora import GlobalAdapter
+        from estuary.adapters import get_adapter
         from estuary.model.loading import CheckpointError
 
         digest = self.adapter_digest(job)
         try:
-            path = self.blobs.path(digest)
+            return get_adapter(self.blobs, digest)  # hash verified before use
+        except CheckpointError as exc:
+            raise JobInputError(
+                f"version {job.version}: adapter checkpoint unusable: {exc}"
+            ) from exc
         except ValueError as exc:
             raise JobInputError(f"version {job.version}: bad adapter digest: {exc}") from exc
         except BlobNotFound as exc:
@@ -407,11 +418,9 @@ class ModelJobExecutor:
             raise JobInputError(
                 f"version {job.version}: adapter checkpoint {digest} is missing from the blob store"
             ) from exc
-        try:
-            return GlobalAdapter.load(path)
-        except CheckpointError as exc:
+        except BlobCorrupt as exc:
             raise JobInputError(
-                f"version {job.version}: adapter checkpoint unusable: {exc}"
+                f"version {job.version}: adapter checkpoint {digest} is corrupt in the blob store"
             ) from exc
 
     def merged_model(self, job: jobs_pb2.Job) -> nn.Module:
@@ -451,9 +460,7 @@ class ModelJobExecutor:
         else:
             bpb = bits_per_byte(model, self.eval_windows)
         bpb = round(bpb, 6)
-        update_version_record(
-            self.store, job.version, {"eval_bpb": bpb, "eval_at": round(time.time(), 3)}
-        )
+        update_version_record(self.store, job.version, {"eval_bpb": bpb}, stamp="eval_at")
         return {"eval_bpb": bpb, "eval_windows": int(self.eval_windows.shape[0])}
 
     def _put_dir(self, directory: Path) -> dict[str, str]:

@@ -159,12 +159,6 @@ class Topology:
         """Return ``layer index -> stage`` for every decoder layer."""
         return {layer: s for s in range(self.stages) for layer in self.layers_of(s)}
 
-    def with_rank(self, rank: int) -> Topology:
-        """Return the same layout seen from ``rank``."""
-        return Topology(
-            world_size=self.world_size, stages=self.stages, num_layers=self.num_layers, rank=rank
-        )
-
     @property
     def is_distributed(self) -> bool:
         """Whether the group has more than one process (needs a process group)."""

@@ -131,10 +131,10 @@ class _Pipeline:
         return pipeline_bits_per_byte(runner, windows, batch_size=self.batch_size(count))
 
     def merged(self, adapter_sha256: str) -> nn.Module:
-        from estuary.adapters.lora import GlobalAdapter, merge_into_base
+        from estuary.adapters import get_adapter, merge_into_base
 
         model = copy.deepcopy(self.base)
-        merge_into_base(model, GlobalAdapter.load(self.blobs.path(adapter_sha256)))
+        merge_into_base(model, get_adapter(self.blobs, adapter_sha256))
         return model
 
     def send(self, op: str, **fields: Any) -> None:

@@ -21,10 +21,10 @@ import torch
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+# tests/ itself is on pytest's pythonpath; the worker fixtures live beside their unit tests.
 sys.path.insert(0, str(ROOT / "tests" / "unit" / "cloud_workers"))
 
-from redis_server import RedisServer, find_redis_server  # noqa: E402
+from redis_server import RedisServer  # noqa: E402
 from worker_fixtures import publish_version  # noqa: E402
 
 from cloud_workers.jobs import (  # noqa: E402
@@ -40,11 +40,9 @@ from estuary.state import open_store  # noqa: E402
 from estuary.state.blobs import BlobStore  # noqa: E402
 from estuary.state.keys import version_key, worker_key  # noqa: E402
 
-pytestmark = [
-    pytest.mark.redis,
-    pytest.mark.slow,
-    pytest.mark.skipif(find_redis_server() is None, reason="needs redis-server"),
-]
+# No skip without redis-server: the redis_binary fixture fails the run instead (or skips
+# only with ESTUARY_ALLOW_NO_REDIS=1), like every Redis-backed test.
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 # One worker group process: the tiny preset, 4 held-out windows, an injected per-job
 # delay so the test can kill it mid-job.
@@ -86,9 +84,11 @@ def start_group(
     )
 
 
-def test_two_groups_one_killed_every_job_completes_exactly_once(tmp_path: Path) -> None:
+def test_two_groups_one_killed_every_job_completes_exactly_once(
+    tmp_path: Path, redis_binary: str
+) -> None:
     torch.set_num_threads(1)  # this process builds models too; see start_group
-    with RedisServer(tmp_path / "redis") as redis:
+    with RedisServer(tmp_path / "redis", binary=redis_binary) as redis:
         store = open_store(redis.url)
         blobs = BlobStore(tmp_path / "blobs")
         base = build_preset("tiny", seed=0)
@@ -183,13 +183,15 @@ preset = "tiny"
     return path
 
 
-def test_two_stage_group_under_torchrun_evaluates_like_one_process(tmp_path: Path) -> None:
+def test_two_stage_group_under_torchrun_evaluates_like_one_process(
+    tmp_path: Path, redis_binary: str
+) -> None:
     torch.set_num_threads(1)
     from cloud_workers.jobs import ModelJobExecutor
     from cloud_workers.worker import cloud_eval_windows
     from estuary.model.evaluate import bits_per_byte
 
-    with RedisServer(tmp_path / "redis") as redis:
+    with RedisServer(tmp_path / "redis", binary=redis_binary) as redis:
         store = open_store(redis.url)
         blobs = BlobStore(tmp_path / "blobs")
         base = build_preset("tiny", seed=0)
