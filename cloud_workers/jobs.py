@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 from estuary.proto.v1 import jobs_pb2
 from estuary.state.base import Store
 from estuary.state.blobs import BlobCorrupt, BlobNotFound, BlobStore
-from estuary.state.errors import VersionConflict
 from estuary.state.keys import version_key
 
 if TYPE_CHECKING:
@@ -68,11 +67,6 @@ LATEST_PREFIX = "joblatest/"
 RESULT_PREFIX = "jobresult/"
 #: Stream field holding the serialised Job.
 JOB_FIELD = "job"
-
-#: A compare-and-set loop on one small record loses only to concurrent writers of that
-#: same record (a handful of groups); 50 rounds is far more than such contention needs and
-#: still bounds a pathological loop.
-CAS_ATTEMPTS = 50
 
 Kind = Literal["evaluate", "build_artifacts", "merge", "generate"]
 Status = Literal["done", "skipped", "failed"]
@@ -179,18 +173,12 @@ def make_job(
 
 
 def _raise_latest(store: Store, key: str, version: int) -> None:
-    for _ in range(CAS_ATTEMPTS):
-        record = store.get(key)
-        current = json.loads(record.value)["version"] if record else -1
-        if current >= version:
-            return
-        value = json.dumps({"version": version}).encode()
-        try:
-            store.compare_and_set(key, value, expected_version=record.version if record else 0)
-            return
-        except VersionConflict:
-            continue
-    raise RuntimeError(f"{key}: could not raise to version {version} (contention)")
+    def raise_to(current: bytes | None) -> bytes | None:
+        if current is not None and json.loads(current)["version"] >= version:
+            return None
+        return json.dumps({"version": version}).encode()
+
+    store.update(key, raise_to)
 
 
 def submit_job(store: Store, job: jobs_pb2.Job, *, stream: str = JOB_STREAM) -> str:
@@ -309,24 +297,19 @@ def update_version_record(
         If the version has no record.
     """
     key = version_key(version)
-    for _ in range(CAS_ATTEMPTS):
-        record = store.get(key)
-        if record is None:
+
+    def merge(current: bytes | None) -> bytes | None:
+        if current is None:
             raise JobInputError(f"version {version}: unknown (no {key} record)")
-        value = json.loads(record.value)
+        value = json.loads(current)
         if all(value.get(k) == v for k, v in updates.items()):
-            return  # already written, by an earlier run of the same job
+            return None  # already written, by an earlier run of the same job
         value.update(updates)
         if stamp is not None:
             value[stamp] = round(time.time(), 3)
-        try:
-            store.compare_and_set(
-                key, json.dumps(value, sort_keys=True).encode(), expected_version=record.version
-            )
-            return
-        except VersionConflict:
-            continue
-    raise RuntimeError(f"{key}: could not update (contention)")
+        return json.dumps(value, sort_keys=True).encode()
+
+    store.update(key, merge)
 
 
 #: Weight-only scheme of the compressed base per device class; classes not listed get

@@ -172,20 +172,16 @@ class DeviceRegistry:
 
     def revoke(self, device_id: str) -> bool:
         """Revoke a device; return ``False`` if it is unknown. Retries on concurrent writes."""
-        while True:
-            record = self._store.get(device_key(device_id))
-            if record is None:
-                return False
-            obj = json.loads(record.value)
-            obj["revoked"] = True
-            try:
-                self._store.compare_and_set(
-                    device_key(device_id), json.dumps(obj).encode(), expected_version=record.version
-                )
-            except VersionConflict:
-                continue
-            log.info("revoked device %s", device_id)
-            return True
+
+        def revoked(current: bytes | None) -> bytes | None:
+            if current is None:
+                return None
+            return json.dumps({**json.loads(current), "revoked": True}).encode()
+
+        if self._store.update(device_key(device_id), revoked) is None:
+            return False
+        log.info("revoked device %s", device_id)
+        return True
 
     def authenticate(self, auth: SignedAuth, *, method: str, body_sha256: bytes) -> Device:
         """Return the device a request comes from, or raise :class:`Unauthenticated`.

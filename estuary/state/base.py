@@ -21,8 +21,15 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+
+from estuary.state.errors import StoreError, VersionConflict
+
+#: Default compare-and-set rounds of :meth:`Store.update`. One small record loses only to
+#: concurrent writers of that same record (a handful of replicas or groups); 50 rounds is
+#: far more than such contention needs and still bounds a pathological loop.
+UPDATE_ATTEMPTS = 50
 
 __all__ = [
     "Job",
@@ -269,6 +276,41 @@ class Store(ABC):
             check_bytes(value, parameter="value"),
             expected_version=check_count(expected_version, parameter="expected_version", minimum=0),
         )
+
+    def update(
+        self,
+        key: str,
+        change: Callable[[bytes | None], bytes | None],
+        *,
+        attempts: int = UPDATE_ATTEMPTS,
+    ) -> bytes | None:
+        """Read-modify-write ``key`` with compare-and-set, retrying on concurrent writes.
+
+        ``change`` gets the current value (``None`` if absent) and returns the new value,
+        or ``None`` to write nothing; it may raise to abort, and may be called again after
+        a conflict. Returns what was written, or ``None``. Built on :meth:`get` and
+        :meth:`compare_and_set`, so it holds on every backend.
+
+        Raises
+        ------
+        StoreError
+            Other writers won ``attempts`` times in a row.
+        """
+        check_name(key, parameter="key")
+        check_count(attempts, parameter="attempts")
+        for _ in range(attempts):
+            record = self.get(key)
+            new = change(None if record is None else record.value)
+            if new is None:
+                return None
+            try:
+                self.compare_and_set(
+                    key, new, expected_version=0 if record is None else record.version
+                )
+            except VersionConflict:
+                continue
+            return new
+        raise StoreError(f"{key}: still contended after {attempts} compare-and-set attempts")
 
     def insert_if_absent(self, key: str, value: bytes) -> bool:
         """Create the record at version 1 if ``key`` does not exist.

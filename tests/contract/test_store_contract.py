@@ -783,3 +783,22 @@ def test_reclaim_from_named_consumers_leaves_live_ones_alone(store: Store) -> No
     assert consumers == {"rescuer": 2, "slow-but-alive": 2}
     with pytest.raises(ValueError, match="from_consumers"):
         store.reclaim("jobs", "g", "r", min_idle_s=0, count=1, from_consumers={""})
+
+
+def test_update_reads_modifies_and_writes_under_contention(backend: Backend) -> None:
+    first, second = backend.open(), backend.open()
+    assert first.update("n", lambda cur: b"1" if cur is None else None) == b"1"
+    assert first.update("n", lambda cur: None) is None  # no change: nothing written
+    calls = 0
+
+    def bump_with_interference(cur: bytes | None) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # another client writes between our read and our write
+            second.put("n", b"10")
+        return str(int(cur or b"0") + 1).encode()
+
+    assert first.update("n", bump_with_interference) == b"11"
+    assert calls == 2
+    with pytest.raises(StoreError, match="still contended"):
+        first.update("n", lambda cur: second.put("n", b"x") and b"y", attempts=3)
