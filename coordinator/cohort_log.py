@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from estuary.state.base import Store
-from secure_agg import Outgoing, Server, Stage
+from secure_agg import Server, Stage
 from secure_agg.errors import CohortAborted, ProtocolViolation
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,8 @@ class ReplicatedCohort:
             outcome = Outcome(seq, str(exc), type(exc).__name__)
         if server.stage is Stage.ABORTED and r.abort_reason is None:
             r.abort_reason = outcome.error or "aborted"
-        sent: list[Outgoing] = server.drain()
-        for out in sent:
-            r.mailbox.setdefault(out.recipient, []).append((server.stage, out.encode()))
+        for recipient, data in server.drain_encoded():
+            r.mailbox.setdefault(recipient, []).append((server.stage, data))
         r.outcomes[seq] = outcome
         r.applied = seq
 

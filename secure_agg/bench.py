@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from secure_agg.client import SINGLE_TENSOR
 from secure_agg.driver import run_local
 from secure_agg.numerics import quantize
 from secure_agg.stages import Stage
@@ -96,12 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected = np.zeros(m, dtype=np.int64)
     for i in result.survivors:
         q = quantize(
-            {"update": inputs[i]},
+            {SINGLE_TENSOR: inputs[i]},
             fixed_point=fp,
             weight=1.0,
             rng=np.random.default_rng([args.seed, i]),
         )
-        expected += q["update"]
+        expected += q[SINGLE_TENSOR]
     survivors = list(result.survivors)
     per_stage = {
         stage: [seconds[i] for i in survivors] for stage, seconds in result.client_seconds.items()

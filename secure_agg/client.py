@@ -26,8 +26,6 @@ from secure_agg.config import SessionConfig
 from secure_agg.constants import (
     FIELD_PRIME,
     SEED_BYTES,
-    SESSION_ID_BYTES,
-    SHARE_BUNDLE_BYTES,
     SHARE_BYTES,
     SHARE_CIPHERTEXT_BYTES,
 )
@@ -77,6 +75,13 @@ SINGLE_TENSOR = "update"
 """Name of the tensor when an update is a plain array instead of a name → array mapping."""
 
 
+def as_tensors(update: Update) -> dict[str, npt.NDArray[np.floating]]:
+    """Name → array view of an update: a plain array becomes the tensor :data:`SINGLE_TENSOR`."""
+    if isinstance(update, Mapping):
+        return {str(k): np.asarray(v) for k, v in update.items()}
+    return {SINGLE_TENSOR: np.asarray(update)}
+
+
 class Client:
     """One client of one secure aggregation session.
 
@@ -118,6 +123,8 @@ class Client:
         self._session = b""
         self._keys: dict[int, tuple[bytes, bytes]] = {}
         self._neighbours: frozenset[int] = frozenset()
+        self._closed: frozenset[int] = frozenset()
+        """Neighbours plus this client: the holders of its shares."""
         self._channel: dict[int, bytes] = {}
         self._mask_shared: dict[int, bytes] = {}
         self._seed: bytes | None = None
@@ -189,8 +196,6 @@ class Client:
         rng
             Generator for the stochastic-rounding noise (not secret); fresh entropy if None.
         """
-        if self.stage is Stage.ABORTED:
-            raise ClientAborted(f"client {self.client_id} has aborted")
         self._require(Stage.MASKED_INPUT)
         if self._shared_with is None:
             raise UnexpectedMessage("submit() before the share relay arrived")
@@ -283,7 +288,8 @@ class Client:
         mask_shared = {v: crypto.agree(self._s_sk, keys[v][1]) for v in sorted(mine)}
         order = sorted(keys)
         x_of = {c: i + 1 for i, c in enumerate(order)}
-        holders = sorted(mine | {self.client_id})
+        closed = mine | {self.client_id}
+        holders = sorted(closed)
         seed = os.urandom(SEED_BYTES)
         s_sk_raw = self._s_sk.private_bytes_raw()
         shares = shamir.split([seed, s_sk_raw], xs=[x_of[h] for h in holders],
@@ -314,6 +320,7 @@ class Client:
         self._keys = keys
         self._session = session
         self._neighbours = mine
+        self._closed = closed
         self._channel = channel
         self._mask_shared = mask_shared
         self._seed = seed
@@ -360,8 +367,7 @@ class Client:
                 sender=sender,
                 recipient=self.client_id,
             )
-            if len(bundle) != SHARE_BUNDLE_BYTES:
-                raise MalformedMessage(f"share bundle from client {sender} has the wrong size")
+            # A SHARE_CIPHERTEXT_BYTES block decrypts to exactly SHARE_BUNDLE_BYTES.
             values = np.frombuffer(bundle, dtype="<u4")
             if int(values.max()) >= FIELD_PRIME:
                 raise MalformedMessage(f"share from client {sender} is not a field element")
@@ -387,7 +393,7 @@ class Client:
         if not (alive_set | dropped_set) <= self._keys.keys():
             raise InconsistentUnmaskRequest("a listed client never advertised keys")
         assert self._shared_with is not None
-        closed = self._neighbours | {self.client_id}
+        closed = self._closed
         local = (alive_set | dropped_set) & closed
         if local != self._shared_with:
             raise InconsistentUnmaskRequest(
@@ -421,7 +427,7 @@ class Client:
             self._check_consistency_signatures(message, alive)
         elif message.signatures:
             raise UnexpectedMessage("signatures in an unmask request outside active mode")
-        closed = self._neighbours | {self.client_id}
+        closed = self._closed
         seed_owners = tuple(sorted(alive & closed))
         key_owners = tuple(sorted(dropped & closed))
         response = UnmaskResponse(
@@ -469,10 +475,7 @@ class Client:
     # --- helpers ------------------------------------------------------------------------------
 
     def _normalise(self, update: Update) -> dict[str, npt.NDArray[np.floating]]:
-        if isinstance(update, Mapping):
-            tensors = {str(k): np.asarray(v) for k, v in update.items()}
-        else:
-            tensors = {SINGLE_TENSOR: np.asarray(update)}
+        tensors = as_tensors(update)
         expected = dict(self.config.tensors)
         if set(tensors) != set(expected):
             raise ValueError(f"update tensors {sorted(tensors)} != configured {sorted(expected)}")
@@ -490,7 +493,8 @@ class Client:
             raise UnexpectedMessage(f"expected stage {stage.name}, client is in {self.stage.name}")
 
     def _check_session(self, session: bytes) -> None:
-        if len(session) != SESSION_ID_BYTES or session != self._session:
+        # Only called once the session id (SESSION_ID_BYTES) is set, so equality checks the size.
+        if session != self._session:
             raise SessionMismatch("message bound to a different session id")
 
     def _forget_secrets(self) -> None:
@@ -508,4 +512,4 @@ class Client:
         logger.warning("client %d aborted: %s", self.client_id, type(exc).__name__)
 
 
-__all__ = ["SINGLE_TENSOR", "Client", "Update"]
+__all__ = ["SINGLE_TENSOR", "Client", "Update", "as_tensors"]

@@ -86,11 +86,6 @@ class SessionConfig:
         """Canonical encoding of the parameters, hashed into the session id."""
         return self._params
 
-    @property
-    def total_length(self) -> int:
-        """Total number of elements over all tensors."""
-        return sum(length for _, length in self.tensors)
-
     def _encode_params(self) -> bytes:
         fp = self.fixed_point
         parts = [

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from secure_agg.client import SINGLE_TENSOR, Client
+from secure_agg.client import SINGLE_TENSOR, Client, as_tensors
 from secure_agg.config import SessionConfig
 from secure_agg.numerics import FixedPoint
 from secure_agg.server import Server
@@ -64,24 +64,11 @@ class LocalResult:
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
 
-    def client_totals(self) -> list[float]:
-        """Total handler seconds of each client that reached the masked input stage."""
-        totals: dict[int, float] = {}
-        for per_client in self.client_seconds.values():
-            for i, seconds in enumerate(per_client):
-                totals[i] = totals.get(i, 0.0) + seconds
-        return list(totals.values())
-
 
 def _normalise(inputs: Inputs) -> tuple[list[dict[str, FloatArray]], dict[str, tuple[int, ...]]]:
     if not inputs:
         raise ValueError("inputs must hold at least one client's update")
-    as_dicts: list[dict[str, FloatArray]] = []
-    for item in inputs:
-        if isinstance(item, Mapping):
-            as_dicts.append({str(k): np.asarray(v) for k, v in item.items()})
-        else:
-            as_dicts.append({SINGLE_TENSOR: np.asarray(item)})
+    as_dicts = [as_tensors(item) for item in inputs]
     shapes = {name: arr.shape for name, arr in as_dicts[0].items()}
     for i, update in enumerate(as_dicts):
         if {n: a.shape for n, a in update.items()} != shapes:
@@ -188,14 +175,7 @@ def run_local(
     def from_server() -> list[tuple[int, bytes]]:
         stage = server.stage
         start = time.perf_counter()
-        outgoing = server.drain()
-        cache: dict[int, bytes] = {}  # a broadcast is encoded once, as a transport would
-        encoded = []
-        for item in outgoing:
-            data = cache.get(id(item.message))
-            if data is None:
-                data = cache[id(item.message)] = item.encode()
-            encoded.append((item.recipient, data))
+        encoded = server.drain_encoded()  # a broadcast is encoded once, as a transport would
         server_seconds[stage.name] += time.perf_counter() - start
         return encoded
 

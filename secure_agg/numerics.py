@@ -75,11 +75,6 @@ class FixedPoint:
         """q_max: the largest magnitude of one client's quantised element."""
         return math.ceil(self.weight_bound * self.clip * 2.0**self.frac_bits)
 
-    @property
-    def wire_bytes(self) -> int:
-        """Bytes per element on the wire: ceil(b / 8)."""
-        return (self.bits + 7) // 8
-
     def max_clients(self) -> int:
         """Largest number of clients whose worst-case sum cannot wrap."""
         return ((1 << (self.bits - 1)) - 1) // self.element_bound

@@ -2,9 +2,10 @@
 
 The transport (the coordinator) calls :meth:`Server.handle` for every client message and
 :meth:`Server.deadline` when the current stage's deadline passes, then sends whatever
-:meth:`Server.drain` returns. A misbehaving client is dropped and the call raises the specific
-:class:`~secure_agg.errors.ProtocolViolation`; the cohort carries on while at least t clients
-remain, and raises :class:`~secure_agg.errors.CohortAborted` (revealing nothing) otherwise.
+:meth:`Server.drain` returns (or :meth:`Server.drain_encoded`, as wire bytes). A misbehaving
+client is dropped and the call raises the specific :class:`~secure_agg.errors.ProtocolViolation`;
+the cohort carries on while at least t clients remain, and raises
+:class:`~secure_agg.errors.CohortAborted` (revealing nothing) otherwise.
 
 Security notes
 --------------
@@ -76,10 +77,6 @@ _CLIENT_STAGE: dict[type, Stage] = {
     UnmaskResponse: Stage.UNMASKING,
 }
 """The stage in which each client → server message is accepted."""
-
-_RECONSTRUCTION_ATTEMPTS = 2
-"""t-subsets tried per secret (first t holders, then last t) before giving up: enough to get
-past one corrupted share without turning a failing cohort into a combinatorial search."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +153,8 @@ class Server:
         self._keys: dict[int, tuple[bytes, bytes]] = {}
         self._session = b""
         self._graph: dict[int, frozenset[int]] = {}
+        self._closed: dict[int, frozenset[int]] = {}
+        """graph[u] | {u}: the holders of u's shares."""
         self._x_of: dict[int, int] = {}
         self._expected: set[int] = set()
         self._share_keys: dict[int, ShareKeys] = {}
@@ -165,8 +164,9 @@ class Server:
             name: np.zeros(length, dtype=np.uint32) for name, length in config.tensors
         }
         self._u3: tuple[int, ...] = ()
-        self._alive_set: frozenset[int] = frozenset()
-        self._dropped_set: frozenset[int] = frozenset()
+        self._dropped: tuple[int, ...] = ()
+        """U2 minus U3, ascending: the clients whose mask keys are reconstructed."""
+        self._consistency_payload = b""
         self._signatures: dict[int, bytes] = {}
         self._responses: dict[int, tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]] = {}
         self._positions: dict[tuple[int, int], dict[int, int]] = {}
@@ -192,6 +192,17 @@ class Server:
         """Messages produced since the last call, for the transport to deliver."""
         out, self._outbox = self._outbox, []
         return out
+
+    def drain_encoded(self) -> list[tuple[int, bytes]]:
+        """Like :meth:`drain`, as (recipient, wire bytes); a broadcast is encoded only once."""
+        cache: dict[int, bytes] = {}  # id(message) -> bytes; the messages outlive the loop
+        encoded = []
+        for item in self.drain():
+            data = cache.get(id(item.message))
+            if data is None:
+                data = cache[id(item.message)] = item.encode()
+            encoded.append((item.recipient, data))
+        return encoded
 
     def handle(self, sender: int, message: bytes | Message) -> None:
         """Process one message from authenticated client ``sender``.
@@ -318,17 +329,14 @@ class Server:
     def _on_signature(self, sender: int, message: ConsistencySignature) -> None:
         public = self._identities.get(sender)
         if public is not None:
-            alive, dropped = self._u3, tuple(sorted(set(self._u2) - set(self._u3)))
-            payload = crypto.consistency_payload(self._session, alive, dropped)
+            payload = self._consistency_payload
             crypto.verify_signature(public, message.signature, payload, client=sender)
         self._signatures[sender] = message.signature
 
     def _on_unmask_response(self, sender: int, message: UnmaskResponse) -> None:
-        closed = self._graph[sender] | {sender}
-        alive, dropped = self._alive_set, self._dropped_set
-        if message.seed_owners != tuple(sorted(alive & closed)):
+        if message.seed_owners != tuple(self._owner_positions(sender, 0)):
             raise InvalidShare(f"client {sender} answered for the wrong self-mask owners")
-        if message.key_owners != tuple(sorted(dropped & closed)):
+        if message.key_owners != tuple(self._owner_positions(sender, 1)):
             raise InvalidShare(f"client {sender} answered for the wrong mask-key owners")
         parsed = []
         for owners, shares in (
@@ -418,6 +426,7 @@ class Server:
             cfg.cohort, cfg.params, ((c, k[0], k[1]) for c, k in self._keys.items())
         )
         self._graph = harary_neighbours(u1, k=cfg.neighbours, session=self._session)
+        self._closed = {u: near | {u} for u, near in self._graph.items()}
         self._x_of = {c: i + 1 for i, c in enumerate(u1)}
         broadcast = KeyBroadcast(
             cohort=cfg.cohort,
@@ -446,7 +455,7 @@ class Server:
             while starved:
                 starved = False
                 for u in sorted(members):
-                    if len((self._graph[u] | {u}) & members) < t:
+                    if len(self._closed[u] & members) < t:
                         members.discard(u)
                         starved = True
             if len(members) < t:
@@ -488,22 +497,21 @@ class Server:
 
     def _close_masked_input(self, u3: list[int]) -> None:
         self._u3 = tuple(u3)
-        dropped = tuple(sorted(set(self._u2) - set(u3)))
-        self._alive_set = frozenset(u3)
-        self._dropped_set = frozenset(dropped)
+        self._dropped = dropped = tuple(sorted(set(self._u2) - set(u3)))
         if self.config.neighbours is not None:
             # SecAgg+: every survivor's seed and every needed mask key must have t holders among
             # the survivors, or unmasking cannot finish: abort now, before any share is asked.
             alive = set(u3)
             t = self.config.threshold
             for u in u3:
-                if len((self._graph[u] | {u}) & alive) < t:
+                if len(self._closed[u] & alive) < t:
                     self._abort(f"client {u} has fewer than {t} surviving share holders")
             for d in dropped:
                 holders = self._graph[d] & alive
                 if holders and len(holders) < t:
                     self._abort(f"dropped client {d} has fewer than {t} surviving share holders")
         if self.config.active:
+            self._consistency_payload = crypto.consistency_payload(self._session, self._u3, dropped)
             request = ConsistencyRequest(session=self._session, alive=self._u3, dropped=dropped)
             self._outbox.extend(Outgoing(c, request) for c in u3)
             self._expected = set(u3)
@@ -514,9 +522,8 @@ class Server:
     def _send_unmask(
         self, recipients: list[int], signatures: tuple[tuple[int, bytes], ...]
     ) -> None:
-        dropped = tuple(sorted(set(self._u2) - set(self._u3)))
         request = UnmaskRequest(
-            session=self._session, alive=self._u3, dropped=dropped, signatures=signatures
+            session=self._session, alive=self._u3, dropped=self._dropped, signatures=signatures
         )
         self._outbox.extend(Outgoing(c, request) for c in recipients)
         self._expected = set(recipients)
@@ -524,7 +531,7 @@ class Server:
 
     def _close_unmasking(self, responders: list[int]) -> None:
         alive = list(self._u3)
-        dropped = sorted(set(self._u2) - set(alive))
+        dropped = list(self._dropped)
         seeds = self._reconstruct(alive, responders, which=0)
         keys = self._reconstruct(dropped, responders, which=1)
         private: dict[int, X25519PrivateKey] = {}
@@ -571,7 +578,7 @@ class Server:
         groups: dict[tuple[int, ...], list[int]] = {}
         candidates: dict[int, list[int]] = {}
         for owner in owners:
-            closed = self._graph[owner] | {owner}
+            closed = self._closed[owner]
             holders = [r for r in responders if r in closed]
             if len(holders) < t:
                 self._abort(f"{len(holders)} shares of client {owner}'s secret, threshold {t}")
@@ -584,11 +591,15 @@ class Server:
         out: dict[int, bytes] = {}
         for owner in owners:
             secret = rebuilt[owner]
-            if not self._secret_ok(owner, secret, which) and len(candidates[owner]) > t:
-                secret = self._interpolate([owner], tuple(candidates[owner][-t:]), which)[0]
-            if secret is None or not self._secret_ok(owner, secret, which):
-                kind = "self-mask seed" if which == 0 else "mask key"
-                self._abort(f"{kind} of client {owner} does not match what it advertised")
+            if not self._secret_ok(owner, secret, which):
+                # Retry once with the last t holders: enough to get past one corrupted share
+                # without turning a failing cohort into a combinatorial search.
+                if len(candidates[owner]) > t:
+                    secret = self._interpolate([owner], tuple(candidates[owner][-t:]), which)[0]
+                if not self._secret_ok(owner, secret, which):
+                    kind = "self-mask seed" if which == 0 else "mask key"
+                    self._abort(f"{kind} of client {owner} does not match what it advertised")
+            assert secret is not None  # _secret_ok is False for None
             out[owner] = secret
         return out
 
@@ -630,8 +641,8 @@ class Server:
         """Row of each owner in ``holder``'s response table (owners in ascending order)."""
         cached = self._positions.get((holder, which))
         if cached is None:
-            closed = self._graph[holder] | {holder}
-            pool = self._u3 if which == 0 else tuple(sorted(set(self._u2) - set(self._u3)))
+            closed = self._closed[holder]
+            pool = self._u3 if which == 0 else self._dropped
             cached = {u: i for i, u in enumerate(u for u in pool if u in closed)}
             self._positions[(holder, which)] = cached
         return cached

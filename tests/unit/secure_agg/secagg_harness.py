@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from secure_agg import Client, FixedPoint, Server, SessionConfig, Stage
+from secure_agg.client import SINGLE_TENSOR
 from secure_agg.messages import Message, decode
+from secure_agg.numerics import quantize
+
+
+def expected_sum(
+    inputs: Sequence[npt.NDArray[np.floating]],
+    survivors: Collection[int],
+    *,
+    fixed_point: FixedPoint,
+    seed: int | None = None,
+    weights: Sequence[float] | None = None,
+) -> npt.NDArray[np.int64]:
+    """Σ of the survivors' quantised inputs, with the rounding noise each client used.
+
+    Client i rounds with ``default_rng(i)`` (the :class:`Harness`) or, given ``seed``,
+    ``default_rng([seed, i])`` (``run_local``).
+    """
+    total = np.zeros(np.asarray(inputs[0]).size, dtype=np.int64)
+    for i in survivors:
+        q = quantize(
+            {SINGLE_TENSOR: inputs[i]},
+            fixed_point=fixed_point,
+            weight=1.0 if weights is None else weights[i],
+            rng=np.random.default_rng(i if seed is None else [seed, i]),
+        )
+        total += q[SINGLE_TENSOR]
+    return total
 
 
 class Harness:
@@ -53,6 +81,10 @@ class Harness:
         self.updates = [rng.uniform(-0.2, 0.2, size=m) for _ in range(n)]
         self.sent: list[tuple[int, Message]] = []
         """Every client → server message, to check what left the clients."""
+
+    def expected_sum(self, survivors: Collection[int]) -> list[int]:
+        """Σ of the survivors' quantised updates (unit weights), as the server must find it."""
+        return expected_sum(self.updates, survivors, fixed_point=self.fixed_point).tolist()
 
     def _send(self, i: int, message: Message) -> None:
         self.sent.append((i, message))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from secagg_harness import Harness
+from secagg_harness import Harness, expected_sum
 
 from secure_agg import CohortAborted, Stage, run_local
 from secure_agg.messages import MaskedInput, UnmaskResponse
@@ -24,27 +24,6 @@ DROP_STAGES = [
     Stage.CONSISTENCY_CHECK,
     Stage.UNMASKING,
 ]
-
-
-def _expected(
-    inputs: list[np.ndarray],
-    survivors: tuple[int, ...],
-    *,
-    fp: object,
-    seed: int,
-    weights: list[float] | None,
-) -> np.ndarray:
-    total = np.zeros(inputs[0].size, dtype=np.int64)
-    for i in survivors:
-        w = 1.0 if weights is None else weights[i]
-        q = quantize(
-            {"update": inputs[i]},
-            fixed_point=fp,
-            weight=w,  # type: ignore[arg-type]
-            rng=np.random.default_rng([seed, i]),
-        )
-        total += q["update"]
-    return total
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -94,7 +73,9 @@ def test_sum_is_bit_exact_or_the_cohort_aborts(
     )
     survivors = tuple(i for i in range(n) if drop.get(i, Stage.COMPLETED) > Stage.MASKED_INPUT)
     assert result.survivors == survivors
-    expected = _expected(inputs, survivors, fp=result.fixed_point, seed=seed, weights=weights)
+    expected = expected_sum(
+        inputs, survivors, fixed_point=result.fixed_point, seed=seed, weights=weights
+    )
     assert np.array_equal(result.integer_sum, expected)
     assert result.weight_sum == pytest.approx(
         sum(1.0 if weights is None else weights[i] for i in survivors)
@@ -123,7 +104,7 @@ def test_secagg_plus_is_bit_exact_or_aborts(n: int, seed: int, data: st.DataObje
     possible = {i for i in range(n) if drop.get(i, Stage.COMPLETED) > Stage.MASKED_INPUT}
     assert set(result.survivors) <= possible
     assert len(result.survivors) >= t
-    expected = _expected(inputs, result.survivors, fp=result.fixed_point, seed=seed, weights=None)
+    expected = expected_sum(inputs, result.survivors, fixed_point=result.fixed_point, seed=seed)
     assert np.array_equal(result.integer_sum, expected)
 
 
@@ -175,7 +156,7 @@ def test_secagg_plus_graph_is_exact_with_dropouts() -> None:
     result = run_local(inputs, threshold=4, clip=1.0, bits=24, neighbours=6, drop=drop, seed=2)
     survivors = tuple(i for i in range(20) if i not in (2, 15))
     assert result.survivors == survivors
-    expected = _expected(inputs, survivors, fp=result.fixed_point, seed=2, weights=None)
+    expected = expected_sum(inputs, survivors, fixed_point=result.fixed_point, seed=2)
     assert np.array_equal(result.integer_sum, expected)
     # SecAgg+: each client sent shares to its 6 neighbours only.
     assert max(result.bytes_up) < 5_000

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secure_agg.graph import choose_neighbours, choose_threshold, harary_neighbours
+from secure_agg.graph import (
+    _log2_binom_tail_ge,
+    choose_neighbours,
+    choose_threshold,
+    harary_neighbours,
+)
 
 
 @settings(max_examples=30, deadline=None)
@@ -45,9 +52,22 @@ def test_threshold_bounds() -> None:
         choose_threshold(100, dropout=0.5, corrupt=0.5)
 
 
+def _meets(n: int, k: int, t: int, *, dropout: float, corrupt: float) -> bool:
+    """Both SecAgg+ bounds (defaults σ = 40, η = 20), union-bounded over n neighbourhoods."""
+    union = math.log2(n)
+    holders = k + 1
+    fail = _log2_binom_tail_ge(holders, dropout, holders - t + 1) + union
+    leak = _log2_binom_tail_ge(holders, corrupt, t) + union
+    return fail <= -20 and leak <= -40
+
+
 def test_neighbours_meet_the_requested_probabilities() -> None:
     k, t = choose_neighbours(1000, dropout=0.1, corrupt=0.1)
     assert k % 2 == 0 and k < 999
     assert 1 <= t <= k + 1
+    # P[fewer than t of the k + 1 holders survive] ≤ 2^-20, P[t or more collude] ≤ 2^-40.
+    assert _meets(1000, k, t, dropout=0.1, corrupt=0.1)
+    # And k is the smallest even degree for which some t meets both bounds.
+    assert not any(_meets(1000, k - 2, u, dropout=0.1, corrupt=0.1) for u in range(1, k))
     # Smaller than the complete graph by a wide margin, as SecAgg+ promises (O(log n)).
     assert k <= 200

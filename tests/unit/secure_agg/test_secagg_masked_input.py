@@ -18,20 +18,6 @@ from secure_agg.errors import (
     UnknownClient,
 )
 from secure_agg.messages import MaskedInput, Message, UnmaskRequest, UnmaskResponse
-from secure_agg.numerics import quantize
-
-
-def _expected_sum(h: Harness, survivors: list[int]) -> list[int]:
-    total = np.zeros(len(h.updates[0]), dtype=np.int64)
-    for i in survivors:
-        q = quantize(
-            {"update": h.updates[i]},
-            fixed_point=h.fixed_point,
-            weight=1.0,
-            rng=np.random.default_rng(i),
-        )
-        total += q["update"]
-    return total.tolist()
 
 
 def _masked(h: Harness) -> dict[int, MaskedInput]:
@@ -72,7 +58,7 @@ def test_wrong_length_drops_the_client_and_the_sum_stays_exact(
     assert isinstance(request, UnmaskRequest) and request.dropped == (2,)
     _finish(h, {o.recipient: o.message for o in requests})
     assert h.server.result is not None
-    assert h.server.result.integer_sum["update"].tolist() == _expected_sum(h, [0, 1, 3, 4])
+    assert h.server.result.integer_sum["update"].tolist() == h.expected_sum([0, 1, 3, 4])
 
 
 def test_element_outside_the_ring_is_refused(harness: Callable[..., Harness]) -> None:
@@ -99,7 +85,7 @@ def test_duplicate_upload_drops_the_client_and_removes_its_input(
     _finish(h, {o.recipient: o.message for o in h.server.drain()})
     assert h.server.result is not None
     assert h.server.result.survivors == (0, 1, 2, 4)
-    assert h.server.result.integer_sum["update"].tolist() == _expected_sum(h, [0, 1, 2, 4])
+    assert h.server.result.integer_sum["update"].tolist() == h.expected_sum([0, 1, 2, 4])
 
 
 def test_upload_from_outside_the_cohort_is_refused(harness: Callable[..., Harness]) -> None:
@@ -137,5 +123,5 @@ def test_late_masked_input_is_rejected_and_its_seed_never_requested(
     assert responses and all(4 not in r.seed_owners for r in responses)
     assert all(4 in r.key_owners for r in responses)
     assert h.server.result is not None
-    assert h.server.result.integer_sum["update"].tolist() == _expected_sum(h, [0, 1, 2, 3])
+    assert h.server.result.integer_sum["update"].tolist() == h.expected_sum([0, 1, 2, 3])
     assert h.server.stage is Stage.COMPLETED

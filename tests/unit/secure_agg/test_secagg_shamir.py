@@ -1,4 +1,4 @@
-"""Shamir sharing: exact-t reconstruction, and t - 1 shares fit every candidate secret."""
+"""Shamir sharing: exact-t reconstruction, and interpolation through any t points."""
 
 from __future__ import annotations
 
@@ -28,15 +28,16 @@ def test_any_t_shares_rebuild_every_secret(holders: int, data: st.DataObject) ->
     assert [shamir.field_to_secret(v) for v in values.tolist()] == secrets
 
 
-def test_t_minus_one_shares_are_consistent_with_every_candidate_secret() -> None:
+def test_reconstruct_interpolates_through_any_t_points() -> None:
     # Prepare: t - 1 real shares of one secret.
     t = 4
     secret = os.urandom(32)
     xs = [3, 5, 9, 11, 12]
     shares = shamir.split([secret], xs=xs, threshold=t)[:, 0, :]  # (H, 9)
     seen_x, seen = xs[: t - 1], shares[: t - 1]
-    # Execute / Assert: for every candidate there is a degree < t polynomial through the seen
-    # shares and (0, candidate), so the seen shares rule no candidate out.
+    # Execute / Assert: reconstruct from the t - 1 shares plus one point of the degree < t
+    # polynomial through them and (0, candidate) returns the candidate, for any candidate:
+    # reconstruct is exact Lagrange interpolation through whichever t points it is given.
     for candidate in (bytes(32), b"\xff" * 32, os.urandom(32), secret):
         assert _secret_through(candidate, seen_x, seen, t) == candidate
 

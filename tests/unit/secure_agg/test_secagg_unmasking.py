@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 from secagg_harness import Harness
 
@@ -18,7 +17,6 @@ from secure_agg.errors import (
     ProtocolViolation,
 )
 from secure_agg.messages import UnmaskRequest, UnmaskResponse, split_blocks
-from secure_agg.numerics import quantize
 
 
 def _to_unmask(h: Harness, skip_masked: tuple[int, ...] = ()) -> dict[int, UnmaskRequest]:
@@ -95,18 +93,6 @@ def _responses(h: Harness, requests: dict[int, UnmaskRequest]) -> dict[int, Unma
     return out
 
 
-def _expected(h: Harness, survivors: list[int]) -> list[int]:
-    total = np.zeros(len(h.updates[0]), dtype=np.int64)
-    for i in survivors:
-        total += quantize(
-            {"update": h.updates[i]},
-            fixed_point=h.fixed_point,
-            weight=1.0,
-            rng=np.random.default_rng(i),
-        )["update"]
-    return total.tolist()
-
-
 def test_server_drops_a_response_for_the_wrong_owners(harness: Callable[..., Harness]) -> None:
     h = harness(n=5, t=3)
     responses = _responses(h, _to_unmask(h, skip_masked=(4,)))
@@ -124,7 +110,7 @@ def test_server_drops_a_response_for_the_wrong_owners(harness: Callable[..., Har
         h.server.handle(i, responses[i].encode())
     h.server.deadline()
     assert h.server.result is not None
-    assert h.server.result.integer_sum["update"].tolist() == _expected(h, [0, 1, 2, 3])
+    assert h.server.result.integer_sum["update"].tolist() == h.expected_sum([0, 1, 2, 3])
 
 
 def test_server_refuses_a_share_outside_the_field(harness: Callable[..., Harness]) -> None:
@@ -152,7 +138,7 @@ def test_a_corrupted_share_is_outvoted_when_more_than_t_answer(
         h.server.handle(i, response.encode())
     # Assert: the commitment check rejects the first t-subset, the retry rebuilds the seed.
     assert h.server.result is not None
-    assert h.server.result.integer_sum["update"].tolist() == _expected(h, list(range(5)))
+    assert h.server.result.integer_sum["update"].tolist() == h.expected_sum(list(range(5)))
 
 
 def test_a_corrupted_share_with_exactly_t_answers_aborts(harness: Callable[..., Harness]) -> None:
