@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -55,21 +54,6 @@ def step_seconds(base: nn.Module, data: bytes, *, rank: int, steps: int, threads
         base, adapter, data, rank=rank, steps=steps, batch_size=8, seq_len=128, threads=threads
     )
     return result.metrics.seconds / steps
-
-
-def ort_bits_per_byte(ort_model: Any, windows: torch.Tensor, batch: int = 16) -> float:
-    nats = 0.0
-    count = 0
-    array = windows.numpy()
-    for start in range(0, len(array), batch):
-        chunk = array[start : start + batch]
-        logits = ort_model.logits(chunk[:, :-1]).astype(np.float64)  # (b, t, vocab)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        targets = chunk[:, 1:]
-        nats -= float(np.take_along_axis(logp, targets[..., None], axis=-1).sum())
-        count += targets.size
-    return nats / count / math.log(2)
 
 
 def latency_child(engine: str, model: Path, threads: int) -> float:
@@ -200,14 +184,14 @@ def main() -> None:
     latency: dict[str, Any] = {"batch": "8x128", "measured": "one fresh process per engine"}
 
     try:
+        from edge_client.onnx_meta import INT8_FILENAME
         from edge_client.serving import OrtLM, export_onnx, quantize_int8
     except ImportError as exc:
         report["ort"] = f"omitted: edge_client.serving unavailable ({exc})"
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            exported = Path(export_onnx(fp32, Path(tmp) / "served", example_batch=2))
-            fp32_onnx = exported / "model.onnx" if exported.is_dir() else exported
-            int8_onnx = quantize_int8(fp32_onnx, fp32_onnx.with_name("model.int8.onnx"))
+            fp32_onnx = export_onnx(fp32, Path(tmp) / "served", example_batch=2)
+            int8_onnx = quantize_int8(fp32_onnx, fp32_onnx.with_name(INT8_FILENAME))
             torch_dir = Path(tmp) / "torch"
             fp32.save_pretrained(str(torch_dir))  # type: ignore[operator]
             eager = isolated_latency("torch", torch_dir, args.threads)
@@ -224,8 +208,8 @@ def main() -> None:
             }
             sizes_onnx["int8_over_fp32"] = sizes_onnx["onnx_int8"] / sizes_onnx["onnx_fp32"]
             report["serving_model_bytes"] = sizes_onnx
-            bpb["ort_fp32"] = ort_bits_per_byte(ort_fp32, windows)
-            bpb["ort_int8"] = ort_bits_per_byte(ort_int8, windows)
+            bpb["ort_fp32"] = ort_fp32.bits_per_byte(windows)
+            bpb["ort_int8"] = ort_int8.bits_per_byte(windows)
     report["latency_seconds"] = latency
     report["heldout_bits_per_byte"] = {"windows": int(windows.shape[0]), "seq_len": 128, **bpb}
     report["wall_seconds"] = time.perf_counter() - started

@@ -148,14 +148,19 @@ def run_centralized(
 
 def run_federated(
     server_base: nn.Module,
+    edge_base: nn.Module,
     clients: list[ClientData],
     windows: dict[str, torch.Tensor],
     variant: FedVariant,
     *,
     lr: float,
 ) -> tuple[dict[str, float], int]:
-    server = copy.deepcopy(server_base)  # full precision, as in the cloud
-    edge_base = compress_model(copy.deepcopy(server), scheme="int8")
+    """``edge_base`` is ``server_base`` compressed to int8; it is used as is, not changed.
+
+    Only a variant that re-seeds A changes the base: it merges into a copy of
+    ``server_base`` (full precision, as in the cloud) and compresses that copy afresh.
+    """
+    server = copy.deepcopy(server_base) if variant.reseed_every else server_base
     adapter = GlobalAdapter.for_model(edge_base, AdapterConfig(r_max=R_MAX))
     upload = sum(b.nbytes for b in adapter.b.values())  # ΔB is zero-padded to r_max
     velocity = {n: np.zeros_like(b) for n, b in adapter.b.items()}
@@ -252,7 +257,7 @@ def run_regime(
     fed: dict[str, Any] = {}
     progress(f"local-only {local:.3f}, centralized {central:.3f}")
     for variant in variants:
-        scores, upload = run_federated(server_base, clients, windows, variant, lr=lr)
+        scores, upload = run_federated(server_base, edge_base, clients, windows, variant, lr=lr)
         entry = summary(scores, counts)
         entry["settings"] = {
             "rounds": variant.rounds,

@@ -35,6 +35,7 @@ from edge_client.onnx_meta import (
     read_metadata,
     write_metadata,
 )
+from estuary.model.tokenizer import TOKENIZER_CONFIG_KEY
 
 if TYPE_CHECKING:
     import onnx
@@ -202,7 +203,7 @@ def export_onnx(
     name_or_path = str(getattr(config, "name_or_path", "") or "")
     tokenizer_kind = (
         TOKENIZER_BYTES
-        if getattr(config, "estuary_tokenizer", None) == TOKENIZER_BYTES
+        if getattr(config, TOKENIZER_CONFIG_KEY, None) == TOKENIZER_BYTES
         else TOKENIZER_HF
     )
     if tokenizer_kind == TOKENIZER_HF:

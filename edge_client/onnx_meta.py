@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from estuary.model.tokenizer import BYTE_TOKENIZER_NAME
+
 #: File names inside a served directory.
 METADATA_FILENAME = "estuary_onnx.json"
 FP32_FILENAME = "model.onnx"
@@ -26,7 +28,7 @@ METADATA_FORMAT = "estuary-onnx/1"
 
 #: Tokenizer kinds: the presets' byte-level identity map, or a Hugging Face tokenizer whose
 #: files were copied next to the graph.
-TOKENIZER_BYTES = "bytes"
+TOKENIZER_BYTES = BYTE_TOKENIZER_NAME
 TOKENIZER_HF = "hf"
 
 

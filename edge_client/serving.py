@@ -132,7 +132,7 @@ class OrtLM:
         if self.metadata is not None:
             self.vocab_size = self.metadata.vocab_size
             self.max_positions: int | None = self.metadata.max_positions
-            self.tokenizer: Tokenizer | None = _load_tokenizer(directory, self.metadata)
+            self.tokenizer: Tokenizer | None = _load_tokenizer(directory)
         else:
             if not isinstance(vocab_axis, int):
                 raise ValueError(f"{self.path}: logits vocabulary axis is not static")
@@ -293,9 +293,9 @@ def _byte_tokenizer() -> Tokenizer:
     return ByteTokenizer()
 
 
-def _load_tokenizer(directory: Path, metadata: ServedMetadata) -> Tokenizer:
-    if metadata.tokenizer == TOKENIZER_BYTES:
-        return _byte_tokenizer()
+def _load_tokenizer(directory: Path) -> Tokenizer:
+    # export_onnx writes the model's config.json into every served directory; it names
+    # the byte tokenizer for the presets, and the copied tokenizer files serve the rest.
     from estuary.model.tokenizer import load_tokenizer
 
     return load_tokenizer(directory)

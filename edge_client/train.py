@@ -22,6 +22,7 @@ from torch import nn
 
 from estuary.adapters.lora import GlobalAdapter, attach_adapters, delta_b, detach_adapters
 from estuary.data.windows import WindowSampler
+from estuary.model.pretrain import lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -172,12 +173,7 @@ def train_adapter(
         start = time.perf_counter()
         for _ in range(steps):
             batch = sampler.batch(batch_size)  # (batch, seq_len + 1)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            logits = base(input_ids=inputs).logits  # (batch, seq_len, vocab)
-            # (batch, seq_len, vocab) -> (batch * seq_len, vocab)
-            loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
-            )
+            loss = lm_loss(base, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]  # torch stubs leave it unannotated
             nn.utils.clip_grad_norm_(params, clip_norm)

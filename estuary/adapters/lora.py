@@ -315,12 +315,6 @@ class LoRALinear(nn.Module):
         return padded
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def attach_adapters(model: nn.Module, adapter: GlobalAdapter, *, rank: int) -> list[LoRALinear]:
     """Wrap every target module of ``model`` in a :class:`LoRALinear`, in place.
 
@@ -349,7 +343,7 @@ def attach_adapters(model: nn.Module, adapter: GlobalAdapter, *, rank: int) -> l
             b0=torch.from_numpy(adapter.b[name]),
             rank=rank,
         )
-        _set_module(model, name, lora)
+        model.set_submodule(name, lora)
         wrapped.append(lora)
     return wrapped
 
@@ -358,7 +352,7 @@ def detach_adapters(model: nn.Module) -> None:
     """Put every :class:`LoRALinear`'s base module back in its place, in place."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            _set_module(model, name, module.base)
+            model.set_submodule(name, module.base)
 
 
 def delta_b(model: nn.Module) -> dict[str, FloatArray]:

@@ -43,9 +43,8 @@ def init(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from estuary.data.stdlib import pretrain_corpus
     from estuary.model.presets import PRESETS, build_preset
-    from estuary.model.pretrain import pretrain
+    from estuary.model.pretrain import pretrained_preset
 
     if preset not in PRESETS:
         typer.echo(
@@ -56,9 +55,9 @@ def init(
         typer.echo(f"{out / 'config.json'}: a model already exists; pass --overwrite", err=True)
         raise typer.Exit(ExitCode.INPUT)
     torch.set_num_threads(threads)
-    model = build_preset(preset, seed=seed)
-    if pretrain_steps > 0:
-        corpus = pretrain_corpus()
+    if pretrain_steps == 0:
+        model = build_preset(preset, seed=seed)
+    else:
         with Progress(
             TextColumn("pretraining {task.fields[preset]}"),
             BarColumn(),
@@ -70,17 +69,14 @@ def init(
             def report(step: int, loss: float) -> None:
                 bar.update(task, completed=step, loss=loss)
 
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                pretrain(
-                    model,
-                    corpus,
-                    steps=pretrain_steps,
-                    batch_size=batch_size,
-                    seq_len=seq_len,
-                    seed=seed,
-                    progress=report,
-                )
+            model = pretrained_preset(
+                preset,
+                steps=pretrain_steps,
+                seed=seed,
+                batch_size=batch_size,
+                seq_len=seq_len,
+                progress=report,
+            )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     typer.echo(f"saved {preset} ({sum(p.numel() for p in model.parameters())} parameters) to {out}")

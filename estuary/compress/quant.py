@@ -212,21 +212,27 @@ class NF4Weight(QuantizedWeight):
         return values.reshape(-1)[: out * inp].reshape(out, inp)
 
 
+#: Weight class of each scheme.
+_WEIGHT_CLASSES: dict[str, type[Int8Weight] | type[NF4Weight]] = {
+    "int8": Int8Weight,
+    "nf4": NF4Weight,
+}
+
+
+def _weight_class(scheme: str) -> type[Int8Weight] | type[NF4Weight]:
+    try:
+        return _WEIGHT_CLASSES[scheme]
+    except KeyError:
+        raise ValueError(f"scheme: unknown scheme {scheme!r}; choose one of {SCHEMES}") from None
+
+
 def quantize_weight(weight: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
     """Return ``weight`` quantised with ``scheme``."""
-    if scheme == "int8":
-        return Int8Weight.quantize(weight)
-    if scheme == "nf4":
-        return NF4Weight.quantize(weight)
-    raise ValueError(f"scheme: unknown scheme {scheme!r}; choose one of {SCHEMES}")
+    return _weight_class(scheme).quantize(weight)
 
 
 def _empty_weight(scheme: str, shape: tuple[int, int]) -> QuantizedWeight:
-    if scheme == "int8":
-        return Int8Weight.empty(shape)
-    if scheme == "nf4":
-        return NF4Weight.empty(shape)
-    raise ValueError(f"scheme: unknown scheme {scheme!r}; choose one of {SCHEMES}")
+    return _weight_class(scheme).empty(shape)
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -313,12 +319,6 @@ class QuantEmbedding(nn.Module):
         return self.qweight.rows(ids)
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 def _quantizable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in list(model.named_modules()):
         if type(module) in (nn.Linear, nn.Embedding):
@@ -352,10 +352,10 @@ def compress_model(model: nn.Module, *, scheme: Scheme) -> nn.Module:
     replaced = 0
     for name, module in _quantizable(model):
         if isinstance(module, nn.Linear):
-            _set_module(model, name, QuantLinear.from_linear(module, scheme))
+            model.set_submodule(name, QuantLinear.from_linear(module, scheme))
         else:
-            _set_module(
-                model, name, QuantEmbedding.from_embedding(cast(nn.Embedding, module), scheme)
+            model.set_submodule(
+                name, QuantEmbedding.from_embedding(cast(nn.Embedding, module), scheme)
             )
         replaced += 1
     if replaced == 0:
@@ -470,7 +470,7 @@ def load_compressed(model_dir: str | Path) -> nn.Module:
             replacement = QuantLinear(qweight, bias)
         else:
             replacement = QuantEmbedding(qweight, spec["padding_idx"])
-        _set_module(model, name, replacement)
+        model.set_submodule(name, replacement)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

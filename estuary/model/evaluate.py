@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from estuary.model.pretrain import lm_loss
+
 
 @torch.no_grad()
 def bits_per_byte(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 16) -> float:
@@ -39,13 +41,8 @@ def bits_per_byte(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 
     total_tokens = 0
     for start in range(0, windows.shape[0], batch_size):
         chunk = windows[start : start + batch_size]
-        inputs, targets = chunk[:, :-1], chunk[:, 1:]
-        logits = model(input_ids=inputs).logits  # (b, t, vocab)
-        # (b, t, vocab) -> (b * t, vocab) against (b * t,) targets
-        loss = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum"
-        )
+        loss = lm_loss(model, chunk, reduction="sum")
         total_nats += float(loss)
-        total_tokens += targets.numel()
+        total_tokens += chunk[:, 1:].numel()
     model.train(was_training)
     return total_nats / total_tokens / math.log(2)

@@ -46,17 +46,18 @@ class PretrainResult:
     tokens: int
 
 
-def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Return the mean next-token cross-entropy (nats) of ``model`` on ``batch``.
+def lm_loss(model: nn.Module, batch: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Return the next-token cross-entropy (nats) of ``model`` on ``batch``.
 
     ``batch`` is ``(b, seq_len + 1)``: inputs are the first ``seq_len`` ids, targets the
-    last ``seq_len``.
+    last ``seq_len``. ``reduction`` is passed to :func:`torch.nn.functional.cross_entropy`
+    (``"mean"`` over every predicted token, or ``"sum"``).
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = model(input_ids=inputs).logits  # (b, t, vocab)
     # (b, t, vocab) -> (b * t, vocab)
     return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction=reduction
     )
 
 

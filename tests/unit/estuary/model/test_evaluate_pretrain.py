@@ -48,7 +48,8 @@ def test_bits_per_byte_rejects_bad_windows(shape: tuple[int, ...]) -> None:
 def test_pretrain_is_deterministic_and_learns() -> None:
     a = pretrained_preset("tiny", steps=25, seed=5, batch_size=4, seq_len=64)
     b = pretrained_preset("tiny", steps=25, seed=5, batch_size=4, seq_len=64)
-    c = pretrained_preset("tiny", steps=2, seed=6, batch_size=4, seq_len=64)
+    # Same seed, no training: only the 25 steps can tell a and c apart.
+    c = pretrained_preset("tiny", steps=0, seed=5, batch_size=4, seq_len=64)
 
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
