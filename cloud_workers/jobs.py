@@ -381,12 +381,15 @@ class ModelJobExecutor:
             raise JobInputError(f"version {job.version}: no adapter checkpoint named")
         return digest
 
-    def load_adapter(self, job: jobs_pb2.Job) -> Any:
-        """Return the version's :class:`~estuary.adapters.lora.GlobalAdapter`."""
+    def load_adapter(self, job: jobs_pb2.Job, *, digest: str | None = None) -> Any:
+        """Return the version's :class:`~estuary.adapters.lora.GlobalAdapter`.
+
+        ``digest``: the job's adapter digest if the caller already resolved it.
+        """
         from estuary.adapters import get_adapter
         from estuary.model.loading import CheckpointError
 
-        digest = self.adapter_digest(job)
+        digest = digest or self.adapter_digest(job)
         try:
             return get_adapter(self.blobs, digest)  # hash verified before use
         except CheckpointError as exc:
@@ -488,10 +491,11 @@ class ModelJobExecutor:
         device_class = job.build_artifacts.device_class
         if not device_class:
             raise JobInputError("build_artifacts: no device_class")
-        self.load_adapter(job)  # fail early and clearly on a missing or corrupt adapter
+        digest = self.adapter_digest(job)
+        self.load_adapter(job, digest=digest)  # fail early on a missing or corrupt adapter
         scheme = self.schemes.get(device_class, DEFAULT_SCHEME)
         files = dict(self._compressed_base(scheme))
-        files["adapter.safetensors"] = self.adapter_digest(job)
+        files["adapter.safetensors"] = digest
         manifest = {
             "format": "estuary-edge-artifact/1",
             "version": job.version,

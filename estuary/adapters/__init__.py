@@ -18,14 +18,12 @@ from estuary.adapters.lora import (
     weighted_sum,
 )
 from estuary.adapters.peft_export import export_peft
-from estuary.adapters.server_opt import ServerAdam
 
 __all__ = [
     "DEFAULT_TARGETS",
     "AdapterConfig",
     "GlobalAdapter",
     "LoRALinear",
-    "ServerAdam",
     "aggregate",
     "attach_adapters",
     "delta_b",
