@@ -137,7 +137,9 @@ class ReplicatedCohort:
             elif event.kind == DEADLINE:
                 if server.stage == Stage(event.stage):
                     server.deadline()
-            else:
+            elif server.weight_of(event.client) is None:
+                # First weight wins: the device was told that one, and replicas racing to
+                # assign a weight must not change it afterwards.
                 server.assign_weight(event.client, event.weight)
         except (ProtocolViolation, CohortAborted, ValueError) as exc:
             outcome = Outcome(seq, str(exc), type(exc).__name__)
@@ -202,7 +204,10 @@ class ReplicatedCohort:
         return self.append(CohortEvent(MESSAGE, client=client, payload=payload))
 
     def assign_weight(self, client: int, weight: float) -> Outcome:
-        """Append the staleness weight given to ``client`` (before its masked input)."""
+        """Append the staleness weight given to ``client`` (before its masked input).
+
+        Only the first weight appended for a client takes effect, on every replica.
+        """
         return self.append(CohortEvent(WEIGHT, client=client, weight=weight))
 
     def close_stage_if(self, stage: Stage) -> Outcome | None:

@@ -188,6 +188,18 @@ class Server:
             )
         self._weights[client] = weight
 
+    def weight_of(self, client: int) -> float | None:
+        """Return the weight assigned to ``client``, or ``None`` if none was assigned yet."""
+        return self._weights.get(client)
+
+    def advertised(self, client: int) -> bool:
+        """Return whether ``client``'s AdvertiseKeys message was accepted."""
+        return client in self._adverts
+
+    def has_masked_input(self, client: int) -> bool:
+        """Return whether ``client``'s masked input was accepted (also after its stage closed)."""
+        return client in self._masked or client in self._u3
+
     def drain(self) -> list[Outgoing]:
         """Messages produced since the last call, for the transport to deliver."""
         out, self._outbox = self._outbox, []

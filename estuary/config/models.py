@@ -213,6 +213,22 @@ class CohortSettings(Section):
         ge=2,
         description="SecAgg+ neighbourhood size k. None: complete graph (plain SecAgg).",
     )
+    formation_s: float = Field(
+        default=5.0,
+        ge=0,
+        description=(
+            "Seconds a cohort that has min_size devices stays open for more before it is "
+            "sealed (it is sealed at once when it reaches max_size)."
+        ),
+    )
+    key_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Seconds each key-exchange stage and the unmasking stage wait for members; "
+            "members silent that long are dropped."
+        ),
+    )
     bits: int = Field(
         default=32, ge=8, le=32, description="b: masked sums live in Z_(2^b), in bits (≤ 32)."
     )
@@ -339,6 +355,13 @@ class CoordinatorSettings(RoleSettings):
     pacing: PacingSettings = Field(default_factory=PacingSettings)
     cohort: CohortSettings = Field(default_factory=CohortSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    workers: Literal["local", "groups"] = Field(
+        default="local",
+        description=(
+            "Who runs cloud jobs (evaluate, build_artifacts): 'local' starts a worker in this "
+            "process; 'groups' leaves them to `estuary worker run` groups on the same store."
+        ),
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> CoordinatorSettings:
