@@ -94,18 +94,10 @@ def cloud_eval_windows(
 
 def open_state(settings: WorkerSettings) -> tuple[Store, BlobStore]:
     """Open the state store and blob store the settings name."""
-    from estuary.state import open_store
     from estuary.state.blobs import BlobStore
+    from estuary.state.configured import open_state_store
 
-    options: dict[str, Any] = {}
-    if not settings.state.url.startswith("memory://"):
-        options["prefix"] = settings.state.key_prefix
-        if settings.state.password is not None:
-            options["password"] = settings.state.password.reveal()
-        if settings.state.tls_ca_file is not None:
-            options["ssl_ca_certs"] = str(settings.state.tls_ca_file)
-    store = open_store(settings.state.url, **options)
-    return store, BlobStore(settings.state.blob_dir)
+    return open_state_store(settings.state), BlobStore(settings.state.blob_dir)
 
 
 @dataclass

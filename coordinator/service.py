@@ -276,6 +276,7 @@ class FederationService:
         self._cohorts: dict[str, ReplicatedCohort] = {}
         self._records: dict[str, dict[str, Any]] = {}
         self._artifacts: dict[str, tuple[int, str, int]] = {}
+        self._rejected: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ start-up
@@ -707,8 +708,13 @@ class FederationService:
         try:
             staleness = self.policy.staleness(trained_on=int(record["version"]), current=current)
         except StaleUpdate as exc:
-            self.counters.updates_rejected += 1
-            self.observer.event("update_rejected", cohort_id=record["cohort_id"], reason=str(exc))
+            key = (str(record["cohort_id"]), index)
+            if key not in self._rejected:  # a refused member may poll again: count it once
+                self._rejected.add(key)
+                self.counters.updates_rejected += 1
+                self.observer.event(
+                    "update_rejected", cohort_id=record["cohort_id"], reason=str(exc)
+                )
             return None
         cohort.assign_weight(index, self.policy.weight(staleness))
         assigned = cohort.server.weight_of(index)
@@ -764,21 +770,23 @@ class FederationService:
         outcome = cohort.submit_message(index, payload)
         if outcome.error is not None:
             raise FailedPrecondition(f"cohort {cohort_id}: masked input refused: {outcome.error}")
-        self.counters.uploads += 1
-        self.observer.event(
-            "upload", cohort_id=cohort_id, member=index, bytes=len(payload), duplicate=False
-        )
+        if not outcome.duplicate:  # another replica may have stored the same bytes first
+            self.counters.uploads += 1
+            self.observer.event(
+                "upload", cohort_id=cohort_id, member=index, bytes=len(payload), duplicate=False
+            )
         return UploadResult(accepted=True, duplicate=outcome.duplicate, durable_bytes=len(payload))
 
     def heartbeat(self, device: Device, task_id: str) -> HeartbeatReply:
         """Tell a training member whether to go on."""
         head = self.ledger.head()
         current = head.version if head else 0
-        assignment = self.store.get(_assign_key(device.device_id))
-        if assignment is None or json.loads(assignment.value)["task_id"] != task_id:
+        rec = self.store.get(_assign_key(device.device_id))
+        assignment = None if rec is None else json.loads(rec.value)
+        if assignment is None or assignment["task_id"] != task_id:
             return HeartbeatReply(abandon=True, current_version=current)
-        record = self._record(json.loads(assignment.value)["cohort_id"])
-        index = int(json.loads(assignment.value)["member_index"])
+        record = self._record(assignment["cohort_id"])
+        index = int(assignment["member_index"])
         abandon = (
             record is None
             or record["status"] != "active"

@@ -1,0 +1,211 @@
+"""``estuary coordinator``: serve the federation, or issue enrolment tokens.
+
+Exit codes follow :class:`estuary.cli.exit_codes.ExitCode`: 3 invalid configuration or
+TLS material, 4 state store unreachable, 5 base model missing or corrupt, 130 stopped by
+SIGINT/SIGTERM (after a clean shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from estuary.cli.exit_codes import ExitCode
+from estuary.cli.output import OutputFormat, fail, print_json
+
+if TYPE_CHECKING:
+    from estuary.config.models import CoordinatorSettings
+
+__all__ = ["app", "apply_overrides"]
+
+log = logging.getLogger(__name__)
+
+app = typer.Typer(
+    help="Coordinator: serve the federation to edge devices; issue enrolment tokens.",
+    no_args_is_help=True,
+)
+
+
+@app.callback()
+def _coordinator() -> None:
+    """Coordinator: serve the federation to edge devices; issue enrolment tokens."""
+
+
+def _load(config: Path) -> CoordinatorSettings:
+    from estuary.config import ConfigError, load_settings
+    from estuary.config.models import CoordinatorSettings
+
+    try:
+        settings = load_settings("coordinator", config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            fail(str(problem))
+        raise typer.Exit(ExitCode.CONFIG) from None
+    assert isinstance(settings, CoordinatorSettings)
+    return settings
+
+
+def apply_overrides(
+    settings: CoordinatorSettings,
+    *,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    client_ca: Path | None = None,
+    listen: str | None = None,
+) -> CoordinatorSettings:
+    """Return ``settings`` with command-line flags replacing the file's tls/server values.
+
+    Raises
+    ------
+    pydantic.ValidationError
+        If the result is inconsistent (e.g. a certificate without its key).
+    """
+    from estuary.config.models import ServerSettings, ServerTLSSettings
+
+    tls: dict[str, Any] = settings.tls.model_dump()
+    for name, value in (("cert_file", tls_cert), ("key_file", tls_key)):
+        if value is not None:
+            tls[name] = value
+    if client_ca is not None:
+        tls["client_ca_file"] = client_ca
+    server: dict[str, Any] = settings.server.model_dump()
+    if listen is not None:
+        server["listen"] = listen
+    return settings.model_copy(
+        update={
+            "tls": ServerTLSSettings.model_validate(tls),
+            "server": ServerSettings.model_validate(server),
+        }
+    )
+
+
+@app.command("serve")
+def serve(
+    config: Annotated[Path, typer.Option("--config", help="Coordinator TOML configuration file.")],
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Server certificate chain (PEM).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Server key (PEM).")] = None,
+    client_ca: Annotated[
+        Path | None,
+        typer.Option("--client-ca", help="CA (PEM) client certificates must chain to (mTLS)."),
+    ] = None,
+    listen: Annotated[
+        str | None, typer.Option("--listen", help="HOST:PORT to serve on (overrides the config).")
+    ] = None,
+) -> None:
+    """Serve the federation until SIGINT/SIGTERM, then shut down cleanly.
+
+    Exit codes: 3 invalid config or TLS files, or the address cannot be bound; 4 state
+    store unreachable; 5 base model missing or corrupt; 130 stopped by a signal.
+    """
+    settings = _load(config)
+    try:
+        settings = apply_overrides(
+            settings, tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca, listen=listen
+        )
+    except ValidationError as exc:
+        for error in exc.errors():
+            fail(f"{'.'.join(str(p) for p in error['loc']) or 'tls'}: {error['msg']}")
+        raise typer.Exit(ExitCode.CONFIG) from None
+    raise typer.Exit(asyncio.run(_serve(settings)))
+
+
+async def _serve(settings: CoordinatorSettings) -> int:
+    from coordinator.server import CoordinatorServer, ServerStartError
+    from estuary.config.secrets import SecretUnavailable
+    from estuary.model.loading import CheckpointError
+    from estuary.state import InvalidStoreURL, StoreUnavailable
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    server = None
+    try:
+        server = CoordinatorServer(settings)
+        await server.start()
+    except ServerStartError as exc:
+        fail(str(exc))
+        return ExitCode.CONFIG
+    except (InvalidStoreURL, SecretUnavailable) as exc:
+        fail(f"state: {exc}")
+        return ExitCode.CONFIG
+    except StoreUnavailable as exc:
+        fail(f"state: {exc}")
+        return ExitCode.STATE_UNAVAILABLE
+    except CheckpointError as exc:
+        fail(f"model: {exc}")
+        return ExitCode.INPUT
+    try:
+        await stop.wait()
+        log.info("signal received: shutting down")
+    finally:
+        await server.stop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return ExitCode.INTERRUPTED
+
+
+@app.command("token")
+def token(
+    config: Annotated[Path, typer.Option("--config", help="Coordinator TOML configuration file.")],
+    device_class: Annotated[
+        str | None,
+        typer.Option("--class", help="Restrict the tokens to this device class (default: any)."),
+    ] = None,
+    ttl_s: Annotated[
+        float, typer.Option("--ttl-s", min=1.0, help="Seconds each token stays valid.")
+    ] = 86_400.0,
+    count: Annotated[int, typer.Option("--count", min=1, max=10_000, help="Tokens.")] = 1,
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="text: one token a line; json.")
+    ] = OutputFormat.text,
+) -> None:
+    """Issue one-time enrolment tokens in the configured state store and print them.
+
+    Only the tokens' hashes are stored; this is the one time they are shown. Exit codes:
+    2 unknown device class, 3 invalid config or a memory:// store, 4 store unreachable.
+    """
+    from coordinator.enrolment import DeviceRegistry
+    from estuary.config.secrets import SecretUnavailable
+    from estuary.state import InvalidStoreURL, StoreUnavailable
+    from estuary.state.configured import open_state_store
+
+    settings = _load(config)
+    if settings.state.url.startswith("memory://"):
+        fail(
+            "state.url is memory://: tokens would vanish when this command exits; point "
+            "state.url at the coordinator's Redis"
+        )
+        raise typer.Exit(ExitCode.CONFIG)
+    classes = [c.name for c in settings.device_classes]
+    if device_class is not None and device_class not in classes:
+        fail(f"--class: unknown device class {device_class!r}; configured: {sorted(classes)}")
+        raise typer.Exit(ExitCode.USAGE)
+    try:
+        store = open_state_store(settings.state)
+    except (InvalidStoreURL, SecretUnavailable) as exc:
+        fail(f"state: {exc}")
+        raise typer.Exit(ExitCode.CONFIG) from None
+    try:
+        registry = DeviceRegistry(store, device_classes=classes)
+        tokens = [
+            registry.issue_token(device_class=device_class, ttl_s=ttl_s) for _ in range(count)
+        ]
+    except StoreUnavailable as exc:
+        fail(f"state: {exc}")
+        raise typer.Exit(ExitCode.STATE_UNAVAILABLE) from None
+    finally:
+        store.close()
+    if fmt is OutputFormat.json:
+        print_json({"device_class": device_class, "ttl_s": ttl_s, "tokens": tokens})
+    else:
+        for value in tokens:
+            typer.echo(value)

@@ -1,0 +1,490 @@
+"""The edge-facing gRPC servicer: protobuf in, :class:`FederationService` calls, protobuf out.
+
+Thin by design. Each RPC authenticates its request (every call but Enroll), calls the
+service in a worker thread (the service does blocking store I/O, and grpc.aio runs every
+handler on one event loop), maps the result to protobuf and the service's exceptions
+(:mod:`coordinator.errors`) to status codes through :data:`STATUS_OF`. Unexpected
+exceptions become INTERNAL with a generic message; their traceback is logged, never sent.
+
+Stage numbers differ on the wire: ``SecAggStage`` reserves 0 for "unspecified", so a
+:class:`secure_agg.Stage` ``s`` in ADVERTISE_KEYS..UNMASKING travels as ``s + 1``;
+COMPLETED travels as DONE and ABORTED as ABORTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from coordinator.enrolment import Device, EnrolmentError, Unauthenticated
+from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from coordinator.service import FederationService, PaceOffer, SecAggReply, TaskOffer
+from estuary.auth import SignedAuth
+from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
+from estuary.state.blobs import BlobCorrupt, BlobNotFound
+from estuary.state.errors import StoreError, VersionConflict
+from estuary.transport import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_LONG_POLL_MS,
+    MAX_MESSAGE_BYTES,
+)
+from secure_agg import Stage
+
+__all__ = [
+    "AWAIT_POLL_INTERVAL_S",
+    "DEFAULT_LONG_POLL_MS",
+    "MAX_UPLOAD_BYTES",
+    "STATUS_OF",
+    "EdgeServicer",
+    "RpcRecorder",
+    "stage_from_proto",
+    "stage_to_proto",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Long-poll bound when a client sends ``wait_ms`` 0: 10 s, half of MAX_LONG_POLL_MS, so a
+#: client that forgot to choose still returns well before middleboxes drop idle streams.
+DEFAULT_LONG_POLL_MS = 10_000
+
+#: How often a long poll re-reads the cohort: 75 ms. Secure-aggregation messages arrive
+#: at human/network time scales (seconds), so this adds negligible latency while keeping
+#: a waiting device to ~13 store reads a second.
+AWAIT_POLL_INTERVAL_S = 0.075
+
+#: Largest masked upload announced in a header: 64 × the message limit = 256 MiB. An
+#: adapter's ΔB at rank 256 in 32-bit fixed point for a 7B model is about 100 MiB; any
+#: header above this is refused before a byte is buffered, so a peer cannot make the
+#: server hold an arbitrary amount of memory. (The exact expected size is checked too.)
+MAX_UPLOAD_BYTES = 64 * MAX_MESSAGE_BYTES
+
+#: Status code of each refusal; looked up along the exception's MRO, most specific first.
+STATUS_OF: dict[type[BaseException], grpc.StatusCode] = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    EnrolmentError: grpc.StatusCode.UNAUTHENTICATED,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    BlobNotFound: grpc.StatusCode.NOT_FOUND,
+    BlobCorrupt: grpc.StatusCode.DATA_LOSS,
+    VersionConflict: grpc.StatusCode.ABORTED,
+    StoreError: grpc.StatusCode.UNAVAILABLE,
+}
+
+#: What the client is told for store trouble: the details stay in the server's log.
+_STORE_MESSAGES = {
+    grpc.StatusCode.UNAVAILABLE: "state store unavailable, retry",
+    grpc.StatusCode.ABORTED: "concurrent update of the same record, retry",
+    grpc.StatusCode.DATA_LOSS: "stored blob is corrupt; the operator has been told",
+}
+
+_PROTO_DONE = edge_pb2.SECAGG_STAGE_DONE
+_PROTO_ABORTED = edge_pb2.SECAGG_STAGE_ABORTED
+
+
+def stage_from_proto(value: int, *, field: str = "stage") -> Stage:
+    """Return the secure_agg stage of a wire ``SecAggStage``; InvalidArgument if none."""
+    if edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS <= value <= edge_pb2.SECAGG_STAGE_UNMASKING:
+        return Stage(value - 1)
+    if value == _PROTO_DONE:
+        return Stage.COMPLETED
+    if value == _PROTO_ABORTED:
+        return Stage.ABORTED
+    raise InvalidArgument(f"{field}: {value} is not a secure-aggregation stage (1..7)")
+
+
+def stage_to_proto(stage: Stage) -> int:
+    """Return the wire ``SecAggStage`` of a secure_agg stage."""
+    if stage is Stage.COMPLETED:
+        return _PROTO_DONE
+    if stage is Stage.ABORTED:
+        return _PROTO_ABORTED
+    return int(stage) + 1
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Return the status code and client-facing message for a refused request."""
+    for cls in type(exc).__mro__:
+        code = STATUS_OF.get(cls)
+        if code is None:
+            continue
+        if isinstance(exc, StoreError) and code in _STORE_MESSAGES:
+            return code, _STORE_MESSAGES[code]
+        return code, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+class RpcRecorder(Protocol):
+    """Told about every finished RPC (the metrics implement it)."""
+
+    def rpc(self, method: str, code: str, *, bytes_in: int, bytes_out: int) -> None:
+        """Record one RPC: its method, final status code name and serialised sizes."""
+
+
+class _NoRecorder:
+    def rpc(self, method: str, code: str, *, bytes_in: int, bytes_out: int) -> None:
+        pass
+
+
+class _Call:
+    """Byte counts of one RPC in progress."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
+def _body_sha256(request: Message) -> bytes:
+    """SHA-256 of ``request`` serialised with ``auth`` cleared (what the device signed)."""
+    body = type(request)()
+    body.CopyFrom(request)
+    body.ClearField("auth")
+    return hashlib.sha256(body.SerializeToString()).digest()
+
+
+def _signed_auth(request: Any) -> SignedAuth:
+    """Return the request's ``auth`` fields, or refuse naming what is missing."""
+    if not request.HasField("auth"):
+        raise Unauthenticated("auth: missing; every request but Enroll must be signed")
+    auth: common_pb2.DeviceAuth = request.auth
+    missing = [
+        name
+        for name, present in (
+            ("device_id", bool(auth.device_id)),
+            ("timestamp_ms", auth.timestamp_ms != 0),
+            ("nonce", bool(auth.nonce)),
+            ("signature", bool(auth.signature)),
+        )
+        if not present
+    ]
+    if missing:
+        raise Unauthenticated(f"auth: missing {', '.join(missing)}")
+    return SignedAuth(
+        device_id=auth.device_id,
+        timestamp_ms=auth.timestamp_ms,
+        nonce=bytes(auth.nonce),
+        signature=bytes(auth.signature),
+    )
+
+
+class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
+    """``estuary.v1.EdgeService`` for ``grpc.aio`` over a :class:`FederationService`.
+
+    Parameters
+    ----------
+    service
+        The federation logic.
+    recorder
+        Told about every finished RPC (method, status code, bytes in and out).
+    poll_interval_s
+        Seconds between cohort reads of a long poll (AwaitSecAgg).
+    """
+
+    def __init__(
+        self,
+        service: FederationService,
+        *,
+        recorder: RpcRecorder | None = None,
+        poll_interval_s: float = AWAIT_POLL_INTERVAL_S,
+    ) -> None:
+        if not poll_interval_s > 0:
+            raise ValueError(f"poll_interval_s: must be > 0, got {poll_interval_s}")
+        self.service = service
+        self.recorder: RpcRecorder = recorder or _NoRecorder()
+        self.poll_interval_s = poll_interval_s
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _authenticate(self, request: Message, method: str) -> Device:
+        auth = _signed_auth(request)
+        body = _body_sha256(request)
+        return await asyncio.to_thread(
+            self.service.authenticate, auth, method=method, body_sha256=body
+        )
+
+    def _finish(self, call: _Call, code: grpc.StatusCode) -> None:
+        try:
+            self.recorder.rpc(
+                call.method, code.name, bytes_in=call.bytes_in, bytes_out=call.bytes_out
+            )
+        except Exception:  # metrics must never fail a request
+            log.exception("recording RPC %s failed", call.method)
+
+    async def _refuse(self, call: _Call, exc: Exception, context: Any) -> None:
+        code, message = status_of(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s: unexpected error", call.method, exc_info=exc)
+        elif isinstance(exc, StoreError) and code is not grpc.StatusCode.NOT_FOUND:
+            log.warning("%s: store error: %s", call.method, exc)
+        else:
+            log.debug("%s refused (%s): %s", call.method, code.name, message)
+        self._finish(call, code)
+        await context.abort(code, message)
+
+    async def _unary(
+        self,
+        method: str,
+        request: Message,
+        context: Any,
+        handler: Callable[[Any, _Call], Awaitable[Message]],
+    ) -> Message:
+        call = _Call(method)
+        call.bytes_in = request.ByteSize()
+        try:
+            response = await handler(request, call)
+        except asyncio.CancelledError:
+            self._finish(call, grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as exc:
+            await self._refuse(call, exc, context)
+            raise AssertionError("context.abort returned") from exc  # pragma: no cover
+        call.bytes_out = response.ByteSize()
+        self._finish(call, grpc.StatusCode.OK)
+        return response
+
+    async def _thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ Enroll
+
+    async def Enroll(self, request: edge_pb2.EnrollRequest, context: Any) -> Message:
+        """Register a device with a one-time token."""
+        return await self._unary("Enroll", request, context, self._enroll)
+
+    async def _enroll(self, request: edge_pb2.EnrollRequest, call: _Call) -> Message:
+        device = await self._thread(
+            self.service.enroll,
+            request.token,
+            public_key=bytes(request.identity_public_key),
+            device_class=request.device_class,
+        )
+        name, rank = self.service.device_class(device)
+        return edge_pb2.EnrollResponse(
+            device_id=device.device_id,
+            device_class=common_pb2.DeviceClass(name=name, rank=rank),
+            r_max=self.service.settings.model.r_max,
+        )
+
+    # ------------------------------------------------------------------ GetTask
+
+    async def GetTask(self, request: edge_pb2.GetTaskRequest, context: Any) -> Message:
+        """Return a task, or when to come back."""
+        return await self._unary("GetTask", request, context, self._get_task)
+
+    async def _get_task(self, request: edge_pb2.GetTaskRequest, call: _Call) -> Message:
+        device = await self._authenticate(request, "GetTask")
+        offer = await self._thread(self.service.get_task, device)
+        if isinstance(offer, PaceOffer):
+            return edge_pb2.GetTaskResponse(
+                pace=edge_pb2.Pace(
+                    retry_after_ms=max(0, round(offer.retry_after_s * 1000)), reason=offer.reason
+                )
+            )
+        return edge_pb2.GetTaskResponse(task=_task(offer))
+
+    # ------------------------------------------------------------------ FetchArtifact
+
+    async def FetchArtifact(
+        self, request: edge_pb2.FetchArtifactRequest, context: Any
+    ) -> AsyncIterator[edge_pb2.ArtifactChunk]:
+        """Stream a blob from ``offset`` in chunks; every refusal comes before any chunk."""
+        call = _Call("FetchArtifact")
+        call.bytes_in = request.ByteSize()
+        try:
+            await self._authenticate(request, "FetchArtifact")
+            chunk_bytes = min(request.chunk_bytes or DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
+            total = await self._thread(self.service.blob_size, request.sha256)
+            chunks = self.service.read_blob(
+                request.sha256, offset=request.offset, chunk_bytes=chunk_bytes
+            )
+            offset = request.offset
+            while True:
+                data = await self._thread(_next_or_none, chunks)
+                if data is None:
+                    break
+                chunk = edge_pb2.ArtifactChunk(offset=offset, data=data, total_bytes=total)
+                call.bytes_out += chunk.ByteSize()
+                offset += len(data)
+                yield chunk
+        except asyncio.CancelledError:
+            self._finish(call, grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as exc:
+            await self._refuse(call, exc, context)
+            return
+        self._finish(call, grpc.StatusCode.OK)
+
+    # ------------------------------------------------------------------ SendSecAgg
+
+    async def SendSecAgg(self, request: edge_pb2.SecAggClientMessage, context: Any) -> Message:
+        """Take a member's message for the cohort's current stage."""
+        return await self._unary("SendSecAgg", request, context, self._send_secagg)
+
+    async def _send_secagg(self, request: edge_pb2.SecAggClientMessage, call: _Call) -> Message:
+        device = await self._authenticate(request, "SendSecAgg")
+        stage = stage_from_proto(request.stage)
+        after = await self._thread(
+            self.service.send_secagg, device, request.cohort_id, stage, bytes(request.payload)
+        )
+        return edge_pb2.SecAggAck(stage=stage_to_proto(after))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ AwaitSecAgg
+
+    async def AwaitSecAgg(self, request: edge_pb2.AwaitSecAggRequest, context: Any) -> Message:
+        """Long poll for the member's next secure-aggregation message."""
+        return await self._unary("AwaitSecAgg", request, context, self._await_secagg)
+
+    async def _await_secagg(self, request: edge_pb2.AwaitSecAggRequest, call: _Call) -> Message:
+        device = await self._authenticate(request, "AwaitSecAgg")
+        after = stage_from_proto(request.after_stage, field="after_stage")
+        wait_s = min(request.wait_ms or DEFAULT_LONG_POLL_MS, MAX_LONG_POLL_MS) / 1000
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            reply = await self._thread(self.service.poll_secagg, device, request.cohort_id, after)
+            if reply is not None:
+                return _server_message(request.cohort_id, reply)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return edge_pb2.SecAggServerMessage(cohort_id=request.cohort_id, pending=True)
+            await asyncio.sleep(min(self.poll_interval_s, remaining))
+
+    # ------------------------------------------------------------------ UploadMasked
+
+    async def UploadMasked(
+        self, request_iterator: AsyncIterator[edge_pb2.UploadChunk], context: Any
+    ) -> Message:
+        """Receive a header and the masked input; store it durably, then acknowledge."""
+        call = _Call("UploadMasked")
+        try:
+            response = await self._upload(request_iterator, call)
+        except asyncio.CancelledError:
+            self._finish(call, grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as exc:
+            await self._refuse(call, exc, context)
+            raise AssertionError("context.abort returned") from exc  # pragma: no cover
+        call.bytes_out = response.ByteSize()
+        self._finish(call, grpc.StatusCode.OK)
+        return response
+
+    async def _upload(
+        self, request_iterator: AsyncIterator[edge_pb2.UploadChunk], call: _Call
+    ) -> Message:
+        first = await anext(request_iterator, None)
+        if first is None:
+            raise InvalidArgument("empty upload: the first message must be the UploadHeader")
+        call.bytes_in += first.ByteSize()
+        if first.WhichOneof("part") != "header":
+            raise InvalidArgument("the first message of an upload must be the UploadHeader")
+        header = first.header
+        device = await self._authenticate(header, "UploadMasked")
+        total = header.total_bytes
+        if total > MAX_UPLOAD_BYTES:
+            raise ResourceExhausted(
+                f"total_bytes: {total} exceeds the upload limit of {MAX_UPLOAD_BYTES} bytes"
+            )
+        expected = await self._thread(self.service.expected_upload_bytes, device, header.cohort_id)
+        if total != expected:
+            raise InvalidArgument(
+                f"total_bytes: header announces {total} bytes, but this member's masked "
+                f"input is exactly {expected} bytes"
+            )
+        payload = bytearray()
+        async for chunk in request_iterator:
+            call.bytes_in += chunk.ByteSize()
+            if chunk.WhichOneof("part") != "data":
+                raise InvalidArgument("only the first message of an upload may be a header")
+            if len(payload) + len(chunk.data) > total:
+                raise ResourceExhausted(f"upload exceeds the {total} bytes announced in its header")
+            payload += chunk.data
+        if len(payload) < total:
+            raise InvalidArgument(
+                f"upload ended after {len(payload)} of the {total} bytes announced"
+            )
+        result = await self._thread(
+            self.service.upload_masked,
+            device,
+            task_id=header.task_id,
+            cohort_id=header.cohort_id,
+            payload=bytes(payload),
+            sha256=header.sha256,
+        )
+        return edge_pb2.UploadAck(
+            accepted=result.accepted,
+            duplicate=result.duplicate,
+            durable_bytes=result.durable_bytes,
+        )
+
+    # ------------------------------------------------------------------ Heartbeat
+
+    async def Heartbeat(self, request: edge_pb2.HeartbeatRequest, context: Any) -> Message:
+        """Tell a training member whether to go on."""
+        return await self._unary("Heartbeat", request, context, self._heartbeat)
+
+    async def _heartbeat(self, request: edge_pb2.HeartbeatRequest, call: _Call) -> Message:
+        device = await self._authenticate(request, "Heartbeat")
+        reply = await self._thread(self.service.heartbeat, device, request.task_id)
+        action = (
+            edge_pb2.HeartbeatResponse.ACTION_ABANDON
+            if reply.abandon
+            else edge_pb2.HeartbeatResponse.ACTION_CONTINUE
+        )
+        return edge_pb2.HeartbeatResponse(action=action, current_version=reply.current_version)
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def _next_or_none(chunks: Iterator[bytes]) -> bytes | None:
+    # StopIteration cannot cross asyncio.to_thread's future: turn it into None.
+    return next(chunks, None)
+
+
+def _task(offer: TaskOffer) -> edge_pb2.Task:
+    session = offer.session
+    return edge_pb2.Task(
+        task_id=offer.task_id,
+        cohort_id=offer.cohort_id,
+        version=offer.version,
+        artifact=common_pb2.BlobRef(sha256=offer.artifact_sha256, size_bytes=offer.artifact_size),
+        rank=offer.rank,
+        local_steps=offer.local_steps,
+        learning_rate=offer.learning_rate,
+        clip_norm=offer.clip_norm,
+        batch_size=offer.batch_size,
+        seq_len=offer.seq_len,
+        deadline_ms=offer.deadline_ms,
+        member_index=offer.member_index,
+        secagg=edge_pb2.SecAggParams(
+            cohort=session.cohort,
+            cohort_size=session.cohort_size,
+            threshold=session.threshold,
+            bits=session.fixed_point.bits,
+            frac_bits=session.fixed_point.frac_bits,
+            clip=session.fixed_point.clip,
+            neighbours=session.neighbours or 0,
+            tensors=[edge_pb2.TensorSpec(name=n, length=m) for n, m in session.tensors],
+        ),
+    )
+
+
+def _server_message(cohort_id: str, reply: SecAggReply) -> edge_pb2.SecAggServerMessage:
+    return edge_pb2.SecAggServerMessage(
+        cohort_id=cohort_id,
+        stage=stage_to_proto(reply.stage),  # type: ignore[arg-type]
+        payload=reply.payload,
+        weight=reply.weight,
+        abort_reason=reply.abort_reason,
+    )

@@ -1,0 +1,453 @@
+"""The coordinator process: gRPC server, periodic work, health, metrics, local worker.
+
+:class:`CoordinatorServer` assembles one replica from its settings:
+
+- the state store and blob store (or ones the caller passes in: the simulator shares an
+  in-memory store and a pretrained base);
+- the :class:`~coordinator.service.FederationService` over them, with version 0's
+  adapter derived from the base;
+- a ``grpc.aio`` server with :class:`~coordinator.grpc_service.EdgeServicer` and the
+  standard health service, over TLS (mTLS with a client CA) or, only when the settings
+  allow it, plaintext;
+- background tasks: the service's tick, and a watch loop that pings the store, reports
+  health (SERVING only while the store answers) and refreshes the metrics gauges;
+- with ``workers = "local"``, a cloud worker group in a daemon thread of this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from coordinator.grpc_service import EdgeServicer
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.service import FederationService, ServiceObserver
+from estuary.log import log_context
+from estuary.proto.v1 import edge_pb2, edge_pb2_grpc
+from estuary.state.errors import StoreError
+from estuary.transport import server_options
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from estuary.config.models import CoordinatorSettings
+    from estuary.state.base import Store
+    from estuary.state.blobs import BlobStore
+
+__all__ = [
+    "HEALTH_INTERVAL_S",
+    "TICK_INTERVAL_S",
+    "CoordinatorServer",
+    "ServerStartError",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds between calls of the service's periodic work: 0.25 s. Sealing a cohort or
+#: closing a stage late by this much is invisible next to stage deadlines of seconds to
+#: minutes, and a tick is a handful of store reads when nothing is due.
+TICK_INTERVAL_S = 0.25
+
+#: Seconds between store pings of the watch loop (health and gauges): 1 s, so a load
+#: balancer stops routing to a replica that lost its store within about one probe period.
+HEALTH_INTERVAL_S = 1.0
+
+#: The local worker's heartbeat and reclaim timeouts: those of a worker group's defaults
+#: (:class:`~estuary.config.models.WorkerSettings`), so a local worker and a separate
+#: group treat each other alike when both serve one store.
+LOCAL_WORKER_HEARTBEAT_S = 5.0
+LOCAL_WORKER_RECLAIM_IDLE_S = 120.0
+
+#: Pause before the local worker retries after its loop failed (e.g. the store went
+#: away): long enough not to spin on an outage, short enough to resume promptly.
+LOCAL_WORKER_RETRY_S = 2.0
+
+#: Grace period of :meth:`CoordinatorServer.stop` for in-flight RPCs: 5 s lets short
+#: calls finish; long polls (up to MAX_LONG_POLL_MS) are cut and the client retries.
+DEFAULT_GRACE_S = 5.0
+
+_EDGE_SERVICE = edge_pb2.DESCRIPTOR.services_by_name["EdgeService"].full_name
+
+
+class ServerStartError(RuntimeError):
+    """The server cannot start: TLS material unreadable, plaintext refused, bind failed."""
+
+
+class _FanOut:
+    """A ServiceObserver that tells several observers; one failing does not stop the rest."""
+
+    def __init__(self, *observers: ServiceObserver) -> None:
+        self._observers = observers
+
+    def event(self, kind: str, **fields: Any) -> None:
+        for observer in self._observers:
+            try:
+                observer.event(kind, **fields)
+            except Exception:
+                log.exception("observer failed on event %s", kind)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ServerStartError(f"tls.{what}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+class CoordinatorServer:
+    """One coordinator replica serving ``estuary.v1.EdgeService``.
+
+    Parameters
+    ----------
+    settings
+        The coordinator's settings.
+    store, blobs
+        State and blob stores; ``None``: opened from ``settings.state`` (and then closed
+        by :meth:`stop`). Stores passed in stay open: the caller owns them.
+    base
+        The full-precision base model; ``None``: loaded as ``settings.model`` says.
+    eval_windows
+        Held-out windows for the local worker's evaluations; ``None``:
+        :func:`cloud_workers.worker.cloud_eval_windows`. Unused with ``workers = "groups"``.
+    observer
+        Also told about every service event (the simulator's log); metrics always are.
+    clock
+        Wall clock in seconds, for the service (tests inject one).
+    tick_interval_s, health_interval_s
+        Periods of the tick and the watch loop, in seconds.
+    metrics_port
+        Port of the ``/metrics`` HTTP endpoint, overriding ``settings.server.metrics_port``
+        (0: disabled). ``None``: the settings' value.
+    """
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        *,
+        store: Store | None = None,
+        blobs: BlobStore | None = None,
+        base: nn.Module | None = None,
+        eval_windows: torch.Tensor | None = None,
+        observer: ServiceObserver | None = None,
+        clock: Callable[[], float] = time.time,
+        tick_interval_s: float = TICK_INTERVAL_S,
+        health_interval_s: float = HEALTH_INTERVAL_S,
+        metrics_port: int | None = None,
+    ) -> None:
+        if not tick_interval_s > 0:
+            raise ValueError(f"tick_interval_s: must be > 0, got {tick_interval_s}")
+        if not health_interval_s > 0:
+            raise ValueError(f"health_interval_s: must be > 0, got {health_interval_s}")
+        if metrics_port is not None and not 0 <= metrics_port <= 65535:
+            raise ValueError(f"metrics_port: must be in 0..65535, got {metrics_port}")
+        tls = settings.tls
+        if tls.cert_file is None and not tls.allow_plaintext:
+            raise ServerStartError(
+                "tls.cert_file: not set and tls.allow_plaintext is false; refusing to serve "
+                "without TLS"
+            )
+        self.settings = settings
+        self._store = store
+        self._owns_store = store is None
+        self._blobs = blobs
+        self._base = base
+        self._eval_windows = eval_windows
+        self._observer = observer
+        self._clock = clock
+        self._tick_interval_s = tick_interval_s
+        self._health_interval_s = health_interval_s
+        self._metrics_port = settings.server.metrics_port if metrics_port is None else metrics_port
+        self.metrics = CoordinatorMetrics()
+        self._service: FederationService | None = None
+        self._server: Any = None
+        self._health: Any = None
+        self._port: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._worker_stop = threading.Event()
+        self._worker_thread: threading.Thread | None = None
+        self._serving: bool | None = None
+        self._stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def port(self) -> int:
+        """The port the gRPC server is bound to (after :meth:`start`)."""
+        if self._port is None:
+            raise RuntimeError("port: the server is not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to connect to (the listen host with the bound port)."""
+        host = self.settings.server.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    @property
+    def service(self) -> FederationService:
+        """The federation service (after :meth:`start`)."""
+        if self._service is None:
+            raise RuntimeError("service: the server is not started")
+        return self._service
+
+    @property
+    def store(self) -> Store:
+        """The state store (after :meth:`start`)."""
+        if self._store is None:
+            raise RuntimeError("store: the server is not started")
+        return self._store
+
+    @property
+    def serving(self) -> bool:
+        """Whether health currently reports SERVING."""
+        return bool(self._serving)
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        """Open the stores, record version 0 if new, bind and start serving.
+
+        Raises
+        ------
+        ServerStartError
+            TLS files unreadable or the listen address cannot be bound.
+        estuary.state.errors.StoreUnavailable
+            The state store cannot be reached.
+        estuary.model.loading.CheckpointError
+            The base model cannot be loaded.
+        """
+        if self._server is not None:
+            raise RuntimeError("start: already started")
+        with log_context(node=self.settings.node_id):
+            await asyncio.to_thread(self._prepare)
+            try:
+                await self._start_grpc()
+            except BaseException:
+                await self._close_resources()
+                raise
+            self._tasks = [
+                asyncio.create_task(self._tick_loop(), name="coordinator-tick"),
+                asyncio.create_task(self._watch_loop(), name="coordinator-watch"),
+            ]
+            if self.settings.workers == "local":
+                self._start_local_worker()
+            else:
+                log.info("workers = groups: cloud jobs are left to `estuary worker run` groups")
+            if self._metrics_port:
+                host = self.settings.server.listen.rsplit(":", 1)[0].strip("[]")
+                self.metrics.serve(self._metrics_port, addr=host)
+        log.info("coordinator %s serving on %s", self.settings.node_id, self.address)
+
+    def _prepare(self) -> None:
+        """Blocking part of start-up: stores, base, service, version 0."""
+        from cloud_workers.worker import load_base
+        from estuary.adapters.lora import AdapterConfig, GlobalAdapter
+        from estuary.state.blobs import BlobStore
+        from estuary.state.configured import open_state_store
+
+        settings = self.settings
+        if self._store is None:
+            self._store = open_state_store(settings.state)
+        self._store.ping()
+        if self._blobs is None:
+            self._blobs = BlobStore(settings.state.blob_dir)
+        if self._base is None:
+            self._base = load_base(settings.model)
+        adapter = GlobalAdapter.for_model(
+            self._base,
+            AdapterConfig(r_max=settings.model.r_max, seed=settings.model.adapter_seed),
+        )
+        observer: ServiceObserver = (
+            self.metrics if self._observer is None else _FanOut(self.metrics, self._observer)
+        )
+        self._service = FederationService(
+            settings,
+            store=self._store,
+            blobs=self._blobs,
+            initial_adapter=adapter,
+            clock=self._clock,
+            observer=observer,
+        )
+        head = self._service.start()
+        self.metrics.version.set(head.version)
+        log.info("federation at version %d", head.version)
+
+    async def _start_grpc(self) -> None:
+        settings = self.settings
+        server = grpc.aio.server(options=server_options())
+        edge_pb2_grpc.add_EdgeServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            EdgeServicer(self.service, recorder=self.metrics), server
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        listen = settings.server.listen
+        tls = settings.tls
+        try:
+            if tls.cert_file is not None and tls.key_file is not None:
+                key = _read(tls.key_file, "key_file")
+                cert = _read(tls.cert_file, "cert_file")
+                client_ca = (
+                    _read(tls.client_ca_file, "client_ca_file")
+                    if tls.client_ca_file is not None
+                    else None
+                )
+                credentials = grpc.ssl_server_credentials(
+                    [(key, cert)],
+                    root_certificates=client_ca,
+                    require_client_auth=client_ca is not None,
+                )
+                port = server.add_secure_port(listen, credentials)
+            else:
+                log.warning("serving WITHOUT TLS on %s (tls.allow_plaintext)", listen)
+                port = server.add_insecure_port(listen)
+        except ServerStartError:
+            raise
+        except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
+            raise ServerStartError(f"server.listen: cannot bind {listen}: {exc}") from None
+        if not port:
+            raise ServerStartError(f"server.listen: cannot bind {listen}")
+        await server.start()
+        self._server = server
+        self._port = int(port)
+        await self._set_health(True)
+
+    def _start_local_worker(self) -> None:
+        from cloud_workers.group import WorkerGroup
+        from cloud_workers.jobs import ModelJobExecutor
+        from cloud_workers.worker import cloud_eval_windows
+
+        assert self._store is not None and self._blobs is not None and self._base is not None
+        windows = self._eval_windows if self._eval_windows is not None else cloud_eval_windows()
+        executor = ModelJobExecutor(
+            self._store, blobs=self._blobs, base=self._base, eval_windows=windows
+        )
+        group = WorkerGroup(
+            self._store,
+            executor=executor,
+            name=f"local-{self.settings.node_id}",
+            heartbeat_s=LOCAL_WORKER_HEARTBEAT_S,
+            reclaim_idle_s=LOCAL_WORKER_RECLAIM_IDLE_S,
+        )
+        node = self.settings.node_id
+
+        def run() -> None:
+            with log_context(node=node):
+                while not self._worker_stop.is_set():
+                    try:
+                        group.run(self._worker_stop)
+                    except StoreError as exc:
+                        log.warning("local worker: store error, retrying: %s", exc)
+                        self._worker_stop.wait(LOCAL_WORKER_RETRY_S)
+                    except Exception:
+                        log.exception("local worker failed; restarting its loop")
+                        self._worker_stop.wait(LOCAL_WORKER_RETRY_S)
+
+        self._worker_thread = threading.Thread(target=run, name=f"local-worker-{node}", daemon=True)
+        self._worker_thread.start()
+        log.info("local worker group %s started", group.name)
+
+    # ------------------------------------------------------------------ background
+
+    async def _tick_loop(self) -> None:
+        service = self.service
+        while True:
+            try:
+                await asyncio.to_thread(service.tick)
+            except StoreError as exc:
+                log.warning("tick: store error: %s", exc)
+            except Exception:
+                log.exception("tick failed")
+            await asyncio.sleep(self._tick_interval_s)
+
+    async def _set_health(self, serving: bool) -> None:
+        if self._health is None or self._serving is serving:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", _EDGE_SERVICE):
+            await self._health.set(name, status)
+        if self._serving is not None:
+            log.warning("health: %s", "SERVING" if serving else "NOT_SERVING (store unreachable)")
+        self._serving = serving
+
+    def _probe(self) -> tuple[float | None, dict[str, Any] | None]:
+        store, service = self.store, self.service
+        started = time.perf_counter()
+        try:
+            store.ping()
+        except StoreError as exc:
+            log.debug("store ping failed: %s", exc)
+            return None, None
+        latency = time.perf_counter() - started
+        try:
+            return latency, service.snapshot()
+        except StoreError:
+            return latency, None
+
+    async def _watch_loop(self) -> None:
+        while True:
+            try:
+                latency, snapshot = await asyncio.to_thread(self._probe)
+                await self._set_health(latency is not None)
+                self.metrics.refresh(snapshot, store_latency_s=latency)
+            except Exception:
+                log.exception("watch loop failed")
+            await asyncio.sleep(self._health_interval_s)
+
+    # ------------------------------------------------------------------ stop
+
+    async def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
+        """Stop serving (in-flight RPCs get ``grace`` seconds), then stop everything else.
+
+        Releases the aggregator lease on the way out so another replica can take over
+        at once instead of waiting for it to expire. Idempotent.
+        """
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        await server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self._close_resources()
+        self._stopped.set()
+        log.info("coordinator %s stopped", self.settings.node_id)
+
+    async def _close_resources(self) -> None:
+        self._worker_stop.set()
+        if self._worker_thread is not None:
+            thread = self._worker_thread
+            await asyncio.to_thread(thread.join, LOCAL_WORKER_HEARTBEAT_S + 30.0)
+            if thread.is_alive():
+                log.warning("local worker did not stop in time (a job is still running)")
+            self._worker_thread = None
+        self.metrics.close()
+        if self._service is not None:
+            try:
+                await asyncio.to_thread(self._service.ledger.release)
+            except StoreError as exc:
+                log.warning("could not release the aggregator lease: %s", exc)
+        if self._owns_store and self._store is not None:
+            self._store.close()
+
+    async def wait(self) -> None:
+        """Return when the server has been stopped by :meth:`stop`."""
+        await self._stopped.wait()

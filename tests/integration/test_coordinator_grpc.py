@@ -1,0 +1,588 @@
+"""The coordinator's gRPC layer against a real server on loopback: bad input of every kind.
+
+Each refusal is checked for its exact status code and that its message names the
+problem; afterwards a good device's task is intact and the server still serves.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+from federation_helpers import Device, ServerThread, channel, sign, wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coordinator.grpc_service import MAX_UPLOAD_BYTES, stage_from_proto, stage_to_proto
+from coordinator.server import CoordinatorServer, ServerStartError
+from estuary.config.models import CoordinatorSettings
+from estuary.model.presets import build_preset
+from estuary.proto.v1 import edge_pb2, edge_pb2_grpc
+from estuary.state.blobs import BlobStore
+from estuary.state.errors import StoreUnavailable
+from estuary.state.memory import MemoryStore
+from estuary.transport import MAX_MESSAGE_BYTES
+from secure_agg import Client, FixedPoint, SessionConfig, Stage
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def make_settings(**overrides: Any) -> CoordinatorSettings:
+    values: dict[str, Any] = {
+        "node_id": "grpc-test",
+        "server": {
+            "listen": "127.0.0.1:0",
+            "metrics_port": 0,
+            "device_requests_per_s": 1000.0,
+            "device_burst": 1000,
+        },
+        "tls": {"allow_plaintext": True},
+        "model": {"preset": "tiny", "r_max": 4},
+        "device_classes": [{"name": "laptop", "rank": 4, "expected_task_s": 5.0}],
+        "aggregation": {"buffer_size": 2},
+        "pacing": {"target_staleness": 4.0, "retry_after_min_s": 0.1},
+        "cohort": {
+            "min_size": 2,
+            "max_size": 2,
+            "threshold_fraction": 0.6,
+            "formation_s": 0.0,
+            "deadline_s": 120.0,
+            "key_timeout_s": 60.0,
+        },
+        "training": {"local_steps": 1, "batch_size": 2, "seq_len": 16},
+        "workers": "local",
+    }
+    values.update(overrides)
+    return CoordinatorSettings(**values)
+
+
+def code_of(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    code: grpc.StatusCode = excinfo.value.code()
+    return code
+
+
+def details(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> str:
+    text: str = excinfo.value.details() or ""
+    return text
+
+
+class FlakyStore(MemoryStore):
+    """A MemoryStore that can be switched 'down': ping and reads then fail."""
+
+    down = False
+
+    def ping(self) -> None:
+        if self.down:
+            raise StoreUnavailable("test: store is down")
+        super().ping()
+
+    def _get(self, key: str) -> Any:
+        if self.down:
+            raise StoreUnavailable("test: store is down")
+        return super()._get(key)
+
+
+@pytest.fixture(scope="module")
+def base() -> Any:
+    return build_preset("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def fed(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A coordinator with a local worker, two devices in a sealed cohort, and bystanders."""
+    store = MemoryStore()
+    blobs = BlobStore(tmp_path_factory.mktemp("blobs"), fsync=False)
+    server = CoordinatorServer(
+        make_settings(),
+        store=store,
+        blobs=blobs,
+        base=base,
+        eval_windows=torch.randint(0, 256, (2, 17)),
+        tick_interval_s=0.05,
+        health_interval_s=0.2,
+    )
+    thread = ServerThread(server).start()
+    ch = channel(thread.address)
+    stub = edge_pb2_grpc.EdgeServiceStub(ch)
+    registry = server.service.registry
+    a, b, c = Device(stub), Device(stub), Device(stub)
+    for device in (a, b, c):
+        device.enroll(registry.issue_token(), "laptop")
+    task_a: edge_pb2.Task | None = None
+    for _ in range(600):  # the local worker builds the first artifacts meanwhile
+        ra, rb = a.get_task(), b.get_task()
+        if ra.WhichOneof("outcome") == "task" and rb.WhichOneof("outcome") == "task":
+            task_a, task_b = ra.task, rb.task
+            break
+        time.sleep(0.1)
+    assert task_a is not None, "no cohort was sealed"
+    yield {
+        "server": server,
+        "thread": thread,
+        "stub": stub,
+        "health": health_pb2_grpc.HealthStub(ch),
+        "a": a,
+        "b": b,
+        "c": c,
+        "task_a": task_a,
+        "task_b": task_b,
+        "store": store,
+    }
+    ch.close()
+    thread.stop()
+
+
+def assert_intact(fed: dict[str, Any]) -> None:
+    """The good device still holds the same task and the server serves."""
+    check = fed["health"].Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert check.status == SERVING
+    again = fed["a"].get_task()
+    assert again.WhichOneof("outcome") == "task"
+    assert again.task.task_id == fed["task_a"].task_id
+    assert again.task.cohort_id == fed["task_a"].cohort_id
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def test_stage_mapping_round_trips_and_refuses_unspecified() -> None:
+    for stage in Stage:
+        assert stage_from_proto(stage_to_proto(stage)) is stage
+    assert stage_to_proto(Stage.ADVERTISE_KEYS) == edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS
+    assert stage_to_proto(Stage.COMPLETED) == edge_pb2.SECAGG_STAGE_DONE
+    with pytest.raises(Exception, match="stage: 0"):
+        stage_from_proto(0)
+
+
+def test_task_carries_cohort_parameters(fed: dict[str, Any]) -> None:
+    task = fed["task_a"]
+    assert task.secagg.cohort_size == 2
+    assert task.secagg.cohort == task.cohort_id.encode()
+    assert task.rank == 4 and task.artifact.size_bytes > 0
+    assert len(task.secagg.tensors) > 0 and all(t.length > 0 for t in task.secagg.tensors)
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+def test_unknown_device_is_unauthenticated_on_every_rpc(fed: dict[str, Any]) -> None:
+    stranger = Device(fed["stub"], Ed25519PrivateKey.generate())
+    task = fed["task_a"]
+    calls = [
+        lambda: stranger.get_task(),
+        lambda: stranger.fetch(task.artifact.sha256),
+        lambda: stranger.send(task.cohort_id, edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS, b"x"),
+        lambda: stranger.await_secagg(task.cohort_id, edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS),
+        lambda: stranger.heartbeat(task.task_id),
+        lambda: stranger.upload(
+            task_id=task.task_id, cohort_id=task.cohort_id, total_bytes=1, sha256="0", chunks=[]
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as excinfo:
+            call()
+        assert code_of(excinfo) is grpc.StatusCode.UNAUTHENTICATED
+        assert "unknown device" in details(excinfo)
+    assert_intact(fed)
+
+
+def test_missing_auth_names_what_is_missing(fed: dict[str, Any]) -> None:
+    with pytest.raises(grpc.RpcError) as excinfo:
+        fed["stub"].GetTask(edge_pb2.GetTaskRequest(), timeout=5)
+    assert code_of(excinfo) is grpc.StatusCode.UNAUTHENTICATED
+    assert "auth: missing" in details(excinfo)
+    request = fed["a"].signed("GetTask", edge_pb2.GetTaskRequest())
+    request.auth.ClearField("signature")
+    with pytest.raises(grpc.RpcError) as excinfo:
+        fed["stub"].GetTask(request, timeout=5)
+    assert code_of(excinfo) is grpc.StatusCode.UNAUTHENTICATED
+    assert "signature" in details(excinfo)
+    assert_intact(fed)
+
+
+def test_bad_signature_and_replay_are_unauthenticated(fed: dict[str, Any]) -> None:
+    a = fed["a"]
+    forged = a.signed("Heartbeat", edge_pb2.HeartbeatRequest(task_id="x"))
+    forged.auth.signature = bytes([forged.auth.signature[0] ^ 1]) + forged.auth.signature[1:]
+    with pytest.raises(grpc.RpcError) as excinfo:
+        fed["stub"].Heartbeat(forged, timeout=5)
+    assert code_of(excinfo) is grpc.StatusCode.UNAUTHENTICATED
+    assert "signature does not verify" in details(excinfo)
+    # Signed for another method: the signature binds the method name.
+    other = a.signed("GetTask", edge_pb2.HeartbeatRequest(task_id="x"))
+    with pytest.raises(grpc.RpcError) as excinfo:
+        fed["stub"].Heartbeat(other, timeout=5)
+    assert "signature does not verify" in details(excinfo)
+    good = a.signed("Heartbeat", edge_pb2.HeartbeatRequest(task_id="x"))
+    fed["stub"].Heartbeat(good, timeout=5)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        fed["stub"].Heartbeat(good, timeout=5)
+    assert code_of(excinfo) is grpc.StatusCode.UNAUTHENTICATED
+    assert "replayed" in details(excinfo)
+    assert_intact(fed)
+
+
+def test_revoked_device_and_reused_token_are_unauthenticated(fed: dict[str, Any]) -> None:
+    registry = fed["server"].service.registry
+    token = registry.issue_token()
+    device = Device(fed["stub"])
+    device.enroll(token, "laptop")
+    device.heartbeat()
+    assert registry.revoke(device.device_id)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        device.heartbeat()
+    assert code_of(excinfo) is grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in details(excinfo)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        Device(fed["stub"]).enroll(token, "laptop")
+    assert code_of(excinfo) is grpc.StatusCode.UNAUTHENTICATED
+    assert "token" in details(excinfo)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        Device(fed["stub"]).enroll(registry.issue_token(), "tablet")
+    assert code_of(excinfo) is grpc.StatusCode.INVALID_ARGUMENT
+    assert "device_class" in details(excinfo)
+    assert_intact(fed)
+
+
+def test_request_over_the_message_limit_is_resource_exhausted(fed: dict[str, Any]) -> None:
+    big = fed["a"].signed(
+        "GetTask", edge_pb2.GetTaskRequest(held_artifacts=["x" * (MAX_MESSAGE_BYTES + 1)])
+    )
+    with pytest.raises(grpc.RpcError) as excinfo:
+        fed["stub"].GetTask(big, timeout=10)
+    assert code_of(excinfo) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_intact(fed)
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def test_fetch_artifact_resumes_from_an_offset(fed: dict[str, Any]) -> None:
+    a, task = fed["a"], fed["task_a"]
+    whole = b"".join(c.data for c in a.fetch(task.artifact.sha256))
+    assert len(whole) == task.artifact.size_bytes
+    assert hashlib.sha256(whole).hexdigest() == task.artifact.sha256
+    cut = len(whole) // 3
+    chunks = a.fetch(task.artifact.sha256, offset=cut, chunk_bytes=64)
+    assert chunks[0].offset == cut and all(c.total_bytes == len(whole) for c in chunks)
+    assert all(len(c.data) <= 64 for c in chunks)
+    assert [c.offset for c in chunks] == [cut + 64 * i for i in range(len(chunks))]
+    resumed = whole[:cut] + b"".join(c.data for c in chunks)
+    assert hashlib.sha256(resumed).hexdigest() == task.artifact.sha256
+    assert a.fetch(task.artifact.sha256, offset=len(whole)) == []
+
+
+def test_fetch_artifact_refuses_bad_digests_and_offsets(fed: dict[str, Any]) -> None:
+    a, task = fed["a"], fed["task_a"]
+    with pytest.raises(grpc.RpcError) as excinfo:
+        a.fetch("not-a-digest")
+    assert code_of(excinfo) is grpc.StatusCode.INVALID_ARGUMENT
+    assert "sha256" in details(excinfo)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        a.fetch("0" * 64)
+    assert code_of(excinfo) is grpc.StatusCode.NOT_FOUND
+    assert "0" * 64 in details(excinfo)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        a.fetch(task.artifact.sha256, offset=task.artifact.size_bytes + 1)
+    assert code_of(excinfo) is grpc.StatusCode.INVALID_ARGUMENT
+    assert "offset" in details(excinfo)
+    assert_intact(fed)
+
+
+# --------------------------------------------------------------------------- secure aggregation
+
+
+def test_secagg_refusals(fed: dict[str, Any]) -> None:
+    a, c, task = fed["a"], fed["c"], fed["task_a"]
+    cases = [
+        (a, task.cohort_id, edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS, grpc.StatusCode.INVALID_ARGUMENT,
+         "payload"),
+        (a, task.cohort_id, edge_pb2.SECAGG_STAGE_UNSPECIFIED, grpc.StatusCode.INVALID_ARGUMENT,
+         "stage"),
+        (a, task.cohort_id, 42, grpc.StatusCode.INVALID_ARGUMENT, "stage"),
+        (a, task.cohort_id, edge_pb2.SECAGG_STAGE_MASKED_INPUT, grpc.StatusCode.INVALID_ARGUMENT,
+         "UploadMasked"),
+        (a, task.cohort_id, edge_pb2.SECAGG_STAGE_SHARE_KEYS, grpc.StatusCode.FAILED_PRECONDITION,
+         "not SHARE_KEYS"),
+        (a, "no-such-cohort", edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS,
+         grpc.StatusCode.FAILED_PRECONDITION, "no such cohort"),
+        (c, task.cohort_id, edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS,
+         grpc.StatusCode.FAILED_PRECONDITION, "not a member"),
+    ]  # fmt: skip
+    for device, cohort_id, stage, code, words in cases:
+        with pytest.raises(grpc.RpcError) as excinfo:
+            device.send(cohort_id, stage, b"\x00garbage")
+        assert code_of(excinfo) is code, (stage, details(excinfo))
+        assert words in details(excinfo)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        a.await_secagg(task.cohort_id, edge_pb2.SECAGG_STAGE_UNSPECIFIED)
+    assert code_of(excinfo) is grpc.StatusCode.INVALID_ARGUMENT
+    assert "after_stage" in details(excinfo)
+    with pytest.raises(grpc.RpcError) as excinfo:
+        c.await_secagg(task.cohort_id, edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS)
+    assert code_of(excinfo) is grpc.StatusCode.FAILED_PRECONDITION
+    pending = a.await_secagg(task.cohort_id, edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS, wait_ms=150)
+    assert pending.pending and pending.cohort_id == task.cohort_id
+    assert_intact(fed)
+
+
+def test_upload_refusals(fed: dict[str, Any]) -> None:
+    a, task = fed["a"], fed["task_a"]
+    expected = fed["server"].service.expected_upload_bytes(
+        fed["server"].service.registry.get(a.device_id), task.cohort_id
+    )
+    common = {"task_id": task.task_id, "cohort_id": task.cohort_id, "sha256": "0" * 64}
+    cases = [
+        ({"total_bytes": MAX_UPLOAD_BYTES + 1, "chunks": []},
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "upload limit"),
+        ({"total_bytes": 4, "chunks": [b"x" * 8], "cohort_id": "nope"},
+         grpc.StatusCode.FAILED_PRECONDITION, "no such cohort"),
+        ({"total_bytes": expected + 1, "chunks": []},
+         grpc.StatusCode.INVALID_ARGUMENT, f"exactly {expected} bytes"),
+        ({"total_bytes": expected, "chunks": [b"\0" * expected, b"\0"]},
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds"),
+        ({"total_bytes": expected, "chunks": [b"\0" * (expected - 1)]},
+         grpc.StatusCode.INVALID_ARGUMENT, "ended after"),
+        ({"total_bytes": expected, "chunks": [b"\0" * expected]},
+         grpc.StatusCode.INVALID_ARGUMENT, "sha256"),
+        ({"total_bytes": expected, "chunks": [b"\0"], "header_first": False},
+         grpc.StatusCode.INVALID_ARGUMENT, "UploadHeader"),
+    ]  # fmt: skip
+    for overrides, code, words in cases:
+        with pytest.raises(grpc.RpcError) as excinfo:
+            a.upload(**{**common, **overrides})
+        assert code_of(excinfo) is code, (overrides.get("total_bytes"), details(excinfo))
+        assert words in details(excinfo)
+    payload = b"\0" * expected
+    with pytest.raises(grpc.RpcError) as excinfo:
+        a.upload(**{**common, "sha256": hashlib.sha256(payload).hexdigest()},
+                 total_bytes=expected, chunks=[payload])  # fmt: skip
+    assert code_of(excinfo) is grpc.StatusCode.FAILED_PRECONDITION  # not in MASKED_INPUT yet
+    assert_intact(fed)
+
+
+def test_heartbeat_and_metrics_after_refusals(fed: dict[str, Any]) -> None:
+    a, task = fed["a"], fed["task_a"]
+    assert a.heartbeat(task.task_id).action == edge_pb2.HeartbeatResponse.ACTION_CONTINUE
+    assert a.heartbeat("other").action == edge_pb2.HeartbeatResponse.ACTION_ABANDON
+    metrics = fed["server"].metrics
+    refused = metrics.value("estuary_rpcs_total", {"method": "GetTask", "code": "UNAUTHENTICATED"})
+    assert refused is not None and refused >= 1
+    assert (metrics.value("estuary_rpc_bytes_in_total", {"rpc": "UploadMasked"}) or 0) > 0
+    assert (metrics.value("estuary_rpc_bytes_out_total", {"rpc": "FetchArtifact"}) or 0) > 0
+    assert metrics.value("estuary_version") == 0
+
+
+def test_good_devices_still_run_the_protocol(fed: dict[str, Any]) -> None:
+    """Last: after all the refusals, both members advertise and get the key broadcast."""
+    for name in ("a", "b"):
+        device, task = fed[name], fed[f"task_{name}"]
+        params = task.secagg
+        config = SessionConfig(
+            cohort=params.cohort,
+            cohort_size=params.cohort_size,
+            threshold=params.threshold,
+            tensors=tuple((t.name, t.length) for t in params.tensors),
+            fixed_point=FixedPoint(bits=params.bits, frac_bits=params.frac_bits, clip=params.clip),
+            neighbours=params.neighbours or None,
+        )
+        client = Client(task.member_index, config=config)
+        ack = device.send(
+            task.cohort_id, edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS, client.advertise().encode()
+        )
+        assert ack.stage in (edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS, edge_pb2.SECAGG_STAGE_SHARE_KEYS)
+    a, task = fed["a"], fed["task_a"]
+    reply = a.await_secagg(task.cohort_id, edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS, wait_ms=5000)
+    assert not reply.pending
+    assert reply.stage == edge_pb2.SECAGG_STAGE_SHARE_KEYS and reply.payload
+
+
+# --------------------------------------------------------------------------- own servers
+
+
+def _small_server(base: Any, tmp_path: Path, store: Any = None, **overrides: Any) -> ServerThread:
+    settings = make_settings(workers="groups", **overrides)
+    server = CoordinatorServer(
+        settings,
+        store=store if store is not None else MemoryStore(),
+        blobs=BlobStore(tmp_path / "blobs", fsync=False),
+        base=base,
+        health_interval_s=0.1,
+    )
+    return ServerThread(server).start()
+
+
+def test_rate_limit_is_resource_exhausted_per_device(base: Any, tmp_path: Path) -> None:
+    thread = _small_server(
+        base,
+        tmp_path,
+        server={"listen": "127.0.0.1:0", "device_requests_per_s": 0.5, "device_burst": 2},
+    )
+    try:
+        stub = edge_pb2_grpc.EdgeServiceStub(channel(thread.address))
+        registry = thread.server.service.registry
+        noisy, quiet = Device(stub), Device(stub)
+        noisy.enroll(registry.issue_token(), "laptop")
+        quiet.enroll(registry.issue_token(), "laptop")
+        noisy.heartbeat()
+        noisy.heartbeat()
+        with pytest.raises(grpc.RpcError) as excinfo:
+            noisy.heartbeat()
+        assert code_of(excinfo) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "requests/s" in details(excinfo)
+        assert quiet.heartbeat().current_version == 0
+    finally:
+        thread.stop()
+
+
+def test_health_follows_the_store(base: Any, tmp_path: Path) -> None:
+    store = FlakyStore()
+    thread = _small_server(base, tmp_path, store=store)
+    try:
+        ch = channel(thread.address)
+        health = health_pb2_grpc.HealthStub(ch)
+        stub = edge_pb2_grpc.EdgeServiceStub(ch)
+        device = Device(stub)
+        device.enroll(thread.server.service.registry.issue_token(), "laptop")
+
+        def status() -> int:
+            response = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            return int(response.status)
+
+        assert status() == SERVING
+        store.down = True
+        assert wait_until(lambda: status() == NOT_SERVING, timeout_s=5)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            device.heartbeat()
+        assert code_of(excinfo) is grpc.StatusCode.UNAVAILABLE
+        assert "state store unavailable" in details(excinfo)
+        store.down = False
+        assert wait_until(lambda: status() == SERVING, timeout_s=5)
+        assert device.heartbeat().current_version == 0
+    finally:
+        thread.stop()
+
+
+def test_plaintext_is_refused_unless_allowed(base: Any, tmp_path: Path) -> None:
+    settings = make_settings(workers="groups")
+    settings.tls.allow_plaintext = False
+    with pytest.raises(ServerStartError, match="allow_plaintext"):
+        CoordinatorServer(settings, store=MemoryStore(), base=base)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _cert(
+    subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, Any] | None, *,
+    ca: bool, sans: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:  # fmt: skip
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    issuer_name, issuer_key = issuer if issuer is not None else (name, key)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(obj: Any) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return bytes(
+        obj.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("test-ca", ca_key, None, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _cert(
+        "localhost", server_key, (ca.subject, ca_key), ca=False,
+        sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )  # fmt: skip
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = _cert("device", client_key, (ca.subject, ca_key), ca=False)
+    files = {
+        "ca": _pem(ca),
+        "server_cert": _pem(server),
+        "server_key": _pem(server_key),
+        "client_cert": _pem(client),
+        "client_key": _pem(client_key),
+    }
+    paths = {}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        paths[name] = folder / name
+    return paths
+
+
+def _health_status(address: str, credentials: grpc.ChannelCredentials) -> int:
+    ch = channel(address, credentials)
+    try:
+        response = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+        return int(response.status)
+    finally:
+        ch.close()
+
+
+def test_tls_and_mtls(base: Any, tmp_path: Path, pki: dict[str, Path]) -> None:
+    ca = pki["ca"].read_bytes()
+    tls = {"cert_file": pki["server_cert"], "key_file": pki["server_key"]}
+    thread = _small_server(base, tmp_path / "tls", tls=tls)
+    try:
+        assert _health_status(thread.address, grpc.ssl_channel_credentials(ca)) == SERVING
+    finally:
+        thread.stop()
+    thread = _small_server(base, tmp_path / "mtls", tls={**tls, "client_ca_file": pki["ca"]})
+    try:
+        with_cert = grpc.ssl_channel_credentials(
+            ca,
+            private_key=pki["client_key"].read_bytes(),
+            certificate_chain=pki["client_cert"].read_bytes(),
+        )
+        assert _health_status(thread.address, with_cert) == SERVING
+        with pytest.raises(grpc.RpcError) as excinfo:
+            _health_status(thread.address, grpc.ssl_channel_credentials(ca))
+        assert code_of(excinfo) is grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError):
+            _health_status(thread.address, grpc.ssl_channel_credentials())  # wrong trust
+    finally:
+        thread.stop()
+
+
+def test_signing_helper_matches_the_servicer_body_hash() -> None:
+    key = Ed25519PrivateKey.generate()
+    request = sign(key, "GetTask", edge_pb2.GetTaskRequest(held_version=3))
+    assert request.auth.device_id and len(request.auth.signature) == 64
