@@ -19,6 +19,8 @@ compares held-out bits/byte of:
 - ``centralized``: one rank-r_max adapter trained on the pooled training data with the
   same number of samples as all clients together.
 
+The baselines and the held-out scoring are those of ``estuary simulate``
+(:mod:`estuary.sim.baselines`, :mod:`estuary.sim.evaluation`).
 Baselines get the best client learning rate of ``--baseline-lrs`` (by union score); the
 federation uses ``--lr``. Clients train on the int8-compressed base (as on the edge)
 and are evaluated on it.
@@ -46,22 +48,25 @@ from edge_client.train import train_adapter
 from estuary.adapters import (
     AdapterConfig,
     GlobalAdapter,
-    attach_adapters,
-    detach_adapters,
     mean_from_sum,
     merge_into_base,
     weighted_sum,
 )
 from estuary.compress import compress_model
-from estuary.data import ClientData, eval_windows, stdlib_clients
+from estuary.data import ClientData, stdlib_clients
 from estuary.model import load_model
-from estuary.model.evaluate import bits_per_byte
 from estuary.model.pretrain import pretrained_preset
+from estuary.sim.baselines import centralized, local_only
+from estuary.sim.evaluation import HeldOut, Scores
 
 CLIENTS = ("email", "asyncio", "json", "xml", "unittest", "http", "logging", "multiprocessing")
 SEQ_LEN = 128
 BATCH = 8
 R_MAX = 16
+#: torch threads of every training run (train_adapter's default), baselines and
+#: federation alike, so their step costs and results are comparable; ``--threads``
+#: sets the threads of everything else (pretraining, evaluation).
+TRAIN_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -79,82 +84,15 @@ def progress(message: str) -> None:
     print(f"[learning] {message}", file=sys.stderr, flush=True)
 
 
-def evaluate(base: nn.Module, adapter: GlobalAdapter, windows: torch.Tensor) -> float:
-    # Rank 1 with a zero ΔB: the forward pass is base + B·A of the global adapter.
-    attach_adapters(base, adapter, rank=1)
-    try:
-        return bits_per_byte(base, windows)
-    finally:
-        detach_adapters(base)
-
-
-def summary(per_client: dict[str, float], counts: dict[str, int]) -> dict[str, Any]:
-    total = sum(counts.values())
-    union = sum(per_client[c] * counts[c] for c in per_client) / total
-    return {"union": union, "per_client": per_client}
-
-
-def run_local_only(
-    edge_base: nn.Module,
-    clients: list[ClientData],
-    windows: dict[str, torch.Tensor],
-    *,
-    steps: int,
-    ranks: tuple[int, ...],
-    lr: float,
-) -> dict[str, float]:
-    zero = GlobalAdapter.for_model(edge_base, AdapterConfig(r_max=R_MAX))
-    scores: dict[str, float] = {}
-    for i, client in enumerate(clients):
-        result = train_adapter(
-            edge_base,
-            zero,
-            client.train,
-            rank=ranks[i % len(ranks)],
-            steps=steps,
-            lr=lr,
-            batch_size=BATCH,
-            seq_len=SEQ_LEN,
-            seed=1000 + i,
-        )
-        scores[client.name] = evaluate(edge_base, zero.with_b(result.delta_b), windows[client.name])
-    return scores
-
-
-def run_centralized(
-    edge_base: nn.Module,
-    clients: list[ClientData],
-    windows: dict[str, torch.Tensor],
-    *,
-    steps: int,
-    lr: float,
-) -> dict[str, float]:
-    zero = GlobalAdapter.for_model(edge_base, AdapterConfig(r_max=R_MAX))
-    pooled = b"\n".join(c.train for c in clients)
-    result = train_adapter(
-        edge_base,
-        zero,
-        pooled,
-        rank=R_MAX,
-        steps=steps,
-        lr=lr,
-        batch_size=BATCH,
-        seq_len=SEQ_LEN,
-        seed=2000,
-    )
-    adapter = zero.with_b(result.delta_b)
-    return {c.name: evaluate(edge_base, adapter, windows[c.name]) for c in clients}
-
-
 def run_federated(
     server_base: nn.Module,
     edge_base: nn.Module,
     clients: list[ClientData],
-    windows: dict[str, torch.Tensor],
+    held_out: HeldOut,
     variant: FedVariant,
     *,
     lr: float,
-) -> tuple[dict[str, float], int]:
+) -> tuple[Scores, int]:
     """``edge_base`` is ``server_base`` compressed to int8; it is used as is, not changed.
 
     Only a variant that re-seeds A changes the base: it merges into a copy of
@@ -190,8 +128,7 @@ def run_federated(
             # The velocity lives in the old A's coordinates; it means nothing after re-seeding.
             velocity = {n: np.zeros_like(b) for n, b in adapter.b.items()}
             edge_base = compress_model(copy.deepcopy(server), scheme="int8")
-    scores = {c.name: evaluate(edge_base, adapter, windows[c.name]) for c in clients}
-    return scores, upload * variant.rounds
+    return held_out.score(edge_base, adapter), upload * variant.rounds
 
 
 def run_regime(
@@ -206,50 +143,58 @@ def run_regime(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     clients = stdlib_clients(CLIENTS, max_train_bytes=max_train_bytes)
-    windows = {
-        c.name: eval_windows(c.heldout, seq_len=SEQ_LEN, max_windows=eval_windows_per_client)
-        for c in clients
-    }
-    counts = {n: int(w.numel() - w.shape[0]) for n, w in windows.items()}
+    held_out = HeldOut(clients, seq_len=SEQ_LEN, max_windows_per_client=eval_windows_per_client)
     edge_base = compress_model(copy.deepcopy(server_base), scheme="int8")
     zero = GlobalAdapter.for_model(edge_base, AdapterConfig(r_max=R_MAX))
     ranks = variants[0].ranks
     # Each baseline gets the best client learning rate of the grid (by union score), so
     # the federated variants are compared against tuned baselines, not weakened ones.
     local_runs = {
-        rate: summary(
-            run_local_only(
-                edge_base, clients, windows, steps=local_steps_total, ranks=ranks, lr=rate
-            ),
-            counts,
+        rate: local_only(
+            edge_base,
+            zero,
+            clients,
+            steps={c.name: local_steps_total for c in clients},
+            ranks={c.name: ranks[i % len(ranks)] for i, c in enumerate(clients)},
+            lr=rate,
+            batch_size=BATCH,
+            seq_len=SEQ_LEN,
+            threads=TRAIN_THREADS,
+            seed=1000,
+            held_out=held_out,
         )
         for rate in baseline_lrs
     }
     central_runs = {
-        rate: summary(
-            run_centralized(
-                edge_base, clients, windows, steps=local_steps_total * len(clients), lr=rate
-            ),
-            counts,
+        rate: centralized(
+            edge_base,
+            zero,
+            clients,
+            steps=local_steps_total * len(clients),
+            rank=R_MAX,
+            lr=rate,
+            batch_size=BATCH,
+            seq_len=SEQ_LEN,
+            threads=TRAIN_THREADS,
+            seed=2000,
+            held_out=held_out,
         )
         for rate in baseline_lrs
     }
-    best_local = min(local_runs, key=lambda r: local_runs[r]["union"])
-    best_central = min(central_runs, key=lambda r: central_runs[r]["union"])
+    best_local = min(local_runs, key=lambda r: local_runs[r].union)
+    best_central = min(central_runs, key=lambda r: central_runs[r].union)
     results: dict[str, Any] = {
         "train_bytes_per_client": {c.name: len(c.train) for c in clients},
-        "base": summary(
-            {c.name: evaluate(edge_base, zero, windows[c.name]) for c in clients}, counts
-        ),
+        "base": held_out.score(edge_base, zero).as_dict(),
         "local_only": {
-            **local_runs[best_local],
+            **local_runs[best_local].as_dict(),
             "lr": best_local,
-            "union_by_lr": {str(r): v["union"] for r, v in local_runs.items()},
+            "union_by_lr": {str(r): v.union for r, v in local_runs.items()},
         },
         "centralized": {
-            **central_runs[best_central],
+            **central_runs[best_central].as_dict(),
             "lr": best_central,
-            "union_by_lr": {str(r): v["union"] for r, v in central_runs.items()},
+            "union_by_lr": {str(r): v.union for r, v in central_runs.items()},
         },
     }
     local = results["local_only"]["union"]
@@ -257,8 +202,8 @@ def run_regime(
     fed: dict[str, Any] = {}
     progress(f"local-only {local:.3f}, centralized {central:.3f}")
     for variant in variants:
-        scores, upload = run_federated(server_base, edge_base, clients, windows, variant, lr=lr)
-        entry = summary(scores, counts)
+        scores, upload = run_federated(server_base, edge_base, clients, held_out, variant, lr=lr)
+        entry: dict[str, Any] = dict(scores.as_dict())
         entry["settings"] = {
             "rounds": variant.rounds,
             "local_steps": variant.local_steps,

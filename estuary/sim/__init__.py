@@ -1,0 +1,1 @@
+"""``estuary simulate``: a whole federation on one machine, measured and reported."""

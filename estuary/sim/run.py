@@ -1,0 +1,464 @@
+"""``estuary simulate``: a whole federation on one machine, over real gRPC on loopback.
+
+One process holds the coordinator (its gRPC server, the federation service and a local
+cloud worker), and every simulated device is an :class:`edge_client.agent.EdgeAgent`
+running as an asyncio task that talks to the coordinator through a loopback channel,
+exactly as a device would across the network: enrolment with a one-time token, signed
+requests, pacing, artifact download, secure aggregation, masked upload.
+
+Clients are standard-library packages (one package's text = one device's private data),
+split into device classes round-robin. A client vanishes from a task with probability
+``dropout``; its cohort goes on without it (secure aggregation tolerates dropouts down
+to the threshold). Each committed version is scored on every client's held-out text;
+at the end the run folder holds the effective config, ``metrics.jsonl``,
+``summary.json`` and the plots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from estuary.config.models import (
+    CoordinatorSettings,
+    ServerSettings,
+    ServerTLSSettings,
+    SimulationSettings,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from estuary.data import ClientData
+
+log = logging.getLogger(__name__)
+
+#: Standard-library packages that back simulated clients, in order of use: the data
+#: module's default twelve, then more packages present in every CPython 3.10+.
+SIM_PACKAGES = (
+    "email",
+    "asyncio",
+    "json",
+    "xml",
+    "unittest",
+    "http",
+    "logging",
+    "concurrent",
+    "multiprocessing",
+    "importlib",
+    "urllib",
+    "sqlite3",
+    "html",
+    "ctypes",
+    "xmlrpc",
+    "wsgiref",
+    "encodings",
+    "tkinter",
+    "idlelib",
+    "curses",
+    "dbm",
+    "zoneinfo",
+    "venv",
+    "pydoc_data",
+)
+
+#: Training bytes per client in the scarce regime: a few pages of text, where pooling
+#: knowledge across devices pays off over training alone.
+SCARCE_TRAIN_BYTES = 8192
+
+#: Held-out windows per client used to score every version (evenly spaced).
+EVAL_WINDOWS_PER_CLIENT = 8
+
+#: Pretraining steps of a preset base when the settings name no model directory.
+PRETRAIN_STEPS = 200
+
+
+@dataclass
+class RunStats:
+    """What the observer saw during the run."""
+
+    dropouts: int = 0
+    rejected: int = 0
+    accepted: int = 0
+    cohorts: dict[str, int] = field(default_factory=dict)
+    staleness: dict[int, int] = field(default_factory=dict)
+
+
+class _SimObserver:
+    """Feeds the coordinator's events into ``metrics.jsonl`` and the run totals."""
+
+    def __init__(self, metrics: Any, stats: RunStats) -> None:
+        self.metrics = metrics
+        self.stats = stats
+
+    def event(self, kind: str, **fields: Any) -> None:
+        if kind == "weight_assigned":
+            s = int(fields["staleness"])
+            self.stats.staleness[s] = self.stats.staleness.get(s, 0) + 1
+        elif kind == "update_accepted":
+            self.stats.accepted += int(fields["updates"])
+            self.stats.dropouts += int(fields.get("dropouts", 0))
+        elif kind == "update_rejected":
+            self.stats.rejected += 1
+        elif kind == "cohort_finished":
+            status = str(fields["status"])
+            self.stats.cohorts[status] = self.stats.cohorts.get(status, 0) + 1
+            if status == "aborted":
+                self.stats.dropouts += int(fields.get("size", 0))
+        if kind in ("paced",):
+            return  # too frequent to log
+        self.metrics.event(kind, **fields)
+
+
+def select_packages(count: int) -> tuple[str, ...]:
+    """Return the first ``count`` packages of :data:`SIM_PACKAGES` present here."""
+    from estuary.data import stdlib_root
+
+    root = stdlib_root()
+    present = tuple(p for p in SIM_PACKAGES if any((root / p).glob("*.py")))
+    if count > len(present):
+        raise ValueError(
+            f"clients: {count} exceeds the {len(present)} standard-library packages available "
+            f"as simulated clients ({', '.join(present)})"
+        )
+    return present[:count]
+
+
+def coordinator_settings(settings: SimulationSettings) -> CoordinatorSettings:
+    """Return the settings of the in-process coordinator of a simulation."""
+    return CoordinatorSettings(
+        node_id="sim",
+        server=ServerSettings(
+            listen="127.0.0.1:0",
+            metrics_port=0,
+            # Simulated devices share one machine: the limit guards replicas from
+            # misbehaving devices, which a simulation does not have.
+            device_requests_per_s=1000.0,
+            device_burst=1000,
+        ),
+        tls=ServerTLSSettings(allow_plaintext=True),
+        state=settings.state,
+        model=settings.model,
+        device_classes=settings.device_classes,
+        aggregation=settings.aggregation,
+        pacing=settings.pacing,
+        cohort=settings.cohort,
+        training=settings.training,
+        workers="local",
+    )
+
+
+def load_or_pretrain_base(settings: SimulationSettings, cache_dir: Path) -> nn.Module:
+    """Return the full-precision base: the settings' model directory, or a pretrained preset.
+
+    A preset is pretrained on the standard library's top-level modules (never on client
+    packages) once and cached under ``cache_dir``.
+    """
+    from cloud_workers.worker import load_base
+    from estuary.config.models import ModelSettings
+
+    if settings.model.path is not None:
+        return load_base(settings.model)
+    from estuary.model.pretrain import pretrained_preset
+
+    preset = settings.model.preset or "tiny"
+    target = cache_dir / f"base-{preset}-{PRETRAIN_STEPS}steps-seed0"
+    if not (target / "config.json").is_file():
+        log.info(
+            "pretraining the %s preset (%d steps), cached in %s", preset, PRETRAIN_STEPS, target
+        )
+        model = pretrained_preset(preset, steps=PRETRAIN_STEPS, seed=0)
+        tmp = target.with_name(target.name + f".tmp{secrets.token_hex(4)}")
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tmp.rename(target)
+    return load_base(ModelSettings(path=target, r_max=settings.model.r_max))
+
+
+def _client_data(settings: SimulationSettings) -> list[ClientData]:
+    from estuary.data import stdlib_clients
+
+    return stdlib_clients(
+        select_packages(settings.clients),
+        max_train_bytes=SCARCE_TRAIN_BYTES if settings.scarce else None,
+        seed=settings.seed,
+    )
+
+
+def _write_config(settings: SimulationSettings, run_dir: Path) -> Path:
+    path = run_dir / "config.json"
+    path.write_text(json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True))
+    return path
+
+
+class Simulation:
+    """One simulated federation; :meth:`run` does everything and returns the run folder.
+
+    Parameters
+    ----------
+    settings
+        The simulation settings.
+    live
+        Show the rich live display (a compact line per few seconds without a TTY).
+    """
+
+    def __init__(self, settings: SimulationSettings, *, live: bool = True) -> None:
+        self.settings = settings
+        self.live = live
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_id = f"{stamp}-s{settings.seed}-{secrets.token_hex(2)}"
+        self.run_dir = settings.out_dir / self.run_id
+        self.stats = RunStats()
+
+    def run(self) -> Path:
+        """Run the federation and the baselines; write the run folder; return it."""
+        return asyncio.run(self._run())
+
+    async def _run(self) -> Path:
+        import torch
+
+        from coordinator.server import CoordinatorServer
+        from edge_client.agent import AgentHooks, EdgeAgent
+        from edge_client.state import EdgeState
+        from estuary.adapters import AdapterConfig, GlobalAdapter
+        from estuary.compress import compress_model
+        from estuary.sim.evaluation import HeldOut
+        from estuary.sim.report import LiveDisplay, MetricsLog
+        from estuary.state import open_store
+        from estuary.state.blobs import BlobStore
+
+        settings = self.settings
+        started = time.monotonic()
+        self.run_dir.mkdir(parents=True, exist_ok=False)
+        config_path = _write_config(settings, self.run_dir)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        display = LiveDisplay(enabled=self.live, target_versions=settings.versions)
+        torch.manual_seed(settings.seed)
+
+        metrics.event("setup", phase="data")
+        clients = _client_data(settings)
+        base = load_or_pretrain_base(settings, settings.out_dir / ".cache")
+        edge_base = compress_model(copy.deepcopy(base), scheme="int8")
+        held_out = HeldOut(
+            clients,
+            seq_len=settings.training.seq_len,
+            max_windows_per_client=EVAL_WINDOWS_PER_CLIENT,
+        )
+        adapter0 = GlobalAdapter.for_model(
+            base, AdapterConfig(r_max=settings.model.r_max, seed=settings.model.adapter_seed)
+        )
+        initial = await asyncio.to_thread(held_out.score, edge_base, adapter0)
+        metrics.event("eval", version=0, union=initial.union, per_client=initial.per_client)
+        points: list[tuple[float, float]] = [(0.0, initial.union)]
+
+        store = (
+            open_store(settings.state.url)
+            if settings.state.url == "memory://"
+            else _redis(settings)
+        )
+        blobs = BlobStore(self.run_dir / "blobs", fsync=False)
+        server = CoordinatorServer(
+            coordinator_settings(settings),
+            store=store,
+            blobs=blobs,
+            base=base,
+            observer=_SimObserver(metrics, self.stats),
+        )
+        await server.start()
+        service = server.service
+        rng = random.Random(settings.seed)
+        classes = settings.device_classes
+        agents: list[EdgeAgent] = []
+        names: list[str] = []
+        for i, client in enumerate(clients):
+            device_class = classes[i % len(classes)].name
+            drop_rng = random.Random(rng.random())
+
+            def drop(task: Any, phase: str, _r: random.Random = drop_rng) -> bool:
+                return phase == "training" and _r.random() < settings.dropout
+
+            agent = EdgeAgent(
+                EdgeState(self.run_dir / "edges" / client.name),
+                f"127.0.0.1:{server.port}",
+                credentials=None,
+                data=client.train,
+                threads=1,
+                max_backoff_s=5.0,
+                hooks=AgentHooks(drop=drop),
+                seed=settings.seed * 1000 + i,
+            )
+            token = service.registry.issue_token(device_class=device_class)
+            await agent.enroll(token, device_class)
+            agents.append(agent)
+            names.append(client.name)
+        metrics.event("setup", phase="agents", clients=len(agents))
+
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(a.run(stop=stop)) for a in agents]
+        last_version = 0
+        final = initial
+        stopped_by = "versions"
+        try:
+            while True:
+                await asyncio.sleep(0.5)
+                head = service.ledger.head()
+                version = head.version if head else 0
+                snapshot = await asyncio.to_thread(service.snapshot)
+                display.update(
+                    version=version,
+                    cohorts=snapshot["cohorts"],
+                    devices_active=snapshot["devices_active"],
+                    staleness=_mean(self.stats.staleness),
+                    union_bpb=final.union,
+                    elapsed_s=time.monotonic() - started,
+                )
+                if head is not None and version > last_version:
+                    last_version = version
+                    adapter = service.ledger.adapter(head)
+                    final = await asyncio.to_thread(held_out.score, edge_base, adapter)
+                    t = time.monotonic() - started
+                    points.append((t, final.union))
+                    metrics.event(
+                        "eval", version=version, union=final.union, per_client=final.per_client
+                    )
+                if version >= settings.versions:
+                    break
+                if time.monotonic() - started > settings.time_limit_s:
+                    stopped_by = "time_limit"
+                    log.warning(
+                        "time limit of %.0fs reached at version %d", settings.time_limit_s, version
+                    )
+                    break
+                failed = [t for t in tasks if t.done() and t.exception() is not None]
+                if failed:
+                    raise RuntimeError("an edge agent failed") from failed[0].exception()
+        finally:
+            stop.set()
+            await asyncio.wait(tasks, timeout=30)
+            for agent in agents:
+                await agent.close()
+            await server.stop(grace=1.0)
+            display.close()
+        federation_s = time.monotonic() - started
+        steps = {
+            name: agent.tasks_done * settings.training.local_steps
+            for name, agent in zip(names, agents, strict=True)
+        }
+        summary: dict[str, Any] = {
+            "run_id": self.run_id,
+            "config": str(config_path),
+            "stopped_by": stopped_by,
+            "initial": {"union": initial.union, "per_client": initial.per_client},
+            "final": {"union": final.union, "per_client": final.per_client},
+            "versions": last_version,
+            "updates_accepted": self.stats.accepted,
+            "updates_rejected": self.stats.rejected,
+            "dropouts": self.stats.dropouts,
+            "cohorts": self.stats.cohorts,
+            "staleness_histogram": {str(k): v for k, v in sorted(self.stats.staleness.items())},
+            "bytes_up_per_client": {n: a.bytes_up for n, a in zip(names, agents, strict=True)},
+            "bytes_down_per_client": {n: a.bytes_down for n, a in zip(names, agents, strict=True)},
+            "tasks_per_client": {n: a.tasks_done for n, a in zip(names, agents, strict=True)},
+            "federation_wall_time_s": round(federation_s, 1),
+        }
+        if settings.baselines:
+            summary["baselines"] = await asyncio.to_thread(
+                self._baselines, edge_base, adapter0, clients, steps, held_out
+            )
+        summary["wall_time_s"] = round(time.monotonic() - started, 1)
+        self._write_outputs(summary, points)
+        metrics.event("done", wall_time_s=summary["wall_time_s"])
+        return self.run_dir
+
+    def _baselines(
+        self,
+        edge_base: nn.Module,
+        adapter0: Any,
+        clients: list[ClientData],
+        steps: dict[str, int],
+        held_out: Any,
+    ) -> dict[str, Any]:
+        from estuary.sim.baselines import centralized, local_only
+
+        settings = self.settings
+        ranks = {
+            c.name: settings.device_classes[i % len(settings.device_classes)].rank
+            for i, c in enumerate(clients)
+        }
+        common: dict[str, Any] = {
+            "lr": settings.training.learning_rate,
+            "batch_size": settings.training.batch_size,
+            "seq_len": settings.training.seq_len,
+            "threads": 2,
+            "seed": settings.seed,
+            "held_out": held_out,
+        }
+        local = local_only(edge_base, adapter0, clients, steps=steps, ranks=ranks, **common)
+        total = sum(steps.values())
+        central = (
+            centralized(
+                edge_base, adapter0, clients, steps=total, rank=settings.model.r_max, **common
+            )
+            if total
+            else local
+        )
+        return {
+            "sample_budget": {
+                "steps_per_client": steps,
+                "batch_size": settings.training.batch_size,
+                "seq_len": settings.training.seq_len,
+            },
+            "local_only": {"union": local.union, "per_client": local.per_client},
+            "centralized": {"union": central.union, "per_client": central.per_client},
+        }
+
+    def _write_outputs(self, summary: dict[str, Any], points: list[tuple[float, float]]) -> None:
+        from estuary.sim.report import plot_bpb, plot_staleness, write_summary
+
+        write_summary(self.run_dir / "summary.json", summary)
+        baselines = {
+            name: float(summary["baselines"][name]["union"])
+            for name in ("local_only", "centralized")
+            if "baselines" in summary
+        }
+        plot_bpb(
+            points,
+            baselines=baselines,
+            base=float(summary["initial"]["union"]),
+            out_png=self.run_dir / "bits_per_byte.png",
+        )
+        plot_staleness(
+            {int(k): int(v) for k, v in summary["staleness_histogram"].items()},
+            self.run_dir / "staleness.png",
+        )
+
+
+def _mean(hist: dict[int, int]) -> float:
+    total = sum(hist.values())
+    return sum(k * v for k, v in hist.items()) / total if total else 0.0
+
+
+def _redis(settings: SimulationSettings) -> Any:
+    from estuary.state import open_store
+
+    options: dict[str, Any] = {"prefix": settings.state.key_prefix}
+    if settings.state.password is not None:
+        options["password"] = settings.state.password.reveal()
+    if settings.state.tls_ca_file is not None:
+        options["ssl_ca_certs"] = str(settings.state.tls_ca_file)
+    return open_store(settings.state.url, **options)
+
+
+def run_simulation(settings: SimulationSettings, *, live: bool = True) -> Path:
+    """Run a simulated federation; return the run folder."""
+    return Simulation(settings, live=live).run()
+
+
+__all__ = ["SIM_PACKAGES", "Simulation", "coordinator_settings", "run_simulation"]
