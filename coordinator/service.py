@@ -292,8 +292,8 @@ class FederationService:
         if not self.store.insert_if_absent(f"{JOBS_SUBMITTED_PREFIX}{info.version}", b"1"):
             return
         size = self.blobs.size(info.adapter_sha256)
-        jobs = [make_job("evaluate", version=info.version, adapter_sha256=info.adapter_sha256)]
-        jobs += [
+        # Artifacts first: devices wait for them, and a worker takes jobs in order.
+        jobs = [
             make_job(
                 "build_artifacts",
                 version=info.version,
@@ -303,6 +303,7 @@ class FederationService:
             )
             for name in self._classes
         ]
+        jobs.append(make_job("evaluate", version=info.version, adapter_sha256=info.adapter_sha256))
         for job in jobs:
             submit_job(self.store, job)
             self.observer.event("job_submitted", job_id=job.job_id, version=info.version)
@@ -463,7 +464,10 @@ class FederationService:
         index = int(assignment["member_index"])
         if record is not None and record["status"] == "active":
             cohort = self._cohort(record)
-            if index not in record.get("abandoned", []):
+            # A member of a cohort that already finished (the next tick folds it in) is
+            # simply done; only a task still under way is abandoned.
+            finished = cohort.stage in (Stage.COMPLETED, Stage.ABORTED)
+            if not finished and index not in record.get("abandoned", []):
                 if not cohort.server.advertised(index) and cohort.stage is Stage.ADVERTISE_KEYS:
                     return self._offer(record, index)
                 self._abandon(cohort_id, index)
