@@ -1,5 +1,9 @@
 """``estuary edge``: commands of the on-device agent.
 
+``enroll`` registers the device with the coordinator (one-time token, identity key
+generated on the device); ``run`` asks for tasks and trains until stopped; ``status``
+shows the local state. All three read an edge config file (``EdgeSettings``).
+
 ``infer`` serves a model with onnxruntime. It takes either a served ONNX directory (from
 ``estuary model export-onnx``) or a Hugging Face model directory (from ``estuary model
 init``); the latter is exported and quantised once into a cache subfolder, which later
@@ -8,29 +12,303 @@ runs reuse until the model's files change.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from edge_client.serving import DEFAULT_THREADS
 from estuary.cli.exit_codes import ExitCode
-from estuary.cli.output import OutputFormat, err_console, fail, print_json
+from estuary.cli.output import OutputFormat, console, err_console, fail, print_json
+
+if TYPE_CHECKING:
+    import grpc
+
+    from edge_client.agent import EdgeAgent
+    from edge_client.state import EdgeState
+    from estuary.config import EdgeSettings
+    from estuary.config.models import EdgeTLSSettings
 
 logger = logging.getLogger(__name__)
 
 app = typer.Typer(
-    help="On-device agent: serve the model with onnxruntime.",
+    help="On-device agent: enrol, train tasks for the federation, serve the model.",
     no_args_is_help=True,
 )
 
 
 @app.callback()
 def _edge() -> None:
-    """On-device agent: serve the model with onnxruntime."""
+    """On-device agent: enrol, train tasks for the federation, serve the model."""
+
+
+ConfigOption = Annotated[
+    Path, typer.Option("--config", help="Edge config file (TOML, EdgeSettings).")
+]
+
+
+def _settings(config: Path) -> EdgeSettings:
+    """Load the edge settings; exits with ``CONFIG`` naming the problems."""
+    from estuary.config import ConfigError, EdgeSettings, load_settings
+
+    try:
+        settings = load_settings("edge", config)
+    except ConfigError as exc:
+        fail(f"invalid configuration:\n{exc}")
+        raise typer.Exit(ExitCode.CONFIG) from None
+    assert isinstance(settings, EdgeSettings)
+    return settings
+
+
+def _state(settings: EdgeSettings) -> EdgeState:
+    from edge_client.state import EdgeState, StateError
+
+    try:
+        return EdgeState(settings.state_dir)
+    except (OSError, StateError) as exc:
+        fail(f"{settings.state_dir}: cannot use the state directory: {exc}")
+        raise typer.Exit(ExitCode.INPUT) from None
+
+
+def _read_pem(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        fail(f"{path}: cannot read the {what}: {exc.strerror}")
+        raise typer.Exit(ExitCode.CONFIG) from None
+
+
+def channel_credentials(tls: EdgeTLSSettings) -> grpc.ChannelCredentials | None:
+    """Return TLS credentials from ``tls``, or ``None`` for plaintext (``allow_plaintext``).
+
+    ``ca_file`` unset uses the system trust store; ``cert_file``/``key_file`` add a
+    client certificate (mTLS) on top of the device's request signatures.
+    """
+    import grpc
+
+    if tls.allow_plaintext:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(tls.ca_file, "coordinator CA"),
+        private_key=_read_pem(tls.key_file, "client key"),
+        certificate_chain=_read_pem(tls.cert_file, "client certificate"),
+    )
+
+
+def _agent(settings: EdgeSettings, *, with_data: bool) -> EdgeAgent:
+    from edge_client.agent import EdgeAgent
+
+    threads = settings.threads or (os.cpu_count() or 1)
+    return EdgeAgent(
+        _state(settings),
+        settings.coordinator,
+        credentials=channel_credentials(settings.tls),
+        data=settings.data_dir if with_data else None,
+        threads=threads,
+        max_backoff_s=settings.max_backoff_s,
+    )
+
+
+@app.command("enroll")
+def enroll(
+    config: ConfigOption,
+    output: Annotated[
+        OutputFormat, typer.Option("--format", help="Print the enrolment as text or JSON.")
+    ] = OutputFormat.text,
+) -> None:
+    """Enrol this device with the coordinator, using the config's one-time token.
+
+    The identity key is generated here and never leaves the device. Exit code 3 when the
+    token is not configured or unreadable, 6 when the coordinator refuses it or the
+    device is already enrolled.
+    """
+    from edge_client.agent import AgentError
+    from estuary.config import SecretUnavailable
+
+    settings = _settings(config)
+    if settings.enrolment_token is None:
+        fail(f"{config}: enrolment_token is not set; it is needed to enrol")
+        raise typer.Exit(ExitCode.CONFIG)
+    try:
+        token = settings.enrolment_token.reveal()
+    except SecretUnavailable as exc:
+        fail(f"enrolment_token ({settings.enrolment_token.describe()}): {exc}")
+        raise typer.Exit(ExitCode.CONFIG) from None
+    agent = _agent(settings, with_data=False)
+
+    async def main() -> dict[str, Any]:
+        try:
+            return await agent.enroll(token, settings.device_class)
+        finally:
+            await agent.close()
+
+    try:
+        record = asyncio.run(main())
+    except AgentError as exc:
+        fail(str(exc))
+        raise typer.Exit(ExitCode.PROTOCOL) from None
+    if output is OutputFormat.json:
+        print_json(record)
+        return
+    console.print(
+        f"enrolled as device {record['device_id']} (class {record['device_class']}, "
+        f"rank {record['rank']}, r_max {record['r_max']}) with {record['coordinator']}",
+        highlight=False,
+    )
+
+
+@app.command("run")
+def run(
+    config: ConfigOption,
+    max_tasks: Annotated[
+        int | None,
+        typer.Option("--max-tasks", min=1, help="Stop after this many tasks (done or abandoned)."),
+    ] = None,
+) -> None:
+    """Ask the coordinator for tasks and train them until stopped.
+
+    Ctrl-C or SIGTERM stops cleanly (a task under way is recorded as abandoned) with exit
+    code 130. Exit code 3 when data_dir is not set, 5 when the data or the state is
+    unusable, 6 when the coordinator does not recognise the device.
+    """
+    from edge_client.agent import AgentError
+    from edge_client.state import StateError
+
+    settings = _settings(config)
+    if settings.data_dir is None:
+        fail(f"{config}: data_dir is not set; a device without data cannot train")
+        raise typer.Exit(ExitCode.CONFIG)
+    try:
+        agent = _agent(settings, with_data=True)
+    except StateError as exc:
+        fail(str(exc))
+        raise typer.Exit(ExitCode.INPUT) from None
+    stopped = False
+
+    async def main() -> Any:
+        nonlocal stopped
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            nonlocal stopped
+            stopped = True
+            err_console.print("stopping…", highlight=False)
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):  # not on Windows
+                loop.add_signal_handler(sig, on_signal)
+        try:
+            return await agent.run(stop=stop, max_tasks=max_tasks)
+        finally:
+            await agent.close()
+
+    try:
+        stats = asyncio.run(main())
+    except KeyboardInterrupt:
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except AgentError as exc:
+        fail(str(exc))
+        code = ExitCode.PROTOCOL if "not enrolled" in str(exc) else ExitCode.INPUT
+        raise typer.Exit(code) from None
+    except StateError as exc:
+        fail(str(exc))
+        raise typer.Exit(ExitCode.INPUT) from None
+    err_console.print(
+        f"tasks done {stats.tasks_done}, abandoned {stats.tasks_abandoned}; "
+        f"{stats.bytes_up} bytes up, {stats.bytes_down} down",
+        highlight=False,
+    )
+    if stopped:
+        raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+@app.command("status")
+def status(
+    config: ConfigOption,
+    output: Annotated[
+        OutputFormat, typer.Option("--format", help="Print the status as text or JSON.")
+    ] = OutputFormat.text,
+) -> None:
+    """Show this device's local state: enrolment, tasks, cached artifacts, traffic.
+
+    Reads only the state directory; contacts nobody. Exit code 5 when a state file is
+    corrupt.
+    """
+    from edge_client.state import StateError
+
+    settings = _settings(config)
+    state = _state(settings)
+    try:
+        enrolment = state.load_enrolment()
+        progress = state.load_progress()
+        cached = state.cached_artifacts()
+        cached_bytes = state.cached_bytes()
+    except StateError as exc:
+        fail(str(exc))
+        raise typer.Exit(ExitCode.INPUT) from None
+    data: dict[str, Any] = {
+        "state_dir": str(state.root),
+        "coordinator": settings.coordinator,
+        "enrolled": enrolment is not None,
+        "enrolment": None
+        if enrolment is None
+        else {
+            "device_id": enrolment.device_id,
+            "device_class": enrolment.device_class,
+            "rank": enrolment.rank,
+            "r_max": enrolment.r_max,
+            "coordinator": enrolment.coordinator,
+            "enrolled_at": enrolment.enrolled_at,
+        },
+        "current_task": None
+        if progress.task_id is None
+        else {
+            "task_id": progress.task_id,
+            "cohort_id": progress.cohort_id,
+            "version": progress.version,
+            "phase": progress.phase,
+        },
+        "tasks_done": progress.tasks_done,
+        "tasks_abandoned": progress.tasks_abandoned,
+        "cached_artifacts": len(cached),
+        "cached_bytes": cached_bytes,
+        "bytes_up": progress.bytes_up,
+        "bytes_down": progress.bytes_down,
+    }
+    if output is OutputFormat.json:
+        print_json(data)
+        return
+    if enrolment is None:
+        console.print(f"not enrolled (state in {state.root})", highlight=False)
+    else:
+        console.print(
+            f"device {enrolment.device_id}: class {enrolment.device_class}, rank "
+            f"{enrolment.rank}, enrolled {enrolment.enrolled_at} with {enrolment.coordinator}",
+            highlight=False,
+        )
+    if progress.task_id is not None:
+        console.print(
+            f"task under way: {progress.task_id} (cohort {progress.cohort_id}, phase "
+            f"{progress.phase})",
+            highlight=False,
+        )
+    console.print(
+        f"tasks done {progress.tasks_done}, abandoned {progress.tasks_abandoned}; "
+        f"{len(cached)} cached artifacts ({cached_bytes} bytes); "
+        f"{progress.bytes_up} bytes up, {progress.bytes_down} down",
+        highlight=False,
+    )
 
 
 def _served_dir(model: Path, *, cache: Path | None, fp32: bool) -> Path:

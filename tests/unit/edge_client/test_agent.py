@@ -1,0 +1,543 @@
+"""The edge agent against an in-test coordinator: a fake EdgeService on a loopback gRPC
+server that verifies every request's signature and runs the real secure_agg.Server for a
+cohort of two (the agent is member 0; member 1 is driven in-process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from edge_client.agent import AgentError, AgentHooks, EdgeAgent, proto_stage
+from edge_client.state import EdgeState
+from estuary.auth import AuthError, SignedAuth, device_id_for, verify_request
+from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
+from secure_agg import Client, FixedPoint, Server, SessionConfig, Stage
+
+TEXT = b"def add(a, b):\n    return a + b\n\n" * 40
+TOKEN = "good-token"
+S = edge_pb2.SecAggStage
+CHUNK = 64 * 1024
+W_DEVICE = 0.5
+W_OTHER = 1.0
+CLIP = 4.0  # exactly representable in float32, the proto's type
+
+
+@dataclass
+class Artifact:
+    manifest_sha: str
+    manifest_size: int
+    blobs: dict[str, bytes]
+    files: dict[str, str]
+    tensors: list[tuple[str, int]]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
+    """A real edge artifact of the tiny preset, built by the cloud worker's job code."""
+    from cloud_workers.jobs import ModelJobExecutor, make_job
+    from estuary.adapters import AdapterConfig, GlobalAdapter, put_adapter
+    from estuary.model.presets import build_preset
+    from estuary.state import open_store
+    from estuary.state.blobs import BlobStore
+    from estuary.state.keys import version_key
+
+    base = build_preset("tiny", seed=0)
+    store = open_store("memory://")
+    blobs = BlobStore(tmp_path_factory.mktemp("blobs"), fsync=False)
+    adapter = GlobalAdapter.for_model(base, AdapterConfig(r_max=4, seed=0))
+    digest = put_adapter(blobs, adapter)
+    store.put(version_key(1), json.dumps({"version": 1, "adapter_sha256": digest}).encode())
+    executor = ModelJobExecutor(
+        store, blobs=blobs, base=base, eval_windows=torch.zeros((1, 9), dtype=torch.long)
+    )
+    out = executor.build_artifacts(make_job("build_artifacts", version=1, device_class="phone"))
+    manifest_sha = out["artifact_sha256"]
+    files = json.loads(blobs.read(manifest_sha))["files"]
+    data = {d: blobs.read(d) for d in [manifest_sha, *files.values()]}
+    tensors = [(n, s[0] * adapter.config.r_max) for n, s in adapter.shapes.items()]
+    return Artifact(manifest_sha, len(data[manifest_sha]), data, files, tensors)
+
+
+def make_task(art: Artifact, *, task_id: str = "t1", cohort_id: str = "c1") -> edge_pb2.Task:
+    fp = FixedPoint.for_cohort(2, bits=32, clip=CLIP)
+    return edge_pb2.Task(
+        task_id=task_id,
+        cohort_id=cohort_id,
+        version=1,
+        artifact=common_pb2.BlobRef(sha256=art.manifest_sha, size_bytes=art.manifest_size),
+        rank=2,
+        local_steps=2,
+        learning_rate=1e-2,
+        clip_norm=1.0,
+        batch_size=2,
+        seq_len=16,
+        deadline_ms=int(time.time() * 1000) + 600_000,
+        member_index=0,
+        secagg=edge_pb2.SecAggParams(
+            cohort=cohort_id.encode(),
+            cohort_size=2,
+            threshold=2,
+            bits=fp.bits,
+            frac_bits=fp.frac_bits,
+            clip=fp.clip,
+            neighbours=0,
+            tensors=[edge_pb2.TensorSpec(name=n, length=m) for n, m in art.tensors],
+        ),
+    )
+
+
+def session_config(task: edge_pb2.Task) -> SessionConfig:
+    p = task.secagg
+    return SessionConfig(
+        cohort=p.cohort,
+        cohort_size=p.cohort_size,
+        threshold=p.threshold,
+        tensors=tuple((t.name, t.length) for t in p.tensors),
+        fixed_point=FixedPoint(bits=p.bits, frac_bits=p.frac_bits, clip=p.clip),
+    )
+
+
+class Cohort:
+    """secure_agg.Server for members {0 (the agent), 1 (driven here)}."""
+
+    def __init__(self, task: edge_pb2.Task, *, seed: int = 7) -> None:
+        self.config = session_config(task)
+        self.server = Server(self.config, members=[0, 1])
+        self.server.assign_weight(0, W_DEVICE)
+        self.server.assign_weight(1, W_OTHER)
+        rng = np.random.default_rng(seed)
+        self.other_update = {
+            n: rng.normal(0, 1e-3, m).astype(np.float32) for n, m in self.config.tensors
+        }
+        self.other = Client(1, config=self.config)
+        self.mailbox: list[tuple[int, bytes]] = []
+        self.server.handle(1, self.other.advertise().encode())
+
+    def from_device(self, data: bytes) -> None:
+        self.server.handle(0, data)
+        self.pump()
+
+    def pump(self) -> None:
+        while out := self.server.drain_encoded():
+            stage = self.server.stage
+            for recipient, data in out:
+                if recipient == 0:
+                    self.mailbox.append((proto_stage(stage), data))
+                    continue
+                reply = self.other.handle(data)
+                if stage is Stage.MASKED_INPUT:
+                    reply = self.other.submit(self.other_update, weight=W_OTHER)
+                if reply is not None:
+                    self.server.handle(1, reply.encode())
+        if self.server.stage is Stage.COMPLETED and all(
+            s != S.SECAGG_STAGE_DONE for s, _ in self.mailbox
+        ):
+            self.mailbox.append((S.SECAGG_STAGE_DONE, b""))
+
+
+@dataclass
+class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
+    """An EdgeService that checks auth on every call and scripts GetTask."""
+
+    artifact: Artifact
+    script: list[Any] = field(default_factory=list)  # ("pace", ms) | "task" | StatusCode
+    task: edge_pb2.Task | None = None
+    cohort: Cohort | None = None
+    abort_reason: str = ""
+    fail_fetch_once: set[str] = field(default_factory=set)
+    keys: dict[str, bytes] = field(default_factory=dict)
+    nonces: set[bytes] = field(default_factory=set)
+    calls: list[tuple[str, float]] = field(default_factory=list)
+    fetches: list[tuple[str, int]] = field(default_factory=list)
+    heartbeat_action: int = edge_pb2.HeartbeatResponse.ACTION_CONTINUE
+
+    def methods(self) -> list[str]:
+        return [m for m, _ in self.calls]
+
+    async def _auth(self, method: str, request: Any, context: Any) -> None:
+        auth = request.auth
+        body = type(request)()
+        body.CopyFrom(request)
+        body.ClearField("auth")
+        key = self.keys.get(auth.device_id)
+        if key is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown device")
+        try:
+            verify_request(
+                SignedAuth(auth.device_id, auth.timestamp_ms, auth.nonce, auth.signature),
+                public_key=key,
+                method=method,
+                body_sha256=hashlib.sha256(body.SerializeToString()).digest(),
+                now_ms=int(time.time() * 1000),
+            )
+        except AuthError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        if auth.nonce in self.nonces:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "replayed nonce")
+        self.nonces.add(auth.nonce)
+        self.calls.append((method, time.monotonic()))
+
+    async def Enroll(self, request: Any, context: Any) -> Any:
+        if request.token != TOKEN:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "unknown enrolment token")
+        device_id = device_id_for(request.identity_public_key)
+        self.keys[device_id] = request.identity_public_key
+        return edge_pb2.EnrollResponse(
+            device_id=device_id,
+            device_class=common_pb2.DeviceClass(name=request.device_class, rank=2),
+            r_max=4,
+        )
+
+    async def GetTask(self, request: Any, context: Any) -> Any:
+        await self._auth("GetTask", request, context)
+        step = self.script.pop(0) if self.script else ("pace", 50)
+        if isinstance(step, grpc.StatusCode):
+            await context.abort(step, "scripted failure")
+        if step == "task":
+            assert self.task is not None
+            self.cohort = Cohort(self.task)
+            return edge_pb2.GetTaskResponse(task=self.task)
+        return edge_pb2.GetTaskResponse(pace=edge_pb2.Pace(retry_after_ms=step[1], reason="test"))
+
+    async def FetchArtifact(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        await self._auth("FetchArtifact", request, context)
+        data = self.artifact.blobs.get(request.sha256)
+        if data is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such blob")
+        assert data is not None
+        self.fetches.append((request.sha256, request.offset))
+        for start in range(request.offset, len(data), CHUNK):
+            yield edge_pb2.ArtifactChunk(
+                offset=start, data=data[start : start + CHUNK], total_bytes=len(data)
+            )
+            if request.sha256 in self.fail_fetch_once:
+                self.fail_fetch_once.discard(request.sha256)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost (scripted)")
+
+    async def SendSecAgg(self, request: Any, context: Any) -> Any:
+        await self._auth("SendSecAgg", request, context)
+        assert self.cohort is not None and request.cohort_id == self.task.cohort_id  # type: ignore[union-attr]
+        self.cohort.from_device(request.payload)
+        return edge_pb2.SecAggAck(stage=proto_stage(self.cohort.server.stage))
+
+    async def AwaitSecAgg(self, request: Any, context: Any) -> Any:
+        await self._auth("AwaitSecAgg", request, context)
+        if self.abort_reason:
+            return edge_pb2.SecAggServerMessage(
+                cohort_id=request.cohort_id,
+                stage=S.SECAGG_STAGE_ABORTED,
+                abort_reason=self.abort_reason,
+            )
+        assert self.cohort is not None
+        give_up = time.monotonic() + min(request.wait_ms, 2000) / 1000
+        while time.monotonic() < give_up:
+            for stage, payload in self.cohort.mailbox:
+                if stage > request.after_stage:
+                    return edge_pb2.SecAggServerMessage(
+                        cohort_id=request.cohort_id,
+                        stage=stage,
+                        payload=payload,
+                        weight=W_DEVICE if stage == S.SECAGG_STAGE_MASKED_INPUT else 0.0,
+                    )
+            await asyncio.sleep(0.005)
+        return edge_pb2.SecAggServerMessage(cohort_id=request.cohort_id, pending=True)
+
+    async def UploadMasked(self, request_iterator: Any, context: Any) -> Any:
+        header = None
+        data = b""
+        async for chunk in request_iterator:
+            if header is None:
+                header = chunk.header
+                await self._auth("UploadMasked", header, context)
+            else:
+                data += chunk.data
+        assert header is not None
+        assert len(data) == header.total_bytes
+        assert hashlib.sha256(data).hexdigest() == header.sha256
+        assert self.cohort is not None
+        self.cohort.from_device(data)
+        return edge_pb2.UploadAck(accepted=True, durable_bytes=len(data))
+
+    async def Heartbeat(self, request: Any, context: Any) -> Any:
+        await self._auth("Heartbeat", request, context)
+        return edge_pb2.HeartbeatResponse(action=self.heartbeat_action, current_version=1)
+
+
+@contextlib.asynccontextmanager
+async def serving(fake: Fake) -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    edge_pb2_grpc.add_EdgeServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+async def enrolled(state: EdgeState, target: str, **kwargs: Any) -> EdgeAgent:
+    kwargs.setdefault("data", TEXT)
+    agent = EdgeAgent(state, target, credentials=None, threads=1, seed=3, **kwargs)
+    await agent.enroll(TOKEN, "phone")
+    return agent
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_full_task_paced_resumed_fetch_and_exact_unmasked_sum(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    # Prepare: a Pace, then the task; the compressed base's first download breaks.
+    task = make_task(artifact)
+    base_digest = artifact.files["compressed_model.safetensors"]
+    fake = Fake(artifact, script=[("pace", 300), "task"], task=task, fail_fetch_once={base_digest})
+    seen: dict[str, Any] = {}
+
+    def before_upload(t: edge_pb2.Task, update: dict[str, np.ndarray], w: float) -> None:
+        seen.update(task_id=t.task_id, update=update, weight=w)
+
+    state = EdgeState(tmp_path / "edge")
+
+    async def scenario() -> list[str]:
+        async with serving(fake) as target:
+            agent = await enrolled(
+                state, target, hooks=AgentHooks(before_upload=before_upload), heartbeat_s=0.05
+            )
+            outcomes = [await agent.run_once(), await agent.run_once()]
+            assert agent.bytes_up > 0 and agent.bytes_down > len(artifact.blobs[base_digest])
+            await agent.close()
+            return outcomes
+
+    # Execute
+    outcomes = asyncio.run(scenario())
+
+    # Assert: outcomes, pacing, auth on every method, resumed download.
+    assert outcomes == ["paced", "done"]
+    get_times = [t for m, t in fake.calls if m == "GetTask"]
+    assert get_times[1] - get_times[0] >= 0.3
+    assert {"GetTask", "FetchArtifact", "SendSecAgg", "AwaitSecAgg", "UploadMasked"} <= set(
+        fake.methods()
+    )
+    assert [o for d, o in fake.fetches if d == base_digest] == [0, CHUNK]
+    assert state.has_artifact(base_digest) and state.verify_artifact(base_digest)
+    # The unmasked sum is w_device · (what before_upload saw) + w_other · other's update.
+    assert fake.cohort is not None and fake.cohort.server.result is not None
+    result = fake.cohort.server.result
+    assert result.survivors == (0, 1)
+    assert seen["task_id"] == "t1" and seen["weight"] == pytest.approx(W_DEVICE)
+    step = 2.0**-fake.cohort.config.fixed_point.frac_bits
+    for name, length in fake.cohort.config.tensors:
+        plain = seen["update"][name]
+        assert plain.dtype == np.float32 and plain.shape == (length // 4, 4)
+        assert not plain[:, 2:].any()  # rank 2 of r_max 4: zero padded
+        device_part = result.float_sum[name] - W_OTHER * fake.cohort.other_update[name]
+        np.testing.assert_allclose(device_part, W_DEVICE * plain.ravel(), rtol=0, atol=3 * step)
+    assert any(np.abs(v).max() > 10 * step for v in seen["update"].values())
+    progress = state.load_progress()
+    assert (progress.tasks_done, progress.tasks_abandoned, progress.task_id) == (1, 0, None)
+    assert progress.bytes_up > 0 and progress.bytes_down > 0
+
+
+def test_unavailable_is_retried_with_backoff_and_fresh_signatures(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    fake = Fake(
+        artifact,
+        script=[grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE, ("pace", 10)],
+    )
+    events: list[str] = []
+
+    async def scenario() -> str:
+        async with serving(fake) as target:
+            agent = await enrolled(
+                EdgeState(tmp_path / "edge"),
+                target,
+                max_backoff_s=0.05,
+                hooks=AgentHooks(on_event=lambda name, _: events.append(name)),
+            )
+            outcome = await agent.run_once()
+            await agent.close()
+            return outcome
+
+    assert asyncio.run(scenario()) == "paced"
+    # Three signed GetTask calls, each with its own nonce (the fake refuses replays).
+    assert fake.methods() == ["GetTask"] * 3
+    assert events == ["retry", "retry", "paced"]
+
+
+def test_aborted_cohort_abandons_the_task(artifact: Artifact, tmp_path: Path) -> None:
+    fake = Fake(artifact, script=["task"], task=make_task(artifact), abort_reason="too few")
+    state = EdgeState(tmp_path / "edge")
+
+    async def scenario() -> tuple[str, int]:
+        async with serving(fake) as target:
+            agent = await enrolled(state, target)
+            outcome = await agent.run_once()
+            await agent.close()
+            return outcome, agent.tasks_abandoned
+
+    assert asyncio.run(scenario()) == ("abandoned", 1)
+    assert "UploadMasked" not in fake.methods()
+    progress = state.load_progress()
+    assert (progress.tasks_done, progress.tasks_abandoned, progress.task_id) == (0, 1, None)
+
+
+def test_vanishing_at_training_sends_nothing_more(artifact: Artifact, tmp_path: Path) -> None:
+    fake = Fake(artifact, script=["task"], task=make_task(artifact))
+    uploads: list[str] = []
+    hooks = AgentHooks(
+        drop=lambda _task, phase: phase == "training",
+        before_upload=lambda t, _u, _w: uploads.append(t.task_id),
+    )
+
+    async def scenario() -> str:
+        async with serving(fake) as target:
+            agent = await enrolled(EdgeState(tmp_path / "edge"), target, hooks=hooks)
+            outcome = await agent.run_once()
+            await agent.close()
+            return outcome
+
+    assert asyncio.run(scenario()) == "abandoned"
+    methods = fake.methods()
+    # Keys were exchanged (two SendSecAgg), then silence.
+    assert methods.count("SendSecAgg") == 2
+    assert methods[-1] == "SendSecAgg"
+    assert uploads == []
+
+
+def test_restart_with_unfinished_task_counts_it_abandoned(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    state = EdgeState(tmp_path / "edge")
+    fake = Fake(artifact, script=[("pace", 10)])
+
+    async def scenario() -> tuple[str, int]:
+        async with serving(fake) as target:
+            first = await enrolled(state, target)
+            await first.close()
+            progress = state.load_progress()
+            progress.task_id, progress.cohort_id, progress.phase = "old", "c0", "training"
+            state.save_progress(progress)
+            agent = EdgeAgent(state, target, credentials=None, data=TEXT)
+            outcome = await agent.run_once()
+            await agent.close()
+            return outcome, agent.tasks_abandoned
+
+    assert asyncio.run(scenario()) == ("paced", 1)
+    progress = state.load_progress()
+    assert (progress.tasks_abandoned, progress.task_id, progress.phase) == (1, None, None)
+
+
+def test_unauthenticated_stops_the_agent(artifact: Artifact, tmp_path: Path) -> None:
+    fake = Fake(artifact)
+
+    async def scenario() -> None:
+        async with serving(fake) as target:
+            agent = await enrolled(EdgeState(tmp_path / "edge"), target)
+            fake.keys.clear()  # revoked
+            try:
+                await agent.run_once()
+            finally:
+                await agent.close()
+
+    with pytest.raises(AgentError, match="not enrolled or revoked"):
+        asyncio.run(scenario())
+
+
+def test_enrolment_refuses_twice_and_reports_a_bad_token(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    fake = Fake(artifact)
+    state = EdgeState(tmp_path / "edge")
+
+    async def scenario() -> dict[str, Any]:
+        async with serving(fake) as target:
+            stranger = EdgeAgent(EdgeState(tmp_path / "other"), target, credentials=None, data=None)
+            with pytest.raises(AgentError, match="unknown enrolment token"):
+                await stranger.enroll("wrong", "phone")
+            await stranger.close()
+            agent = await enrolled(state, target)
+            with pytest.raises(AgentError, match="already enrolled"):
+                await agent.enroll(TOKEN, "phone")
+            await agent.close()
+            enrolment = state.load_enrolment()
+            assert enrolment is not None
+            return {
+                "id": enrolment.device_id,
+                "rank": enrolment.rank,
+                "class": enrolment.device_class,
+            }
+
+    got = asyncio.run(scenario())
+    assert got["rank"] == 2 and got["class"] == "phone"
+    assert got["id"] in fake.keys
+    assert not (tmp_path / "other" / "enrolment.json").exists()
+
+
+def test_device_without_data_refuses_to_run(artifact: Artifact, tmp_path: Path) -> None:
+    fake = Fake(artifact)
+
+    async def scenario() -> None:
+        async with serving(fake) as target:
+            agent = await enrolled(EdgeState(tmp_path / "edge"), target, data=None)
+            try:
+                await agent.run(max_tasks=1)
+            finally:
+                await agent.close()
+
+    with pytest.raises(AgentError, match="no training data"):
+        asyncio.run(scenario())
+    assert fake.methods() == []
+
+
+def test_stop_event_ends_run_during_a_pace(artifact: Artifact, tmp_path: Path) -> None:
+    fake = Fake(artifact, script=[("pace", 60_000)])
+
+    async def scenario() -> tuple[float, int]:
+        async with serving(fake) as target:
+            agent = await enrolled(EdgeState(tmp_path / "edge"), target)
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(0.2, stop.set)
+            started = time.monotonic()
+            stats = await agent.run(stop=stop)
+            await agent.close()
+            return time.monotonic() - started, stats.paced
+
+    elapsed, paced = asyncio.run(scenario())
+    assert paced == 1 and elapsed < 5.0
+
+
+def test_stop_event_ends_retries_against_a_dead_coordinator(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    fake = Fake(artifact)
+    state = EdgeState(tmp_path / "edge")
+
+    async def scenario() -> float:
+        async with serving(fake) as target:
+            first = await enrolled(state, target)
+            await first.close()
+        # The server is gone: every GetTask fails at once with UNAVAILABLE.
+        agent = EdgeAgent(state, target, credentials=None, data=TEXT, max_backoff_s=0.01)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, stop.set)
+        started = time.monotonic()
+        await agent.run(stop=stop)
+        await agent.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(asyncio.wait_for(scenario(), timeout=10)) < 5.0
