@@ -267,6 +267,7 @@ class FederationService:
             holder=settings.node_id,
             buffer_size=agg.buffer_size,
             server_lr=agg.server_lr,
+            lease_ttl_s=agg.lease_ttl_s,
         )
         self._initial = initial_adapter
         self._tensors = sorted(
@@ -558,7 +559,10 @@ class FederationService:
             return None
         version, digest, size_bytes = artifact
         n = size
-        fp = FixedPoint.for_cohort(n, bits=cohort.bits, clip=cohort.clip_norm)
+        # The clip travels as a float32 and is bound into the session id: use the value
+        # the devices will see, or coordinator and devices would be in different sessions.
+        clip = float(np.float32(cohort.clip_norm))
+        fp = FixedPoint.for_cohort(n, bits=cohort.bits, clip=clip)
         record = {
             "cohort_id": forming["cohort_id"],
             "device_class": name,

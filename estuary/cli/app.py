@@ -13,11 +13,13 @@ from typing import Annotated
 import typer
 
 from cloud_workers import cli as worker_cli
+from coordinator import cli as coordinator_cli
 from edge_client import cli as edge_cli
 from estuary import __version__
 from estuary.cli import config_cmd, model_cmd, status_cmd
 from estuary.cli.exit_codes import ExitCode
 from estuary.cli.model_export_cmd import export_onnx_command
+from estuary.cli.simulate_cmd import simulate_command
 from estuary.log import init_logging
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ model_cmd.app.command("export-onnx")(export_onnx_command)
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(edge_cli.app, name="edge")
 app.add_typer(worker_cli.app, name="worker")
+app.add_typer(coordinator_cli.app, name="coordinator")
+app.command("simulate")(simulate_command)
 
 
 def main() -> None:

@@ -167,6 +167,14 @@ class AggregationSettings(Section):
         ge=0,
         description="Updates more than this many versions stale are refused. 0: only current.",
     )
+    lease_ttl_s: float = Field(
+        default=15.0,
+        gt=0,
+        description=(
+            "Seconds the replica that commits versions holds its lease without renewing it; "
+            "after a crash of that replica, commits pause at most this long."
+        ),
+    )
 
 
 class PacingSettings(Section):
@@ -460,14 +468,33 @@ class EdgeSettings(RoleSettings):
     )
 
 
+def _sim_classes() -> list[DeviceClass]:
+    # Simulated devices share one machine, so a task takes seconds, not minutes; the
+    # classes differ in adapter rank and in the task time the pacer expects.
+    return [
+        DeviceClass(name="phone", rank=4, expected_task_s=8.0),
+        DeviceClass(name="laptop", rank=16, expected_task_s=4.0),
+    ]
+
+
+def _sim_cohort() -> CohortSettings:
+    return CohortSettings(
+        min_size=4, max_size=8, deadline_s=45.0, key_timeout_s=15.0, formation_s=1.0
+    )
+
+
+def _sim_training() -> TrainingSettings:
+    return TrainingSettings(local_steps=10, learning_rate=1e-2, batch_size=8, seq_len=128)
+
+
 class SimulationSettings(RoleSettings):
     """Settings of ``estuary simulate``: a whole federation on one machine."""
 
     clients: int = Field(default=16, ge=2, description="Simulated edge devices.")
     device_classes: list[DeviceClass] = Field(
-        default_factory=_default_classes,
+        default_factory=_sim_classes,
         min_length=1,
-        description="Classes clients are split into.",
+        description="Classes clients are split into (round-robin).",
     )
     versions: int = Field(default=6, ge=1, description="Stop after this many new versions.")
     dropout: float = Field(
@@ -485,8 +512,13 @@ class SimulationSettings(RoleSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     aggregation: AggregationSettings = Field(default_factory=AggregationSettings)
     pacing: PacingSettings = Field(default_factory=PacingSettings)
-    cohort: CohortSettings = Field(default_factory=CohortSettings)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    cohort: CohortSettings = Field(default_factory=_sim_cohort)
+    training: TrainingSettings = Field(default_factory=_sim_training)
+    time_limit_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Stop the federation after this many seconds even if short of versions.",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> SimulationSettings:
