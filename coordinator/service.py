@@ -21,6 +21,9 @@ Record layout, besides the ledger's (:mod:`coordinator.versions`), the cohort lo
 - ``assign/<device>``: the task a device holds: ``{"cohort_id", "member_index", "task_id"}``.
 - ``cohorts-active``: sorted set of sealed, unfinished cohort ids (score: sealed at).
 - ``jobs-submitted/<version>``: marker that the cloud jobs of a version were queued.
+- ``seen/<cohort>/<member>``: when a member last showed it is alive (heartbeat, share
+  relay). Once every member the upload stage awaits has been silent for ``silence_s``,
+  the stage closes early instead of holding the survivors until ``deadline_s``.
 
 A task's life: GetTask admits the device into ``forming/<class>`` (answering Pace until the
 cohort is sealed), then returns the Task. Keys are exchanged, the member trains, asks for
@@ -76,6 +79,7 @@ FORMING_PREFIX = "forming/"
 ASSIGN_PREFIX = "assign/"
 ACTIVE_COHORTS = "cohorts-active"
 JOBS_SUBMITTED_PREFIX = "jobs-submitted/"
+SEEN_PREFIX = "seen/"
 
 #: Stages a device may send with SendSecAgg (the masked input has its own upload RPC).
 _SENDABLE = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.CONSISTENCY_CHECK, Stage.UNMASKING)
@@ -724,6 +728,7 @@ class FederationService:
                     "update_rejected", cohort_id=record["cohort_id"], reason=str(exc)
                 )
             return None
+        self._seen(str(record["cohort_id"]), index)
         cohort.assign_weight(index, self.policy.weight(staleness))
         assigned = cohort.server.weight_of(index)
         if assigned is not None:
@@ -795,6 +800,7 @@ class FederationService:
             return HeartbeatReply(abandon=True, current_version=current)
         record = self._record(assignment["cohort_id"])
         index = int(assignment["member_index"])
+        self._seen(assignment["cohort_id"], index)
         abandon = (
             record is None
             or record["status"] != "active"
@@ -804,6 +810,26 @@ class FederationService:
         return HeartbeatReply(abandon=abandon, current_version=current)
 
     # ------------------------------------------------------------------ periodic work
+
+    def _seen(self, cohort_id: str, index: int) -> None:
+        """Record that a member of a cohort is alive now (heartbeat, share relay)."""
+        self.store.put(f"{SEEN_PREFIX}{cohort_id}/{index}", repr(self._clock()).encode())
+
+    def _all_awaited_gone(
+        self, record: dict[str, Any], cohort: ReplicatedCohort, now: float
+    ) -> bool:
+        """Whether every member the upload stage still awaits is silent or abandoned."""
+        waiting = cohort.server.waiting_for()
+        if not waiting:
+            return False
+        abandoned = set(record.get("abandoned", []))
+        silence = self.settings.cohort.silence_s
+        for index in waiting - abandoned:
+            seen = self.store.get(f"{SEEN_PREFIX}{record['cohort_id']}/{index}")
+            last = float(seen.value) if seen is not None else float(record["stage_started"])
+            if now - max(last, float(record["stage_started"])) < silence:
+                return False
+        return True
 
     def _deadline(self, record: dict[str, Any], stage: Stage) -> float:
         if stage is Stage.MASKED_INPUT:
@@ -833,6 +859,14 @@ class FederationService:
                 record, stage
             ):
                 log.info("cohort %s: stage %s deadline passed", cohort_id, stage.name)
+                cohort.close_stage_if(stage)
+                stage = cohort.stage
+            elif stage is Stage.MASKED_INPUT and self._all_awaited_gone(record, cohort, now):
+                log.info(
+                    "cohort %s: every member still awaited is silent; closing %s early",
+                    cohort_id,
+                    stage.name,
+                )
                 cohort.close_stage_if(stage)
                 stage = cohort.stage
             if stage in (Stage.COMPLETED, Stage.ABORTED):
@@ -919,8 +953,9 @@ class FederationService:
                 survivors=len(result.survivors) if result is not None else 0,
                 reason=cohort.abort_reason or "",
             )
-        for device_id in record["members"]:
+        for index, device_id in enumerate(record["members"]):
             self._clear_assignment(device_id, cohort_id)
+            self.store.delete(f"{SEEN_PREFIX}{cohort_id}/{index}")
         self.store.zrem(ACTIVE_COHORTS, cohort_id)
         with self._lock:
             self._cohorts.pop(cohort_id, None)

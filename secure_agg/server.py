@@ -200,6 +200,13 @@ class Server:
         """Return whether ``client``'s masked input was accepted (also after its stage closed)."""
         return client in self._masked or client in self._u3
 
+    def waiting_for(self) -> frozenset[int]:
+        """Return the clients the current stage still expects a message from.
+
+        Empty in AdvertiseKeys (every invited member may still join) and once finished.
+        """
+        return frozenset(self._expected) - frozenset(self._received())
+
     def drain(self) -> list[Outgoing]:
         """Messages produced since the last call, for the transport to deliver."""
         out, self._outbox = self._outbox, []

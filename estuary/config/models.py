@@ -229,6 +229,16 @@ class CohortSettings(Section):
             "sealed (it is sealed at once when it reaches max_size)."
         ),
     )
+    silence_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "A member training for its cohort that has sent nothing (no heartbeat, no "
+            "message) for this many seconds is taken as gone; once every member still "
+            "awaited is gone, the upload stage closes without waiting for deadline_s. "
+            "Edge agents heartbeat every 5 s while training."
+        ),
+    )
     key_timeout_s: float = Field(
         default=60.0,
         gt=0,
@@ -241,7 +251,13 @@ class CohortSettings(Section):
         default=32, ge=8, le=32, description="b: masked sums live in Z_(2^b), in bits (≤ 32)."
     )
     clip_norm: float = Field(
-        default=1.0, gt=0, description="L2 clip of each update before masking (adapter units)."
+        default=10.0,
+        gt=0,
+        description=(
+            "L2 clip of each update ΔB before masking (adapter units). Ten local Adam steps "
+            "at lr 1e-2 give norms of ~5-10 on the tiny preset; a clip far below the "
+            "typical norm shrinks every update and slows learning."
+        ),
     )
 
     @model_validator(mode="after")
@@ -479,7 +495,13 @@ def _sim_classes() -> list[DeviceClass]:
 
 def _sim_cohort() -> CohortSettings:
     return CohortSettings(
-        min_size=4, max_size=8, deadline_s=45.0, key_timeout_s=15.0, formation_s=1.0
+        min_size=4,
+        max_size=8,
+        deadline_s=60.0,
+        key_timeout_s=15.0,
+        formation_s=1.0,
+        silence_s=15.0,
+        clip_norm=10.0,
     )
 
 

@@ -70,9 +70,9 @@ SIM_PACKAGES = (
     "pydoc_data",
 )
 
-#: Training bytes per client in the scarce regime: a few pages of text, where pooling
+#: Training bytes per client in the scarce regime: about two pages of text, where pooling
 #: knowledge across devices pays off over training alone.
-SCARCE_TRAIN_BYTES = 8192
+SCARCE_TRAIN_BYTES = 4096
 
 #: Held-out windows per client used to score every version (evenly spaced).
 EVAL_WINDOWS_PER_CLIENT = 8

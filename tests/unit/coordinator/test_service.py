@@ -179,7 +179,14 @@ def run_cohort(
         )
         assert again.accepted and again.duplicate
     if drop_after_keys:
-        fed.clock.now += fed.settings.cohort.deadline_s + 1
+        # The dropped member never heartbeats: once it has been silent for silence_s the
+        # upload stage closes, well before deadline_s.
+        service.tick()
+        assert fed.settings.cohort.silence_s + 1 < fed.settings.cohort.deadline_s
+        fed.clock.now += fed.settings.cohort.silence_s / 2
+        service.tick()
+        assert service._cohort(service._record(cohort_id) or {}).stage is Stage.MASKED_INPUT
+        fed.clock.now += fed.settings.cohort.silence_s / 2 + 1
         service.tick()
     for i, client in clients.items():
         if i in drop_after_keys:
