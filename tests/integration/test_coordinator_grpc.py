@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -472,6 +473,47 @@ def test_health_follows_the_store(base: Any, tmp_path: Path) -> None:
         store.down = False
         assert wait_until(lambda: status() == SERVING, timeout_s=5)
         assert device.heartbeat().current_version == 0
+    finally:
+        thread.stop()
+
+
+def test_groups_mode_leaves_cloud_jobs_to_worker_groups(base: Any, tmp_path: Path) -> None:
+    """With workers = "groups" the coordinator only queues jobs; a worker group serves them."""
+    from cloud_workers.group import WorkerGroup
+    from cloud_workers.jobs import CONSUMER_GROUP, JOB_STREAM, RESULT_PREFIX, ModelJobExecutor
+
+    store = MemoryStore()
+    thread = _small_server(base, tmp_path, store=store)
+    try:
+        device = Device(edge_pb2_grpc.EdgeServiceStub(channel(thread.address)))
+        device.enroll(thread.server.service.registry.issue_token(), "laptop")
+        time.sleep(1.0)  # a local worker, had one been started, would have taken jobs by now
+        jobs = len(thread.server.service.settings.device_classes) + 1  # artifacts, evaluate
+        assert store.stream_length(JOB_STREAM) == jobs
+        assert store.scan(RESULT_PREFIX) == {}
+        assert store.pending(JOB_STREAM, CONSUMER_GROUP) == []
+        paced = device.get_task()
+        assert paced.WhichOneof("outcome") == "pace"
+        assert "artifacts" in paced.pace.reason
+        # A worker group on the same store (what `estuary worker run` starts) serves them.
+        group = WorkerGroup(
+            store,
+            executor=ModelJobExecutor(
+                store,
+                blobs=thread.server.service.blobs,
+                base=base,
+                eval_windows=torch.randint(0, 256, (2, 17)),
+            ),
+            name="gpu-a",
+            heartbeat_s=0.5,
+            reclaim_idle_s=2.0,
+        )
+        while group.step(block_s=0.05):
+            pass
+        outcomes = {k: json.loads(r.value) for k, r in store.scan(RESULT_PREFIX).items()}
+        assert len(outcomes) == jobs
+        assert {o["group"] for o in outcomes.values()} == {"gpu-a"}
+        assert {o["status"] for o in outcomes.values()} == {"done"}
     finally:
         thread.stop()
 
