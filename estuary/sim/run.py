@@ -231,8 +231,8 @@ class Simulation:
         from estuary.compress import compress_model
         from estuary.sim.evaluation import HeldOut
         from estuary.sim.report import LiveDisplay, MetricsLog
-        from estuary.state import open_store
         from estuary.state.blobs import BlobStore
+        from estuary.state.configured import open_state_store
 
         settings = self.settings
         started = time.monotonic()
@@ -242,6 +242,13 @@ class Simulation:
         display = LiveDisplay(enabled=self.live, target_versions=settings.versions)
         torch.manual_seed(settings.seed)
 
+        # Each run gets its own key prefix: a simulation never resumes another's state
+        # (its blobs live in this run's folder) and never touches a deployment's keys.
+        state = settings.state.model_copy(
+            update={"key_prefix": f"{settings.state.key_prefix}sim:{self.run_id}:"}
+        )
+        store = open_state_store(state)
+        store.ping()  # a Redis URL that does not answer fails here, before any work
         metrics.event("setup", phase="data")
         clients = _client_data(settings)
         base = load_or_pretrain_base(settings, settings.out_dir / ".cache")
@@ -258,11 +265,6 @@ class Simulation:
         metrics.event("eval", version=0, union=initial.union, per_client=initial.per_client)
         points: list[tuple[float, float]] = [(0.0, initial.union)]
 
-        store = (
-            open_store(settings.state.url)
-            if settings.state.url == "memory://"
-            else _redis(settings)
-        )
         blobs = BlobStore(self.run_dir / "blobs", fsync=False)
         server = CoordinatorServer(
             coordinator_settings(settings),
@@ -443,17 +445,6 @@ class Simulation:
 def _mean(hist: dict[int, int]) -> float:
     total = sum(hist.values())
     return sum(k * v for k, v in hist.items()) / total if total else 0.0
-
-
-def _redis(settings: SimulationSettings) -> Any:
-    from estuary.state import open_store
-
-    options: dict[str, Any] = {"prefix": settings.state.key_prefix}
-    if settings.state.password is not None:
-        options["password"] = settings.state.password.reveal()
-    if settings.state.tls_ca_file is not None:
-        options["ssl_ca_certs"] = str(settings.state.tls_ca_file)
-    return open_store(settings.state.url, **options)
 
 
 def run_simulation(settings: SimulationSettings, *, live: bool = True) -> Path:
