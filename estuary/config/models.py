@@ -545,10 +545,15 @@ class SimulationSettings(RoleSettings):
     @model_validator(mode="after")
     def _cross_checks(self) -> SimulationSettings:
         _check_device_classes(self.device_classes, self.model.r_max)
-        if self.cohort.min_size > self.clients:
+        # Clients are split round-robin over the classes and cohorts never mix classes, so
+        # the smallest class must be able to fill a cohort on its own.
+        smallest = self.clients // len(self.device_classes)
+        if self.cohort.min_size > smallest:
+            name = self.device_classes[-1].name
             raise ValueError(
-                f"cohort.min_size: {self.cohort.min_size} exceeds clients={self.clients}, "
-                "so no cohort could ever form"
+                f"cohort.min_size: {self.cohort.min_size} exceeds the {smallest} clients of "
+                f"class {name!r} ({self.clients} clients split round-robin over "
+                f"{len(self.device_classes)} classes), so its cohorts could never form"
             )
         return self
 
