@@ -26,6 +26,7 @@ from coordinator.enrolment import Device, EnrolmentError, Unauthenticated
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from coordinator.service import FederationService, PaceOffer, SecAggReply, TaskOffer
 from estuary.auth import SignedAuth
+from estuary.proto import stages
 from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from estuary.state.blobs import BlobCorrupt, BlobNotFound
 from estuary.state.errors import StoreError, VersionConflict
@@ -88,28 +89,16 @@ _STORE_MESSAGES = {
     grpc.StatusCode.DATA_LOSS: "stored blob is corrupt; the operator has been told",
 }
 
-_PROTO_DONE = edge_pb2.SECAGG_STAGE_DONE
-_PROTO_ABORTED = edge_pb2.SECAGG_STAGE_ABORTED
-
 
 def stage_from_proto(value: int, *, field: str = "stage") -> Stage:
     """Return the secure_agg stage of a wire ``SecAggStage``; InvalidArgument if none."""
-    if edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS <= value <= edge_pb2.SECAGG_STAGE_UNMASKING:
-        return Stage(value - 1)
-    if value == _PROTO_DONE:
-        return Stage.COMPLETED
-    if value == _PROTO_ABORTED:
-        return Stage.ABORTED
-    raise InvalidArgument(f"{field}: {value} is not a secure-aggregation stage (1..7)")
+    try:
+        return stages.stage_from_proto(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"{field}: {exc}") from None
 
 
-def stage_to_proto(stage: Stage) -> int:
-    """Return the wire ``SecAggStage`` of a secure_agg stage."""
-    if stage is Stage.COMPLETED:
-        return _PROTO_DONE
-    if stage is Stage.ABORTED:
-        return _PROTO_ABORTED
-    return int(stage) + 1
+stage_to_proto = stages.stage_to_proto
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:

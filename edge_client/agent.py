@@ -41,9 +41,10 @@ from edge_client.state import ArtifactCorrupt, EdgeState, Progress, StateError
 from estuary import __version__
 from estuary.auth import device_id_for, raw_public_key, sign_request
 from estuary.log import log_context
+from estuary.proto.stages import stage_name
 from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from estuary.transport import DEFAULT_CHUNK_BYTES, MAX_LONG_POLL_MS, channel_options
-from secure_agg import Client, FixedPoint, ProtocolViolation, SecAggError, SessionConfig, Stage
+from secure_agg import Client, FixedPoint, ProtocolViolation, SecAggError, SessionConfig
 from secure_agg.numerics import clip_update
 
 if TYPE_CHECKING:
@@ -59,7 +60,6 @@ __all__ = [
     "AgentStats",
     "EdgeAgent",
     "Outcome",
-    "proto_stage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,30 +105,8 @@ _TRANSIENT = frozenset(
     }
 )
 
+
 _S = edge_pb2.SecAggStage
-#: secure_agg stage → proto SecAggStage (proto numbers are secure_agg's plus one for the
-#: protocol stages; COMPLETED is proto DONE).
-_PROTO_STAGE: dict[Stage, int] = {
-    Stage.ADVERTISE_KEYS: _S.SECAGG_STAGE_ADVERTISE_KEYS,
-    Stage.SHARE_KEYS: _S.SECAGG_STAGE_SHARE_KEYS,
-    Stage.MASKED_INPUT: _S.SECAGG_STAGE_MASKED_INPUT,
-    Stage.CONSISTENCY_CHECK: _S.SECAGG_STAGE_CONSISTENCY_CHECK,
-    Stage.UNMASKING: _S.SECAGG_STAGE_UNMASKING,
-    Stage.COMPLETED: _S.SECAGG_STAGE_DONE,
-    Stage.ABORTED: _S.SECAGG_STAGE_ABORTED,
-}
-
-
-def proto_stage(stage: Stage) -> int:
-    """Return the proto ``SecAggStage`` number of a :class:`secure_agg.Stage`."""
-    return _PROTO_STAGE[stage]
-
-
-def _stage_name(number: int) -> str:
-    try:
-        return str(edge_pb2.SecAggStage.Name(number))
-    except ValueError:
-        return f"stage {number}"
 
 
 class AgentError(Exception):
@@ -809,7 +787,7 @@ class EdgeAgent:
     def _expect(message: edge_pb2.SecAggServerMessage, stage: int) -> None:
         if message.stage != stage:
             raise _Abandon(
-                f"expected {_stage_name(stage)}, the coordinator sent {_stage_name(message.stage)}"
+                f"expected {stage_name(stage)}, the coordinator sent {stage_name(message.stage)}"
             )
 
     @staticmethod
@@ -841,7 +819,7 @@ class EdgeAgent:
         )
         ack = await self._call("SendSecAgg", request, response_type=edge_pb2.SecAggAck)
         if ack.stage == _S.SECAGG_STAGE_ABORTED:
-            raise _Abandon(f"the cohort aborted ({_stage_name(stage)} acknowledged as ABORTED)")
+            raise _Abandon(f"the cohort aborted ({stage_name(stage)} acknowledged as ABORTED)")
 
     async def _await_stage(
         self, task: edge_pb2.Task, *, after: int
@@ -867,13 +845,13 @@ class EdgeAgent:
             if not response.pending:
                 if response.stage <= after:
                     raise _Abandon(
-                        f"asked for a stage after {_stage_name(after)}, got "
-                        f"{_stage_name(response.stage)}"
+                        f"asked for a stage after {stage_name(after)}, got "
+                        f"{stage_name(response.stage)}"
                     )
                 return response
             if give_up_ms is not None and self._now_ms() > give_up_ms:
                 raise _Abandon(
-                    f"still waiting after {_stage_name(after)} "
+                    f"still waiting after {stage_name(after)} "
                     f"{POST_DEADLINE_GRACE_S:.0f} s past the task's deadline"
                 )
 

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge_client.agent import AgentError, AgentHooks, EdgeAgent, proto_stage
+from edge_client.agent import AgentError, AgentHooks, EdgeAgent
 from edge_client.state import EdgeState
 from estuary.auth import AuthError, SignedAuth, device_id_for, verify_request
+from estuary.proto.stages import stage_to_proto
 from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from secure_agg import Client, FixedPoint, Server, SessionConfig, Stage
 
@@ -135,7 +136,7 @@ class Cohort:
             stage = self.server.stage
             for recipient, data in out:
                 if recipient == 0:
-                    self.mailbox.append((proto_stage(stage), data))
+                    self.mailbox.append((stage_to_proto(stage), data))
                     continue
                 reply = self.other.handle(data)
                 if stage is Stage.MASKED_INPUT:
@@ -231,7 +232,7 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
         await self._auth("SendSecAgg", request, context)
         assert self.cohort is not None and request.cohort_id == self.task.cohort_id  # type: ignore[union-attr]
         self.cohort.from_device(request.payload)
-        return edge_pb2.SecAggAck(stage=proto_stage(self.cohort.server.stage))
+        return edge_pb2.SecAggAck(stage=stage_to_proto(self.cohort.server.stage))
 
     async def AwaitSecAgg(self, request: Any, context: Any) -> Any:
         await self._auth("AwaitSecAgg", request, context)
