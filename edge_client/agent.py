@@ -984,8 +984,28 @@ class EdgeAgent:
             adapter = await asyncio.to_thread(GlobalAdapter.load, directory / ADAPTER_FILE)
         except ValueError as exc:  # CheckpointError is a ValueError
             raise _Abandon(f"artifact unusable: {exc}") from None
-        self.state.prune_artifacts({ref.sha256, *files.values()})
+        served = await self._install_served(ref.sha256)
+        self.state.prune_artifacts({ref.sha256, *files.values(), *served.values()})
         return model.base, adapter
+
+    async def _install_served(self, manifest_digest: str) -> dict[str, str]:
+        """Fetch the artifact's int8 ONNX export into ``served/`` (for edge infer)."""
+        manifest = json.loads(self.state.read_artifact(manifest_digest))
+        onnx = manifest.get("onnx") or {}
+        if not isinstance(onnx, dict) or not all(
+            isinstance(n, str) and isinstance(d, str) for n, d in onnx.items()
+        ):
+            raise _Abandon(f"artifact {manifest_digest}: 'onnx' must map file names to digests")
+        if not onnx:
+            return {}
+        for digest in sorted(set(onnx.values())):
+            await self._fetch(digest, None)
+        try:
+            where = self.state.install_served(onnx)
+        except StateError as exc:
+            raise _Abandon(str(exc)) from None
+        logger.debug("serving model of version %s installed in %s", manifest.get("version"), where)
+        return dict(onnx)
 
     def _read_manifest(self, digest: str) -> dict[str, str]:
         try:

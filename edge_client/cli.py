@@ -245,7 +245,7 @@ def status(
     Reads only the state directory; contacts nobody. Exit code 5 when a state file is
     corrupt.
     """
-    from edge_client.state import StateError
+    from edge_client.state import SERVED_DIR, StateError
 
     settings = _settings(config)
     state = _state(settings)
@@ -254,6 +254,7 @@ def status(
         progress = state.load_progress()
         cached = state.cached_artifacts()
         cached_bytes = state.cached_bytes()
+        served = state.root / SERVED_DIR
     except StateError as exc:
         fail(str(exc))
         raise typer.Exit(ExitCode.INPUT) from None
@@ -285,6 +286,7 @@ def status(
         "cached_bytes": cached_bytes,
         "bytes_up": progress.bytes_up,
         "bytes_down": progress.bytes_down,
+        "served_model": str(served) if served.is_dir() else None,
     }
     if output is OutputFormat.json:
         print_json(data)
@@ -309,6 +311,11 @@ def status(
         f"{progress.bytes_up} bytes up, {progress.bytes_down} down",
         highlight=False,
     )
+    if served.is_dir():
+        console.print(
+            f"serving model: {served} (estuary edge infer --model {served} PROMPT)",
+            highlight=False,
+        )
 
 
 def _served_dir(model: Path, *, cache: Path | None, fp32: bool) -> Path:

@@ -52,6 +52,7 @@ IDENTITY_FILE = "identity.pem"
 ENROLMENT_FILE = "enrolment.json"
 PROGRESS_FILE = "progress.json"
 ARTIFACTS_DIR = "artifacts"
+SERVED_DIR = "served"
 MODELS_DIR = "models"
 PART_SUFFIX = ".part"
 
@@ -482,6 +483,10 @@ class EdgeState:
                 shutil.rmtree(old, ignore_errors=True)
         target = self.models / name
         target.mkdir(mode=0o700, exist_ok=True)
+        self._link(target, files)
+        return target
+
+    def _link(self, target: Path, files: dict[str, str]) -> None:
         for filename, digest in sorted(files.items()):
             if filename in ("", ".", "..") or "/" in filename or "\\" in filename:
                 raise StateError(f"manifest names an unsafe file {filename!r}")
@@ -497,4 +502,26 @@ class EdgeState:
                 os.link(source, dest)
             except OSError:
                 shutil.copyfile(source, dest)
+
+    def install_served(self, files: dict[str, str]) -> Path:
+        """Make ``served/`` the ONNX directory of ``files`` (for ``estuary edge infer``).
+
+        Built beside it and swapped in by rename, so ``served/`` is always a complete
+        directory of one version. Raises :class:`StateError` like :meth:`materialise`.
+        """
+        target = self.root / SERVED_DIR
+        staging = self.root / f".{SERVED_DIR}.new"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=0o700)
+        try:
+            self._link(staging, files)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        old = self.root / f".{SERVED_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
         return target

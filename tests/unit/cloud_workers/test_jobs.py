@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from worker_fixtures import eval_windows, publish_version
 
@@ -103,7 +104,9 @@ def test_evaluate_writes_bits_per_byte_to_the_version_record(env: Any, base: Any
     assert outcomes(store)[result_key("evaluate-v1")].output["eval_bpb"] == record["eval_bpb"]
 
 
-def test_artifacts_and_merge_are_content_addressed_and_reproducible(env: Any, base: Any) -> None:
+def test_artifacts_and_merge_are_content_addressed_and_reproducible(
+    env: Any, base: Any, tmp_path: Path
+) -> None:
     store, blobs, executor = env
     digest = publish_version(store, blobs, base, 4)
     job = make_job("build_artifacts", version=4, device_class="phone")
@@ -114,6 +117,16 @@ def test_artifacts_and_merge_are_content_addressed_and_reproducible(env: Any, ba
     manifest = json.loads(blobs.read(first["artifact_sha256"]))
     assert manifest["files"]["adapter.safetensors"] == digest
     assert set(manifest["files"]) >= {"config.json", "adapter.safetensors"}
+    # The served int8 ONNX export is part of the artifact and reproducible too.
+    assert set(manifest["onnx"]) == {"model.int8.onnx", "estuary_onnx.json", "config.json"}
+    served = tmp_path / "served"
+    served.mkdir()
+    for name, blob in manifest["onnx"].items():
+        (served / name).write_bytes(blobs.read(blob))
+    from edge_client.serving import OrtLM
+
+    logits = OrtLM(served).logits(np.array([[1, 2, 3, 4]], dtype=np.int64))
+    assert logits.shape == (1, 4, 256) and np.isfinite(logits).all()
     merged = executor.execute(make_job("merge", version=4))
     assert merged == fresh.execute(make_job("merge", version=4))
     assert "model.safetensors" in json.loads(blobs.read(merged["checkpoint_sha256"]))["files"]

@@ -66,8 +66,10 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     )
     out = executor.build_artifacts(make_job("build_artifacts", version=1, device_class="phone"))
     manifest_sha = out["artifact_sha256"]
-    files = json.loads(blobs.read(manifest_sha))["files"]
-    data = {d: blobs.read(d) for d in [manifest_sha, *files.values()]}
+    manifest = json.loads(blobs.read(manifest_sha))
+    files = manifest["files"]
+    served = manifest["onnx"]
+    data = {d: blobs.read(d) for d in [manifest_sha, *files.values(), *served.values()]}
     tensors = [(n, s[0] * adapter.config.r_max) for n, s in adapter.shapes.items()]
     return Artifact(manifest_sha, len(data[manifest_sha]), data, files, tensors)
 
@@ -350,6 +352,11 @@ def test_full_task_paced_resumed_fetch_and_exact_unmasked_sum(
     assert any(np.abs(v).max() > 10 * step for v in seen["update"].values())
     progress = state.load_progress()
     assert (progress.tasks_done, progress.tasks_abandoned, progress.task_id) == (1, 0, None)
+    # The artifact's int8 ONNX export is installed as the device's serving model.
+    from edge_client.serving import OrtLM
+
+    served = OrtLM(state.root / "served").logits(np.array([[5, 6, 7]], dtype=np.int64))
+    assert served.shape == (1, 3, 256) and np.isfinite(served).all()
     assert progress.bytes_up > 0 and progress.bytes_down > 0
 
 

@@ -138,3 +138,23 @@ def test_materialise_links_files_and_prune_keeps_only_what_is_named(tmp_path: Pa
         state.materialise("m2", {"../evil": DIGEST})
     with pytest.raises(ValueError, match="sha256"):
         state.artifact_path("not-a-digest")
+
+
+def test_install_served_swaps_whole_directories(tmp_path: Path) -> None:
+    state = EdgeState(tmp_path)
+    other = b"version two graph"
+    other_digest = hashlib.sha256(other).hexdigest()
+    for data, digest in ((BLOB, DIGEST), (other, other_digest)):
+        state.append_partial(digest, offset=0, data=data)
+        state.commit_artifact(digest)
+
+    first = state.install_served({"model.int8.onnx": DIGEST, "old-only.json": DIGEST})
+    second = state.install_served({"model.int8.onnx": other_digest})
+
+    assert first == second == tmp_path / "served"
+    assert (second / "model.int8.onnx").read_bytes() == other
+    assert not (second / "old-only.json").exists()  # nothing of the previous version left
+    with pytest.raises(StateError, match="unsafe file"):
+        state.install_served({"../evil": DIGEST})
+    assert (second / "model.int8.onnx").read_bytes() == other  # a refused install changes nothing
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".served")) == []
