@@ -128,6 +128,10 @@ class CoordinatorServer:
     metrics_port
         Port of the ``/metrics`` HTTP endpoint, overriding ``settings.server.metrics_port``
         (0: disabled). ``None``: the settings' value.
+    edge_onnx
+        Whether the local worker puts the int8 ONNX export into edge artifacts. The
+        exporter (torch.export) changes process-wide tracing state, so a process that
+        also trains in other threads (the simulator) must turn it off.
     """
 
     def __init__(
@@ -143,11 +147,13 @@ class CoordinatorServer:
         tick_interval_s: float = TICK_INTERVAL_S,
         health_interval_s: float = HEALTH_INTERVAL_S,
         metrics_port: int | None = None,
+        edge_onnx: bool = True,
     ) -> None:
         if not tick_interval_s > 0:
             raise ValueError(f"tick_interval_s: must be > 0, got {tick_interval_s}")
         if not health_interval_s > 0:
             raise ValueError(f"health_interval_s: must be > 0, got {health_interval_s}")
+        self._edge_onnx = edge_onnx
         if metrics_port is not None and not 0 <= metrics_port <= 65535:
             raise ValueError(f"metrics_port: must be in 0..65535, got {metrics_port}")
         tls = settings.tls
@@ -329,7 +335,11 @@ class CoordinatorServer:
         assert self._store is not None and self._blobs is not None and self._base is not None
         windows = self._eval_windows if self._eval_windows is not None else cloud_eval_windows()
         executor = ModelJobExecutor(
-            self._store, blobs=self._blobs, base=self._base, eval_windows=windows
+            self._store,
+            blobs=self._blobs,
+            base=self._base,
+            eval_windows=windows,
+            onnx=self._edge_onnx,
         )
         group = WorkerGroup(
             self._store,

@@ -272,6 +272,10 @@ class Simulation:
             blobs=blobs,
             base=base,
             observer=_SimObserver(metrics, self.stats),
+            # torch.export, behind the ONNX export, mutates process-wide tracing state and
+            # breaks the edge agents training in this process's other threads; deployed
+            # workers run in their own processes and do include ONNX in artifacts.
+            edge_onnx=False,
         )
         await server.start()
         service = server.service
