@@ -230,8 +230,12 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     ) -> Message:
         call = _Call(method)
         call.bytes_in = request.ByteSize()
+        return await self._answer(call, handler(request, call), context)
+
+    async def _answer(self, call: _Call, work: Awaitable[Message], context: Any) -> Message:
+        """Await ``work``; record the RPC and map a refusal to its status code."""
         try:
-            response = await handler(request, call)
+            response = await work
         except asyncio.CancelledError:
             self._finish(call, grpc.StatusCode.CANCELLED)
             raise
@@ -356,17 +360,7 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     ) -> Message:
         """Receive a header and the masked input; store it durably, then acknowledge."""
         call = _Call("UploadMasked")
-        try:
-            response = await self._upload(request_iterator, call)
-        except asyncio.CancelledError:
-            self._finish(call, grpc.StatusCode.CANCELLED)
-            raise
-        except Exception as exc:
-            await self._refuse(call, exc, context)
-            raise AssertionError("context.abort returned") from exc  # pragma: no cover
-        call.bytes_out = response.ByteSize()
-        self._finish(call, grpc.StatusCode.OK)
-        return response
+        return await self._answer(call, self._upload(request_iterator, call), context)
 
     async def _upload(
         self, request_iterator: AsyncIterator[edge_pb2.UploadChunk], call: _Call
