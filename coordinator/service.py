@@ -279,7 +279,6 @@ class FederationService:
         )
         self._shapes = {name: b.shape for name, b in initial_adapter.b.items()}
         self._cohorts: dict[str, ReplicatedCohort] = {}
-        self._records: dict[str, dict[str, Any]] = {}
         self._artifacts: dict[str, tuple[int, str, int]] = {}
         self._rejected: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
@@ -373,7 +372,6 @@ class FederationService:
                     self.store, cohort_id, make_server=lambda: Server(config, members=members)
                 )
                 self._cohorts[cohort_id] = cohort
-                self._records[cohort_id] = record
         cohort.sync()
         return cohort
 
@@ -423,7 +421,7 @@ class FederationService:
         for rec in self.store.scan(FORMING_PREFIX).values():
             count += len(json.loads(rec.value)["members"])
         for cohort_id, _ in self._active_ids():
-            record = self._records.get(cohort_id) or self._record(cohort_id)
+            record = self._record(cohort_id)
             if record is not None:
                 count += len(record["members"]) - len(record.get("abandoned", []))
         return count
@@ -490,8 +488,6 @@ class FederationService:
             return _json(record)
 
         if self.store.update(cohort_key(cohort_id), add) is not None:
-            with self._lock:
-                self._records.pop(cohort_id, None)
             log.info("cohort %s: member %d abandoned its task", cohort_id, index)
             self.observer.event("member_abandoned", cohort_id=cohort_id, member=index)
 
@@ -746,15 +742,15 @@ class FederationService:
         """Exact size of this member's encoded masked input (checked before reading it)."""
         record, index = self._membership(device, cohort_id)
         config = session_config(record)
-        probe = MaskedInput(
+        # The encoding of empty tensors gives the framing; the packed elements add the rest
+        # (no need to build a payload-sized probe for every upload).
+        frame = MaskedInput(
             session=b"\0" * 32,
             sender=index,
-            tensors=tuple(
-                (name, b"\0" * (length * ((config.fixed_point.bits + 7) // 8)))
-                for name, length in config.tensors
-            ),
+            tensors=tuple((name, b"") for name, _ in config.tensors),
         )
-        return len(probe.encode())
+        per_element = (config.fixed_point.bits + 7) // 8
+        return len(frame.encode()) + per_element * sum(n for _, n in config.tensors)
 
     def upload_masked(
         self, device: Device, *, task_id: str, cohort_id: str, payload: bytes, sha256: str
@@ -959,7 +955,6 @@ class FederationService:
         self.store.zrem(ACTIVE_COHORTS, cohort_id)
         with self._lock:
             self._cohorts.pop(cohort_id, None)
-            self._records.pop(cohort_id, None)
 
     # ------------------------------------------------------------------ reading
 
