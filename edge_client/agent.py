@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -539,14 +540,7 @@ class EdgeAgent:
             enrolment.rank,
             enrolment.r_max,
         )
-        return {
-            "device_id": enrolment.device_id,
-            "device_class": enrolment.device_class,
-            "rank": enrolment.rank,
-            "r_max": enrolment.r_max,
-            "coordinator": enrolment.coordinator,
-            "enrolled_at": enrolment.enrolled_at,
-        }
+        return dataclasses.asdict(enrolment)
 
     # ------------------------------------------------------------------ main loop
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -262,16 +263,7 @@ def status(
         "state_dir": str(state.root),
         "coordinator": settings.coordinator,
         "enrolled": enrolment is not None,
-        "enrolment": None
-        if enrolment is None
-        else {
-            "device_id": enrolment.device_id,
-            "device_class": enrolment.device_class,
-            "rank": enrolment.rank,
-            "r_max": enrolment.r_max,
-            "coordinator": enrolment.coordinator,
-            "enrolled_at": enrolment.enrolled_at,
-        },
+        "enrolment": None if enrolment is None else dataclasses.asdict(enrolment),
         "current_task": None
         if progress.task_id is None
         else {
