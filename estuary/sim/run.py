@@ -33,6 +33,8 @@ from estuary.config.models import (
     ServerTLSSettings,
     SimulationSettings,
 )
+from estuary.data.stdlib import DEFAULT_CLIENT_PACKAGES
+from estuary.sim.report import StalenessHistogram
 
 if TYPE_CHECKING:
     from torch import nn
@@ -44,18 +46,7 @@ log = logging.getLogger(__name__)
 #: Standard-library packages that back simulated clients, in order of use: the data
 #: module's default twelve, then more packages present in every CPython 3.10+.
 SIM_PACKAGES = (
-    "email",
-    "asyncio",
-    "json",
-    "xml",
-    "unittest",
-    "http",
-    "logging",
-    "concurrent",
-    "multiprocessing",
-    "importlib",
-    "urllib",
-    "sqlite3",
+    *DEFAULT_CLIENT_PACKAGES,
     "html",
     "ctypes",
     "xmlrpc",
@@ -89,7 +80,7 @@ class RunStats:
     rejected: int = 0
     accepted: int = 0
     cohorts: dict[str, int] = field(default_factory=dict)
-    staleness: dict[int, int] = field(default_factory=dict)
+    staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
 
 
 class _SimObserver:
@@ -101,8 +92,7 @@ class _SimObserver:
 
     def event(self, kind: str, **fields: Any) -> None:
         if kind == "weight_assigned":
-            s = int(fields["staleness"])
-            self.stats.staleness[s] = self.stats.staleness.get(s, 0) + 1
+            self.stats.staleness.add(int(fields["staleness"]))
         elif kind == "update_accepted":
             self.stats.accepted += int(fields["updates"])
             self.stats.dropouts += int(fields.get("dropouts", 0))
@@ -113,7 +103,7 @@ class _SimObserver:
             self.stats.cohorts[status] = self.stats.cohorts.get(status, 0) + 1
             if status == "aborted":
                 self.stats.dropouts += int(fields.get("size", 0))
-        if kind in ("paced",):
+        if kind == "paced":
             return  # too frequent to log
         self.metrics.event(kind, **fields)
 
@@ -321,7 +311,7 @@ class Simulation:
                     version=version,
                     cohorts=snapshot["cohorts"],
                     devices_active=snapshot["devices_active"],
-                    staleness=_mean(self.stats.staleness),
+                    staleness=self.stats.staleness.mean or 0.0,
                     union_bpb=final.union,
                     elapsed_s=time.monotonic() - started,
                 )
@@ -368,7 +358,7 @@ class Simulation:
             "updates_rejected": self.stats.rejected,
             "dropouts": self.stats.dropouts,
             "cohorts": self.stats.cohorts,
-            "staleness_histogram": {str(k): v for k, v in sorted(self.stats.staleness.items())},
+            "staleness_histogram": self.stats.staleness.to_json(),
             "bytes_up_per_client": {n: a.bytes_up for n, a in zip(names, agents, strict=True)},
             "bytes_down_per_client": {n: a.bytes_down for n, a in zip(names, agents, strict=True)},
             "tasks_per_client": {n: a.tasks_done for n, a in zip(names, agents, strict=True)},
@@ -381,6 +371,7 @@ class Simulation:
         summary["wall_time_s"] = round(time.monotonic() - started, 1)
         self._write_outputs(summary, points)
         metrics.event("done", wall_time_s=summary["wall_time_s"])
+        metrics.close()
         return self.run_dir
 
     def _baselines(
@@ -441,14 +432,9 @@ class Simulation:
             out_png=self.run_dir / "bits_per_byte.png",
         )
         plot_staleness(
-            {int(k): int(v) for k, v in summary["staleness_histogram"].items()},
+            summary["staleness_histogram"],
             self.run_dir / "staleness.png",
         )
-
-
-def _mean(hist: dict[int, int]) -> float:
-    total = sum(hist.values())
-    return sum(k * v for k, v in hist.items()) / total if total else 0.0
 
 
 def run_simulation(settings: SimulationSettings, *, live: bool = True) -> Path:
