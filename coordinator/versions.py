@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,6 +91,20 @@ def _encode_entry(
     meta = json.dumps({"weight_total": float(weight_total), "updates": int(updates)})
     tensors[_META] = np.frombuffer(meta.encode(), dtype=np.uint8)
     return bytes(save_tensors(tensors))
+
+
+def _entry_meta(data: bytes) -> tuple[float, int]:
+    """Return ``(Σ w, updates)`` of a stored buffer entry without decoding its tensors.
+
+    Reads only the safetensors header (8-byte length + JSON) and the small metadata
+    tensor it points to: the tick checks the buffer several times a second, and the
+    tensors are needed only when a version is actually made.
+    """
+    (length,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + length])
+    start, end = header[_META]["data_offsets"]
+    meta = json.loads(data[8 + length + start : 8 + length + end])
+    return float(meta["weight_total"]), int(meta["updates"])
 
 
 def _decode_entry(data: bytes) -> tuple[dict[str, np.ndarray], float, int]:
@@ -192,7 +207,7 @@ class VersionLedger:
         head = self.head()
         done = set(head.cohorts) if head else set()
         return sum(
-            _decode_entry(rec.value)[2]
+            _entry_meta(rec.value)[1]
             for key, rec in self._store.scan(BUFFER_PREFIX).items()
             if key[len(BUFFER_PREFIX) :] not in done
         )
@@ -321,10 +336,10 @@ class VersionLedger:
         self._retire(leftovers)
         for cohort_id in leftovers:
             del entries[cohort_id]
-        decoded = {cohort_id: _decode_entry(rec.value) for cohort_id, rec in entries.items()}
-        total_updates = sum(updates for _, _, updates in decoded.values())
+        total_updates = sum(_entry_meta(rec.value)[1] for rec in entries.values())
         if total_updates < self._k:
-            return None  # before loading the adapter: this is the common case
+            return None  # before decoding anything: this is the common case
+        decoded = {cohort_id: _decode_entry(rec.value) for cohort_id, rec in entries.items()}
         weight_total = sum(weight for _, weight, _ in decoded.values())
         current = self.adapter(head)
         summed = {name: np.zeros(b.shape, dtype=np.float64) for name, b in current.b.items()}

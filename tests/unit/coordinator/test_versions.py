@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.versions import VersionLedger
+from coordinator.versions import VersionLedger, _decode_entry, _encode_entry, _entry_meta
 from estuary.adapters import AdapterConfig, GlobalAdapter
 from estuary.state.blobs import BlobStore
 from estuary.state.memory import MemoryStore
@@ -209,3 +209,18 @@ def test_versions_strictly_increase_and_match_reference(
             pending_w, pending_n, last = 0.0, 0, info.version
         else:
             assert info is None
+
+
+@given(
+    weight=st.floats(min_value=1e-6, max_value=64.0, allow_nan=False),
+    updates=st.integers(min_value=1, max_value=10_000),
+    shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 4)), min_size=1, max_size=4),
+)
+def test_entry_metadata_read_from_the_header_matches_a_full_decode(
+    weight: float, updates: int, shapes: list[tuple[int, int]]
+) -> None:
+    tensors = {f"m{i}": np.full(shape, 0.5, dtype=np.float32) for i, shape in enumerate(shapes)}
+    data = _encode_entry(tensors, weight_total=weight, updates=updates)
+    decoded, full_weight, full_updates = _decode_entry(data)
+    assert _entry_meta(data) == (full_weight, full_updates) == (weight, updates)
+    assert set(decoded) == set(tensors)
