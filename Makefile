@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.estuary-installed
-SRC    := estuary coordinator edge_client cloud_workers secure_agg
+SRC    := estuary coordinator edge_client cloud_workers secure_agg simulation
 
 .PHONY: test lint typecheck pytest demo proto redis-server clean
 
@@ -29,9 +29,12 @@ redis-server:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
 	@redis-server --version
 
+# lint-imports checks the floors (pyproject [tool.importlinter]): no role imports another,
+# the core imports no role, secure_agg imports nothing of the project.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy $(SRC)

@@ -184,8 +184,8 @@ def main() -> None:
     latency: dict[str, Any] = {"batch": "8x128", "measured": "one fresh process per engine"}
 
     try:
-        from edge_client.onnx_meta import INT8_FILENAME
         from edge_client.serving import OrtLM, export_onnx, quantize_int8
+        from estuary.onnx_meta import INT8_FILENAME
     except ImportError as exc:
         report["ort"] = f"omitted: edge_client.serving unavailable ({exc})"
     else:

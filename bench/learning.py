@@ -20,7 +20,7 @@ compares held-out bits/byte of:
   same number of samples as all clients together.
 
 The baselines and the held-out scoring are those of ``estuary simulate``
-(:mod:`estuary.sim.baselines`, :mod:`estuary.sim.evaluation`).
+(:mod:`simulation.baselines`, :mod:`simulation.evaluation`).
 Baselines get the best client learning rate of ``--baseline-lrs`` (by union score); the
 federation uses ``--lr``. Clients train on the int8-compressed base (as on the edge)
 and are evaluated on it.
@@ -56,8 +56,8 @@ from estuary.compress import compress_model
 from estuary.data import ClientData, stdlib_clients
 from estuary.model import load_model
 from estuary.model.pretrain import pretrained_preset
-from estuary.sim.baselines import centralized, local_only
-from estuary.sim.evaluation import HeldOut, Scores
+from simulation.baselines import centralized, local_only
+from simulation.evaluation import HeldOut, Scores
 
 CLIENTS = ("email", "asyncio", "json", "xml", "unittest", "http", "logging", "multiprocessing")
 SEQ_LEN = 128

@@ -49,10 +49,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from cloud_workers.executor import ModelJobExecutor
 from cloud_workers.group import WorkerGroup
-from cloud_workers.jobs import JOB_STREAM, JobOutcome, ModelJobExecutor, make_job, submit_job
 from estuary.adapters import AdapterConfig, GlobalAdapter, put_adapter
 from estuary.data import eval_windows, stdlib_clients
+from estuary.jobs import JOB_STREAM, JobOutcome, make_job, submit_job
 from estuary.model.presets import build_preset
 from estuary.state import open_store
 from estuary.state.base import Store

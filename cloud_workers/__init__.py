@@ -6,8 +6,8 @@ Modules, in dependency order:
   the only place rank arithmetic happens.
 - :mod:`cloud_workers.parallelize` — split a single-device Llama-style model into pipeline
   stages and run them with ``torch.distributed.pipelining`` (gloo on CPU, NCCL on GPU).
-- :mod:`cloud_workers.jobs` — job submission, superseded detection, outcomes and the
-  executor of the job kinds (evaluate, build_artifacts, merge, generate).
+- :mod:`cloud_workers.executor` — the executor of the job kinds (evaluate,
+  build_artifacts, merge, generate); the job contract itself is :mod:`estuary.jobs`.
 - :mod:`cloud_workers.group` — the job loop of a group: pull, skip, execute, record once,
   heartbeat, reclaim.
 - :mod:`cloud_workers.worker` — build a group from :class:`WorkerSettings` and serve.

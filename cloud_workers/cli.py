@@ -152,9 +152,10 @@ def generate(
     """
     import torch
 
-    from cloud_workers.jobs import JobInputError, ModelJobExecutor, make_job
-    from cloud_workers.worker import load_base, open_state
-    from estuary.model.loading import CheckpointError
+    from cloud_workers.executor import ModelJobExecutor
+    from cloud_workers.worker import open_state
+    from estuary.jobs import JobInputError, make_job
+    from estuary.model.loading import CheckpointError, load_base
     from estuary.state import StoreUnavailable
 
     settings = _load(config)

@@ -13,7 +13,7 @@ Stage 0 of a group runs :class:`WorkerGroup`. The loop guarantees:
   ``jobresult/<job_id>`` before the acknowledgement: a job that ran twice (its first
   group was slow, not dead) still has one recorded completion, and its outputs are
   content-addressed, so both runs wrote the same blobs.
-- **Bad input does not stop the group.** A :class:`~cloud_workers.jobs.JobInputError`
+- **Bad input does not stop the group.** A :class:`~estuary.jobs.JobInputError`
   (unknown version, missing checkpoint) is recorded as ``failed`` with its message.
   Store outages propagate: the job stays pending and is reclaimed later.
 """
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloud_workers.jobs import (
+from estuary.jobs import (
     CONSUMER_GROUP,
     JOB_STREAM,
     JobExecutor,
@@ -83,7 +83,7 @@ class WorkerGroup:
     store
         State store holding the job stream, outcomes and heartbeats.
     executor
-        Runs a job (see :class:`~cloud_workers.jobs.ModelJobExecutor`).
+        Runs a job (see :class:`~cloud_workers.executor.ModelJobExecutor`).
     name
         Group name: the consumer name in the stream's consumer group.
     heartbeat_s

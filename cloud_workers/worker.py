@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cloud_workers.executor import ModelJobExecutor
 from cloud_workers.group import GroupStats, WorkerGroup
-from cloud_workers.jobs import ModelJobExecutor
 from cloud_workers.parallelize import (
     PipelineRunner,
     broadcast_bytes,
@@ -32,17 +32,18 @@ from cloud_workers.parallelize import (
     split_model,
 )
 from cloud_workers.topology import Topology
+from estuary.model.loading import load_base
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from estuary.config.models import ModelSettings, WorkerSettings
+    from estuary.config.models import WorkerSettings
     from estuary.proto.v1 import jobs_pb2
     from estuary.state.base import Store
     from estuary.state.blobs import BlobStore
 
-__all__ = ["cloud_eval_windows", "load_base", "open_state", "serve"]
+__all__ = ["cloud_eval_windows", "open_state", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,28 +52,6 @@ EVAL_SEQ_LEN = 128
 #: Windows per standard-library client in the cloud evaluation set: 8 clients × 16 × 128
 #: bytes ≈ 16 KiB, enough for a bits/byte estimate stable to ~0.01 yet seconds to run.
 EVAL_WINDOWS_PER_CLIENT = 16
-#: Seed of a preset base: the coordinator builds its base with the same call, so both
-#: sides hold identical weights without shipping them.
-PRESET_SEED = 0
-
-
-def load_base(model: ModelSettings) -> nn.Module:
-    """Return the full-precision base model the settings name, in eval mode.
-
-    Raises
-    ------
-    estuary.model.loading.CheckpointError
-        If ``model.path`` is not a loadable Hugging Face directory.
-    """
-    if model.path is not None:
-        from estuary.model.loading import load_model
-
-        base: nn.Module = load_model(model.path)
-        return base.float()
-    from estuary.model.presets import build_preset
-
-    assert model.preset is not None  # the settings validator requires one of the two
-    return build_preset(model.preset, seed=PRESET_SEED)
 
 
 def cloud_eval_windows(

@@ -120,6 +120,7 @@ def serve(
 async def _serve(settings: CoordinatorSettings) -> int:
     from coordinator.server import CoordinatorServer, ServerStartError
     from estuary.config.secrets import SecretUnavailable
+    from estuary.jobs import LocalWorkerUnavailable, find_local_worker
     from estuary.model.loading import CheckpointError
     from estuary.state import InvalidStoreURL, StoreUnavailable
 
@@ -129,7 +130,12 @@ async def _serve(settings: CoordinatorSettings) -> int:
         loop.add_signal_handler(signum, stop.set)
     server = None
     try:
-        server = CoordinatorServer(settings)
+        local_worker = find_local_worker() if settings.workers == "local" else None
+    except LocalWorkerUnavailable as exc:
+        fail(f"workers: {exc}")
+        return ExitCode.CONFIG
+    try:
+        server = CoordinatorServer(settings, local_worker=local_worker)
         await server.start()
     except ServerStartError as exc:
         fail(str(exc))

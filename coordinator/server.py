@@ -37,10 +37,10 @@ from estuary.state.errors import StoreError
 from estuary.transport import server_options
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from estuary.config.models import CoordinatorSettings
+    from estuary.jobs import LocalWorkerFactory
     from estuary.state.base import Store
     from estuary.state.blobs import BlobStore
 
@@ -62,11 +62,9 @@ TICK_INTERVAL_S = 0.25
 #: balancer stops routing to a replica that lost its store within about one probe period.
 HEALTH_INTERVAL_S = 1.0
 
-#: The local worker's heartbeat and reclaim timeouts: those of a worker group's defaults
-#: (:class:`~estuary.config.models.WorkerSettings`), so a local worker and a separate
-#: group treat each other alike when both serve one store.
-LOCAL_WORKER_HEARTBEAT_S = 5.0
-LOCAL_WORKER_RECLAIM_IDLE_S = 120.0
+#: How long :meth:`CoordinatorServer.stop` waits for the local worker's thread: a job in
+#: progress (an artifact build takes seconds to a minute) finishes rather than being cut.
+LOCAL_WORKER_JOIN_S = 35.0
 
 #: Pause before the local worker retries after its loop failed (e.g. the store went
 #: away): long enough not to spin on an outage, short enough to resume promptly.
@@ -116,9 +114,10 @@ class CoordinatorServer:
         by :meth:`stop`). Stores passed in stay open: the caller owns them.
     base
         The full-precision base model; ``None``: loaded as ``settings.model`` says.
-    eval_windows
-        Held-out windows for the local worker's evaluations; ``None``:
-        :func:`cloud_workers.worker.cloud_eval_windows`. Unused with ``workers = "groups"``.
+    local_worker
+        Builds the job runner of ``workers = "local"`` (see
+        :class:`estuary.jobs.LocalWorkerFactory`); required then, unused with
+        ``workers = "groups"``. The coordinator imports no worker code itself.
     observer
         Also told about every service event (the simulator's log); metrics always are.
     clock
@@ -128,10 +127,6 @@ class CoordinatorServer:
     metrics_port
         Port of the ``/metrics`` HTTP endpoint, overriding ``settings.server.metrics_port``
         (0: disabled). ``None``: the settings' value.
-    edge_onnx
-        Whether the local worker puts the int8 ONNX export into edge artifacts. The
-        exporter (torch.export) changes process-wide tracing state, so a process that
-        also trains in other threads (the simulator) must turn it off.
     """
 
     def __init__(
@@ -141,19 +136,17 @@ class CoordinatorServer:
         store: Store | None = None,
         blobs: BlobStore | None = None,
         base: nn.Module | None = None,
-        eval_windows: torch.Tensor | None = None,
+        local_worker: LocalWorkerFactory | None = None,
         observer: ServiceObserver | None = None,
         clock: Callable[[], float] = time.time,
         tick_interval_s: float = TICK_INTERVAL_S,
         health_interval_s: float = HEALTH_INTERVAL_S,
         metrics_port: int | None = None,
-        edge_onnx: bool = True,
     ) -> None:
         if not tick_interval_s > 0:
             raise ValueError(f"tick_interval_s: must be > 0, got {tick_interval_s}")
         if not health_interval_s > 0:
             raise ValueError(f"health_interval_s: must be > 0, got {health_interval_s}")
-        self._edge_onnx = edge_onnx
         if metrics_port is not None and not 0 <= metrics_port <= 65535:
             raise ValueError(f"metrics_port: must be in 0..65535, got {metrics_port}")
         tls = settings.tls
@@ -162,12 +155,17 @@ class CoordinatorServer:
                 "tls.cert_file: not set and tls.allow_plaintext is false; refusing to serve "
                 "without TLS"
             )
+        if settings.workers == "local" and local_worker is None:
+            raise ServerStartError(
+                "workers = 'local' but no local worker was given: install the worker extra "
+                "(pip install 'estuary-fl[worker]') or set workers = 'groups'"
+            )
         self.settings = settings
+        self._local_worker = local_worker
         self._store = store
         self._owns_store = store is None
         self._blobs = blobs
         self._base = base
-        self._eval_windows = eval_windows
         self._observer = observer
         self._clock = clock
         self._tick_interval_s = tick_interval_s
@@ -256,8 +254,8 @@ class CoordinatorServer:
 
     def _prepare(self) -> None:
         """Blocking part of start-up: stores, base, service, version 0."""
-        from cloud_workers.worker import load_base
         from estuary.adapters.lora import AdapterConfig, GlobalAdapter
+        from estuary.model.loading import load_base
         from estuary.state.blobs import BlobStore
         from estuary.state.configured import open_state_store
 
@@ -328,25 +326,13 @@ class CoordinatorServer:
         await self._set_health(True)
 
     def _start_local_worker(self) -> None:
-        from cloud_workers.group import WorkerGroup
-        from cloud_workers.jobs import ModelJobExecutor
-        from cloud_workers.worker import cloud_eval_windows
-
         assert self._store is not None and self._blobs is not None and self._base is not None
-        windows = self._eval_windows if self._eval_windows is not None else cloud_eval_windows()
-        executor = ModelJobExecutor(
+        assert self._local_worker is not None  # checked in __init__
+        group = self._local_worker(
             self._store,
             blobs=self._blobs,
             base=self._base,
-            eval_windows=windows,
-            onnx=self._edge_onnx,
-        )
-        group = WorkerGroup(
-            self._store,
-            executor=executor,
             name=f"local-{self.settings.node_id}",
-            heartbeat_s=LOCAL_WORKER_HEARTBEAT_S,
-            reclaim_idle_s=LOCAL_WORKER_RECLAIM_IDLE_S,
         )
         node = self.settings.node_id
 
@@ -445,7 +431,7 @@ class CoordinatorServer:
         self._worker_stop.set()
         if self._worker_thread is not None:
             thread = self._worker_thread
-            await asyncio.to_thread(thread.join, LOCAL_WORKER_HEARTBEAT_S + 30.0)
+            await asyncio.to_thread(thread.join, LOCAL_WORKER_JOIN_S)
             if thread.is_alive():
                 log.warning("local worker did not stop in time (a job is still running)")
             self._worker_thread = None

@@ -49,7 +49,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cloud_workers.jobs import JobOutcome, make_job, result_key, submit_job
 from coordinator.cohort_log import ReplicatedCohort
 from coordinator.enrolment import Device, DeviceRegistry
 from coordinator.errors import (
@@ -65,6 +64,7 @@ from coordinator.versions import VersionInfo, VersionLedger
 from estuary.adapters.lora import GlobalAdapter
 from estuary.auth import SignedAuth
 from estuary.config.models import CoordinatorSettings
+from estuary.jobs import JobOutcome, make_job, result_key, submit_job
 from estuary.state.base import Store
 from estuary.state.blobs import BlobNotFound, BlobStore
 from estuary.state.errors import VersionConflict

@@ -40,6 +40,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from edge_client.state import ArtifactCorrupt, EdgeState, Progress, StateError
 from estuary import __version__
+from estuary.artifacts import ADAPTER_FILE, EdgeArtifactManifest, ManifestError
 from estuary.auth import device_id_for, raw_public_key, sign_request
 from estuary.log import log_context
 from estuary.proto.stages import stage_name
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
     from estuary.adapters.lora import GlobalAdapter
 
 __all__ = [
-    "ARTIFACT_FORMAT",
     "AgentError",
     "AgentHooks",
     "AgentStats",
@@ -68,10 +68,6 @@ logger = logging.getLogger(__name__)
 Outcome = Literal["paced", "done", "abandoned"]
 _Response = TypeVar("_Response", bound=ProtoMessage)
 
-#: The artifact manifest format this agent understands (cloud_workers/jobs.py writes it).
-ARTIFACT_FORMAT = "estuary-edge-artifact/1"
-#: The manifest's file holding the adapter version; every other file is the base.
-ADAPTER_FILE = "adapter.safetensors"
 
 #: First retry delay in seconds; doubles per failed attempt up to ``max_backoff_s``, with
 #: full jitter (uniform in [0, delay]) so a fleet that lost the coordinator at the same
@@ -959,15 +955,18 @@ class EdgeAgent:
         if not ref.sha256:
             raise _Abandon("the task names no artifact")
         await self._fetch(ref.sha256, int(ref.size_bytes))
-        files = self._read_manifest(ref.sha256)
+        try:
+            manifest = EdgeArtifactManifest.from_json(self.state.read_artifact(ref.sha256))
+        except ManifestError as exc:
+            raise _Abandon(f"artifact {ref.sha256}: {exc}") from None
+        files = dict(manifest.files)
         for digest in sorted(set(files.values())):
             await self._fetch(digest, None)
         try:
             directory = self.state.materialise(ref.sha256, files)
         except StateError as exc:
             raise _Abandon(str(exc)) from None
-        base_files = {n: d for n, d in files.items() if n != ADAPTER_FILE}
-        key = hashlib.sha256(json.dumps(base_files, sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps(manifest.base_files, sort_keys=True).encode()).hexdigest()
         try:
             model = self._model
             if model is None or model.key != key:
@@ -978,18 +977,13 @@ class EdgeAgent:
             adapter = await asyncio.to_thread(GlobalAdapter.load, directory / ADAPTER_FILE)
         except ValueError as exc:  # CheckpointError is a ValueError
             raise _Abandon(f"artifact unusable: {exc}") from None
-        served = await self._install_served(ref.sha256)
+        served = await self._install_served(manifest)
         self.state.prune_artifacts({ref.sha256, *files.values(), *served.values()})
         return model.base, adapter
 
-    async def _install_served(self, manifest_digest: str) -> dict[str, str]:
+    async def _install_served(self, manifest: EdgeArtifactManifest) -> dict[str, str]:
         """Fetch the artifact's int8 ONNX export into ``served/`` (for edge infer)."""
-        manifest = json.loads(self.state.read_artifact(manifest_digest))
-        onnx = manifest.get("onnx") or {}
-        if not isinstance(onnx, dict) or not all(
-            isinstance(n, str) and isinstance(d, str) for n, d in onnx.items()
-        ):
-            raise _Abandon(f"artifact {manifest_digest}: 'onnx' must map file names to digests")
+        onnx = dict(manifest.onnx)
         if not onnx:
             return {}
         for digest in sorted(set(onnx.values())):
@@ -998,25 +992,8 @@ class EdgeAgent:
             where = self.state.install_served(onnx)
         except StateError as exc:
             raise _Abandon(str(exc)) from None
-        logger.debug("serving model of version %s installed in %s", manifest.get("version"), where)
-        return dict(onnx)
-
-    def _read_manifest(self, digest: str) -> dict[str, str]:
-        try:
-            manifest = json.loads(self.state.read_artifact(digest))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _Abandon(f"artifact manifest {digest} is not JSON: {exc}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else None
-            raise _Abandon(f"artifact {digest}: format {found!r}, expected {ARTIFACT_FORMAT!r}")
-        files = manifest.get("files")
-        if (
-            not isinstance(files, dict)
-            or ADAPTER_FILE not in files
-            or not all(isinstance(n, str) and isinstance(d, str) for n, d in files.items())
-        ):
-            raise _Abandon(f"artifact {digest}: 'files' must map file names to digests")
-        return dict(files)
+        logger.debug("serving model of version %s installed in %s", manifest.version, where)
+        return onnx
 
     async def _fetch(self, digest: str, size: int | None) -> None:
         """Download blob ``digest`` into the cache unless it is there (resumable, verified)."""

@@ -315,7 +315,7 @@ def _served_dir(model: Path, *, cache: Path | None, fp32: bool) -> Path:
 
     Exits with ``INPUT`` naming the path when MODEL is neither kind of directory.
     """
-    from edge_client.onnx_meta import is_served_dir
+    from estuary.onnx_meta import is_served_dir
 
     if not model.is_dir():
         fail(f"{model}: model directory does not exist")
@@ -329,7 +329,7 @@ def _served_dir(model: Path, *, cache: Path | None, fp32: bool) -> Path:
         )
         raise typer.Exit(ExitCode.INPUT)
     try:
-        from edge_client.onnx_export import CACHE_DIRNAME, cached_export
+        from estuary.onnx_export import CACHE_DIRNAME, cached_export
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         fail(f"exporting {model} needs onnx and onnxscript (the 'worker' extra): {exc}")
         raise typer.Exit(ExitCode.FAILURE) from None

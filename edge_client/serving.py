@@ -1,6 +1,6 @@
 """Serve an exported causal LM with onnxruntime on the edge: logits, greedy text, bits/byte.
 
-:class:`OrtLM` runs a logits-only graph (see :mod:`edge_client.onnx_export`) on the CPU.
+:class:`OrtLM` runs a logits-only graph (see :mod:`estuary.onnx_export`) on the CPU.
 Without a KV cache, generation re-runs the whole (growing) sequence each step; for the
 byte-level presets and the short completions an edge device serves, that costs less than
 maintaining a cache graph and keeps the export a single, simple graph.
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from edge_client.onnx_export import export_onnx, quantize_int8
-from edge_client.onnx_meta import (
+from estuary.onnx_export import export_onnx, quantize_int8
+from estuary.onnx_meta import (
     TOKENIZER_BYTES,
     ServedMetadata,
     is_served_dir,

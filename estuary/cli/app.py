@@ -1,7 +1,10 @@
-"""The ``estuary`` console script: one entry point, a command group per role.
+"""The ``estuary`` console script: core commands plus the role commands installed here.
 
-Exit codes come from :class:`estuary.cli.exit_codes.ExitCode` and are listed in
-``estuary --help``.
+The core's own commands (``config``, ``status``, ``model``) are imported; role commands
+(``edge``, ``coordinator``, ``worker``, ``simulate``) are discovered through entry points
+(:mod:`estuary.cli.plugins`), so the core imports no role and an install with one extra
+offers that role's commands only. Exit codes come from
+:class:`estuary.cli.exit_codes.ExitCode` and are listed in ``estuary --help``.
 """
 
 from __future__ import annotations
@@ -12,14 +15,10 @@ from typing import Annotated
 
 import typer
 
-from cloud_workers import cli as worker_cli
-from coordinator import cli as coordinator_cli
-from edge_client import cli as edge_cli
 from estuary import __version__
-from estuary.cli import config_cmd, model_cmd, status_cmd
+from estuary.cli import config_cmd, model_cmd, plugins, status_cmd
 from estuary.cli.exit_codes import ExitCode
 from estuary.cli.model_export_cmd import export_onnx_command
-from estuary.cli.simulate_cmd import simulate_command
 from estuary.log import init_logging
 
 log = logging.getLogger(__name__)
@@ -78,10 +77,11 @@ app.add_typer(config_cmd.app, name="config")
 app.command("status")(status_cmd.status)
 model_cmd.app.command("export-onnx")(export_onnx_command)
 app.add_typer(model_cmd.app, name="model")
-app.add_typer(edge_cli.app, name="edge")
-app.add_typer(worker_cli.app, name="worker")
-app.add_typer(coordinator_cli.app, name="coordinator")
-app.command("simulate")(simulate_command)
+_absent = plugins.register(app, plugins.discover())
+if _absent:
+    app.info.epilog = "Not installed here: " + "; ".join(
+        f"{c.name} ({c.install_hint})" for c in _absent
+    )
 
 
 def main() -> None:

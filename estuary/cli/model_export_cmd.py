@@ -1,7 +1,7 @@
 """``estuary model export-onnx``: turn a Hugging Face model directory into a served ONNX one.
 
 A plain function, registered on the ``model`` group by :mod:`estuary.cli.app`. The export
-code lives in :mod:`edge_client.onnx_export` and is imported only when the command runs,
+code lives in :mod:`estuary.onnx_export` and is imported only when the command runs,
 so the rest of the CLI does not pay for torch and onnx.
 """
 
@@ -55,8 +55,8 @@ def export_onnx_command(
     not a loadable model.
     """
     try:
-        from edge_client.onnx_export import export_model_dir
-        from edge_client.onnx_meta import FP32_FILENAME
+        from estuary.onnx_export import export_model_dir
+        from estuary.onnx_meta import FP32_FILENAME
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         fail(f"exporting needs torch, transformers, onnx and onnxscript: {exc}")
         raise typer.Exit(ExitCode.FAILURE) from None

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedModel
 
+    from estuary.config.models import ModelSettings
+
 logger = logging.getLogger(__name__)
 
 #: Upper bound on a safetensors header. The format stores an 8-byte little-endian header
@@ -134,3 +136,25 @@ def load_model(model_dir: str | Path) -> PreTrainedModel:
     cast("nn.Module", model).eval()
     logger.info("loaded %s from %s", type(model).__name__, path)
     return cast("PreTrainedModel", model)
+
+
+#: Seed of a preset base: coordinators and worker groups build it with the same call, so
+#: every process holds identical weights without shipping them.
+PRESET_SEED = 0
+
+
+def load_base(model: ModelSettings) -> nn.Module:
+    """Return the full-precision base model the settings name, in eval mode.
+
+    Raises
+    ------
+    CheckpointError
+        If ``model.path`` is not a loadable Hugging Face directory.
+    """
+    if model.path is not None:
+        base: nn.Module = load_model(model.path)
+        return base.float()
+    from estuary.model.presets import build_preset
+
+    assert model.preset is not None  # the settings validator requires one of the two
+    return build_preset(model.preset, seed=PRESET_SEED)

@@ -7,6 +7,7 @@ problem; afterwards a good device's task is intact and the server still serves.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import ipaddress
 import json
@@ -26,6 +27,7 @@ from cryptography.x509.oid import NameOID
 from federation_helpers import Device, ServerThread, channel, sign, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cloud_workers.local import local_worker
 from coordinator.grpc_service import MAX_UPLOAD_BYTES, stage_from_proto, stage_to_proto
 from coordinator.server import CoordinatorServer, ServerStartError
 from estuary.config.models import CoordinatorSettings
@@ -111,7 +113,7 @@ def fed(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         store=store,
         blobs=blobs,
         base=base,
-        eval_windows=torch.randint(0, 256, (2, 17)),
+        local_worker=functools.partial(local_worker, eval_windows=torch.randint(0, 256, (2, 17))),
         tick_interval_s=0.05,
         health_interval_s=0.2,
     )
@@ -479,8 +481,9 @@ def test_health_follows_the_store(base: Any, tmp_path: Path) -> None:
 
 def test_groups_mode_leaves_cloud_jobs_to_worker_groups(base: Any, tmp_path: Path) -> None:
     """With workers = "groups" the coordinator only queues jobs; a worker group serves them."""
+    from cloud_workers.executor import ModelJobExecutor
     from cloud_workers.group import WorkerGroup
-    from cloud_workers.jobs import CONSUMER_GROUP, JOB_STREAM, RESULT_PREFIX, ModelJobExecutor
+    from estuary.jobs import CONSUMER_GROUP, JOB_STREAM, RESULT_PREFIX
 
     store = MemoryStore()
     thread = _small_server(base, tmp_path, store=store)

@@ -27,14 +27,7 @@ sys.path.insert(0, str(ROOT / "tests" / "unit" / "cloud_workers"))
 from redis_server import RedisServer  # noqa: E402
 from worker_fixtures import publish_version  # noqa: E402
 
-from cloud_workers.jobs import (  # noqa: E402
-    CONSUMER_GROUP,
-    JOB_STREAM,
-    JobOutcome,
-    make_job,
-    result_key,
-    submit_job,
-)
+from estuary.jobs import CONSUMER_GROUP, JOB_STREAM, JobOutcome, make_job, result_key, submit_job  # noqa: E402
 from estuary.model.presets import build_preset  # noqa: E402
 from estuary.state import open_store  # noqa: E402
 from estuary.state.blobs import BlobStore  # noqa: E402
@@ -49,7 +42,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 WORKER = """
 import sys, threading
 from cloud_workers.group import WorkerGroup
-from cloud_workers.jobs import ModelJobExecutor
+from cloud_workers.executor import ModelJobExecutor
 from estuary.model.presets import build_preset
 from estuary.state import open_store
 from estuary.state.blobs import BlobStore
@@ -187,7 +180,7 @@ def test_two_stage_group_under_torchrun_evaluates_like_one_process(
     tmp_path: Path, redis_binary: str
 ) -> None:
     torch.set_num_threads(1)
-    from cloud_workers.jobs import ModelJobExecutor
+    from cloud_workers.executor import ModelJobExecutor
     from cloud_workers.worker import cloud_eval_windows
     from estuary.model.evaluate import bits_per_byte
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from worker_fixtures import eval_windows, publish_version
 
+from cloud_workers.executor import ModelJobExecutor
 from cloud_workers.group import WorkerGroup
-from cloud_workers.jobs import (
+from estuary.jobs import (
     CONSUMER_GROUP,
     JOB_STREAM,
     JobInputError,
     JobOutcome,
-    ModelJobExecutor,
     decode_job,
     make_job,
     result_key,

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from worker_fixtures import publish_version
 
 from cloud_workers.cli import app
-from cloud_workers.jobs import make_job, submit_job
 from estuary.cli.exit_codes import ExitCode
+from estuary.jobs import make_job, submit_job
 from estuary.model.presets import build_preset
 from estuary.state import open_store
 from estuary.state.blobs import BlobStore

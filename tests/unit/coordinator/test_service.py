@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud_workers.executor import ModelJobExecutor
 from cloud_workers.group import WorkerGroup
-from cloud_workers.jobs import ModelJobExecutor
 from coordinator.enrolment import Device
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
 from coordinator.service import FederationService, PaceOffer, TaskOffer

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud_workers.jobs import ModelJobExecutor, make_job
+from cloud_workers.executor import ModelJobExecutor
 from coordinator.versions import VersionLedger
 from estuary.adapters import AdapterConfig, GlobalAdapter, merge_into_base
 from estuary.data.windows import eval_windows
+from estuary.jobs import make_job
 from estuary.model.evaluate import bits_per_byte
 from estuary.model.presets import build_preset
 from estuary.state.blobs import BlobStore

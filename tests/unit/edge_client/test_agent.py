@@ -48,8 +48,9 @@ class Artifact:
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     """A real edge artifact of the tiny preset, built by the cloud worker's job code."""
-    from cloud_workers.jobs import ModelJobExecutor, make_job
+    from cloud_workers.executor import ModelJobExecutor
     from estuary.adapters import AdapterConfig, GlobalAdapter, put_adapter
+    from estuary.jobs import make_job
     from estuary.model.presets import build_preset
     from estuary.state import open_store
     from estuary.state.blobs import BlobStore

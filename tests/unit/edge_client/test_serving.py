@@ -20,13 +20,6 @@ from torch import nn
 from typer.testing import CliRunner
 
 from edge_client.cli import app as edge_app
-from edge_client.onnx_export import CACHE_DIRNAME, export_model_dir
-from edge_client.onnx_meta import (
-    FP32_FILENAME,
-    INT8_FILENAME,
-    TOKENIZER_BYTES,
-    read_metadata,
-)
 from edge_client.serving import OrtLM, export_onnx, quantize_int8
 from estuary.cli.exit_codes import ExitCode
 from estuary.cli.model_export_cmd import export_onnx_command
@@ -34,6 +27,13 @@ from estuary.data import eval_windows, stdlib_clients
 from estuary.model.evaluate import bits_per_byte as torch_bits_per_byte
 from estuary.model.presets import build_preset
 from estuary.model.pretrain import pretrained_preset
+from estuary.onnx_export import CACHE_DIRNAME, export_model_dir
+from estuary.onnx_meta import (
+    FP32_FILENAME,
+    INT8_FILENAME,
+    TOKENIZER_BYTES,
+    read_metadata,
+)
 
 #: Enough pretraining that the weights have structure (held-out loss far below the 8 bits
 #: of a uniform byte model) while costing only a few seconds on 2 cores.

@@ -8,8 +8,8 @@ from estuary.adapters import AdapterConfig, GlobalAdapter, LoRALinear
 from estuary.compress import compress_model
 from estuary.data import ClientData
 from estuary.model.presets import build_preset
-from estuary.sim.baselines import centralized, local_only, pooled_training_data
-from estuary.sim.evaluation import HeldOut
+from simulation.baselines import centralized, local_only, pooled_training_data
+from simulation.evaluation import HeldOut
 
 SEQ = 32
 # Small steps keep every test well under 15 s on 2 CPU cores (about 10 ms a step).

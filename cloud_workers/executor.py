@@ -1,20 +1,7 @@
-"""Cloud jobs: how they are queued, recognised as superseded, executed and recorded.
+"""Executing cloud jobs on a process that holds the full-precision base model.
 
-A job is a :class:`estuary.proto.v1.jobs_pb2.Job` serialised in field ``job`` of an
-entry of the store stream :data:`JOB_STREAM`. Every worker group is one consumer of
-the consumer group :data:`CONSUMER_GROUP`, so each job is delivered to one group; a
-faster group simply pulls more.
-
-Record layout (besides the ``version/`` and ``worker/`` records of
-:mod:`estuary.state.keys`):
-
-- ``joblatest/<kind key>`` → ``{"version": n}``: the newest version for which a job of
-  that kind was submitted. A job whose version is lower is *superseded* and skipped.
-- ``jobresult/<job_id>`` → the job's outcome (JSON), created with ``insert_if_absent``:
-  exactly one completion is ever recorded per job id, however many times it ran.
-
-Outputs are content-addressed blobs, so running a job twice (a reclaimed job whose first
-runner was only slow) writes the same bytes under the same hash.
+The job contract (ids, stream, outcomes, version records) is :mod:`estuary.jobs`; this
+module is what a worker group runs for each job.
 """
 
 from __future__ import annotations
@@ -24,12 +11,12 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any
 
+from estuary.artifacts import ADAPTER_FILE, EdgeArtifactManifest
+from estuary.jobs import JobInputError, job_kind, update_version_record
 from estuary.proto.v1 import jobs_pb2
 from estuary.state.base import Store
 from estuary.state.blobs import BlobCorrupt, BlobNotFound, BlobStore
@@ -39,285 +26,14 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = [
-    "CONSUMER_GROUP",
-    "JOB_STREAM",
-    "JobExecutor",
-    "JobInputError",
-    "JobOutcome",
-    "ModelJobExecutor",
-    "decode_job",
-    "job_kind",
-    "latest_key",
-    "make_job",
-    "result_key",
-    "submit_job",
-    "supersede_key",
-]
+__all__ = ["ModelJobExecutor"]
 
 logger = logging.getLogger(__name__)
-
-#: Stream every cloud job is appended to.
-JOB_STREAM = "jobs"
-#: The one consumer group all worker groups read through (each group is a consumer).
-CONSUMER_GROUP = "workers"
-#: ``joblatest/<kind key>``: newest submitted version per kind.
-LATEST_PREFIX = "joblatest/"
-#: ``jobresult/<job_id>``: the recorded outcome of a job, written once.
-RESULT_PREFIX = "jobresult/"
-#: Stream field holding the serialised Job.
-JOB_FIELD = "job"
-
-Kind = Literal["evaluate", "build_artifacts", "merge", "generate"]
-Status = Literal["done", "skipped", "failed"]
-
-
-class JobInputError(ValueError):
-    """A job names something that does not exist or cannot be used.
-
-    Unknown version, missing or corrupt adapter/checkpoint, unknown device class: the
-    job fails with this message recorded, and the group goes on serving.
-    """
-
-
-def job_kind(job: jobs_pb2.Job) -> Kind:
-    """Return the job's kind (the ``kind`` oneof).
-
-    Raises
-    ------
-    JobInputError
-        If the job sets no kind.
-    """
-    kind = job.WhichOneof("kind")
-    if kind is None:
-        raise JobInputError(f"job {job.job_id!r}: no kind set")
-    return cast(Kind, kind)
-
-
-def supersede_key(job: jobs_pb2.Job) -> str | None:
-    """Return the key under which newer versions supersede ``job``, or ``None``.
-
-    Evaluations and merges are superseded by any newer version; artifacts by a newer
-    version for the same device class. ``generate`` is a person's request, never
-    superseded.
-    """
-    kind = job_kind(job)
-    if kind == "generate":
-        return None
-    if kind == "build_artifacts":
-        return f"build_artifacts/{job.build_artifacts.device_class}"
-    return kind
-
-
-def latest_key(job: jobs_pb2.Job) -> str | None:
-    """Return the store key of the newest submitted version of ``job``'s kind."""
-    key = supersede_key(job)
-    return None if key is None else f"{LATEST_PREFIX}{key}"
-
-
-def result_key(job_id: str) -> str:
-    """Return the store key of the recorded outcome of job ``job_id``."""
-    if not job_id:
-        raise ValueError("job_id: must be non-empty")
-    return f"{RESULT_PREFIX}{job_id}"
-
-
-def make_job(
-    kind: Kind,
-    *,
-    version: int,
-    adapter_sha256: str = "",
-    adapter_size: int = 0,
-    created_ms: int | None = None,
-    device_class: str = "",
-    prompt: str = "",
-    max_new_tokens: int = 32,
-    job_id: str | None = None,
-) -> jobs_pb2.Job:
-    """Return a :class:`Job` of ``kind`` for ``version``.
-
-    The default job id is deterministic (``<kind>[-<class>]-v<version>``), so the
-    coordinator submitting the same job twice names it once.
-
-    Raises
-    ------
-    ValueError
-        If ``kind`` is unknown, ``version`` is negative, or ``build_artifacts`` has no
-        device class.
-    """
-    if version < 0:
-        raise ValueError(f"version: must be >= 0, got {version}")
-    job = jobs_pb2.Job(
-        version=version,
-        created_ms=int(time.time() * 1000) if created_ms is None else created_ms,
-    )
-    if adapter_sha256:
-        job.adapter.sha256 = adapter_sha256
-        job.adapter.size_bytes = adapter_size
-    if kind == "evaluate":
-        job.evaluate.SetInParent()
-    elif kind == "merge":
-        job.merge.SetInParent()
-    elif kind == "build_artifacts":
-        if not device_class:
-            raise ValueError("device_class: build_artifacts needs a device class")
-        job.build_artifacts.device_class = device_class
-    elif kind == "generate":
-        job.generate.prompt = prompt
-        job.generate.max_new_tokens = max_new_tokens
-    else:
-        raise ValueError(f"kind: unknown job kind {kind!r}")
-    suffix = f"-{device_class}" if kind == "build_artifacts" else ""
-    job.job_id = job_id or f"{kind}{suffix}-v{version}"
-    return job
-
-
-def _raise_latest(store: Store, key: str, version: int) -> None:
-    def raise_to(current: bytes | None) -> bytes | None:
-        if current is not None and json.loads(current)["version"] >= version:
-            return None
-        return json.dumps({"version": version}).encode()
-
-    store.update(key, raise_to)
-
-
-def submit_job(store: Store, job: jobs_pb2.Job, *, stream: str = JOB_STREAM) -> str:
-    """Queue ``job`` and mark its version as the newest of its kind; return the entry id.
-
-    The newest-version record is raised *before* the job is appended, so by the time any
-    group can see this job, every older job of the same kind already reads as superseded.
-    """
-    key = latest_key(job)
-    if key is not None:
-        _raise_latest(store, key, job.version)
-    # Creating the consumer group here (idempotent) lets `status` list pending jobs
-    # before any worker group has started.
-    store.ensure_group(stream, CONSUMER_GROUP)
-    return store.stream_add(stream, {JOB_FIELD: job.SerializeToString()})
-
-
-def decode_job(fields: Mapping[str, bytes]) -> jobs_pb2.Job:
-    """Parse a stream entry's fields into a :class:`Job`.
-
-    Raises
-    ------
-    JobInputError
-        If the entry has no ``job`` field, it does not parse, or the job has no id or
-        no kind.
-    """
-    from google.protobuf.message import DecodeError
-
-    raw = fields.get(JOB_FIELD)
-    if raw is None:
-        raise JobInputError(f"stream entry has no {JOB_FIELD!r} field (fields: {sorted(fields)})")
-    job = jobs_pb2.Job()
-    try:
-        job.ParseFromString(raw)
-    except DecodeError as exc:
-        raise JobInputError(f"stream entry is not a Job: {exc}") from exc
-    if not job.job_id:
-        raise JobInputError("job has no job_id")
-    job_kind(job)
-    return job
-
-
-def is_superseded(store: Store, job: jobs_pb2.Job) -> bool:
-    """Return whether a newer version of ``job``'s kind has been submitted."""
-    key = latest_key(job)
-    if key is None:
-        return False
-    record = store.get(key)
-    return record is not None and int(json.loads(record.value)["version"]) > job.version
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    """What became of one job; stored as JSON at :func:`result_key`.
-
-    Attributes
-    ----------
-    job_id, kind, version
-        The job.
-    status
-        ``done``, ``skipped`` (superseded) or ``failed`` (bad input; see ``error``).
-    group
-        The worker group that recorded it.
-    output
-        Kind-specific results (``eval_bpb``, ``artifact_sha256``, ``text``, ...).
-    error
-        Why it failed; ``None`` unless ``failed``.
-    committed_ms
-        When the version was committed (the job's ``created_ms``).
-    finished_ms
-        When the outcome was recorded (Unix ms).
-    deliveries
-        How many times the job had been delivered when this outcome was recorded.
-    """
-
-    job_id: str
-    kind: str
-    version: int
-    status: Status
-    group: str
-    output: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    committed_ms: int = 0
-    finished_ms: int = 0
-    deliveries: int = 1
-
-    def to_json(self) -> bytes:
-        """Return the outcome as compact UTF-8 JSON."""
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> JobOutcome:
-        """Parse an outcome written by :meth:`to_json`."""
-        return cls(**json.loads(raw))
-
-
-class JobExecutor(Protocol):
-    """Runs one job and returns its kind-specific output."""
-
-    def execute(self, job: jobs_pb2.Job) -> dict[str, Any]:
-        """Run ``job``; raise :class:`JobInputError` for bad inputs."""
-        ...
-
-
-def update_version_record(
-    store: Store, version: int, updates: Mapping[str, Any], *, stamp: str | None = None
-) -> None:
-    """Merge ``updates`` into the JSON record of ``version`` (compare-and-set loop).
-
-    With ``stamp``, that field is set to the current time when (and only when) the
-    record changes, so a re-run of the same job leaves the record as it was.
-
-    Raises
-    ------
-    JobInputError
-        If the version has no record.
-    """
-    key = version_key(version)
-
-    def merge(current: bytes | None) -> bytes | None:
-        if current is None:
-            raise JobInputError(f"version {version}: unknown (no {key} record)")
-        value = json.loads(current)
-        if all(value.get(k) == v for k, v in updates.items()):
-            return None  # already written, by an earlier run of the same job
-        value.update(updates)
-        if stamp is not None:
-            value[stamp] = round(time.time(), 3)
-        return json.dumps(value, sort_keys=True).encode()
-
-    store.update(key, merge)
 
 
 #: Weight-only scheme of the compressed base per device class; classes not listed get
 #: int8, the scheme every edge runtime supports.
 DEFAULT_SCHEME = "int8"
-#: File names of the served ONNX part of an edge artifact (see edge_client.onnx_meta).
-ONNX_INT8_FILE = "model.int8.onnx"
-ONNX_METADATA_FILE = "estuary_onnx.json"
 
 
 class ModelJobExecutor:
@@ -498,16 +214,17 @@ class ModelJobExecutor:
         metadata), so building it twice gives the same hashes.
         """
         if self._onnx[0] != digest:
-            from edge_client.onnx_export import export_onnx, quantize_int8
+            from estuary.onnx_export import export_onnx, quantize_int8
+            from estuary.onnx_meta import FP32_FILENAME, INT8_FILENAME, METADATA_FILENAME
 
             model = self.merged_model(job)
             tmp = Path(tempfile.mkdtemp(prefix="estuary-onnx-"))
             try:
                 export_onnx(model, tmp, source=f"estuary adapter {digest}")
-                quantize_int8(tmp / "model.onnx", tmp / ONNX_INT8_FILE)
+                quantize_int8(tmp / FP32_FILENAME, tmp / INT8_FILENAME)
                 files = {
                     name: self.blobs.put_file(tmp / name)
-                    for name in (ONNX_INT8_FILE, ONNX_METADATA_FILE, "config.json")
+                    for name in (INT8_FILENAME, METADATA_FILENAME, "config.json")
                 }
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -528,18 +245,14 @@ class ModelJobExecutor:
         digest = self.adapter_digest(job)
         self.load_adapter(job, digest=digest)  # fail early on a missing or corrupt adapter
         scheme = self.schemes.get(device_class, DEFAULT_SCHEME)
-        files = dict(self._compressed_base(scheme))
-        files["adapter.safetensors"] = digest
-        manifest = {
-            "format": "estuary-edge-artifact/1",
-            "version": job.version,
-            "device_class": device_class,
-            "scheme": scheme,
-            "files": files,
-        }
-        if self.onnx:
-            manifest["onnx"] = self._served_onnx(job, digest)
-        return {"artifact_sha256": self._manifest(manifest), "scheme": scheme}
+        manifest = EdgeArtifactManifest(
+            version=job.version,
+            device_class=device_class,
+            scheme=scheme,
+            files={**self._compressed_base(scheme), ADAPTER_FILE: digest},
+            onnx=self._served_onnx(job, digest) if self.onnx else {},
+        )
+        return {"artifact_sha256": self.blobs.put_bytes(manifest.to_json()), "scheme": scheme}
 
     def generate(self, job: jobs_pb2.Job) -> dict[str, Any]:
         """Greedy continuation of the prompt by the version's merged model."""

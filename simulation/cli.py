@@ -84,8 +84,8 @@ def simulate_command(
         fail(f"invalid option: {exc}")
         raise typer.Exit(ExitCode.USAGE) from None
 
-    from estuary.sim.run import run_simulation
     from estuary.state.errors import StoreUnavailable
+    from simulation.run import run_simulation
 
     try:
         run_dir = run_simulation(settings, live=live)

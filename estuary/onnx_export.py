@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_client.onnx_meta import (
+from estuary.model.tokenizer import TOKENIZER_CONFIG_KEY
+from estuary.onnx_meta import (
     FP32_FILENAME,
     INT8_FILENAME,
     METADATA_FILENAME,
@@ -35,7 +36,6 @@ from edge_client.onnx_meta import (
     read_metadata,
     write_metadata,
 )
-from estuary.model.tokenizer import TOKENIZER_CONFIG_KEY
 
 if TYPE_CHECKING:
     import onnx
@@ -135,7 +135,7 @@ def export_onnx(
     Writes ``model.onnx`` (logits only, no KV cache; input ``input_ids`` int64
     ``[batch, seq]``, output ``logits`` float32 ``[batch, seq, vocab]``; batch and
     sequence dynamic), the model's ``config.json``, the tokenizer files of a non-byte
-    model, and the metadata file (:mod:`edge_client.onnx_meta`).
+    model, and the metadata file (:mod:`estuary.onnx_meta`).
 
     Parameters
     ----------

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from estuary.sim.report import (
+from simulation.report import (
     LiveDisplay,
     MetricsLog,
     StalenessHistogram,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import logging
 import random
@@ -34,7 +35,7 @@ from estuary.config.models import (
     SimulationSettings,
 )
 from estuary.data.stdlib import DEFAULT_CLIENT_PACKAGES
-from estuary.sim.report import StalenessHistogram
+from simulation.report import StalenessHistogram
 
 if TYPE_CHECKING:
     from torch import nn
@@ -152,8 +153,8 @@ def load_or_pretrain_base(settings: SimulationSettings, cache_dir: Path) -> nn.M
     A preset is pretrained on the standard library's top-level modules (never on client
     packages) once and cached under ``cache_dir``.
     """
-    from cloud_workers.worker import load_base
     from estuary.config.models import ModelSettings
+    from estuary.model.loading import load_base
 
     if settings.model.path is not None:
         return load_base(settings.model)
@@ -214,15 +215,16 @@ class Simulation:
     async def _run(self) -> Path:
         import torch
 
+        from cloud_workers.local import local_worker
         from coordinator.server import CoordinatorServer
         from edge_client.agent import AgentHooks, EdgeAgent
         from edge_client.state import EdgeState
         from estuary.adapters import AdapterConfig, GlobalAdapter
         from estuary.compress import compress_model
-        from estuary.sim.evaluation import HeldOut
-        from estuary.sim.report import LiveDisplay, MetricsLog
         from estuary.state.blobs import BlobStore
         from estuary.state.configured import open_state_store
+        from simulation.evaluation import HeldOut
+        from simulation.report import LiveDisplay, MetricsLog
 
         settings = self.settings
         started = time.monotonic()
@@ -265,7 +267,7 @@ class Simulation:
             # torch.export, behind the ONNX export, mutates process-wide tracing state and
             # breaks the edge agents training in this process's other threads; deployed
             # workers run in their own processes and do include ONNX in artifacts.
-            edge_onnx=False,
+            local_worker=functools.partial(local_worker, onnx=False),
         )
         await server.start()
         service = server.service
@@ -382,7 +384,7 @@ class Simulation:
         steps: dict[str, int],
         held_out: Any,
     ) -> dict[str, Any]:
-        from estuary.sim.baselines import centralized, local_only
+        from simulation.baselines import centralized, local_only
 
         settings = self.settings
         ranks = {
@@ -417,7 +419,7 @@ class Simulation:
         }
 
     def _write_outputs(self, summary: dict[str, Any], points: list[tuple[float, float]]) -> None:
-        from estuary.sim.report import plot_bpb, plot_staleness, write_summary
+        from simulation.report import plot_bpb, plot_staleness, write_summary
 
         write_summary(self.run_dir / "summary.json", summary)
         baselines = {

@@ -24,7 +24,7 @@ from torch import nn
 from edge_client.train import train_adapter
 from estuary.adapters.lora import GlobalAdapter
 from estuary.data.stdlib import ClientData
-from estuary.sim.evaluation import HeldOut, Scores
+from simulation.evaluation import HeldOut, Scores
 
 #: Called after each local-only client is trained, with (client name, clients done).
 ProgressFn = Callable[[str, int], None]

@@ -167,7 +167,7 @@ class StalenessHistogram:
 class ScoresJSON(TypedDict):
     """Held-out bits/byte: per client name and the token-weighted union.
 
-    The JSON form of :class:`estuary.sim.evaluation.Scores` (its ``as_dict()``).
+    The JSON form of :class:`simulation.evaluation.Scores` (its ``as_dict()``).
     """
 
     per_client: dict[str, float]
@@ -180,7 +180,7 @@ class _BaselinesRequired(TypedDict):
 
 
 class BaselinesJSON(_BaselinesRequired, total=False):
-    """The two reference runs (:mod:`estuary.sim.baselines`).
+    """The two reference runs (:mod:`simulation.baselines`).
 
     Attributes
     ----------

@@ -12,7 +12,7 @@ from estuary.compress import compress_model
 from estuary.data import ClientData, eval_windows
 from estuary.model.evaluate import bits_per_byte
 from estuary.model.presets import build_preset
-from estuary.sim.evaluation import HeldOut, Scores, token_weighted_union
+from simulation.evaluation import HeldOut, Scores, token_weighted_union
 
 SEQ = 16
 

@@ -1,6 +1,6 @@
 """The metadata file that makes a served ONNX directory self-describing.
 
-A served directory (written by :func:`edge_client.onnx_export.export_onnx`) holds the
+A served directory (written by :func:`estuary.onnx_export.export_onnx`) holds the
 fp32 graph, optionally its int8 quantisation, the model's ``config.json``, the tokenizer
 files of a non-byte-level model, and :data:`METADATA_FILENAME`. The metadata is the only
 thing :class:`edge_client.serving.OrtLM` needs besides the graph: how to tokenise, how
