@@ -27,6 +27,7 @@ from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Re
 from coordinator.service import FederationService, PaceOffer, SecAggReply, TaskOffer
 from estuary.auth import SignedAuth
 from estuary.proto import stages
+from estuary.proto.session import session_to_proto
 from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from estuary.state.blobs import BlobCorrupt, BlobNotFound
 from estuary.state.errors import StoreError, VersionConflict
@@ -436,7 +437,6 @@ def _next_or_none(chunks: Iterator[bytes]) -> bytes | None:
 
 
 def _task(offer: TaskOffer) -> edge_pb2.Task:
-    session = offer.session
     return edge_pb2.Task(
         task_id=offer.task_id,
         cohort_id=offer.cohort_id,
@@ -445,21 +445,12 @@ def _task(offer: TaskOffer) -> edge_pb2.Task:
         rank=offer.rank,
         local_steps=offer.local_steps,
         learning_rate=offer.learning_rate,
-        clip_norm=offer.clip_norm,
+        grad_clip_norm=offer.grad_clip_norm,
         batch_size=offer.batch_size,
         seq_len=offer.seq_len,
         deadline_ms=offer.deadline_ms,
         member_index=offer.member_index,
-        secagg=edge_pb2.SecAggParams(
-            cohort=session.cohort,
-            cohort_size=session.cohort_size,
-            threshold=session.threshold,
-            bits=session.fixed_point.bits,
-            frac_bits=session.fixed_point.frac_bits,
-            clip=session.fixed_point.clip,
-            neighbours=session.neighbours or 0,
-            tensors=[edge_pb2.TensorSpec(name=n, length=m) for n, m in session.tensors],
-        ),
+        secagg=session_to_proto(offer.session),
     )
 
 

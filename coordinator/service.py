@@ -100,7 +100,7 @@ class TaskOffer:
     rank: int
     local_steps: int
     learning_rate: float
-    clip_norm: float
+    grad_clip_norm: float
     batch_size: int
     seq_len: int
     deadline_ms: int
@@ -614,7 +614,7 @@ class FederationService:
             rank=int(record["rank"]),
             local_steps=training.local_steps,
             learning_rate=training.learning_rate,
-            clip_norm=float(record["clip"]),
+            grad_clip_norm=training.grad_clip_norm,
             batch_size=training.batch_size,
             seq_len=training.seq_len,
             deadline_ms=int(record["deadline_at"] * 1000),

@@ -43,10 +43,11 @@ from estuary import __version__
 from estuary.artifacts import ADAPTER_FILE, EdgeArtifactManifest, ManifestError
 from estuary.auth import device_id_for, raw_public_key, sign_request
 from estuary.log import log_context
+from estuary.proto.session import session_from_proto
 from estuary.proto.stages import stage_name
 from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from estuary.transport import DEFAULT_CHUNK_BYTES, MAX_LONG_POLL_MS, channel_options
-from secure_agg import Client, FixedPoint, ProtocolViolation, SecAggError, SessionConfig
+from secure_agg import Client, ProtocolViolation, SecAggError, SessionConfig
 from secure_agg.numerics import clip_update
 
 if TYPE_CHECKING:
@@ -750,19 +751,8 @@ class EdgeAgent:
 
     @staticmethod
     def _session_config(task: edge_pb2.Task) -> SessionConfig:
-        params = task.secagg
         try:
-            return SessionConfig(
-                cohort=bytes(params.cohort),
-                cohort_size=int(params.cohort_size),
-                threshold=int(params.threshold),
-                tensors=tuple((t.name, int(t.length)) for t in params.tensors),
-                fixed_point=FixedPoint(
-                    bits=int(params.bits), frac_bits=int(params.frac_bits), clip=float(params.clip)
-                ),
-                neighbours=int(params.neighbours) or None,
-                active=False,
-            )
+            return session_from_proto(task.secagg)
         except (ValueError, SecAggError) as exc:
             raise _Abandon(f"unusable secure-aggregation parameters: {exc}") from None
 
@@ -923,7 +913,7 @@ class EdgeAgent:
                 rank=int(task.rank),
                 steps=int(task.local_steps),
                 lr=float(task.learning_rate),
-                clip_norm=float(task.clip_norm),
+                grad_clip_norm=float(task.grad_clip_norm),
                 batch_size=int(task.batch_size),
                 seq_len=int(task.seq_len),
                 threads=self.threads,

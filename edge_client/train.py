@@ -65,7 +65,7 @@ def _check_args(
     rank: int,
     steps: int,
     lr: float,
-    clip_norm: float,
+    grad_clip_norm: float,
     batch_size: int,
     seq_len: int,
     threads: int,
@@ -74,8 +74,8 @@ def _check_args(
         raise ValueError(f"steps: must be positive, got {steps}")
     if lr <= 0 or not math.isfinite(lr):
         raise ValueError(f"lr: must be a positive number, got {lr}")
-    if clip_norm <= 0 or not math.isfinite(clip_norm):
-        raise ValueError(f"clip_norm: must be a positive number, got {clip_norm}")
+    if grad_clip_norm <= 0 or not math.isfinite(grad_clip_norm):
+        raise ValueError(f"grad_clip_norm: must be a positive number, got {grad_clip_norm}")
     if batch_size <= 0:
         raise ValueError(f"batch_size: must be positive, got {batch_size}")
     if seq_len <= 0:
@@ -94,7 +94,7 @@ def train_adapter(
     rank: int,
     steps: int,
     lr: float = 2e-3,
-    clip_norm: float = 1.0,
+    grad_clip_norm: float = 1.0,
     batch_size: int = 8,
     seq_len: int = 128,
     threads: int = 2,
@@ -121,7 +121,7 @@ def train_adapter(
     lr
         Adam learning rate for ΔB. The default suits ``A`` with orthonormal rows and
         LoRA scaling 1 (ΔB entries of order 1e-2 after ~50 steps).
-    clip_norm
+    grad_clip_norm
         Global gradient-norm clip per step.
     batch_size, seq_len
         Windows per step and tokens per window.
@@ -145,7 +145,7 @@ def train_adapter(
         rank=rank,
         steps=steps,
         lr=lr,
-        clip_norm=clip_norm,
+        grad_clip_norm=grad_clip_norm,
         batch_size=batch_size,
         seq_len=seq_len,
         threads=threads,
@@ -176,7 +176,7 @@ def train_adapter(
             loss = lm_loss(base, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]  # torch stubs leave it unannotated
-            nn.utils.clip_grad_norm_(params, clip_norm)
+            nn.utils.clip_grad_norm_(params, grad_clip_norm)
             opt.step()
             losses.append(loss.item() / math.log(2))
         seconds = time.perf_counter() - start

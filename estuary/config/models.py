@@ -254,7 +254,8 @@ class CohortSettings(Section):
         default=10.0,
         gt=0,
         description=(
-            "L2 clip of each update ΔB before masking (adapter units). Ten local Adam steps "
+            "L2 clip of each update ΔB before masking (adapter units); the gradient clip of "
+            "local steps is training.grad_clip_norm. Ten local Adam steps "
             "at lr 1e-2 give norms of ~5-10 on the tiny preset; a clip far below the "
             "typical norm shrinks every update and slows learning."
         ),
@@ -274,6 +275,15 @@ class TrainingSettings(Section):
     learning_rate: float = Field(default=3e-3, gt=0, description="Local Adam learning rate.")
     batch_size: int = Field(default=8, ge=1, description="Sequences per step.")
     seq_len: int = Field(default=128, ge=8, description="Tokens per sequence.")
+    grad_clip_norm: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Global L2 clip of the gradient at every local step (gradient units). Not the "
+            "update clip: that is cohort.clip_norm, applied once to ΔB before masking. "
+            "10.0 keeps the value both had when they were one setting."
+        ),
+    )
 
 
 class ServerTLSSettings(Section):

@@ -91,6 +91,7 @@ local_steps = 2
 learning_rate = 0.01
 batch_size = 2
 seq_len = 32
+grad_clip_norm = 0.7
 """
     )
     return path

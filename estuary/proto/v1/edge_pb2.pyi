@@ -96,7 +96,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "cohort_id", "version", "artifact", "rank", "local_steps", "learning_rate", "clip_norm", "batch_size", "seq_len", "deadline_ms", "member_index", "secagg")
+    __slots__ = ("task_id", "cohort_id", "version", "artifact", "rank", "local_steps", "learning_rate", "grad_clip_norm", "batch_size", "seq_len", "deadline_ms", "member_index", "secagg")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     COHORT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -104,7 +104,7 @@ class Task(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
-    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -117,13 +117,13 @@ class Task(_message.Message):
     rank: int
     local_steps: int
     learning_rate: float
-    clip_norm: float
+    grad_clip_norm: float
     batch_size: int
     seq_len: int
     deadline_ms: int
     member_index: int
     secagg: SecAggParams
-    def __init__(self, task_id: _Optional[str] = ..., cohort_id: _Optional[str] = ..., version: _Optional[int] = ..., artifact: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., clip_norm: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., member_index: _Optional[int] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., cohort_id: _Optional[str] = ..., version: _Optional[int] = ..., artifact: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., member_index: _Optional[int] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
     __slots__ = ("task", "pace")

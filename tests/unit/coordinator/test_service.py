@@ -65,7 +65,7 @@ def make_settings(**overrides: Any) -> CoordinatorSettings:
             "bits": 32,
             "clip_norm": 1.0,
         },
-        "training": {"local_steps": 1, "batch_size": 2, "seq_len": 16},
+        "training": {"local_steps": 1, "batch_size": 2, "seq_len": 16, "grad_clip_norm": 1.0},
     }
     values.update(overrides)
     return CoordinatorSettings(**values)
@@ -161,7 +161,7 @@ def run_cohort(
         client.handle(reply.payload)
         update = {n: rng.normal(0, 0.02, s).astype(np.float32) for n, s in shapes.items()}
         norm = np.sqrt(sum(float((u.astype(np.float64) ** 2).sum()) for u in update.values()))
-        scale = min(1.0, offers[0].clip_norm / norm)
+        scale = min(1.0, offers[0].session.fixed_point.clip / norm)
         for n in plain:
             plain[n] += reply.weight * scale * update[n]
         weight_total += reply.weight

@@ -85,7 +85,7 @@ def make_task(art: Artifact, *, task_id: str = "t1", cohort_id: str = "c1") -> e
         rank=2,
         local_steps=2,
         learning_rate=1e-2,
-        clip_norm=1.0,
+        grad_clip_norm=1.0,
         batch_size=2,
         seq_len=16,
         deadline_ms=int(time.time() * 1000) + 600_000,

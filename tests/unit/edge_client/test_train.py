@@ -101,7 +101,7 @@ def test_memory_mapped_file_trains(tmp_path: Path, base: nn.Module, adapter: Glo
         ({"rank": 0}, "rank"),
         ({"steps": 0}, "steps"),
         ({"lr": -1.0}, "lr"),
-        ({"clip_norm": 0.0}, "clip_norm"),
+        ({"grad_clip_norm": 0.0}, "grad_clip_norm"),
         ({"threads": 0}, "threads"),
         ({"seq_len": 5000}, "data"),
         ({"optimizer": "lamb"}, "optimizer"),

@@ -31,12 +31,12 @@ def test_every_proto_has_pyi_stub() -> None:
 def test_messages_round_trip_on_the_wire() -> None:
     from estuary.proto.v1 import edge_pb2
 
-    task = edge_pb2.Task(task_id="t1", cohort_id="c1", version=7, rank=4, clip_norm=1.5)
+    task = edge_pb2.Task(task_id="t1", cohort_id="c1", version=7, rank=4, grad_clip_norm=1.5)
     response = edge_pb2.GetTaskResponse(task=task)
     decoded = edge_pb2.GetTaskResponse.FromString(response.SerializeToString())
     assert decoded.WhichOneof("outcome") == "task"
     assert decoded.task.version == 7
-    assert decoded.task.clip_norm == pytest.approx(1.5)
+    assert decoded.task.grad_clip_norm == pytest.approx(1.5)
     pace = edge_pb2.GetTaskResponse(pace=edge_pb2.Pace(retry_after_ms=1500))
     assert edge_pb2.GetTaskResponse.FromString(pace.SerializeToString()).pace.retry_after_ms == 1500
 
