@@ -115,6 +115,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str, ensure_ascii=False)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes to whatever ``sys.stderr`` is when a record is emitted.
+
+    Binding the stream object at :func:`init_logging` time breaks as soon as someone
+    swaps ``sys.stderr`` for a while and closes the temporary (a CLI test runner, pytest's
+    capture, a daemon that redirects): every later record then fails with "I/O operation
+    on closed file". Looking the stream up per record follows the swap instead.
+    """
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+
 def init_logging(
     *,
     level: str | int | None = None,
@@ -151,7 +168,9 @@ def init_logging(
     chosen = fmt if fmt is not None else os.environ.get(FORMAT_ENV, "text")
     if chosen not in ("text", "json"):
         raise ValueError(f"log format {chosen!r} (from {FORMAT_ENV}) must be 'text' or 'json'")
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler: logging.Handler = (
+        logging.StreamHandler(stream) if stream is not None else _CurrentStderrHandler()
+    )
     handler.set_name(_HANDLER_NAME)
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())

@@ -61,3 +61,21 @@ def test_bad_level_and_unknown_context_field_are_refused(restore_root: object) -
         init_logging(level="LOUD")
     with pytest.raises(ValueError, match="unknown fields"), log_context(secret="x"):
         pass
+
+
+def test_default_handler_follows_stderr_after_a_swapped_stream_is_closed(
+    restore_root: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: logging initialised while sys.stderr is a temporary stream (as a CLI test
+    # runner does), which is then closed and replaced.
+    temporary = io.StringIO()
+    monkeypatch.setattr("sys.stderr", temporary)
+    init_logging(level="INFO", fmt="text")
+    temporary.close()
+    later = io.StringIO()
+    monkeypatch.setattr("sys.stderr", later)
+    # Execute
+    logging.getLogger("estuary.test").warning("still heard")
+    # Assert: the record reached the current stderr; no "--- Logging error ---".
+    assert "still heard" in later.getvalue()
+    assert "Logging error" not in later.getvalue()
