@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from estuary.clock import SYSTEM_CLOCK, Clock, VirtualClock
 from estuary.jobs import (
     CONSUMER_GROUP,
     JOB_STREAM,
@@ -63,7 +63,7 @@ class GroupStats:
     failed: int = 0
     duplicates: int = 0
     reclaimed: int = 0
-    started_at: float = field(default_factory=time.time)
+    started_at: float = 0.0
     current_job: str | None = None
     last_eval_version: int | None = None
     last_eval_lag_s: float | None = None
@@ -103,6 +103,10 @@ class WorkerGroup:
     on_idle
         Called after every read that found no job (a multi-stage group keeps its
         followers' collectives alive with it).
+    clock
+        Time of heartbeats, reclaim decisions, outcome stamps and idle exits. A
+        :class:`~estuary.clock.VirtualClock` group is driven with :meth:`step` (and
+        :meth:`heartbeat`); :meth:`run` needs a real clock for its heartbeat thread.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class WorkerGroup:
         job_delay_s: float = 0.0,
         on_outcome: Callable[[JobOutcome], None] | None = None,
         on_idle: Callable[[], None] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not name:
             raise ValueError("name: must be a non-empty group name")
@@ -141,7 +146,8 @@ class WorkerGroup:
         self.job_delay_s = job_delay_s
         self.on_outcome = on_outcome
         self.on_idle = on_idle
-        self.stats = GroupStats()
+        self.clock = clock
+        self.stats = GroupStats(started_at=clock.time())
         self._last_reclaim = 0.0
         self._lock = threading.Lock()
         store.ensure_group(stream, consumer_group)
@@ -152,10 +158,11 @@ class WorkerGroup:
         """Write this group's ``worker/<name>`` record."""
         with self._lock:
             stats = self.stats
-            elapsed = max(time.time() - stats.started_at, 1e-9)
+            now = self.clock.time()
+            elapsed = max(now - stats.started_at, 1e-9)
             value = {
                 "group": self.name,
-                "last_seen": round(time.time(), 3),
+                "last_seen": round(now, 3),
                 "jobs_done": stats.done,
                 "jobs_skipped": stats.skipped,
                 "jobs_failed": stats.failed,
@@ -173,7 +180,7 @@ class WorkerGroup:
         self.store.put(worker_key(self.name), json.dumps(value, sort_keys=True).encode())
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
-        while not stop.wait(self.heartbeat_s):
+        while not self.clock.wait(stop, self.heartbeat_s):
             try:
                 self.heartbeat()
             except StoreError as exc:  # an outage: keep trying; reclaim covers a long one
@@ -183,7 +190,7 @@ class WorkerGroup:
 
     def silent_groups(self) -> set[str]:
         """Return consumers with pending jobs whose heartbeat is older than ``reclaim_idle_s``."""
-        now = time.time()
+        now = self.clock.time()
         silent: set[str] = set()
         alive: set[str] = set()
         for entry in self.store.pending(self.stream, self.consumer_group):
@@ -255,7 +262,7 @@ class WorkerGroup:
         StoreError
             The store failed; the job stays pending and will be reclaimed.
         """
-        now_ms = int(time.time() * 1000)
+        now_ms = self.clock.time_ms()
         try:
             job = decode_job(entry.fields)
         except JobInputError as exc:
@@ -274,7 +281,7 @@ class WorkerGroup:
             return JobOutcome(
                 job_id=job.job_id, kind=job_kind(job), version=job.version, status=status,
                 group=self.name, committed_ms=job.created_ms, deliveries=entry.deliveries,
-                finished_ms=int(time.time() * 1000), **extra,
+                finished_ms=self.clock.time_ms(), **extra,
             )  # fmt: skip
 
         if self.store.get(result_key(job.job_id)) is not None:
@@ -291,7 +298,7 @@ class WorkerGroup:
             try:
                 output = self.executor.execute(job)
                 if self.job_delay_s:
-                    time.sleep(self.job_delay_s)
+                    self.clock.sleep(self.job_delay_s)
                 outcome = outcome_of("done", output=output)
             except StoreError:
                 raise
@@ -319,7 +326,7 @@ class WorkerGroup:
     def step(self, *, block_s: float = READ_BLOCK_S) -> int:
         """Reclaim if due, then take one job and handle it; return entries handled."""
         handled = 0
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self._last_reclaim >= self.heartbeat_s:
             self._last_reclaim = now
             reclaimed = self.reclaim()
@@ -341,7 +348,15 @@ class WorkerGroup:
         """Serve jobs until ``stop`` is set (or, with ``idle_exit_s``, after that long idle).
 
         Heartbeats run on a background thread for the whole call.
+
+        Raises
+        ------
+        RuntimeError
+            If the group runs on a :class:`~estuary.clock.VirtualClock`: its heartbeat
+            thread would spin time forward; drive such a group with :meth:`step`.
         """
+        if isinstance(self.clock, VirtualClock):
+            raise RuntimeError("run: needs a real clock; drive a virtual-clock group with step()")
         self.heartbeat()
         beat_stop = threading.Event()
         beat = threading.Thread(
@@ -349,15 +364,15 @@ class WorkerGroup:
             daemon=True,
         )  # fmt: skip
         beat.start()
-        idle_since = time.monotonic()
+        idle_since = self.clock.monotonic()
         try:
             while not stop.is_set():
                 if self.step():
-                    idle_since = time.monotonic()
+                    idle_since = self.clock.monotonic()
                     continue
                 if self.on_idle is not None:
                     self.on_idle()
-                if idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
+                if idle_exit_s is not None and self.clock.monotonic() - idle_since >= idle_exit_s:
                     break
         finally:
             beat_stop.set()

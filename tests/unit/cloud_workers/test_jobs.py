@@ -14,6 +14,7 @@ from worker_fixtures import eval_windows, publish_version
 
 from cloud_workers.executor import ModelJobExecutor
 from cloud_workers.group import WorkerGroup
+from estuary.clock import VirtualClock
 from estuary.jobs import (
     CONSUMER_GROUP,
     JOB_STREAM,
@@ -28,6 +29,7 @@ from estuary.model.presets import build_preset
 from estuary.state import open_store
 from estuary.state.blobs import BlobStore
 from estuary.state.keys import version_key, worker_key
+from estuary.state.memory import MemoryStore
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +162,14 @@ def test_decode_job_refuses_entries_without_a_job() -> None:
 
 
 def test_jobs_of_a_silent_group_are_reclaimed_and_completed_once() -> None:
-    store = open_store("memory://")
+    # Virtual time: the store's pending-idle times and the groups' heartbeats read one
+    # clock that moves only when the test says, so no machine is too slow for this.
+    clock = VirtualClock()
+    store = MemoryStore(clock=clock.time)
     for version in (1, 2):
         submit_job(store, make_job("generate", version=version, job_id=f"g{version}"))
     dead = WorkerGroup(
-        store, executor=Recording(), name="dead", heartbeat_s=0.1, reclaim_idle_s=0.5
+        store, executor=Recording(), name="dead", heartbeat_s=0.1, reclaim_idle_s=0.5, clock=clock
     )
     dead.heartbeat()
     # "dead" takes a job and dies before recording it: the job stays pending on it.
@@ -172,11 +177,13 @@ def test_jobs_of_a_silent_group_are_reclaimed_and_completed_once() -> None:
     assert [decode_job(j.fields).job_id for j in taken] == ["g1"]
     alive_exec = Recording()
     alive = WorkerGroup(
-        store, executor=alive_exec, name="alive", heartbeat_s=0.1, reclaim_idle_s=0.5
+        store, executor=alive_exec, name="alive", heartbeat_s=0.1, reclaim_idle_s=0.5, clock=clock
     )
     assert alive.reclaim() == []  # dead's heartbeat is fresh: not yet silent
     alive.step(block_s=0)  # takes g2 itself
-    time.sleep(0.6)
+    clock.advance(0.49)
+    assert alive.silent_groups() == set()  # not silent for reclaim_idle_s yet
+    clock.advance(0.02)
     assert alive.silent_groups() == {"dead"}
     alive.step(block_s=0)
     assert alive_exec.ran == ["g2", "g1"]
@@ -198,6 +205,16 @@ def test_run_heartbeats_and_stops() -> None:
     assert (stats.done, beat["jobs_done"], beat["stages"]) == (1, 1, 2)
     assert beat["last_eval_version"] == 1 and 0 <= beat["last_eval_lag_s"] < 5.0
     assert time.time() - beat["last_seen"] < 2.0
+
+
+def test_run_refuses_a_virtual_clock() -> None:
+    clock = VirtualClock()
+    group = WorkerGroup(
+        MemoryStore(clock=clock.time), executor=Recording(), name="v", heartbeat_s=1,
+        reclaim_idle_s=3, clock=clock,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="real clock"):
+        group.run(threading.Event())
 
 
 def test_constructor_validates_timing() -> None:
