@@ -189,6 +189,72 @@ def _write_config(settings: SimulationSettings, run_dir: Path) -> Path:
     return path
 
 
+#: Seconds between the watch loop's looks at the head version (and display refreshes).
+WATCH_INTERVAL_S = 0.5
+#: Seconds the agents get to finish their current call when the run stops.
+AGENT_STOP_S = 30.0
+
+
+@dataclass
+class _Setup:
+    """What the federation and the baselines share: store, data, base, version-0 score."""
+
+    store: Any
+    clients: list[ClientData]
+    base: nn.Module
+    edge_base: nn.Module
+    held_out: Any
+    adapter0: Any
+    initial: Any
+    metrics: Any
+
+
+@dataclass
+class _Watch:
+    """What the watch loop saw: the newest version scored, its score, the curve."""
+
+    final: Any
+    points: list[tuple[float, float]]
+    versions: int = 0
+    stopped_by: str = "versions"
+
+
+class _Fleet:
+    """The simulated devices: enrolled agents, their run tasks, and their totals."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.agents: list[Any] = []
+        self.tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+
+    def add(self, name: str, agent: Any) -> None:
+        self.names.append(name)
+        self.agents.append(agent)
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(a.run(stop=self._stop)) for a in self.agents]
+
+    def raise_if_failed(self) -> None:
+        failed = [t for t in self.tasks if t.done() and t.exception() is not None]
+        if failed:
+            raise RuntimeError("an edge agent failed") from failed[0].exception()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=AGENT_STOP_S)
+        for agent in self.agents:
+            await agent.close()
+
+    def per_client(self, value: Any) -> dict[str, Any]:
+        return {n: value(a) for n, a in zip(self.names, self.agents, strict=True)}
+
+    def steps(self, local_steps: int) -> dict[str, int]:
+        """Local steps each client trained (its sample budget for the baselines)."""
+        return {n: a.tasks_done * local_steps for n, a in zip(self.names, self.agents, strict=True)}
+
+
 class Simulation:
     """One simulated federation; :meth:`run` does everything and returns the run folder.
 
@@ -213,27 +279,51 @@ class Simulation:
         return asyncio.run(self._run())
 
     async def _run(self) -> Path:
-        import torch
-
-        from cloud_workers.local import local_worker
-        from coordinator.server import CoordinatorServer
-        from edge_client.agent import AgentHooks, EdgeAgent
-        from edge_client.state import EdgeState
-        from estuary.adapters import AdapterConfig, GlobalAdapter
-        from estuary.compress import compress_model
-        from estuary.state.blobs import BlobStore
-        from estuary.state.configured import open_state_store
-        from simulation.evaluation import HeldOut
+        """Set up, federate until the versions (or the time limit), tear down, report."""
         from simulation.report import LiveDisplay, MetricsLog
 
-        settings = self.settings
         started = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=False)
-        config_path = _write_config(settings, self.run_dir)
+        config_path = _write_config(self.settings, self.run_dir)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        display = LiveDisplay(enabled=self.live, target_versions=settings.versions)
-        torch.manual_seed(settings.seed)
+        try:
+            setup = await self._setup(metrics)
+            server = await self._start_coordinator(setup, metrics)
+            fleet = _Fleet()
+            try:
+                await self._start_agents(setup, server, fleet)
+                metrics.event("setup", phase="agents", clients=len(fleet.agents))
+                display = LiveDisplay(enabled=self.live, target_versions=self.settings.versions)
+                try:
+                    watch = await self._watch(setup, server.service, fleet, display, started)
+                finally:
+                    display.close()
+            finally:
+                await fleet.stop()
+                await server.stop(grace=1.0)
+            summary = self._summary(setup, fleet, watch, config_path, time.monotonic() - started)
+            if self.settings.baselines:
+                summary["baselines"] = await asyncio.to_thread(
+                    self._baselines, setup, fleet.steps(self.settings.training.local_steps)
+                )
+            summary["wall_time_s"] = round(time.monotonic() - started, 1)
+            self._write_outputs(summary, watch.points)
+            metrics.event("done", wall_time_s=summary["wall_time_s"])
+        finally:
+            metrics.close()
+        return self.run_dir
 
+    async def _setup(self, metrics: Any) -> _Setup:
+        """Open the store, load the data and the base, score version 0."""
+        import torch
+
+        from estuary.adapters import AdapterConfig, GlobalAdapter
+        from estuary.compress import compress_model
+        from estuary.state.configured import open_state_store
+        from simulation.evaluation import HeldOut
+
+        settings = self.settings
+        torch.manual_seed(settings.seed)
         # Each run gets its own key prefix: a simulation never resumes another's state
         # (its blobs live in this run's folder) and never touches a deployment's keys.
         state = settings.state.model_copy(
@@ -255,14 +345,28 @@ class Simulation:
         )
         initial = await asyncio.to_thread(held_out.score, edge_base, adapter0)
         metrics.event("eval", version=0, union=initial.union, per_client=initial.per_client)
-        points: list[tuple[float, float]] = [(0.0, initial.union)]
-
-        blobs = BlobStore(self.run_dir / "blobs", fsync=False)
-        server = CoordinatorServer(
-            coordinator_settings(settings),
+        return _Setup(
             store=store,
-            blobs=blobs,
+            clients=clients,
             base=base,
+            edge_base=edge_base,
+            held_out=held_out,
+            adapter0=adapter0,
+            initial=initial,
+            metrics=metrics,
+        )
+
+    async def _start_coordinator(self, setup: _Setup, metrics: Any) -> Any:
+        """Start the in-process coordinator with its local worker."""
+        from cloud_workers.local import local_worker
+        from coordinator.server import CoordinatorServer
+        from estuary.state.blobs import BlobStore
+
+        server = CoordinatorServer(
+            coordinator_settings(self.settings),
+            store=setup.store,
+            blobs=BlobStore(self.run_dir / "blobs", fsync=False),
+            base=setup.base,
             observer=_SimObserver(metrics, self.stats),
             # torch.export, behind the ONNX export, mutates process-wide tracing state and
             # breaks the edge agents training in this process's other threads; deployed
@@ -270,12 +374,17 @@ class Simulation:
             local_worker=functools.partial(local_worker, onnx=False),
         )
         await server.start()
-        service = server.service
+        return server
+
+    async def _start_agents(self, setup: _Setup, server: Any, fleet: _Fleet) -> None:
+        """Enrol one edge agent per client (classes round-robin) and start them."""
+        from edge_client.agent import AgentHooks, EdgeAgent
+        from edge_client.state import EdgeState
+
+        settings = self.settings
         rng = random.Random(settings.seed)
         classes = settings.device_classes
-        agents: list[EdgeAgent] = []
-        names: list[str] = []
-        for i, client in enumerate(clients):
+        for i, client in enumerate(setup.clients):
             device_class = classes[i % len(classes)].name
             drop_rng = random.Random(rng.random())
 
@@ -292,101 +401,86 @@ class Simulation:
                 hooks=AgentHooks(drop=drop),
                 seed=settings.seed * 1000 + i,
             )
-            token = service.registry.issue_token(device_class=device_class)
+            token = server.service.registry.issue_token(device_class=device_class)
             await agent.enroll(token, device_class)
-            agents.append(agent)
-            names.append(client.name)
-        metrics.event("setup", phase="agents", clients=len(agents))
+            fleet.add(client.name, agent)
+        fleet.start()
 
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(a.run(stop=stop)) for a in agents]
-        last_version = 0
-        final = initial
-        stopped_by = "versions"
-        try:
-            while True:
-                await asyncio.sleep(0.5)
-                head = service.ledger.head()
-                version = head.version if head else 0
-                snapshot = await asyncio.to_thread(service.snapshot)
-                display.update(
-                    version=version,
-                    cohorts=snapshot["cohorts"],
-                    devices_active=snapshot["devices_active"],
-                    staleness=self.stats.staleness.mean or 0.0,
-                    union_bpb=final.union,
-                    elapsed_s=time.monotonic() - started,
+    async def _watch(
+        self, setup: _Setup, service: Any, fleet: _Fleet, display: Any, started: float
+    ) -> _Watch:
+        """Score each new version until the target version or the time limit."""
+        settings = self.settings
+        watch = _Watch(final=setup.initial, points=[(0.0, setup.initial.union)])
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            head = service.ledger.head()
+            version = head.version if head else 0
+            snapshot = await asyncio.to_thread(service.snapshot)
+            display.update(
+                version=version,
+                cohorts=snapshot["cohorts"],
+                devices_active=snapshot["devices_active"],
+                staleness=self.stats.staleness.mean or 0.0,
+                union_bpb=watch.final.union,
+                elapsed_s=time.monotonic() - started,
+            )
+            if head is not None and version > watch.versions:
+                watch.versions = version
+                adapter = service.ledger.adapter(head)
+                watch.final = await asyncio.to_thread(
+                    setup.held_out.score, setup.edge_base, adapter
                 )
-                if head is not None and version > last_version:
-                    last_version = version
-                    adapter = service.ledger.adapter(head)
-                    final = await asyncio.to_thread(held_out.score, edge_base, adapter)
-                    t = time.monotonic() - started
-                    points.append((t, final.union))
-                    metrics.event(
-                        "eval", version=version, union=final.union, per_client=final.per_client
-                    )
-                if version >= settings.versions:
-                    break
-                if time.monotonic() - started > settings.time_limit_s:
-                    stopped_by = "time_limit"
-                    log.warning(
-                        "time limit of %.0fs reached at version %d", settings.time_limit_s, version
-                    )
-                    break
-                failed = [t for t in tasks if t.done() and t.exception() is not None]
-                if failed:
-                    raise RuntimeError("an edge agent failed") from failed[0].exception()
-        finally:
-            stop.set()
-            await asyncio.wait(tasks, timeout=30)
-            for agent in agents:
-                await agent.close()
-            await server.stop(grace=1.0)
-            display.close()
-        federation_s = time.monotonic() - started
-        steps = {
-            name: agent.tasks_done * settings.training.local_steps
-            for name, agent in zip(names, agents, strict=True)
-        }
-        summary: dict[str, Any] = {
+                watch.points.append((time.monotonic() - started, watch.final.union))
+                setup.metrics.event(
+                    "eval",
+                    version=version,
+                    union=watch.final.union,
+                    per_client=watch.final.per_client,
+                )
+            if version >= settings.versions:
+                return watch
+            if time.monotonic() - started > settings.time_limit_s:
+                watch.stopped_by = "time_limit"
+                log.warning(
+                    "time limit of %.0fs reached at version %d", settings.time_limit_s, version
+                )
+                return watch
+            fleet.raise_if_failed()
+
+    def _summary(
+        self,
+        setup: _Setup,
+        fleet: _Fleet,
+        watch: _Watch,
+        config_path: Path,
+        federation_s: float,
+    ) -> dict[str, Any]:
+        """Return the run's ``summary.json`` without baselines and total wall time."""
+        initial, final = setup.initial, watch.final
+        return {
             "run_id": self.run_id,
             "config": str(config_path),
-            "stopped_by": stopped_by,
+            "stopped_by": watch.stopped_by,
             "initial": {"union": initial.union, "per_client": initial.per_client},
             "final": {"union": final.union, "per_client": final.per_client},
-            "versions": last_version,
+            "versions": watch.versions,
             "updates_accepted": self.stats.accepted,
             "updates_rejected": self.stats.rejected,
             "dropouts": self.stats.dropouts,
             "cohorts": self.stats.cohorts,
             "staleness_histogram": self.stats.staleness.to_json(),
-            "bytes_up_per_client": {n: a.bytes_up for n, a in zip(names, agents, strict=True)},
-            "bytes_down_per_client": {n: a.bytes_down for n, a in zip(names, agents, strict=True)},
-            "tasks_per_client": {n: a.tasks_done for n, a in zip(names, agents, strict=True)},
+            "bytes_up_per_client": fleet.per_client(lambda a: a.bytes_up),
+            "bytes_down_per_client": fleet.per_client(lambda a: a.bytes_down),
+            "tasks_per_client": fleet.per_client(lambda a: a.tasks_done),
             "federation_wall_time_s": round(federation_s, 1),
         }
-        if settings.baselines:
-            summary["baselines"] = await asyncio.to_thread(
-                self._baselines, edge_base, adapter0, clients, steps, held_out
-            )
-        summary["wall_time_s"] = round(time.monotonic() - started, 1)
-        self._write_outputs(summary, points)
-        metrics.event("done", wall_time_s=summary["wall_time_s"])
-        metrics.close()
-        return self.run_dir
 
-    def _baselines(
-        self,
-        edge_base: nn.Module,
-        adapter0: Any,
-        clients: list[ClientData],
-        steps: dict[str, int],
-        held_out: Any,
-    ) -> dict[str, Any]:
+    def _baselines(self, setup: _Setup, steps: dict[str, int]) -> dict[str, Any]:
         from simulation.baselines import centralized, local_only
 
         settings = self.settings
+        edge_base, adapter0, clients = setup.edge_base, setup.adapter0, setup.clients
         ranks = {
             c.name: settings.device_classes[i % len(settings.device_classes)].rank
             for i, c in enumerate(clients)
@@ -397,7 +491,7 @@ class Simulation:
             "seq_len": settings.training.seq_len,
             "threads": 2,
             "seed": settings.seed,
-            "held_out": held_out,
+            "held_out": setup.held_out,
         }
         local = local_only(edge_base, adapter0, clients, steps=steps, ranks=ranks, **common)
         total = sum(steps.values())
