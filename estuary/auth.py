@@ -7,6 +7,10 @@ label, the RPC method, the device id, a millisecond timestamp, a random nonce an
 SHA-256 of the request serialised with ``auth`` cleared. So a signature is bound to one
 method and one request body, and cannot be replayed: the coordinator refuses
 timestamps outside a window and nonces it has already seen within it.
+
+Both ends of that rule live here, once: :func:`sign_message` is how a device (the edge
+agent, the test clients) signs a request message, and :func:`request_body_sha256` with
+:func:`signed_auth_from` is what a verifier reads back before :func:`verify_request`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -22,6 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from google.protobuf.message import Message
+
+from estuary.proto.v1 import common_pb2
 
 #: Domain-separation label: a signature made for this purpose can never be mistaken
 #: for a signature over some other Estuary message (e.g. a secure-aggregation key).
@@ -51,6 +59,18 @@ class SignedAuth:
     timestamp_ms: int
     nonce: bytes
     signature: bytes
+
+    def to_proto(self) -> common_pb2.DeviceAuth:
+        """Return these fields as the wire message."""
+        return common_pb2.DeviceAuth(
+            device_id=self.device_id,
+            timestamp_ms=self.timestamp_ms,
+            nonce=self.nonce,
+            signature=self.signature,
+        )
+
+
+_Request = TypeVar("_Request", bound=Message)
 
 
 def device_id_for(public_key: bytes) -> str:
@@ -137,3 +157,87 @@ def verify_request(
         Ed25519PublicKey.from_public_bytes(public_key).verify(auth.signature, message)
     except InvalidSignature:
         raise AuthError("signature does not verify") from None
+
+
+def request_body_sha256(request: Message) -> bytes:
+    """Return the SHA-256 of ``request`` serialised with its ``auth`` field cleared.
+
+    This is the body a device signs and a verifier checks; ``request`` itself is left as
+    it is (the hash is taken over a copy).
+
+    Raises
+    ------
+    ValueError
+        If ``request`` has no ``auth`` field (it is not a signed request type).
+    """
+    body = type(request)()
+    body.CopyFrom(request)
+    body.ClearField("auth")
+    return hashlib.sha256(body.SerializeToString()).digest()
+
+
+def sign_message(
+    request: _Request, *, private_key: Ed25519PrivateKey, method: str, timestamp_ms: int
+) -> _Request:
+    """Set ``request.auth`` to a fresh signature for ``method``; return ``request``.
+
+    Any ``auth`` already there is replaced, with a new nonce: a retried request must be
+    signed again, because the coordinator refuses a nonce it has seen.
+
+    Parameters
+    ----------
+    request
+        A request message with a ``DeviceAuth auth`` field (every EdgeService request
+        but Enroll); modified in place.
+    private_key
+        The device's identity key.
+    method
+        The RPC method name the signature is bound to (``"GetTask"``, ...).
+    timestamp_ms
+        The device's wall clock, Unix-epoch milliseconds.
+
+    Raises
+    ------
+    ValueError
+        If ``request`` has no ``auth`` field.
+    """
+    # Cleared first so the hash, taken over a copy, matches the message as sent minus auth.
+    signable: Any = request  # generated message types are untyped; every signed one has auth
+    signable.ClearField("auth")
+    signed = sign_request(
+        private_key, method, request_body_sha256(request), timestamp_ms=timestamp_ms
+    )
+    signable.auth.CopyFrom(signed.to_proto())
+    return request
+
+
+def signed_auth_from(request: Message) -> SignedAuth:
+    """Return the :class:`SignedAuth` a request carries, or refuse naming what is missing.
+
+    Raises
+    ------
+    AuthError
+        If ``auth`` is absent or one of its fields is empty (the message names them).
+    """
+    carrier: Any = request  # generated message types are untyped
+    if not carrier.HasField("auth"):
+        raise AuthError("auth: missing; every request but Enroll must be signed")
+    auth: common_pb2.DeviceAuth = carrier.auth
+    missing = [
+        name
+        for name, present in (
+            ("device_id", bool(auth.device_id)),
+            ("timestamp_ms", auth.timestamp_ms != 0),
+            ("nonce", bool(auth.nonce)),
+            ("signature", bool(auth.signature)),
+        )
+        if not present
+    ]
+    if missing:
+        raise AuthError(f"auth: missing {', '.join(missing)}")
+    return SignedAuth(
+        device_id=auth.device_id,
+        timestamp_ms=auth.timestamp_ms,
+        nonce=bytes(auth.nonce),
+        signature=bytes(auth.signature),
+    )
