@@ -1,4 +1,4 @@
-"""State store (records, leases, queues, sorted sets, job streams) and blob store.
+"""State store (records, leases, sorted sets, job streams) and blob store.
 
 Open a store from a URL with :func:`open_store`:
 

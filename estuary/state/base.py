@@ -7,7 +7,7 @@ suite (``tests/contract/test_store_contract.py``).
 
 Conventions shared by all methods:
 
-- Keys, queue names, set names, stream names, group and consumer names are
+- Keys, set names, stream names, group and consumer names are
   non-empty ``str``; values and payloads are ``bytes``. Invalid arguments raise
   ``ValueError`` naming the parameter (never a :class:`StoreError`), so a bug is
   never retried as if it were an outage.
@@ -208,7 +208,7 @@ def check_fields(fields: Mapping[str, bytes]) -> dict[str, bytes]:
 
 
 class Store(ABC):
-    """Abstract state store: records, leases, queues, sorted sets and job streams.
+    """Abstract state store: records, leases, sorted sets and job streams.
 
     Implementations MUST be safe to call from several threads at once. All
     guarantees below hold across every client of the same backing store
@@ -473,49 +473,6 @@ class Store(ABC):
     ) -> int:
         """Implement :meth:`fenced_compare_and_set`."""
 
-    # ------------------------------------------------------------------ queues
-
-    def push_message(self, recipient: str, payload: bytes) -> int:
-        """Append ``payload`` to ``recipient``'s queue; return the queue's new length.
-
-        Once this returns, the message MUST be durable to the backend's
-        guarantee (fsynced for Redis with ``appendfsync always``).
-        """
-        return self._push_message(
-            check_name(recipient, parameter="recipient"),
-            check_bytes(payload, parameter="payload"),
-        )
-
-    def pop_messages(self, recipient: str, *, max_count: int) -> list[bytes]:
-        """Remove and return up to ``max_count`` messages, oldest first.
-
-        MUST be atomic and FIFO: concurrent poppers never receive the same
-        message, and every pushed message is returned by at most one call.
-        Delivery is at most once: a caller that crashes after this returns has
-        consumed the messages, so it must persist what it still needs. Returns
-        ``[]`` for an empty or unknown queue.
-        """
-        return self._pop_messages(
-            check_name(recipient, parameter="recipient"),
-            max_count=check_count(max_count, parameter="max_count"),
-        )
-
-    def queue_length(self, recipient: str) -> int:
-        """Return the number of messages waiting for ``recipient`` (0 if none)."""
-        return self._queue_length(check_name(recipient, parameter="recipient"))
-
-    @abstractmethod
-    def _push_message(self, recipient: str, payload: bytes) -> int:
-        """Implement :meth:`push_message`."""
-
-    @abstractmethod
-    def _pop_messages(self, recipient: str, *, max_count: int) -> list[bytes]:
-        """Implement :meth:`pop_messages`."""
-
-    @abstractmethod
-    def _queue_length(self, recipient: str) -> int:
-        """Implement :meth:`queue_length`."""
-
     # ------------------------------------------------------------------ sorted sets
 
     def zadd(self, name: str, members: Mapping[str, float]) -> int:
@@ -562,16 +519,6 @@ class Store(ABC):
         """Return the number of members (0 for an unknown set)."""
         return self._zcard(check_name(name, parameter="name"))
 
-    def zpop_min(self, name: str, *, count: int = 1) -> list[tuple[str, float]]:
-        """Atomically remove and return up to ``count`` lowest-scored members.
-
-        Order and tie-breaking as in :meth:`zrange_by_score`; concurrent callers
-        MUST never receive the same member.
-        """
-        return self._zpop_min(
-            check_name(name, parameter="name"), count=check_count(count, parameter="count")
-        )
-
     @abstractmethod
     def _zadd(self, name: str, members: dict[str, float]) -> int:
         """Implement :meth:`zadd`; ``members`` is a fresh dict of float scores."""
@@ -589,10 +536,6 @@ class Store(ABC):
     @abstractmethod
     def _zcard(self, name: str) -> int:
         """Implement :meth:`zcard`."""
-
-    @abstractmethod
-    def _zpop_min(self, name: str, *, count: int) -> list[tuple[str, float]]:
-        """Implement :meth:`zpop_min`."""
 
     # ------------------------------------------------------------------ job streams
 

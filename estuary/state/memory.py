@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -97,7 +96,6 @@ class MemoryStore(Store):
         self._records: dict[str, Record] = {}
         self._leases: dict[str, Lease] = {}
         self._tokens: dict[str, int] = {}
-        self._queues: dict[str, deque[bytes]] = {}
         self._zsets: dict[str, dict[str, float]] = {}
         self._streams: dict[str, _Stream] = {}
         self._last_id: dict[str, _StreamId] = {}
@@ -226,29 +224,6 @@ class MemoryStore(Store):
                 key, lease_name=lease.name, token=lease.token, reason="expired or released"
             )
 
-    # ------------------------------------------------------------------ queues
-
-    def _push_message(self, recipient: str, payload: bytes) -> int:
-        with self._lock:
-            queue = self._queues.setdefault(recipient, deque())
-            queue.append(payload)
-            return len(queue)
-
-    def _pop_messages(self, recipient: str, *, max_count: int) -> list[bytes]:
-        with self._lock:
-            queue = self._queues.get(recipient)
-            if queue is None:
-                return []
-            out = [queue.popleft() for _ in range(min(max_count, len(queue)))]
-            if not queue:
-                del self._queues[recipient]
-            return out
-
-    def _queue_length(self, recipient: str) -> int:
-        with self._lock:
-            queue = self._queues.get(recipient)
-            return 0 if queue is None else len(queue)
-
     # ------------------------------------------------------------------ sorted sets
 
     def _zadd(self, name: str, members: dict[str, float]) -> int:
@@ -285,18 +260,6 @@ class MemoryStore(Store):
     def _zcard(self, name: str) -> int:
         with self._lock:
             return len(self._zsets.get(name, {}))
-
-    def _zpop_min(self, name: str, *, count: int) -> list[tuple[str, float]]:
-        with self._lock:
-            zset = self._zsets.get(name)
-            if zset is None:
-                return []
-            out = sorted(zset.items(), key=_zkey)[:count]
-            for m, _ in out:
-                del zset[m]
-            if not zset:
-                del self._zsets[name]
-            return out
 
     # ------------------------------------------------------------------ job streams
 

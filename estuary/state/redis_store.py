@@ -10,7 +10,6 @@ key                       type        holds
 ``<p>r:<key>``            hash        record: ``v`` value, ``n`` version
 ``<p>lease:<name>``       hash + TTL  current lease: holder, token, expiry (ms)
 ``<p>lease-token:<name>`` string      newest fencing token ever issued (no TTL)
-``<p>q:<recipient>``      list        message queue, oldest at the head
 ``<p>z:<name>``           zset        sorted set
 ``<p>s:<stream>``         stream      job stream with its consumer groups
 ========================  ==========  =========================================
@@ -580,24 +579,6 @@ class RedisStore(Store):
             raise VersionConflict(key, expected=expected, actual=int(detail))
         return int(detail)
 
-    # ------------------------------------------------------------------ queues
-
-    def _push_message(self, recipient: str, payload: bytes) -> int:
-        return int(
-            self._command(
-                "push_message", "RPUSH", self._k("q", recipient), payload, idempotent=False
-            )
-        )
-
-    def _pop_messages(self, recipient: str, *, max_count: int) -> list[bytes]:
-        reply = self._command(
-            "pop_messages", "LPOP", self._k("q", recipient), max_count, idempotent=False
-        )
-        return [] if reply is None else [bytes(m) for m in reply]
-
-    def _queue_length(self, recipient: str) -> int:
-        return int(self._command("queue_length", "LLEN", self._k("q", recipient), idempotent=True))
-
     # ------------------------------------------------------------------ sorted sets
 
     def _zadd(self, name: str, members: dict[str, float]) -> int:
@@ -623,11 +604,6 @@ class RedisStore(Store):
 
     def _zcard(self, name: str) -> int:
         return int(self._command("zcard", "ZCARD", self._k("z", name), idempotent=True))
-
-    def _zpop_min(self, name: str, *, count: int) -> list[tuple[str, float]]:
-        return _pairs(
-            self._command("zpop_min", "ZPOPMIN", self._k("z", name), count, idempotent=False)
-        )
 
     # ------------------------------------------------------------------ job streams
 

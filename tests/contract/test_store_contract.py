@@ -122,8 +122,6 @@ def test_invalid_arguments_raise_value_error(store: Store) -> None:
         store.put("k", "text")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="expected_version"):
         store.compare_and_set("k", b"x", expected_version=-1)
-    with pytest.raises(ValueError, match="max_count"):
-        store.pop_messages("r", max_count=0)
     with pytest.raises(ValueError, match="min_score"):
         store.zrange_by_score("z", min_score=math.nan, max_score=1)
     with pytest.raises(ValueError, match="ttl_s"):
@@ -298,43 +296,6 @@ def test_fenced_compare_and_set_checks_version_after_fence(store: Store) -> None
     assert info.value.actual == 1
 
 
-# ---------------------------------------------------------------------- queues
-
-
-def test_queue_is_fifo(store: Store) -> None:
-    assert store.pop_messages("dev-1", max_count=5) == []
-    assert [store.push_message("dev-1", f"m{i}".encode()) for i in range(5)] == [1, 2, 3, 4, 5]
-    store.push_message("dev-2", b"other")
-    assert store.queue_length("dev-1") == 5
-    assert store.pop_messages("dev-1", max_count=2) == [b"m0", b"m1"]
-    assert store.pop_messages("dev-1", max_count=10) == [b"m2", b"m3", b"m4"]
-    assert store.queue_length("dev-1") == 0
-    assert store.pop_messages("dev-2", max_count=1) == [b"other"]
-
-
-def test_each_message_delivered_once_to_concurrent_poppers(backend: Backend) -> None:
-    clients = [backend.open() for _ in range(4)]
-    total = 400
-    for i in range(total):
-        clients[0].push_message("r", i.to_bytes(4, "big"))
-
-    def drain(n: int) -> list[list[int]]:
-        batches = []
-        while batch := clients[n].pop_messages("r", max_count=7):
-            batches.append([int.from_bytes(m, "big") for m in batch])
-        return batches
-
-    with ThreadPoolExecutor(4) as pool:
-        per_client = list(pool.map(drain, range(4)))
-    seen = [m for batches in per_client for batch in batches for m in batch]
-    assert sorted(seen) == list(range(total)) and len(seen) == total
-    for batches in per_client:
-        for batch in batches:
-            assert batch == sorted(batch), "a batch is a contiguous FIFO run"
-        firsts = [b[0] for b in batches]
-        assert firsts == sorted(firsts), "one client's batches come in queue order"
-
-
 # ---------------------------------------------------------------------- sorted sets
 
 
@@ -354,10 +315,7 @@ def test_sorted_set_ordering(store: Store) -> None:
     ]  # fmt: skip
     assert store.zrange_by_score("pace", min_score=0, max_score=10, limit=0) == []
     assert store.zrem("pace", "a", "missing") == 1
-    assert store.zpop_min("pace", count=2) == [("z", -math.inf), ("d", 0.25)]
-    assert store.zpop_min("pace") == [("b", 2.0)]
-    assert store.zcard("pace") == 2
-    assert store.zpop_min("nothing", count=3) == []
+    assert store.zcard("pace") == 5
     assert store.zcard("nothing") == 0
     precise = 1234567890.123456789
     store.zadd("precise", {"m": precise})
@@ -476,8 +434,6 @@ def test_acknowledged_writes_survive_kill_9(own_redis_server: RedisServer) -> No
     store.put("k", b"v1")
     store.put("k", b"v2")
     assert store.insert_if_absent("idem", b"x")
-    store.push_message("dev", b"m1")
-    store.push_message("dev", b"m2")
     store.zadd("pace", {"a": 1.0, "b": 2.0})
     ids = [store.stream_add("jobs", _fields(n)) for n in range(3)]
     store.ensure_group("jobs", "g")
@@ -493,7 +449,6 @@ def test_acknowledged_writes_survive_kill_9(own_redis_server: RedisServer) -> No
     record = store.get("k")
     assert record is not None and (record.value, record.version) == (b"v2", 2)
     assert store.insert_if_absent("idem", b"y") is False
-    assert store.pop_messages("dev", max_count=10) == [b"m1", b"m2"]
     assert store.zrange_by_score("pace", min_score=0, max_score=5) == [("a", 1.0), ("b", 2.0)]
     assert [p.id for p in store.pending("jobs", "g")] == ids[1:]
     after = store.acquire_lease("agg", holder="b", ttl_s=60)
@@ -606,13 +561,9 @@ _OPS = st.one_of(
     st.tuples(st.just("insert"), _KEYS, st.binary(max_size=4)),
     st.tuples(st.just("delete"), _KEYS, st.one_of(st.none(), st.integers(1, 3))),
     st.tuples(st.just("scan"), st.sampled_from(["", "a", "b:", "z"])),
-    st.tuples(st.just("push"), st.sampled_from(["q1", "q2"]), st.binary(max_size=3)),
-    st.tuples(st.just("pop"), st.sampled_from(["q1", "q2"]), st.integers(1, 3)),
-    st.tuples(st.just("qlen"), st.sampled_from(["q1", "q2"])),
     st.tuples(st.just("zadd"), st.dictionaries(_MEMBERS, _SCORES, min_size=1, max_size=3)),
     st.tuples(st.just("zrange"), _SCORES, _SCORES, st.one_of(st.none(), st.integers(0, 3))),
     st.tuples(st.just("zrem"), st.lists(_MEMBERS, min_size=1, max_size=2)),
-    st.tuples(st.just("zpop"), st.integers(1, 3)),
     st.tuples(st.just("zcard")),
     st.tuples(st.just("acquire"), st.sampled_from(["l1", "l2"])),
     st.tuples(st.just("release"), st.integers(0, 5)),
@@ -630,15 +581,11 @@ def _apply(store: Store, leases: list[Any], op: tuple[Any, ...]) -> Any:
         "insert": lambda: store.insert_if_absent(args[0], args[1]),
         "delete": lambda: store.delete(args[0], expected_version=args[1]),
         "scan": lambda: store.scan(args[0]),
-        "push": lambda: store.push_message(args[0], args[1]),
-        "pop": lambda: store.pop_messages(args[0], max_count=args[1]),
-        "qlen": lambda: store.queue_length(args[0]),
         "zadd": lambda: store.zadd("z", args[0]),
         "zrange": lambda: store.zrange_by_score(
             "z", min_score=args[0], max_score=args[1], limit=args[2]
         ),
         "zrem": lambda: store.zrem("z", *args[0]),
-        "zpop": lambda: store.zpop_min("z", count=args[0]),
         "zcard": lambda: store.zcard("z"),
     }
     try:
