@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 #: Human-readable results.
 console = Console()
@@ -33,5 +34,9 @@ def print_json(data: Any) -> None:
 
 
 def fail(message: str) -> None:
-    """Print an error line for a person on standard error (the caller then exits)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print an error line for a person on standard error (the caller then exits).
+
+    ``message`` is printed as it is: square brackets in it (an install hint such as
+    ``estuary-fl[edge]``, a TOML table name, a path) are text, not rich markup.
+    """
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)

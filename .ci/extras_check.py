@@ -1,0 +1,65 @@
+"""Check one role's extra inside a venv that has only that extra (run by .ci/extras).
+
+Run from outside the source tree, so the installed wheel is what is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGES = {"edge": "edge_client", "coordinator": "coordinator", "worker": "cloud_workers"}
+
+
+def estuary(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run this venv's ``estuary`` console script with ``args``."""
+    exe = Path(sys.executable).with_name("estuary")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=False)
+
+
+def main(role: str) -> int:
+    """Check ``role``'s extra; print what held and return the exit status."""
+    name = PACKAGES[role]
+    package = importlib.import_module(name)
+    if "site-packages" not in (package.__file__ or ""):
+        print(f"{name} was imported from {package.__file__}, not from the installed wheel")
+        return 1
+    modules = [name] + [m.name for m in pkgutil.walk_packages(package.__path__, name + ".")]
+    for module in modules:
+        importlib.import_module(module)
+    print(f"  {name}: all {len(modules)} modules import")
+
+    done = estuary(role, "--help")
+    if done.returncode != 0:
+        print(f"estuary {role} --help: exit {done.returncode}\n{done.stderr[-2000:]}")
+        return 1
+    print(f"  estuary {role} --help: exit 0")
+
+    from estuary.cli.plugins import discover
+
+    for command in discover():
+        if command.name == role:
+            continue
+        done = estuary(command.name, "--help")
+        if command.available:
+            ok = done.returncode == 0
+            what = "available (its extra is covered by this one)"
+        else:
+            ok = done.returncode == 3 and "estuary-fl[" in done.stderr
+            what = "not installed: refused with exit 3 naming the extra"
+        if not ok:
+            print(f"estuary {command.name} --help: exit {done.returncode}\n{done.stderr[-2000:]}")
+            return 1
+        print(f"  estuary {command.name}: {what}")
+    listed = estuary("--help")
+    if listed.returncode != 0 or role not in listed.stdout:
+        print(f"estuary --help does not list {role}:\n{listed.stdout}{listed.stderr}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
