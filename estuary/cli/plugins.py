@@ -12,56 +12,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, distribution, entry_points
+from importlib.metadata import entry_points
 
 import typer
-from packaging.requirements import Requirement
 
 from estuary.cli.exit_codes import ExitCode
 from estuary.cli.output import fail
+from estuary.extras import install_hint, missing_for
 
-__all__ = ["COMMAND_ENTRY_POINTS", "DISTRIBUTION", "RoleCommand", "discover", "missing_for"]
+__all__ = ["COMMAND_ENTRY_POINTS", "RoleCommand", "discover", "register"]
 
 log = logging.getLogger(__name__)
 
 #: Entry-point group of role commands.
 COMMAND_ENTRY_POINTS = "estuary.commands"
-#: The distribution whose extras the commands name.
-DISTRIBUTION = "estuary-fl"
-
-
-def _installed(name: str) -> bool:
-    try:
-        distribution(name)
-    except PackageNotFoundError:
-        return False
-    return True
-
-
-def missing_for(extras: Iterable[str], *, dist: str = DISTRIBUTION) -> list[str]:
-    """Return the requirements of ``dist[extras]`` that are not installed (sorted).
-
-    An extra that names ``dist`` itself (``sim = ["estuary-fl[edge,…]"]``) is followed.
-    """
-    try:
-        requires = distribution(dist).requires or []
-    except PackageNotFoundError:
-        return []  # running from a source tree without metadata: assume complete
-    todo, seen, missing = list(extras), set(), set()
-    while todo:
-        extra = todo.pop()
-        if extra in seen:
-            continue
-        seen.add(extra)
-        for line in requires:
-            req = Requirement(line)
-            if req.marker is None or not req.marker.evaluate({"extra": extra}):
-                continue
-            if req.name == dist:
-                todo.extend(req.extras)
-            elif not _installed(req.name):
-                missing.add(req.name)
-    return sorted(missing)
 
 
 @dataclass(frozen=True)
@@ -81,7 +45,7 @@ class RoleCommand:
     @property
     def install_hint(self) -> str:
         """The pip command that installs what the command needs."""
-        return f"pip install '{DISTRIBUTION}[{','.join(self.extras)}]'"
+        return install_hint(self.extras)
 
 
 def discover() -> list[RoleCommand]:

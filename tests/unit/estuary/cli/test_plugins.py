@@ -6,7 +6,8 @@ import typer
 from typer.testing import CliRunner
 
 from estuary.cli.exit_codes import ExitCode
-from estuary.cli.plugins import RoleCommand, discover, missing_for, register
+from estuary.cli.plugins import RoleCommand, discover, register
+from estuary.extras import install_hint, missing_for
 
 
 def _app_with(command: RoleCommand) -> typer.Typer:
@@ -51,3 +52,10 @@ def test_every_role_command_is_registered_and_complete_in_the_dev_install() -> N
     assert set(found) == {"edge", "coordinator", "worker", "simulate"}
     assert all(c.available for c in found.values()), {n: c.missing for n, c in found.items()}
     assert missing_for(["sim"]) == []
+
+
+def test_missing_for_and_install_hint() -> None:
+    assert missing_for(["edge"], dist="no-such-distribution") == []
+    assert missing_for(["no-such-extra"]) == []
+    assert install_hint(["edge", "worker"]) == "pip install 'estuary-fl[edge,worker]'"
+    assert install_hint([]) == "pip install 'estuary-fl'"
