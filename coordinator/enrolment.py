@@ -15,8 +15,7 @@ import hashlib
 import json
 import logging
 import secrets
-import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from estuary.auth import (
@@ -26,6 +25,7 @@ from estuary.auth import (
     device_id_for,
     verify_request,
 )
+from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.state.base import Store
 from estuary.state.errors import VersionConflict
 from estuary.state.keys import device_key
@@ -73,7 +73,8 @@ class DeviceRegistry:
     device_classes
         Names of the configured device classes.
     clock
-        Wall clock in seconds (injected for tests).
+        Token expiry, enrolment time and the request-timestamp window are read from its
+        :meth:`~estuary.clock.Clock.time` (Unix seconds, comparable across replicas).
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class DeviceRegistry:
         store: Store,
         *,
         device_classes: Collection[str],
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not device_classes:
             raise ValueError("device_classes: at least one class is needed")
@@ -104,7 +105,7 @@ class DeviceRegistry:
         if not ttl_s > 0:
             raise ValueError(f"ttl_s: must be > 0, got {ttl_s}")
         token = secrets.token_urlsafe(TOKEN_BYTES)
-        record = {"device_class": device_class, "expires_at": self._clock() + ttl_s}
+        record = {"device_class": device_class, "expires_at": self._clock.time() + ttl_s}
         if not self._store.insert_if_absent(_token_key(token), json.dumps(record).encode()):
             raise RuntimeError("token collision")  # 256 random bits: never in practice
         return token
@@ -131,7 +132,7 @@ class DeviceRegistry:
         if record is None:
             raise EnrolmentError("enrolment token unknown or already used")
         meta = json.loads(record.value)
-        if meta["expires_at"] < self._clock():
+        if meta["expires_at"] < self._clock.time():
             raise EnrolmentError("enrolment token expired")
         if meta["device_class"] not in (None, device_class):
             raise EnrolmentError(f"enrolment token is for device class {meta['device_class']!r}")
@@ -143,7 +144,7 @@ class DeviceRegistry:
             consumed = False
         if not consumed:
             raise EnrolmentError("enrolment token unknown or already used")
-        now = self._clock()
+        now = self._clock.time()
         device = {
             "device_class": device_class,
             "public_key": public_key.hex(),
@@ -194,7 +195,7 @@ class DeviceRegistry:
             raise Unauthenticated("unknown device")
         if device.revoked:
             raise Unauthenticated("device revoked")
-        now_ms = int(self._clock() * 1000)
+        now_ms = self._clock.time_ms()
         try:
             verify_request(
                 auth,

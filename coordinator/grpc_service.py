@@ -14,7 +14,6 @@ COMPLETED travels as DONE and ABORTED as ABORTED.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol, TypeVar
@@ -25,7 +24,7 @@ from google.protobuf.message import Message
 from coordinator.enrolment import Device, EnrolmentError, Unauthenticated
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from coordinator.service import FederationService, PaceOffer, SecAggReply, TaskOffer
-from estuary.auth import SignedAuth
+from estuary.auth import AuthError, request_body_sha256, signed_auth_from
 from estuary.proto import stages
 from estuary.proto.session import session_to_proto
 from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
@@ -135,39 +134,6 @@ class _Call:
         self.bytes_out = 0
 
 
-def _body_sha256(request: Message) -> bytes:
-    """SHA-256 of ``request`` serialised with ``auth`` cleared (what the device signed)."""
-    body = type(request)()
-    body.CopyFrom(request)
-    body.ClearField("auth")
-    return hashlib.sha256(body.SerializeToString()).digest()
-
-
-def _signed_auth(request: Any) -> SignedAuth:
-    """Return the request's ``auth`` fields, or refuse naming what is missing."""
-    if not request.HasField("auth"):
-        raise Unauthenticated("auth: missing; every request but Enroll must be signed")
-    auth: common_pb2.DeviceAuth = request.auth
-    missing = [
-        name
-        for name, present in (
-            ("device_id", bool(auth.device_id)),
-            ("timestamp_ms", auth.timestamp_ms != 0),
-            ("nonce", bool(auth.nonce)),
-            ("signature", bool(auth.signature)),
-        )
-        if not present
-    ]
-    if missing:
-        raise Unauthenticated(f"auth: missing {', '.join(missing)}")
-    return SignedAuth(
-        device_id=auth.device_id,
-        timestamp_ms=auth.timestamp_ms,
-        nonce=bytes(auth.nonce),
-        signature=bytes(auth.signature),
-    )
-
-
 class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     """``estuary.v1.EdgeService`` for ``grpc.aio`` over a :class:`FederationService`.
 
@@ -179,6 +145,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         Told about every finished RPC (method, status code, bytes in and out).
     poll_interval_s
         Seconds between cohort reads of a long poll (AwaitSecAgg).
+
+    A long poll's wait is measured and slept on the service's clock
+    (:attr:`FederationService.clock`), the one clock of the replica.
     """
 
     def __init__(
@@ -193,12 +162,18 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         self.service = service
         self.recorder: RpcRecorder = recorder or _NoRecorder()
         self.poll_interval_s = poll_interval_s
+        self.clock = service.clock
 
     # ------------------------------------------------------------------ plumbing
 
     async def _authenticate(self, request: Message, method: str) -> Device:
-        auth = _signed_auth(request)
-        body = _body_sha256(request)
+        # The signing rule (what is signed, which fields must be present) is estuary.auth's,
+        # the same code the edge agent signs with.
+        try:
+            auth = signed_auth_from(request)
+        except AuthError as exc:
+            raise Unauthenticated(str(exc)) from None
+        body = request_body_sha256(request)
         return await asyncio.to_thread(
             self.service.authenticate, auth, method=method, body_sha256=body
         )
@@ -343,16 +318,15 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         device = await self._authenticate(request, "AwaitSecAgg")
         after = stage_from_proto(request.after_stage, field="after_stage")
         wait_s = min(request.wait_ms or DEFAULT_LONG_POLL_MS, MAX_LONG_POLL_MS) / 1000
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
+        deadline = self.clock.monotonic() + wait_s
         while True:
             reply = await self._thread(self.service.poll_secagg, device, request.cohort_id, after)
             if reply is not None:
                 return _server_message(request.cohort_id, reply)
-            remaining = deadline - loop.time()
+            remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 return edge_pb2.SecAggServerMessage(cohort_id=request.cohort_id, pending=True)
-            await asyncio.sleep(min(self.poll_interval_s, remaining))
+            await self.clock.sleep_async(min(self.poll_interval_s, remaining))
 
     # ------------------------------------------------------------------ UploadMasked
 

@@ -10,9 +10,9 @@ with a full bucket), so a flood of fake device ids cannot exhaust memory.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable
+
+from estuary.clock import SYSTEM_CLOCK, Clock
 
 #: Buckets kept per replica. 100 000 devices × ~100 bytes ≈ 10 MB: a fleet of that size
 #: per replica is far beyond what one replica serves concurrently.
@@ -31,7 +31,8 @@ class RateLimiter:
     max_keys
         Buckets remembered at most; ≥ 1.
     clock
-        Monotonic clock in seconds (injected for tests).
+        Buckets refill by its :meth:`~estuary.clock.Clock.monotonic` seconds (in-process
+        intervals only: the buckets are never shared between replicas).
     """
 
     def __init__(
@@ -40,7 +41,7 @@ class RateLimiter:
         *,
         burst: int,
         max_keys: int = DEFAULT_MAX_DEVICES,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not rate_per_s > 0:
             raise ValueError(f"rate_per_s: must be > 0, got {rate_per_s}")
@@ -57,7 +58,7 @@ class RateLimiter:
 
     def allow(self, key: str) -> bool:
         """Take one token for ``key``; return ``False`` (take nothing) if none is left."""
-        now = self._clock()
+        now = self._clock.monotonic()
         with self._lock:
             tokens, last = self._buckets.pop(key, (self._burst, now))
             tokens = min(self._burst, tokens + (now - last) * self._rate)

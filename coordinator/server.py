@@ -21,7 +21,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from coordinator.grpc_service import EdgeServicer
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import FederationService, ServiceObserver
+from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.log import log_context
 from estuary.proto.v1 import edge_pb2, edge_pb2_grpc
 from estuary.state.errors import StoreError
@@ -121,7 +121,8 @@ class CoordinatorServer:
     observer
         Also told about every service event (the simulator's log); metrics always are.
     clock
-        Wall clock in seconds, for the service (tests inject one).
+        The one clock of this replica: the service and everything under it read it, and
+        the tick loop, the watch loop and the local worker's retry pause wait on it.
     tick_interval_s, health_interval_s
         Periods of the tick and the watch loop, in seconds.
     metrics_port
@@ -138,7 +139,7 @@ class CoordinatorServer:
         base: nn.Module | None = None,
         local_worker: LocalWorkerFactory | None = None,
         observer: ServiceObserver | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         tick_interval_s: float = TICK_INTERVAL_S,
         health_interval_s: float = HEALTH_INTERVAL_S,
         metrics_port: int | None = None,
@@ -335,6 +336,7 @@ class CoordinatorServer:
             name=f"local-{self.settings.node_id}",
         )
         node = self.settings.node_id
+        clock = self._clock
 
         def run() -> None:
             with log_context(node=node):
@@ -343,10 +345,10 @@ class CoordinatorServer:
                         group.run(self._worker_stop)
                     except StoreError as exc:
                         log.warning("local worker: store error, retrying: %s", exc)
-                        self._worker_stop.wait(LOCAL_WORKER_RETRY_S)
+                        clock.wait(self._worker_stop, LOCAL_WORKER_RETRY_S)
                     except Exception:
                         log.exception("local worker failed; restarting its loop")
-                        self._worker_stop.wait(LOCAL_WORKER_RETRY_S)
+                        clock.wait(self._worker_stop, LOCAL_WORKER_RETRY_S)
 
         self._worker_thread = threading.Thread(target=run, name=f"local-worker-{node}", daemon=True)
         self._worker_thread.start()
@@ -363,7 +365,7 @@ class CoordinatorServer:
                 log.warning("tick: store error: %s", exc)
             except Exception:
                 log.exception("tick failed")
-            await asyncio.sleep(self._tick_interval_s)
+            await self._clock.sleep_async(self._tick_interval_s)
 
     async def _set_health(self, serving: bool) -> None:
         if self._health is None or self._serving is serving:
@@ -381,6 +383,9 @@ class CoordinatorServer:
 
     def _probe(self) -> tuple[float | None, dict[str, Any] | None]:
         store, service = self.store, self.service
+        # The store's round-trip latency is a real duration on this machine (a metric of
+        # the store, not of federation time), so it is measured with perf_counter, not
+        # with the injected clock: a virtual clock would report 0.
         started = time.perf_counter()
         try:
             store.ping()
@@ -401,7 +406,7 @@ class CoordinatorServer:
                 self.metrics.refresh(snapshot, store_latency_s=latency)
             except Exception:
                 log.exception("watch loop failed")
-            await asyncio.sleep(self._health_interval_s)
+            await self._clock.sleep_async(self._health_interval_s)
 
     # ------------------------------------------------------------------ stop
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import struct
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ from safetensors.numpy import save as save_tensors
 
 from estuary.adapters.blobs import get_adapter, put_adapter
 from estuary.adapters.lora import GlobalAdapter
+from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.state.base import Lease, Store
 from estuary.state.blobs import BlobStore
 from estuary.state.errors import FencingError, LeaseLost, VersionConflict
@@ -153,6 +153,9 @@ class VersionLedger:
         ``η``: server learning rate; > 0.
     lease_ttl_s
         Lease time-to-live in seconds; > 0.
+    clock
+        Stamps each version record's ``committed_at`` (Unix seconds). Lease expiry is the
+        store's own business (Redis expires keys by its clock).
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class VersionLedger:
         buffer_size: int,
         server_lr: float = 1.0,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer_size: must be >= 1, got {buffer_size}")
@@ -179,6 +183,7 @@ class VersionLedger:
         self._k = buffer_size
         self._lr = server_lr
         self._ttl = lease_ttl_s
+        self._clock = clock
         self._lease: Lease | None = None
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
 
@@ -224,7 +229,7 @@ class VersionLedger:
         digest = put_adapter(self._blobs, adapter)
         head = {"version": 0, "adapter_sha256": digest, "cohorts": [], "updates": 0}
         if self._store.insert_if_absent(HEAD_KEY, json.dumps(head).encode()):
-            record = {**head, "committed_at": time.time()}
+            record = {**head, "committed_at": self._clock.time()}
             self._store.put(version_key(0), json.dumps(record).encode())
             log.info("initialised version 0 (adapter %s)", digest[:12])
         current = self.head()
@@ -361,7 +366,7 @@ class VersionLedger:
             self._store.fenced_put(
                 version_key(new_version),
                 json.dumps(
-                    {**head_obj, "committed_at": time.time(), "holder": self._holder}
+                    {**head_obj, "committed_at": self._clock.time(), "holder": self._holder}
                 ).encode(),
                 lease=lease,
             )

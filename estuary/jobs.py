@@ -26,11 +26,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, cast
 
+from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.proto.v1 import jobs_pb2
 from estuary.state.base import Store
 from estuary.state.blobs import BlobStore
@@ -47,6 +47,7 @@ __all__ = [
     "LocalWorkerUnavailable",
     "decode_job",
     "find_local_worker",
+    "job_id_for",
     "job_kind",
     "latest_key",
     "make_job",
@@ -122,6 +123,16 @@ def result_key(job_id: str) -> str:
     return f"{RESULT_PREFIX}{job_id}"
 
 
+def job_id_for(kind: Kind, *, version: int, device_class: str = "") -> str:
+    """Return the deterministic id of ``kind``'s job for ``version``.
+
+    ``<kind>[-<class>]-v<version>``: the class is part of the id of ``build_artifacts``
+    jobs only. The coordinator both names jobs and finds their outcomes by it.
+    """
+    suffix = f"-{device_class}" if kind == "build_artifacts" else ""
+    return f"{kind}{suffix}-v{version}"
+
+
 def make_job(
     kind: Kind,
     *,
@@ -133,11 +144,13 @@ def make_job(
     prompt: str = "",
     max_new_tokens: int = 32,
     job_id: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> jobs_pb2.Job:
     """Return a :class:`Job` of ``kind`` for ``version``.
 
     The default job id is deterministic (``<kind>[-<class>]-v<version>``), so the
-    coordinator submitting the same job twice names it once.
+    coordinator submitting the same job twice names it once. ``created_ms`` defaults to
+    ``clock``'s current Unix time in milliseconds.
 
     Raises
     ------
@@ -149,7 +162,7 @@ def make_job(
         raise ValueError(f"version: must be >= 0, got {version}")
     job = jobs_pb2.Job(
         version=version,
-        created_ms=int(time.time() * 1000) if created_ms is None else created_ms,
+        created_ms=clock.time_ms() if created_ms is None else created_ms,
     )
     if adapter_sha256:
         job.adapter.sha256 = adapter_sha256
@@ -167,8 +180,7 @@ def make_job(
         job.generate.max_new_tokens = max_new_tokens
     else:
         raise ValueError(f"kind: unknown job kind {kind!r}")
-    suffix = f"-{device_class}" if kind == "build_artifacts" else ""
-    job.job_id = job_id or f"{kind}{suffix}-v{version}"
+    job.job_id = job_id or job_id_for(kind, version=version, device_class=device_class)
     return job
 
 
@@ -284,12 +296,17 @@ class JobExecutor(Protocol):
 
 
 def update_version_record(
-    store: Store, version: int, updates: Mapping[str, Any], *, stamp: str | None = None
+    store: Store,
+    version: int,
+    updates: Mapping[str, Any],
+    *,
+    stamp: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> None:
     """Merge ``updates`` into the JSON record of ``version`` (compare-and-set loop).
 
-    With ``stamp``, that field is set to the current time when (and only when) the
-    record changes, so a re-run of the same job leaves the record as it was.
+    With ``stamp``, that field is set to ``clock``'s current Unix time when (and only
+    when) the record changes, so a re-run of the same job leaves the record as it was.
 
     Raises
     ------
@@ -306,7 +323,7 @@ def update_version_record(
             return None  # already written, by an earlier run of the same job
         value.update(updates)
         if stamp is not None:
-            value[stamp] = round(time.time(), 3)
+            value[stamp] = round(clock.time(), 3)
         return json.dumps(value, sort_keys=True).encode()
 
     store.update(key, merge)
@@ -358,14 +375,22 @@ def find_local_worker(name: str = "default") -> LocalWorkerFactory:
     """
     from importlib.metadata import entry_points
 
+    from estuary.extras import install_hint, missing_for
+
     found = [ep for ep in entry_points(group=LOCAL_WORKER_ENTRY_POINTS) if ep.name == name]
     hint = (
         "workers = 'local' runs cloud jobs in the coordinator process and needs the worker "
-        "extra (pip install 'estuary-fl[worker]'); or set workers = 'groups' and run "
+        f"extra ({install_hint(['worker'])}); or set workers = 'groups' and run "
         "`estuary worker run` groups"
     )
     if not found:
         raise LocalWorkerUnavailable(f"no local worker {name!r} is installed: {hint}")
+    # Checked before loading: the module may import without what its jobs need later (onnx).
+    missing = missing_for(found[0].extras)
+    if missing:
+        raise LocalWorkerUnavailable(
+            f"local worker {name!r} is not usable here (missing: {', '.join(missing)}): {hint}"
+        )
     try:
         factory: LocalWorkerFactory = found[0].load()
     except ImportError as exc:

@@ -8,28 +8,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.enrolment import DeviceRegistry, EnrolmentError, Unauthenticated
 from estuary.auth import SignedAuth, raw_public_key, sign_request
+from estuary.clock import VirtualClock
 from estuary.state.memory import MemoryStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 BODY = hashlib.sha256(b"request").digest()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> VirtualClock:
+    return VirtualClock()
 
 
 @pytest.fixture
-def registry(clock: Clock) -> DeviceRegistry:
-    return DeviceRegistry(MemoryStore(clock=clock), device_classes=["phone", "laptop"], clock=clock)
+def registry(clock: VirtualClock) -> DeviceRegistry:
+    return DeviceRegistry(
+        MemoryStore(clock=clock.time), device_classes=["phone", "laptop"], clock=clock
+    )
 
 
 def _enrolled(registry: DeviceRegistry) -> Ed25519PrivateKey:
@@ -39,11 +33,11 @@ def _enrolled(registry: DeviceRegistry) -> Ed25519PrivateKey:
     return key
 
 
-def _sign(key: Ed25519PrivateKey, clock: Clock, method: str = "GetTask") -> SignedAuth:
-    return sign_request(key, method, BODY, timestamp_ms=int(clock.now * 1000))
+def _sign(key: Ed25519PrivateKey, clock: VirtualClock, method: str = "GetTask") -> SignedAuth:
+    return sign_request(key, method, BODY, timestamp_ms=clock.time_ms())
 
 
-def test_enrol_then_authenticate(registry: DeviceRegistry, clock: Clock) -> None:
+def test_enrol_then_authenticate(registry: DeviceRegistry, clock: VirtualClock) -> None:
     key = _enrolled(registry)
     device = registry.authenticate(_sign(key, clock), method="GetTask", body_sha256=BODY)
     assert device.device_class == "phone"
@@ -83,14 +77,14 @@ def test_token_is_single_use_even_under_a_race(registry: DeviceRegistry) -> None
     ],
 )
 def test_enrolment_refusals(
-    registry: DeviceRegistry, clock: Clock, case: str, message: str
+    registry: DeviceRegistry, clock: VirtualClock, case: str, message: str
 ) -> None:
     key = raw_public_key(Ed25519PrivateKey.generate())
     token, cls = registry.issue_token(ttl_s=60), "phone"
     if case == "unknown_token":
         token = "not-a-token"
     elif case == "expired":
-        clock.now += 61
+        clock.advance(61)
     elif case == "wrong_class_token":
         token = registry.issue_token(device_class="laptop")
     elif case == "unknown_class":
@@ -121,7 +115,7 @@ def test_store_holds_only_token_hashes(registry: DeviceRegistry) -> None:
 @pytest.mark.parametrize(
     "case", ["unknown", "revoked", "forged", "other_method", "other_body", "stale", "replay"]
 )
-def test_authentication_refusals(registry: DeviceRegistry, clock: Clock, case: str) -> None:
+def test_authentication_refusals(registry: DeviceRegistry, clock: VirtualClock, case: str) -> None:
     key = _enrolled(registry)
     auth = _sign(key, clock)
     method, body = "GetTask", BODY
@@ -136,17 +130,17 @@ def test_authentication_refusals(registry: DeviceRegistry, clock: Clock, case: s
     elif case == "other_body":
         body = hashlib.sha256(b"tampered").digest()
     elif case == "stale":
-        clock.now += 3600
+        clock.advance(3600)
     elif case == "replay":
         registry.authenticate(auth, method=method, body_sha256=body)
     with pytest.raises(Unauthenticated):
         registry.authenticate(auth, method=method, body_sha256=body)
 
 
-def test_nonce_memory_is_pruned(registry: DeviceRegistry, clock: Clock) -> None:
+def test_nonce_memory_is_pruned(registry: DeviceRegistry, clock: VirtualClock) -> None:
     key = _enrolled(registry)
     for _ in range(5):
         registry.authenticate(_sign(key, clock), method="GetTask", body_sha256=BODY)
-        clock.now += 400  # beyond twice the skew window over the loop
+        clock.advance(400)  # beyond twice the skew window over the loop
     device_id = _sign(key, clock).device_id
     assert registry._store.zcard("nonces/" + device_id) <= 2

@@ -1,8 +1,9 @@
 """The federation service end to end in one process: no gRPC, real secure aggregation.
 
 Devices are simulated by secure_agg clients driven directly against the service; cloud
-jobs are executed by a real ModelJobExecutor on the tiny preset. The committed version
-must equal the plain staleness-weighted mean of the members' updates.
+jobs are executed by a real ModelJobExecutor on the tiny preset (without the ONNX export,
+which no test here reads). The committed version must equal the plain staleness-weighted
+mean of the members' updates. Time is a VirtualClock (:mod:`service_fixtures`).
 """
 
 from __future__ import annotations
@@ -13,111 +14,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from service_fixtures import R_MAX, Fed, tasks_for
 
-from cloud_workers.executor import ModelJobExecutor
-from cloud_workers.group import WorkerGroup
 from coordinator.enrolment import Device
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
-from coordinator.service import FederationService, PaceOffer, TaskOffer
+from coordinator.service import PaceOffer, TaskOffer
 from estuary.adapters import AdapterConfig, GlobalAdapter
-from estuary.auth import raw_public_key
-from estuary.config.models import CoordinatorSettings
 from estuary.model.presets import build_preset
-from estuary.state.blobs import BlobStore
-from estuary.state.memory import MemoryStore
 from secure_agg import Client, Stage
-
-R_MAX = 4
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-def base() -> Any:
-    return build_preset("tiny", seed=0)
-
-
-def make_settings(**overrides: Any) -> CoordinatorSettings:
-    values: dict[str, Any] = {
-        "node_id": "test",
-        "tls": {"allow_plaintext": True},
-        "model": {"preset": "tiny", "r_max": R_MAX},
-        "device_classes": [
-            {"name": "phone", "rank": 2, "expected_task_s": 10.0},
-            {"name": "laptop", "rank": 4, "expected_task_s": 5.0},
-        ],
-        "aggregation": {"buffer_size": 3, "staleness": "polynomial", "staleness_a": 0.5},
-        "pacing": {"target_staleness": 4.0, "retry_after_min_s": 0.5},
-        "cohort": {
-            "min_size": 3,
-            "max_size": 3,
-            "threshold_fraction": 0.6,
-            "formation_s": 0.0,
-            "deadline_s": 60.0,
-            "key_timeout_s": 10.0,
-            "bits": 32,
-            "clip_norm": 1.0,
-        },
-        "training": {"local_steps": 1, "batch_size": 2, "seq_len": 16, "grad_clip_norm": 1.0},
-    }
-    values.update(overrides)
-    return CoordinatorSettings(**values)
-
-
-class Fed:
-    """A service plus a synchronous local worker over one in-memory store."""
-
-    def __init__(self, tmp_path: Any, base: Any, **overrides: Any) -> None:
-        self.clock = Clock()
-        self.store = MemoryStore()
-        self.blobs = BlobStore(tmp_path / "blobs", fsync=False)
-        self.settings = make_settings(**overrides)
-        adapter = GlobalAdapter.for_model(base, AdapterConfig(r_max=R_MAX))
-        self.service = FederationService(
-            self.settings,
-            store=self.store,
-            blobs=self.blobs,
-            initial_adapter=adapter,
-            clock=self.clock,
-        )
-        self.service.start()
-        windows = np.random.default_rng(0).integers(0, 256, (2, 17))
-        import torch
-
-        executor = ModelJobExecutor(
-            self.store, blobs=self.blobs, base=base, eval_windows=torch.from_numpy(windows)
-        )
-        self.group = WorkerGroup(
-            self.store, executor=executor, name="local", heartbeat_s=1.0, reclaim_idle_s=3.0
-        )
-        self.run_jobs()
-
-    def run_jobs(self) -> None:
-        while self.group.step(block_s=0.01):
-            pass
-
-    def device(self, device_class: str) -> Device:
-        key = Ed25519PrivateKey.generate()
-        token = self.service.registry.issue_token(device_class=device_class)
-        return self.service.enroll(token, public_key=raw_public_key(key), device_class=device_class)
-
-
-def tasks_for(fed: Fed, devices: list[Device]) -> list[TaskOffer]:
-    offers = [fed.service.get_task(d) for d in devices]
-    for _ in range(3):
-        if all(isinstance(o, TaskOffer) for o in offers):
-            break
-        fed.service.tick()
-        offers = [fed.service.get_task(d) for d in devices]
-    assert all(isinstance(o, TaskOffer) for o in offers), offers
-    return [o for o in offers if isinstance(o, TaskOffer)]
 
 
 def run_cohort(
@@ -183,10 +87,10 @@ def run_cohort(
         # upload stage closes, well before deadline_s.
         service.tick()
         assert fed.settings.cohort.silence_s + 1 < fed.settings.cohort.deadline_s
-        fed.clock.now += fed.settings.cohort.silence_s / 2
+        fed.clock.advance(fed.settings.cohort.silence_s / 2)
         service.tick()
-        assert service._cohort(service._record(cohort_id) or {}).stage is Stage.MASKED_INPUT
-        fed.clock.now += fed.settings.cohort.silence_s / 2 + 1
+        assert service.cohort_stage(cohort_id) is Stage.MASKED_INPUT
+        fed.clock.advance(fed.settings.cohort.silence_s / 2 + 1)
         service.tick()
     for i, client in clients.items():
         if i in drop_after_keys:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,18 +10,12 @@ from hypothesis import strategies as st
 
 from coordinator.versions import VersionLedger, _decode_entry, _encode_entry, _entry_meta
 from estuary.adapters import AdapterConfig, GlobalAdapter
+from estuary.clock import VirtualClock
 from estuary.state.blobs import BlobStore
+from estuary.state.keys import version_key
 from estuary.state.memory import MemoryStore
 
 SHAPES = {"layers.0.q_proj.lora_B": (8, 4), "layers.0.v_proj.lora_B": (8, 4)}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _adapter(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -34,7 +29,12 @@ def _global(rng: np.random.Generator) -> GlobalAdapter:
 
 
 def _ledger(
-    store: MemoryStore, tmp_path: Path, holder: str = "r1", k: int = 4, lr: float = 1.0
+    store: MemoryStore,
+    tmp_path: Path,
+    holder: str = "r1",
+    k: int = 4,
+    lr: float = 1.0,
+    clock: VirtualClock | None = None,
 ) -> VersionLedger:
     return VersionLedger(
         store,
@@ -43,6 +43,7 @@ def _ledger(
         buffer_size=k,
         server_lr=lr,
         lease_ttl_s=10.0,
+        clock=clock or VirtualClock(),
     )
 
 
@@ -92,17 +93,35 @@ def test_initialise_is_idempotent_across_replicas(tmp_path: Path) -> None:
     assert first.version == 0
 
 
+def test_committed_at_is_read_from_the_injected_clock(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    clock = VirtualClock(start=1_234_567_890.0)
+    store = MemoryStore(clock=clock.time)
+    ledger = _ledger(store, tmp_path, k=1, clock=clock)
+    ledger.initialise(_global(rng))
+    clock.advance(42.5)
+    ledger.add_cohort_sum("c1", weighted_sum=_adapter(rng), weight_total=1.0, updates=1)
+    assert ledger.try_commit() is not None
+    stamps = [
+        json.loads(record.value)["committed_at"]
+        for record in (store.get(version_key(0)), store.get(version_key(1)))
+        if record is not None
+    ]
+    assert stamps == [1_234_567_890.0, 1_234_567_932.5]
+
+
 def test_only_lease_holder_commits_and_stale_holder_is_fenced(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    clock = Clock()
-    store = MemoryStore(clock=clock)
-    a, b = _ledger(store, tmp_path, "a", k=1), _ledger(store, tmp_path, "b", k=1)
+    clock = VirtualClock()
+    store = MemoryStore(clock=clock.time)
+    a = _ledger(store, tmp_path, "a", k=1, clock=clock)
+    b = _ledger(store, tmp_path, "b", k=1, clock=clock)
     a.initialise(_global(rng))
     a.add_cohort_sum("c1", weighted_sum=_adapter(rng), weight_total=1.0, updates=1)
     assert a.try_commit() is not None  # a now holds the lease
     b.add_cohort_sum("c2", weighted_sum=_adapter(rng), weight_total=1.0, updates=1)
     assert b.try_commit() is None  # lease held by a
-    clock.now += 60  # a's lease expires; b takes over
+    clock.advance(60)  # a's lease expires; b takes over
     info_b = b.try_commit()
     assert info_b is not None and info_b.version == 2
     # a still believes it holds its old lease object; its fenced writes must be refused.

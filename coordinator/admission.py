@@ -1,0 +1,291 @@
+"""Admission: a device asking for work is paced, or joins a forming cohort until it is sealed.
+
+GetTask admits the device into the forming cohort of its class (answering Pace until the
+cohort is sealed), then returns the Task. The pacer (:mod:`coordinator.pacing`) decides
+whether there is room; a cohort is sealed once it has ``max_size`` devices, or
+``min_size`` devices for ``formation_s`` seconds. Sealing deletes the forming record with
+a versioned delete, so of two replicas sealing the same cohort exactly one writes the
+sealed :class:`~coordinator.cohorts.CohortRecord`, the members' assignments and the
+entry in the active set.
+
+A device that asks for work while its task is under way (it has advertised keys) has
+lost its task state, e.g. by a restart: the task is abandoned (the member becomes a
+dropout of its cohort) and the device is admitted afresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+
+import numpy as np
+
+from coordinator.cohort_book import CohortBook
+from coordinator.cohorts import (
+    ArtifactRef,
+    Assignment,
+    CohortRecord,
+    FormingCohort,
+    neighbours_for,
+)
+from coordinator.enrolment import Device
+from coordinator.outcomes import PaceOffer, ServiceObserver, TaskOffer
+from coordinator.pacing import Admit, PacerConfig, decide
+from coordinator.versions import VersionLedger
+from estuary.clock import SYSTEM_CLOCK, Clock
+from estuary.config.models import CoordinatorSettings
+from estuary.jobs import JobOutcome, job_id_for, result_key
+from estuary.state.blobs import BlobStore
+from secure_agg import FixedPoint, Stage
+
+__all__ = ["Admission"]
+
+log = logging.getLogger(__name__)
+
+
+class Admission:
+    """Pacing, cohort formation and sealing, and the tasks handed to members.
+
+    Parameters
+    ----------
+    settings
+        The coordinator's settings (device classes, pacing, cohorts, training).
+    book
+        The cohort records.
+    ledger
+        The version history (the head decides which artifacts are current).
+    blobs
+        Blob store holding the edge artifacts (their sizes go into tasks).
+    tensors
+        ``(name, length)`` of every adapter tensor, sorted: the secure-aggregation input.
+    observer
+        Told ``paced``, ``member_abandoned`` and ``cohort_sealed``.
+    clock
+        Formation and deadline times (Unix seconds).
+    """
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        *,
+        book: CohortBook,
+        ledger: VersionLedger,
+        blobs: BlobStore,
+        tensors: list[tuple[str, int]],
+        observer: ServiceObserver,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.settings = settings
+        self._book = book
+        self._ledger = ledger
+        self._blobs = blobs
+        self._tensors = tuple(tensors)
+        self._observer = observer
+        self._clock = clock
+        self._classes = {c.name: c for c in settings.device_classes}
+        self._fastest = min(c.expected_task_s for c in settings.device_classes)
+        agg = settings.aggregation
+        self.pacer = PacerConfig(
+            buffer_size=agg.buffer_size,
+            target_staleness=settings.pacing.target_staleness,
+            deadline_s=settings.cohort.deadline_s,
+            retry_after_min_s=settings.pacing.retry_after_min_s,
+            retry_after_max_s=settings.pacing.retry_after_max_s,
+        )
+        self._artifacts: dict[str, tuple[int, str, int]] = {}
+
+    # ------------------------------------------------------------------ GetTask
+
+    def get_task(self, device: Device, device_class: str) -> TaskOffer | PaceOffer:
+        """Admit ``device`` (of the configured ``device_class``) into a cohort, or pace it."""
+        assignment = self._book.assignment(device.device_id)
+        if assignment is not None:
+            offer = self._resume(device, assignment)
+            if offer is not None:
+                return offer
+        forming = self._book.forming(device_class)
+        if forming is not None and device.device_id in forming[0].members:
+            return self._wait_for_seal(device, device_class)
+        if self.artifact_for(device_class) is None:
+            return self._pace(
+                self.pacer.retry_after_min_s * 2, "the first edge artifacts are being built"
+            )
+        decision = decide(
+            self.pacer,
+            active=self._book.active_devices(),
+            expected_task_s=self._classes[device_class].expected_task_s,
+            fastest_task_s=self._fastest,
+        )
+        if not isinstance(decision, Admit):
+            return self._pace(decision.retry_after_s, decision.reason)
+        self._admit(device, device_class)
+        return self._wait_for_seal(device, device_class)
+
+    def _pace(self, seconds: float, reason: str) -> PaceOffer:
+        self._observer.event("paced", retry_after_s=seconds, reason=reason)
+        return PaceOffer(seconds, reason)
+
+    def _resume(self, device: Device, assignment: Assignment) -> TaskOffer | None:
+        cohort_id = assignment.cohort_id
+        record = self._book.record(cohort_id)
+        index = assignment.member_index
+        if record is not None and record.active:
+            cohort = self._book.cohort(record)
+            # A member of a cohort that already finished (the next tick folds it in) is
+            # simply done; only a task still under way is abandoned.
+            finished = cohort.stage in (Stage.COMPLETED, Stage.ABORTED)
+            if not finished and not record.is_abandoned(index):
+                if not cohort.server.advertised(index) and cohort.stage is Stage.ADVERTISE_KEYS:
+                    return self.offer(record, index)
+                self._abandon(cohort_id, index)
+        self._book.clear_assignment(device.device_id, cohort_id)
+        return None
+
+    def _abandon(self, cohort_id: str, index: int) -> None:
+        def add(record: CohortRecord) -> CohortRecord | None:
+            return None if record.is_abandoned(index) else record.with_abandoned(index)
+
+        if self._book.update(cohort_id, add) is not None:
+            log.info("cohort %s: member %d abandoned its task", cohort_id, index)
+            self._observer.event("member_abandoned", cohort_id=cohort_id, member=index)
+
+    def _admit(self, device: Device, device_class: str) -> None:
+        now = self._clock.time()
+        cohort = self.settings.cohort
+
+        def join(forming: FormingCohort | None) -> FormingCohort | None:
+            if forming is None:
+                forming = FormingCohort(cohort_id=uuid.uuid4().hex, members=(), opened_at=now)
+            if device.device_id in forming.members or len(forming.members) >= cohort.max_size:
+                return None
+            return forming.joined(device.device_id, min_size=cohort.min_size, now=now)
+
+        self._book.update_forming(device_class, join)
+
+    def _wait_for_seal(self, device: Device, device_class: str) -> TaskOffer | PaceOffer:
+        self.maybe_seal(device_class)
+        assignment = self._book.assignment(device.device_id)
+        if assignment is not None:
+            record = self._book.record(assignment.cohort_id)
+            if record is not None:
+                return self.offer(record, assignment.member_index)
+        forming = self._book.forming(device_class)
+        members = len(forming[0].members) if forming else 0
+        return self._pace(
+            self.pacer.retry_after_min_s,
+            f"waiting for the cohort to fill ({members}/{self.settings.cohort.min_size})",
+        )
+
+    # ------------------------------------------------------------------ sealing
+
+    def seal_ready(self) -> None:
+        """Seal every forming cohort that is ready (the tick's first step)."""
+        for device_class in self._book.forming_classes():
+            self.maybe_seal(device_class)
+
+    def maybe_seal(self, device_class: str) -> str | None:
+        """Seal the forming cohort of ``device_class`` if it is full enough; return its id."""
+        found = self._book.forming(device_class)
+        if found is None:
+            return None
+        forming, record_version = found
+        n = len(forming.members)
+        cohort = self.settings.cohort
+        now = self._clock.time()
+        full_at = now if forming.full_at is None else forming.full_at
+        ready = n >= cohort.max_size or (
+            n >= cohort.min_size and now - full_at >= cohort.formation_s
+        )
+        if not ready:
+            return None
+        artifact = self.artifact_for(device_class)
+        if artifact is None:
+            return None
+        # The versioned delete is the seal: of two replicas sealing, exactly one wins.
+        if not self._book.seal_forming(device_class, expected_version=record_version):
+            return None
+        version, digest, size_bytes = artifact
+        # The clip travels as a float32 and is bound into the session id: use the value
+        # the devices will see, or coordinator and devices would be in different sessions.
+        clip = float(np.float32(cohort.clip_norm))
+        fp = FixedPoint.for_cohort(n, bits=cohort.bits, clip=clip)
+        record = CohortRecord(
+            cohort_id=forming.cohort_id,
+            device_class=device_class,
+            rank=self._classes[device_class].rank,
+            members=forming.members,
+            version=version,
+            artifact=ArtifactRef(sha256=digest, size=size_bytes),
+            sealed_at=now,
+            deadline_at=now + cohort.deadline_s,
+            threshold=max(1, min(n, math.ceil(cohort.threshold_fraction * n))),
+            bits=fp.bits,
+            frac_bits=fp.frac_bits,
+            clip=fp.clip,
+            neighbours=neighbours_for(n, cohort.neighbours),
+            tensors=self._tensors,
+            stage=Stage.ADVERTISE_KEYS,
+            stage_started=now,
+        )
+        cohort_id = record.cohort_id
+        self._book.create(record)
+        for index, device_id in enumerate(record.members):
+            self._book.assign(
+                device_id,
+                Assignment(cohort_id=cohort_id, member_index=index, task_id=record.task_id(index)),
+            )
+        self._book.activate(cohort_id, sealed_at=now)
+        log.info(
+            "sealed cohort %s: %d %s devices on version %d", cohort_id, n, device_class, version
+        )
+        self._observer.event(
+            "cohort_sealed", cohort_id=cohort_id, device_class=device_class, size=n, version=version
+        )
+        return cohort_id
+
+    # ------------------------------------------------------------------ tasks
+
+    def offer(self, record: CohortRecord, index: int) -> TaskOffer:
+        """Return the task of member ``index`` of a sealed cohort."""
+        training = self.settings.training
+        return TaskOffer(
+            task_id=record.task_id(index),
+            cohort_id=record.cohort_id,
+            version=record.version,
+            artifact_sha256=record.artifact.sha256,
+            artifact_size=record.artifact.size,
+            rank=record.rank,
+            local_steps=training.local_steps,
+            learning_rate=training.learning_rate,
+            grad_clip_norm=training.grad_clip_norm,
+            batch_size=training.batch_size,
+            seq_len=training.seq_len,
+            deadline_ms=int(record.deadline_at * 1000),
+            member_index=index,
+            session=record.session_config(),
+        )
+
+    def artifact_for(self, device_class: str) -> tuple[int, str, int] | None:
+        """Newest (version, artifact sha256, size) built for ``device_class``, or None."""
+        head = self._ledger.head()
+        if head is None:
+            return None
+        known = self._artifacts.get(device_class)
+        floor = known[0] if known else -1
+        for version in range(head.version, floor, -1):
+            rec = self._book.store.get(
+                result_key(
+                    job_id_for("build_artifacts", version=version, device_class=device_class)
+                )
+            )
+            if rec is None:
+                continue
+            outcome = JobOutcome.from_json(rec.value)
+            if outcome.status != "done":
+                continue
+            digest = str(outcome.output["artifact_sha256"])
+            found = (version, digest, self._blobs.size(digest))
+            self._artifacts[device_class] = found
+            return found
+        return known

@@ -1,0 +1,260 @@
+"""Where the cohorts of a federation live in the store, and this replica's cohort cache.
+
+Key layout (the records are :mod:`coordinator.cohorts`' typed records):
+
+- ``forming/<class>``: the :class:`~coordinator.cohorts.FormingCohort` of a device class.
+  Admission adds to it with compare-and-set; sealing deletes it with a versioned delete
+  (:meth:`CohortBook.seal_forming`), the one point where membership becomes final.
+- ``cohort/<id>``: the sealed :class:`~coordinator.cohorts.CohortRecord`, created with
+  insert-if-absent and changed only by compare-and-set (:meth:`CohortBook.update`).
+- ``assign/<device>``: the :class:`~coordinator.cohorts.Assignment` a device holds.
+- ``cohorts-active``: sorted set of sealed, unfinished cohort ids (score: sealed at).
+- ``seen/<cohort>/<member>``: when a member last showed it is alive (heartbeat, share
+  relay), as Unix seconds from the injected clock; the tick's silence rule reads it.
+
+:class:`CohortBook` is the only code that reads or writes these keys. It also keeps the
+:class:`~coordinator.cohort_log.ReplicatedCohort` of every cohort this replica has
+touched, synced with the store's log on each read and dropped once the cohort is folded in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Callable
+
+from coordinator.cohort_log import ReplicatedCohort
+from coordinator.cohorts import (
+    Assignment,
+    CohortRecord,
+    FormingCohort,
+    MalformedRecord,
+)
+from coordinator.enrolment import Device
+from coordinator.errors import FailedPrecondition
+from estuary.clock import SYSTEM_CLOCK, Clock
+from estuary.state.base import Store
+from estuary.state.errors import VersionConflict
+from estuary.state.keys import cohort_key
+from secure_agg import Server
+
+__all__ = ["ACTIVE_COHORTS", "ASSIGN_PREFIX", "FORMING_PREFIX", "SEEN_PREFIX", "CohortBook"]
+
+FORMING_PREFIX = "forming/"
+ASSIGN_PREFIX = "assign/"
+ACTIVE_COHORTS = "cohorts-active"
+SEEN_PREFIX = "seen/"
+
+
+def _assign_key(device_id: str) -> str:
+    return f"{ASSIGN_PREFIX}{device_id}"
+
+
+def _forming_key(device_class: str) -> str:
+    return f"{FORMING_PREFIX}{device_class}"
+
+
+def _seen_key(cohort_id: str, index: int) -> str:
+    return f"{SEEN_PREFIX}{cohort_id}/{index}"
+
+
+class CohortBook:
+    """Every cohort record of one federation in the store, and this replica's cohort cache.
+
+    Parameters
+    ----------
+    store
+        The shared state store.
+    clock
+        Stamps ``seen`` records (Unix seconds from :meth:`~estuary.clock.Clock.time`).
+    """
+
+    def __init__(self, store: Store, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.store = store
+        self.clock = clock
+        self._cohorts: dict[str, ReplicatedCohort] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ sealed cohorts
+
+    def record(self, cohort_id: str) -> CohortRecord | None:
+        """Return the sealed cohort ``cohort_id``, or None if there is none."""
+        key = cohort_key(cohort_id)
+        rec = self.store.get(key)
+        return None if rec is None else CohortRecord.from_json(rec.value, where=key)
+
+    def create(self, record: CohortRecord) -> bool:
+        """Store a newly sealed cohort; False if its id is taken (nothing written)."""
+        return self.store.insert_if_absent(cohort_key(record.cohort_id), record.to_json())
+
+    def update(
+        self, cohort_id: str, change: Callable[[CohortRecord], CohortRecord | None]
+    ) -> CohortRecord | None:
+        """Apply ``change`` with compare-and-set; return the stored result.
+
+        ``change`` returns None to leave the record as it is; the call then returns None,
+        as it does when the cohort does not exist.
+        """
+        key = cohort_key(cohort_id)
+
+        def apply(current: bytes | None) -> bytes | None:
+            if current is None:
+                return None
+            changed = change(CohortRecord.from_json(current, where=key))
+            return None if changed is None else changed.to_json()
+
+        stored = self.store.update(key, apply)
+        return None if stored is None else CohortRecord.from_json(stored, where=key)
+
+    def cohort(self, record: CohortRecord) -> ReplicatedCohort:
+        """Return this replica's secure-aggregation state of ``record``, synced with its log."""
+        with self._lock:
+            cohort = self._cohorts.get(record.cohort_id)
+            if cohort is None:
+                config = record.session_config()
+                members = range(record.size)
+                cohort = ReplicatedCohort(
+                    self.store,
+                    record.cohort_id,
+                    make_server=lambda: Server(config, members=members),
+                )
+                self._cohorts[record.cohort_id] = cohort
+        cohort.sync()
+        return cohort
+
+    def forget(self, cohort_id: str) -> None:
+        """Drop the cached state of a finished cohort."""
+        with self._lock:
+            self._cohorts.pop(cohort_id, None)
+
+    def membership(self, device: Device, cohort_id: str) -> tuple[CohortRecord, int]:
+        """Return the cohort record and the device's member index, or refuse.
+
+        Raises
+        ------
+        FailedPrecondition
+            No such cohort, not a member, or the device abandoned its task.
+        """
+        record = self.record(cohort_id) if cohort_id else None
+        if record is None:
+            raise FailedPrecondition(f"cohort {cohort_id!r}: no such cohort")
+        index = record.member_index(device.device_id)
+        if index is None:
+            raise FailedPrecondition(
+                f"cohort {cohort_id}: device {device.device_id} is not a member"
+            )
+        if record.is_abandoned(index):
+            raise FailedPrecondition(
+                f"cohort {cohort_id}: this device abandoned its task (it asked for new work)"
+            )
+        return record, index
+
+    # ------------------------------------------------------------------ the active set
+
+    def activate(self, cohort_id: str, *, sealed_at: float) -> None:
+        """Add a sealed cohort to the active set."""
+        self.store.zadd(ACTIVE_COHORTS, {cohort_id: sealed_at})
+
+    def deactivate(self, cohort_id: str) -> None:
+        """Remove a cohort from the active set."""
+        self.store.zrem(ACTIVE_COHORTS, cohort_id)
+
+    def active_ids(self) -> list[str]:
+        """Ids of sealed, unfinished cohorts, oldest first."""
+        entries = self.store.zrange_by_score(
+            ACTIVE_COHORTS, min_score=-math.inf, max_score=math.inf
+        )
+        return [cohort_id for cohort_id, _ in entries]
+
+    # ------------------------------------------------------------------ forming cohorts
+
+    def forming(self, device_class: str) -> tuple[FormingCohort, int] | None:
+        """Return the forming cohort of ``device_class`` and its record version, or None."""
+        key = _forming_key(device_class)
+        rec = self.store.get(key)
+        return None if rec is None else (FormingCohort.from_json(rec.value, where=key), rec.version)
+
+    def forming_classes(self) -> list[str]:
+        """Device classes that have a forming cohort."""
+        return [key[len(FORMING_PREFIX) :] for key in self.store.scan(FORMING_PREFIX)]
+
+    def all_forming(self) -> list[FormingCohort]:
+        """Every forming cohort."""
+        return [
+            FormingCohort.from_json(rec.value, where=key)
+            for key, rec in self.store.scan(FORMING_PREFIX).items()
+        ]
+
+    def update_forming(
+        self, device_class: str, change: Callable[[FormingCohort | None], FormingCohort | None]
+    ) -> None:
+        """Apply ``change`` to the forming cohort of ``device_class`` with compare-and-set."""
+        key = _forming_key(device_class)
+
+        def apply(current: bytes | None) -> bytes | None:
+            forming = None if current is None else FormingCohort.from_json(current, where=key)
+            changed = change(forming)
+            return None if changed is None else changed.to_json()
+
+        self.store.update(key, apply)
+
+    def seal_forming(self, device_class: str, *, expected_version: int) -> bool:
+        """Delete the forming cohort if unchanged since read: the seal; False if lost."""
+        try:
+            return self.store.delete(_forming_key(device_class), expected_version=expected_version)
+        except VersionConflict:
+            return False
+
+    # ------------------------------------------------------------------ assignments
+
+    def assignment(self, device_id: str) -> Assignment | None:
+        """Return the task ``device_id`` holds, or None."""
+        key = _assign_key(device_id)
+        rec = self.store.get(key)
+        return None if rec is None else Assignment.from_json(rec.value, where=key)
+
+    def assign(self, device_id: str, assignment: Assignment) -> None:
+        """Record the task ``device_id`` holds."""
+        self.store.put(_assign_key(device_id), assignment.to_json())
+
+    def clear_assignment(self, device_id: str, cohort_id: str) -> None:
+        """Forget the device's task if it still belongs to ``cohort_id``."""
+        key = _assign_key(device_id)
+        rec = self.store.get(key)
+        if rec is not None and Assignment.from_json(rec.value, where=key).cohort_id == cohort_id:
+            # A conflict means it was reassigned meanwhile: the new task stays.
+            with contextlib.suppress(VersionConflict):
+                self.store.delete(key, expected_version=rec.version)
+
+    # ------------------------------------------------------------------ liveness
+
+    def mark_seen(self, cohort_id: str, index: int) -> None:
+        """Record that member ``index`` of a cohort is alive now."""
+        self.store.put(_seen_key(cohort_id, index), repr(self.clock.time()).encode())
+
+    def last_seen(self, cohort_id: str, index: int) -> float | None:
+        """Unix seconds when member ``index`` last showed it is alive, or None."""
+        key = _seen_key(cohort_id, index)
+        rec = self.store.get(key)
+        if rec is None:
+            return None
+        try:
+            return float(rec.value)
+        except ValueError:
+            raise MalformedRecord(f"{key}: expected a number, got {rec.value!r}") from None
+
+    def clear_seen(self, cohort_id: str, index: int) -> None:
+        """Drop the liveness record of a member (its cohort finished)."""
+        self.store.delete(_seen_key(cohort_id, index))
+
+    # ------------------------------------------------------------------ counting
+
+    def active_devices(self) -> int:
+        """Devices admitted and not finished: in forming cohorts and active cohorts."""
+        count = sum(len(forming.members) for forming in self.all_forming())
+        for cohort_id in self.active_ids():
+            record = self.record(cohort_id)
+            if record is not None:
+                count += record.size - len(record.abandoned)
+        return count

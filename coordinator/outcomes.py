@@ -1,0 +1,115 @@
+"""What the federation service hands back: replies to devices, events, running counters.
+
+The reply types are what :class:`~coordinator.service.FederationService` returns to the
+servicer (which maps them to protobuf); :class:`ServiceObserver` is told about every
+commit, cohort and upload (metrics, the simulator's log); :class:`ServiceCounters` are
+this replica's running totals. Every part of the service shares one observer and one
+set of counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from secure_agg import SessionConfig, Stage
+
+__all__ = [
+    "HeartbeatReply",
+    "NoObserver",
+    "PaceOffer",
+    "SecAggReply",
+    "ServiceCounters",
+    "ServiceObserver",
+    "TaskOffer",
+    "UploadResult",
+]
+
+
+@dataclass(frozen=True)
+class TaskOffer:
+    """A task for one cohort member (the fields of ``edge_pb2.Task``)."""
+
+    task_id: str
+    cohort_id: str
+    version: int
+    artifact_sha256: str
+    artifact_size: int
+    rank: int
+    local_steps: int
+    learning_rate: float
+    grad_clip_norm: float
+    batch_size: int
+    seq_len: int
+    deadline_ms: int
+    member_index: int
+    session: SessionConfig
+
+
+@dataclass(frozen=True)
+class PaceOffer:
+    """Come back after ``retry_after_s`` seconds."""
+
+    retry_after_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class SecAggReply:
+    """The next secure-aggregation message for a member.
+
+    ``stage`` is the secure_agg stage the message belongs to (COMPLETED: done, ABORTED:
+    drop the task, with ``abort_reason``). ``weight`` is set with the share relay.
+    """
+
+    stage: Stage
+    payload: bytes = b""
+    weight: float = 0.0
+    abort_reason: str = ""
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """Outcome of a masked upload; ``duplicate``: already stored, not counted again."""
+
+    accepted: bool
+    duplicate: bool
+    durable_bytes: int
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    """Go on (``abandon`` False) or drop the task; the current version either way."""
+
+    abandon: bool
+    current_version: int
+
+
+class ServiceObserver(Protocol):
+    """Receives what the service did, for metrics and the simulator's log."""
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Record one event.
+
+        ``kind``: version_committed, cohort_sealed, cohort_finished, update_accepted,
+        update_rejected, weight_assigned, member_abandoned, paced, upload, job_submitted.
+        """
+
+
+class NoObserver:
+    """A :class:`ServiceObserver` that ignores every event."""
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Ignore the event."""
+
+
+@dataclass
+class ServiceCounters:
+    """Running totals of this replica (exported as metrics)."""
+
+    uploads: int = 0
+    updates_accepted: int = 0
+    updates_rejected: int = 0
+    cohorts_completed: int = 0
+    cohorts_aborted: int = 0
+    staleness: dict[int, int] = field(default_factory=dict)

@@ -1,0 +1,118 @@
+"""A federation service in one process, on a virtual clock, for the coordinator's unit tests.
+
+:class:`Fed` is a :class:`FederationService` over an in-memory store plus a synchronous
+local worker group (a real :class:`ModelJobExecutor` on the tiny preset, without the ONNX
+export, which costs seconds per version and which no coordinator test reads). The
+service, the store and the worker all read one :class:`VirtualClock`: nothing here ever
+waits in real time, and a test moves time with ``fed.clock.advance(...)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from torch import nn
+
+from cloud_workers.executor import ModelJobExecutor
+from cloud_workers.group import WorkerGroup
+from coordinator.enrolment import Device
+from coordinator.service import FederationService, TaskOffer
+from estuary.adapters import AdapterConfig, GlobalAdapter
+from estuary.auth import raw_public_key
+from estuary.clock import VirtualClock
+from estuary.config.models import CoordinatorSettings
+from estuary.state.blobs import BlobStore
+from estuary.state.memory import MemoryStore
+
+R_MAX = 4
+
+
+def make_settings(**overrides: Any) -> CoordinatorSettings:
+    """Two device classes, cohorts of 3 with t = 2, K = 3; ``overrides`` replace sections."""
+    values: dict[str, Any] = {
+        "node_id": "test",
+        "tls": {"allow_plaintext": True},
+        "model": {"preset": "tiny", "r_max": R_MAX},
+        "device_classes": [
+            {"name": "phone", "rank": 2, "expected_task_s": 10.0},
+            {"name": "laptop", "rank": 4, "expected_task_s": 5.0},
+        ],
+        "aggregation": {"buffer_size": 3, "staleness": "polynomial", "staleness_a": 0.5},
+        "pacing": {"target_staleness": 4.0, "retry_after_min_s": 0.5},
+        "cohort": {
+            "min_size": 3,
+            "max_size": 3,
+            "threshold_fraction": 0.6,
+            "formation_s": 0.0,
+            "deadline_s": 60.0,
+            "key_timeout_s": 10.0,
+            "bits": 32,
+            "clip_norm": 1.0,
+        },
+        "training": {"local_steps": 1, "batch_size": 2, "seq_len": 16, "grad_clip_norm": 1.0},
+    }
+    values.update(overrides)
+    return CoordinatorSettings(**values)
+
+
+class Fed:
+    """A service plus a synchronous local worker over one in-memory store and one clock."""
+
+    def __init__(self, tmp_path: Path, base: nn.Module, **overrides: Any) -> None:
+        self.clock = VirtualClock()
+        self.store = MemoryStore(clock=self.clock.time)
+        self.blobs = BlobStore(tmp_path / "blobs", fsync=False)
+        self.settings = make_settings(**overrides)
+        adapter = GlobalAdapter.for_model(base, AdapterConfig(r_max=R_MAX))
+        self.service = FederationService(
+            self.settings,
+            store=self.store,
+            blobs=self.blobs,
+            initial_adapter=adapter,
+            clock=self.clock,
+        )
+        self.service.start()
+        windows = np.random.default_rng(0).integers(0, 256, (2, 17))
+        executor = ModelJobExecutor(
+            self.store,
+            blobs=self.blobs,
+            base=base,
+            eval_windows=torch.from_numpy(windows),
+            onnx=False,
+        )
+        self.group = WorkerGroup(
+            self.store,
+            executor=executor,
+            name="local",
+            heartbeat_s=1.0,
+            reclaim_idle_s=3.0,
+            clock=self.clock,
+        )
+        self.run_jobs()
+
+    def run_jobs(self) -> None:
+        """Execute every queued job now (reads never block: there is nothing to wait for)."""
+        while self.group.step(block_s=0.0):
+            pass
+
+    def device(self, device_class: str) -> Device:
+        """Enrol a new device of ``device_class``."""
+        key = Ed25519PrivateKey.generate()
+        token = self.service.registry.issue_token(device_class=device_class)
+        return self.service.enroll(token, public_key=raw_public_key(key), device_class=device_class)
+
+
+def tasks_for(fed: Fed, devices: list[Device]) -> list[TaskOffer]:
+    """Ask for work until every device holds a task of one sealed cohort."""
+    offers = [fed.service.get_task(d) for d in devices]
+    for _ in range(3):
+        if all(isinstance(o, TaskOffer) for o in offers):
+            break
+        fed.service.tick()
+        offers = [fed.service.get_task(d) for d in devices]
+    assert all(isinstance(o, TaskOffer) for o in offers), offers
+    return [o for o in offers if isinstance(o, TaskOffer)]
