@@ -10,8 +10,9 @@ every replica at once.
 
 :class:`FederationService` is a facade over one part per concern, each in its module:
 
-- :mod:`coordinator.cohorts`: the cohort records (forming, sealed, assignments, liveness)
-  as typed records, and the one class that reads and writes them in the store;
+- :mod:`coordinator.cohorts`: the cohort records (forming, sealed, assignments) as typed
+  records; :mod:`coordinator.cohort_book`: the one class that reads and writes them (and
+  the active set and liveness) in the store;
 - :mod:`coordinator.admission`: pacing, cohort formation and sealing, tasks;
 - :mod:`coordinator.relay`: the secure-aggregation relay and the staleness weight;
 - :mod:`coordinator.uploads`: masked uploads;
