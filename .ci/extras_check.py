@@ -54,6 +54,17 @@ def main(role: str) -> int:
             print(f"estuary {command.name} --help: exit {done.returncode}\n{done.stderr[-2000:]}")
             return 1
         print(f"  estuary {command.name}: {what}")
+    if role == "coordinator":
+        # workers = "local" needs the worker extra: refused up front, not half-loaded.
+        from estuary.jobs import LocalWorkerUnavailable, find_local_worker
+
+        try:
+            find_local_worker()
+        except LocalWorkerUnavailable as exc:
+            print(f"  workers = 'local' without [worker]: refused ({str(exc)[:60]}...)")
+        else:
+            print("the local worker loaded although the worker extra is not installed")
+            return 1
     listed = estuary("--help")
     if listed.returncode != 0 or role not in listed.stdout:
         print(f"estuary --help does not list {role}:\n{listed.stdout}{listed.stderr}")
