@@ -7,7 +7,6 @@ synchronous gRPC stubs and need no asyncio plugin.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -17,8 +16,9 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.server import CoordinatorServer
-from estuary.auth import raw_public_key, sign_request
-from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
+from estuary.auth import raw_public_key, sign_message
+from estuary.clock import SYSTEM_CLOCK
+from estuary.proto.v1 import edge_pb2, edge_pb2_grpc
 from estuary.transport import channel_options
 
 
@@ -51,19 +51,10 @@ class ServerThread:
 
 
 def sign(key: Ed25519PrivateKey, method: str, message: Any) -> Any:
-    """Set ``message.auth`` to a signature over ``message`` with auth cleared; return it."""
-    message.ClearField("auth")
-    body = hashlib.sha256(message.SerializeToString()).digest()
-    signed = sign_request(key, method, body, timestamp_ms=int(time.time() * 1000))
-    message.auth.CopyFrom(
-        common_pb2.DeviceAuth(
-            device_id=signed.device_id,
-            timestamp_ms=signed.timestamp_ms,
-            nonce=signed.nonce,
-            signature=signed.signature,
-        )
+    """Set ``message.auth`` to a fresh signature for ``method``, now; return ``message``."""
+    return sign_message(
+        message, private_key=key, method=method, timestamp_ms=SYSTEM_CLOCK.time_ms()
     )
-    return message
 
 
 class Device:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,10 +20,18 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from recording_clock import RecordingClock
 
 from edge_client.agent import AgentError, AgentHooks, EdgeAgent
 from edge_client.state import EdgeState
-from estuary.auth import AuthError, SignedAuth, device_id_for, verify_request
+from estuary.auth import (
+    AuthError,
+    device_id_for,
+    request_body_sha256,
+    signed_auth_from,
+    verify_request,
+)
+from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.proto.stages import stage_to_proto
 from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
 from secure_agg import Client, FixedPoint, Server, SessionConfig, Stage
@@ -167,25 +176,26 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
     calls: list[tuple[str, float]] = field(default_factory=list)
     fetches: list[tuple[str, int]] = field(default_factory=list)
     heartbeat_action: int = edge_pb2.HeartbeatResponse.ACTION_CONTINUE
+    clock: Clock = SYSTEM_CLOCK  # the agent's: signatures are checked against its time
 
     def methods(self) -> list[str]:
         return [m for m, _ in self.calls]
 
     async def _auth(self, method: str, request: Any, context: Any) -> None:
-        auth = request.auth
-        body = type(request)()
-        body.CopyFrom(request)
-        body.ClearField("auth")
+        try:
+            auth = signed_auth_from(request)
+        except AuthError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         key = self.keys.get(auth.device_id)
         if key is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown device")
         try:
             verify_request(
-                SignedAuth(auth.device_id, auth.timestamp_ms, auth.nonce, auth.signature),
+                auth,
                 public_key=key,
                 method=method,
-                body_sha256=hashlib.sha256(body.SerializeToString()).digest(),
-                now_ms=int(time.time() * 1000),
+                body_sha256=request_body_sha256(request),
+                now_ms=self.clock.time_ms(),
             )
         except AuthError as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
@@ -364,10 +374,59 @@ def test_full_task_paced_resumed_fetch_and_exact_unmasked_sum(
 def test_unavailable_is_retried_with_backoff_and_fresh_signatures(
     artifact: Artifact, tmp_path: Path
 ) -> None:
+    # Prepare: two transport failures, then an hour-long Pace, all on a virtual clock.
+    clock = RecordingClock()
     fake = Fake(
         artifact,
-        script=[grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE, ("pace", 10)],
+        script=[grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE, ("pace", 3_600_000)],
+        clock=clock,
     )
+    events: list[str] = []
+    delays: list[float] = []
+
+    def on_event(name: str, details: dict[str, Any]) -> None:
+        events.append(name)
+        if name == "retry":
+            delays.append(details["delay_s"])
+
+    async def scenario() -> str:
+        async with serving(fake) as target:
+            agent = await enrolled(
+                EdgeState(tmp_path / "edge"),
+                target,
+                max_backoff_s=300.0,
+                clock=clock,
+                hooks=AgentHooks(on_event=on_event),
+            )
+            outcome = await agent.run_once()
+            await agent.close()
+            return outcome
+
+    # Execute
+    started = time.monotonic()
+    outcome = asyncio.run(scenario())
+    elapsed = time.monotonic() - started
+
+    # Assert
+    assert outcome == "paced"
+    # Three signed GetTask calls, each with its own nonce (the fake refuses replays).
+    assert fake.methods() == ["GetTask"] * 3
+    assert events == ["retry", "retry", "paced"]
+    # Exactly the waits the agent's seeded stream asks for: full jitter under 0.5 s and
+    # 1 s, then the retry-after stretched by up to PACE_JITTER; none of them real.
+    rng = random.Random(3)
+    expected = [rng.uniform(0.0, 0.5), rng.uniform(0.0, 1.0)]
+    expected.append(3600.0 * (1.0 + rng.uniform(0.0, 0.2)))
+    assert clock.sleeps == expected and delays == expected[:2]
+    assert clock.monotonic() == pytest.approx(sum(expected))
+    assert elapsed < 30.0  # an hour of Pace took no real hour
+
+
+def test_refused_get_task_waits_one_backoff_on_the_clock(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    clock = RecordingClock()
+    fake = Fake(artifact, script=[grpc.StatusCode.FAILED_PRECONDITION], clock=clock)
     events: list[str] = []
 
     async def scenario() -> str:
@@ -375,7 +434,7 @@ def test_unavailable_is_retried_with_backoff_and_fresh_signatures(
             agent = await enrolled(
                 EdgeState(tmp_path / "edge"),
                 target,
-                max_backoff_s=0.05,
+                clock=clock,
                 hooks=AgentHooks(on_event=lambda name, _: events.append(name)),
             )
             outcome = await agent.run_once()
@@ -383,9 +442,11 @@ def test_unavailable_is_retried_with_backoff_and_fresh_signatures(
             return outcome
 
     assert asyncio.run(scenario()) == "paced"
-    # Three signed GetTask calls, each with its own nonce (the fake refuses replays).
-    assert fake.methods() == ["GetTask"] * 3
-    assert events == ["retry", "retry", "paced"]
+    # Not retried as a transport failure: one call, no retry event, one wait whose
+    # ceiling is the backoff of attempt 4 (0.5 s x 2**4).
+    assert fake.methods() == ["GetTask"]
+    assert events == []
+    assert clock.sleeps == [random.Random(3).uniform(0.0, 8.0)]
 
 
 def test_aborted_cohort_abandons_the_task(artifact: Artifact, tmp_path: Path) -> None:
