@@ -113,7 +113,10 @@ def fed(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         store=store,
         blobs=blobs,
         base=base,
-        local_worker=functools.partial(local_worker, eval_windows=torch.randint(0, 256, (2, 17))),
+        # No ONNX export: nothing here serves the merged model, and each export costs seconds.
+        local_worker=functools.partial(
+            local_worker, eval_windows=torch.randint(0, 256, (2, 17)), onnx=False
+        ),
         tick_interval_s=0.05,
         health_interval_s=0.2,
     )
@@ -506,6 +509,7 @@ def test_groups_mode_leaves_cloud_jobs_to_worker_groups(base: Any, tmp_path: Pat
                 blobs=thread.server.service.blobs,
                 base=base,
                 eval_windows=torch.randint(0, 256, (2, 17)),
+                onnx=False,
             ),
             name="gpu-a",
             heartbeat_s=0.5,

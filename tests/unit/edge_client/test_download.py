@@ -16,12 +16,11 @@ from typing import Any
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from offline_rpc import offline_rpc
 from recording_clock import RecordingClock
 
 from edge_client.download import MAX_HASH_FAILURES, ArtifactDownloader
 from edge_client.errors import TaskAbandoned
-from edge_client.hooks import AgentHooks, AgentStats
-from edge_client.rpc import EdgeRpc
 from edge_client.state import EdgeState
 from estuary.auth import signed_auth_from
 from estuary.clock import VirtualClock
@@ -69,17 +68,7 @@ def downloader_for(
     tmp_path: Path, clock: VirtualClock, stub: Stub
 ) -> tuple[ArtifactDownloader, EdgeState]:
     state = EdgeState(tmp_path / "edge")
-    rpc = EdgeRpc(
-        "coordinator.test:443",
-        credentials=None,
-        identity=lambda: KEY,
-        clock=clock,
-        rng=random.Random(5),
-        max_backoff_s=300.0,
-        stats=AgentStats(),
-        hooks=AgentHooks(),
-        stub=stub,
-    )
+    rpc = offline_rpc(clock, stub, identity=lambda: KEY)
     return ArtifactDownloader(state, rpc), state
 
 

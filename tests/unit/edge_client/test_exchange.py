@@ -15,12 +15,11 @@ import grpc
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from offline_rpc import offline_rpc
 from recording_clock import RecordingClock
 
 from edge_client.errors import TaskAbandoned
 from edge_client.exchange import POST_DEADLINE_GRACE_S, SecAggExchange, clipped_update
-from edge_client.hooks import AgentHooks, AgentStats
-from edge_client.rpc import EdgeRpc
 from estuary.auth import signed_auth_from
 from estuary.clock import VirtualClock
 from estuary.proto.session import session_to_proto
@@ -74,17 +73,7 @@ class Stub:
 
 
 def exchange_for(clock: RecordingClock, stub: Stub, *, deadline_ms: int) -> SecAggExchange:
-    rpc = EdgeRpc(
-        "coordinator.test:443",
-        credentials=None,
-        identity=lambda: KEY,
-        clock=clock,
-        rng=random.Random(5),
-        max_backoff_s=300.0,
-        stats=AgentStats(),
-        hooks=AgentHooks(),
-        stub=stub,
-    )
+    rpc = offline_rpc(clock, stub, identity=lambda: KEY)
     task = edge_pb2.Task(
         task_id="t1",
         cohort_id="c1",

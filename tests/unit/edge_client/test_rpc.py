@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
+from offline_rpc import offline_rpc
 from recording_clock import RecordingClock
 
 from edge_client.errors import AgentError, AgentStopping, TaskAbandoned
@@ -77,16 +78,8 @@ def make_rpc(
     hooks = AgentHooks(
         on_event=None if events is None else lambda name, details: events.append((name, details))
     )
-    rpc = EdgeRpc(
-        "coordinator.test:443",
-        credentials=None,
-        identity=identity,
-        clock=clock,
-        rng=random.Random(seed),
-        max_backoff_s=max_backoff_s,
-        stats=AgentStats(),
-        hooks=hooks,
-        stub=stub,
+    rpc = offline_rpc(
+        clock, stub, identity=identity, seed=seed, max_backoff_s=max_backoff_s, hooks=hooks
     )
     return rpc, stub
 

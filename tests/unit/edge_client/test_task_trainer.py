@@ -7,19 +7,18 @@ the waits between them are exact, and no test waits in real time.
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from offline_rpc import offline_rpc
 from recording_clock import RecordingClock
 
 import edge_client.train
 from edge_client.download import ArtifactDownloader
 from edge_client.errors import AgentError, TaskAbandoned
-from edge_client.hooks import AgentHooks, AgentStats
 from edge_client.rpc import EdgeRpc
 from edge_client.state import EdgeState
 from edge_client.training import TaskTrainer, task_seed
@@ -50,17 +49,7 @@ class Stub:
 
 
 def rpc_for(clock: VirtualClock, stub: Stub) -> EdgeRpc:
-    return EdgeRpc(
-        "coordinator.test:443",
-        credentials=None,
-        identity=lambda: KEY,
-        clock=clock,
-        rng=random.Random(0),
-        max_backoff_s=1.0,
-        stats=AgentStats(),
-        hooks=AgentHooks(),
-        stub=stub,
-    )
+    return offline_rpc(clock, stub, identity=lambda: KEY, seed=0, max_backoff_s=1.0)
 
 
 def trainer_for(
