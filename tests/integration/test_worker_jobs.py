@@ -50,8 +50,9 @@ from worker_fixtures import eval_windows
 
 url, blob_dir, name, delay, idle_exit = sys.argv[1:6]
 store = open_store(url)
+# No ONNX export: this test is about job delivery, and each export costs seconds.
 executor = ModelJobExecutor(store, blobs=BlobStore(blob_dir), base=build_preset("tiny", seed=0),
-                            eval_windows=eval_windows())
+                            eval_windows=eval_windows(), onnx=False)
 group = WorkerGroup(store, executor=executor, name=name, heartbeat_s=0.5, reclaim_idle_s=2.0,
                     job_delay_s=float(delay))
 group.run(threading.Event(), idle_exit_s=float(idle_exit))
