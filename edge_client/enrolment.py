@@ -155,6 +155,7 @@ async def enroll(
         rank=int(response.device_class.rank),
         r_max=int(response.r_max),
         coordinator=rpc.target,
+        now=rpc.clock.time(),
     )
     state.save_enrolment(enrolment)
     logger.info(

@@ -125,8 +125,8 @@ class Progress:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+def _utc_iso(unix_s: float) -> str:
+    return _dt.datetime.fromtimestamp(unix_s, _dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -294,16 +294,22 @@ class EdgeState:
 
     @staticmethod
     def new_enrolment(
-        *, device_id: str, device_class: str, rank: int, r_max: int, coordinator: str
+        *,
+        device_id: str,
+        device_class: str,
+        rank: int,
+        r_max: int,
+        coordinator: str,
+        now: float,
     ) -> Enrolment:
-        """Return an :class:`Enrolment` stamped with the current time."""
+        """Return an :class:`Enrolment` stamped ``now`` (Unix seconds, the agent's clock)."""
         return Enrolment(
             device_id=device_id,
             device_class=device_class,
             rank=rank,
             r_max=r_max,
             coordinator=coordinator,
-            enrolled_at=_utc_now(),
+            enrolled_at=_utc_iso(now),
         )
 
     @property

@@ -47,8 +47,14 @@ def test_identity_key_errors_name_the_file(tmp_path: Path) -> None:
 def test_json_state_is_written_atomically_and_read_back(tmp_path: Path) -> None:
     state = EdgeState(tmp_path)
     enrolment = state.new_enrolment(
-        device_id="d" * 32, device_class="phone", rank=4, r_max=16, coordinator="h:1"
+        device_id="d" * 32,
+        device_class="phone",
+        rank=4,
+        r_max=16,
+        coordinator="h:1",
+        now=1_700_000_000.0,
     )
+    assert enrolment.enrolled_at == "2023-11-14T22:13:20+00:00"
     state.save_enrolment(enrolment)
     state.save_progress(Progress(task_id="t", cohort_id="c", phase="keys", tasks_done=3))
 
