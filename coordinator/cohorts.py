@@ -38,7 +38,6 @@ __all__ = [
     "FormingCohort",
     "MalformedRecord",
     "neighbours_for",
-    "session_config",
 ]
 
 CohortStatus = Literal["active", "completed", "aborted"]
@@ -169,7 +168,7 @@ class CohortRecord:
     sealed_at, deadline_at
         Unix seconds: when membership became final, and the masked-upload deadline.
     threshold, bits, frac_bits, clip, neighbours, tensors
-        Secure-aggregation parameters (see :func:`session_config`).
+        Secure-aggregation parameters (see :meth:`CohortRecord.session_config`).
     stage
         The stage last noted by a tick (the log in :mod:`coordinator.cohort_log` is the
         truth; this copy dates ``stage_started`` and feeds the gauges).
@@ -446,11 +445,6 @@ class Assignment:
             member_index=f.int_("member_index"),
             task_id=f.str_("task_id"),
         )
-
-
-def session_config(record: CohortRecord) -> SessionConfig:
-    """Return the secure-aggregation parameters stored in a cohort record."""
-    return record.session_config()
 
 
 def neighbours_for(n: int, wanted: int | None) -> int | None:

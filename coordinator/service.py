@@ -43,7 +43,6 @@ import numpy as np
 
 from coordinator.admission import Admission
 from coordinator.cohort_book import ACTIVE_COHORTS, CohortBook
-from coordinator.cohorts import session_config
 from coordinator.enrolment import Device, DeviceRegistry
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from coordinator.job_submission import JobSubmitter
@@ -81,7 +80,6 @@ __all__ = [
     "ServiceObserver",
     "TaskOffer",
     "UploadResult",
-    "session_config",
 ]
 
 
