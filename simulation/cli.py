@@ -44,10 +44,10 @@ def simulate_command(
             help="Also train local-only and centralized adapters with the same sample budget.",
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Parent folder of runs/<id>/.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Parent folder of `runs/<id>/`.")] = None,
     live: Annotated[bool, typer.Option("--live/--no-live", help="Live progress display.")] = True,
 ) -> None:
-    """Run a whole federation on this machine and write runs/<id>/.
+    """Run a whole federation on this machine and write `runs/<id>/`.
 
     The coordinator, a local cloud worker and one edge agent per client run in this
     process and talk real gRPC over loopback, secure aggregation on. The run folder gets

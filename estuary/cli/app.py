@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,6 +35,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 
 
@@ -84,10 +85,33 @@ if _absent:
     )
 
 
+def _tidy_help(command: Any) -> Any:
+    """Label parameters in ``--help`` the way users read them, across every command.
+
+    Typer labels every on/off flag ``<bool>`` (``--help`` included) although a flag takes no
+    value, and shows arguments as ``{name}``; flags get no type label and arguments their
+    upper-case name, the one the command's own help text refers to.
+    """
+    context = command.context_class(command, info_name=command.name)
+    for param in command.get_params(context):  # includes the cached --help option
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif param.param_type_name == "argument" and param.metavar is None:
+            param.metavar = param.name.upper()
+    for sub in getattr(command, "commands", {}).values():
+        _tidy_help(sub)
+    return command
+
+
+def command() -> Any:
+    """Build the ``estuary`` command tree as the console script runs it (help labels tidied)."""
+    return _tidy_help(typer.main.get_command(app))
+
+
 def main() -> None:
     """Run the CLI; an unexpected exception is logged and exits with ``FAILURE``."""
     try:
-        app()
+        command()(prog_name="estuary")
     except KeyboardInterrupt:
         sys.exit(ExitCode.INTERRUPTED)
     except Exception:  # SystemExit (typer's own exits) is not an Exception: it passes

@@ -45,7 +45,7 @@ def check(
 ) -> None:
     """Validate FILE for ROLE and print the effective settings, secrets redacted.
 
-    Environment overrides (ESTUARY_<SECTION>__<FIELD>) are applied, as the role would
+    Environment overrides (`ESTUARY_<SECTION>__<FIELD>`) are applied, as the role would
     apply them. Secrets appear only as their reference (env:NAME or file:PATH) and
     whether they can be read. Exit code 3 when the file is invalid.
     """
