@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from estuary.cli.exit_codes import ExitCode
+from estuary.cli.shutdown import DEFAULT_SHUTDOWN_GRACE_S, ShutdownDeadline
 
 if TYPE_CHECKING:
     from estuary.config.models import WorkerSettings
@@ -40,7 +41,13 @@ def _worker() -> None:
     """Cloud worker groups: serve evaluation, artifact, merge and generate jobs."""
 
 
-def torchrun_command(config: Path, *, stages: int, idle_exit_s: float | None = None) -> list[str]:
+def torchrun_command(
+    config: Path,
+    *,
+    stages: int,
+    idle_exit_s: float | None = None,
+    shutdown_grace_s: float | None = None,
+) -> list[str]:
     """Return the ``torchrun`` command that starts a group of ``stages`` processes.
 
     ``--standalone`` runs the rendezvous on this machine (one node per group); each rank
@@ -55,6 +62,8 @@ def torchrun_command(config: Path, *, stages: int, idle_exit_s: float | None = N
     ]  # fmt: skip
     if idle_exit_s is not None:
         command += ["--idle-exit-s", str(idle_exit_s)]
+    if shutdown_grace_s is not None:
+        command += ["--shutdown-grace-s", str(shutdown_grace_s)]
     return command
 
 
@@ -86,6 +95,15 @@ def run(
             help="Exit after this many seconds without a job (batch runs).",
         ),
     ] = None,
+    shutdown_grace_s: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-grace-s",
+            min=0.1,
+            help="After SIGINT/SIGTERM, seconds to let the job in progress finish; then exit "
+            "anyway (the unfinished job is reclaimed by another group).",
+        ),
+    ] = DEFAULT_SHUTDOWN_GRACE_S,
 ) -> None:
     """Serve jobs from the state store's job stream as worker group GROUP of the config.
 
@@ -95,7 +113,14 @@ def run(
     settings = _load(config)
     under_torchrun = bool(os.environ.get("WORLD_SIZE"))
     if settings.stages > 1 and not under_torchrun:
-        command = torchrun_command(config, stages=settings.stages, idle_exit_s=idle_exit_s)
+        command = torchrun_command(
+            config,
+            stages=settings.stages,
+            idle_exit_s=idle_exit_s,
+            shutdown_grace_s=(
+                None if shutdown_grace_s == DEFAULT_SHUTDOWN_GRACE_S else shutdown_grace_s
+            ),
+        )
         if dry_run:
             typer.echo(" ".join(command))
             raise typer.Exit(ExitCode.OK)
@@ -104,20 +129,29 @@ def run(
     if dry_run:
         typer.echo("single process (stages = 1, or already under torchrun): nothing to launch")
         raise typer.Exit(ExitCode.OK)
-    raise typer.Exit(_serve(settings, idle_exit_s=idle_exit_s))
+    raise typer.Exit(_serve(settings, idle_exit_s=idle_exit_s, shutdown_grace_s=shutdown_grace_s))
 
 
-def _serve(settings: WorkerSettings, *, idle_exit_s: float | None) -> int:
+def _serve(
+    settings: WorkerSettings,
+    *,
+    idle_exit_s: float | None,
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
+) -> int:
     from cloud_workers.worker import serve
     from estuary.model.loading import CheckpointError
     from estuary.state import StoreUnavailable
 
     stop = threading.Event()
     interrupted = threading.Event()
+    deadline = ShutdownDeadline(
+        shutdown_grace_s, what=f"worker group {settings.group} (rank {os.environ.get('RANK', 0)})"
+    )
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         interrupted.set()
         stop.set()
+        deadline.arm()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
@@ -133,6 +167,7 @@ def _serve(settings: WorkerSettings, *, idle_exit_s: float | None) -> int:
     except ValueError as exc:  # the topology does not fit the model or the world size
         typer.echo(f"error: {exc}", err=True)
         return ExitCode.CONFIG
+    deadline.finish()
     return ExitCode.INTERRUPTED if interrupted.is_set() else ExitCode.OK
 
 

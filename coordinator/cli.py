@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from estuary.cli.exit_codes import ExitCode
 from estuary.cli.output import OutputFormat, fail, print_json
+from estuary.cli.shutdown import DEFAULT_SHUTDOWN_GRACE_S, ShutdownDeadline
 
 if TYPE_CHECKING:
     from estuary.config.models import CoordinatorSettings
@@ -99,8 +100,17 @@ def serve(
     listen: Annotated[
         str | None, typer.Option("--listen", help="HOST:PORT to serve on (overrides the config).")
     ] = None,
+    shutdown_grace_s: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-grace-s",
+            min=0.1,
+            help="After SIGINT/SIGTERM, seconds to drain requests and let a local job finish; "
+            "then exit anyway (the unfinished job is reclaimed by another worker).",
+        ),
+    ] = DEFAULT_SHUTDOWN_GRACE_S,
 ) -> None:
-    """Serve the federation until SIGINT/SIGTERM, then shut down cleanly.
+    """Serve the federation until SIGINT/SIGTERM, then shut down within the grace period.
 
     Exit codes: 3 invalid config or TLS files, or the address cannot be bound; 4 state
     store unreachable; 5 base model missing or corrupt; 130 stopped by a signal.
@@ -114,20 +124,26 @@ def serve(
         for error in exc.errors():
             fail(f"{'.'.join(str(p) for p in error['loc']) or 'tls'}: {error['msg']}")
         raise typer.Exit(ExitCode.CONFIG) from None
-    raise typer.Exit(asyncio.run(_serve(settings)))
+    raise typer.Exit(asyncio.run(_serve(settings, shutdown_grace_s=shutdown_grace_s)))
 
 
-async def _serve(settings: CoordinatorSettings) -> int:
-    from coordinator.server import CoordinatorServer, ServerStartError
+async def _serve(settings: CoordinatorSettings, *, shutdown_grace_s: float) -> int:
+    from coordinator.server import DEFAULT_GRACE_S, CoordinatorServer, ServerStartError
     from estuary.config.secrets import SecretUnavailable
     from estuary.jobs import LocalWorkerUnavailable, find_local_worker
     from estuary.model.loading import CheckpointError
     from estuary.state import InvalidStoreURL, StoreUnavailable
 
     stop = asyncio.Event()
+    deadline = ShutdownDeadline(shutdown_grace_s, what=f"coordinator {settings.node_id}")
+
+    def _on_signal() -> None:
+        stop.set()
+        deadline.arm()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, _on_signal)
     server = None
     try:
         local_worker = find_local_worker() if settings.workers == "local" else None
@@ -153,9 +169,10 @@ async def _serve(settings: CoordinatorSettings) -> int:
         await stop.wait()
         log.info("signal received: shutting down")
     finally:
-        await server.stop()
+        await server.stop(grace=min(DEFAULT_GRACE_S, shutdown_grace_s / 2))
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+    deadline.finish(server.lingering_threads)
     return ExitCode.INTERRUPTED
 
 

@@ -180,6 +180,8 @@ class CoordinatorServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._worker_stop = threading.Event()
         self._worker_thread: threading.Thread | None = None
+        #: Threads still running after :meth:`stop` (a local worker inside a job).
+        self.lingering_threads: list[threading.Thread] = []
         self._serving: bool | None = None
         self._stopped = asyncio.Event()
 
@@ -434,18 +436,21 @@ class CoordinatorServer:
 
     async def _close_resources(self) -> None:
         self._worker_stop.set()
-        if self._worker_thread is not None:
-            thread = self._worker_thread
-            await asyncio.to_thread(thread.join, LOCAL_WORKER_JOIN_S)
-            if thread.is_alive():
-                log.warning("local worker did not stop in time (a job is still running)")
-            self._worker_thread = None
-        self.metrics.close()
+        # The lease first: a caller that bounds the stop (estuary.cli.shutdown) may end
+        # the process while the local worker finishes its job below.
         if self._service is not None:
             try:
                 await asyncio.to_thread(self._service.ledger.release)
             except StoreError as exc:
                 log.warning("could not release the aggregator lease: %s", exc)
+        if self._worker_thread is not None:
+            thread = self._worker_thread
+            await asyncio.to_thread(thread.join, LOCAL_WORKER_JOIN_S)
+            if thread.is_alive():
+                log.warning("local worker did not stop in time (a job is still running)")
+                self.lingering_threads.append(thread)
+            self._worker_thread = None
+        self.metrics.close()
         if self._owns_store and self._store is not None:
             self._store.close()
 
