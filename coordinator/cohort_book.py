@@ -36,12 +36,11 @@ from coordinator.errors import FailedPrecondition
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.state.base import Store
 from estuary.state.errors import VersionConflict
-from estuary.state.keys import cohort_key
+from estuary.state.keys import FORMING_PREFIX, cohort_key
 from secure_agg import Server
 
 __all__ = ["ACTIVE_COHORTS", "ASSIGN_PREFIX", "FORMING_PREFIX", "SEEN_PREFIX", "CohortBook"]
 
-FORMING_PREFIX = "forming/"
 ASSIGN_PREFIX = "assign/"
 ACTIVE_COHORTS = "cohorts-active"
 SEEN_PREFIX = "seen/"

@@ -66,6 +66,7 @@ from estuary.adapters.lora import GlobalAdapter
 from estuary.auth import SignedAuth
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import CoordinatorSettings
+from estuary.federation import FEDERATION_KEY, FederationRecord
 from estuary.state.base import Store
 from estuary.state.blobs import BlobNotFound, BlobStore
 from secure_agg import Stage
@@ -184,7 +185,9 @@ class FederationService:
     # ------------------------------------------------------------------ start-up
 
     def start(self) -> VersionInfo:
-        """Record version 0 if the federation is new and queue its cloud jobs."""
+        """Publish how cohorts form, record version 0 if new and queue its cloud jobs."""
+        published = FederationRecord.from_settings(self.settings, now=self.clock.time())
+        self.store.put(FEDERATION_KEY, published.to_json())
         head = self.ledger.initialise(self._initial)
         self.jobs.submit(head)
         return head

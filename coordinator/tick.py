@@ -3,7 +3,8 @@
 :meth:`Ticker.tick` runs every ``TICK_INTERVAL_S`` on every replica at once; each step is
 safe to repeat and to race, because every write it makes is conditional:
 
-1. **Seal** forming cohorts that are ready (:meth:`Admission.seal_ready`).
+1. **Seal** forming cohorts that are ready (:meth:`Admission.seal_ready`), then log each
+   class whose count of waiting devices changed (:mod:`coordinator.formation`).
 2. **Note stages.** A cohort's stage lives in its replicated log; the tick copies a new
    stage into the cohort record with the time it noticed it (``stage_started``), which
    starts that stage's deadline.
@@ -35,6 +36,7 @@ from coordinator.admission import Admission
 from coordinator.cohort_book import CohortBook
 from coordinator.cohort_log import ReplicatedCohort
 from coordinator.cohorts import CohortRecord
+from coordinator.formation import FormationLog, waiting_by_class
 from coordinator.job_submission import JobSubmitter
 from coordinator.outcomes import ServiceCounters, ServiceObserver
 from coordinator.versions import VersionInfo, VersionLedger
@@ -105,10 +107,13 @@ class Ticker:
         self._counters = counters
         self._observer = observer
         self._clock = clock
+        self._classes = [c.name for c in admission.settings.device_classes]
+        self._formation = FormationLog(min_size=cohort.min_size)
 
     def tick(self) -> VersionInfo | None:
         """Do the periodic work; return the version committed by this call, if any."""
         self._admission.seal_ready()
+        self._formation.observe(waiting_by_class(self._book, self._classes))
         now = self._clock.time()
         for cohort_id in self._book.active_ids():
             record = self._book.record(cohort_id)

@@ -1,39 +1,28 @@
-"""``estuary status``: what the state store holds about a run."""
+"""``estuary status``: what the state store holds about a run.
+
+The command reads the records (:mod:`estuary.cli.status_report`) and prints either a
+summary for people that fits 80 columns, with details behind flags
+(:mod:`estuary.cli.status_render`), or everything as JSON for programs.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from estuary.cli.exit_codes import ExitCode
 from estuary.cli.output import OutputFormat, console, fail, print_json
-from estuary.state.keys import COHORT_PREFIX, DEVICE_PREFIX, VERSION_PREFIX, WORKER_PREFIX
-
-SECTIONS = {
-    "versions": VERSION_PREFIX,
-    "cohorts": COHORT_PREFIX,
-    "workers": WORKER_PREFIX,
-    "devices": DEVICE_PREFIX,
-}
+from estuary.cli.status_render import DETAILS, render
+from estuary.cli.status_report import StatusReport, build_report, collect_records
+from estuary.clock import SYSTEM_CLOCK, Clock
 
 
-def _decode(key: str, prefix: str, value: bytes) -> dict[str, Any]:
-    ident = key[len(prefix) :]
-    try:
-        obj = json.loads(value.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return {"id": ident, "error": "record is not JSON"}
-    if not isinstance(obj, dict):
-        return {"id": ident, "error": "record is not a JSON object"}
-    return {"id": ident, **obj}
-
-
-def collect_status(store_url: str, *, password: str | None = None) -> dict[str, Any]:
-    """Return the run's records grouped by kind, each list sorted by id.
+def read_status(
+    store_url: str, *, password: str | None = None, clock: Clock = SYSTEM_CLOCK
+) -> tuple[dict[str, Any], StatusReport]:
+    """Return the run's records (:func:`collect_records`) and their report at ``clock``'s now.
 
     Raises
     ------
@@ -50,27 +39,30 @@ def collect_status(store_url: str, *, password: str | None = None) -> dict[str, 
         options["password"] = password
     store = open_store(store_url, **options)
     try:
-        result: dict[str, Any] = {"state": store.url}
-        for section, prefix in SECTIONS.items():
-            records = store.scan(prefix)
-            result[section] = [
-                _decode(key, prefix, rec.value) for key, rec in sorted(records.items())
-            ]
-        return result
+        records = collect_records(store)
     finally:
         store.close()
+    return records, build_report(records, now=clock.time())
 
 
-def _table(title: str, rows: list[dict[str, Any]]) -> Table:
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    table = Table(title=f"{title} ({len(rows)})", title_justify="left")
-    for col in columns or ["id"]:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
-    return table
+def collect_status(
+    store_url: str, *, password: str | None = None, clock: Clock = SYSTEM_CLOCK
+) -> dict[str, Any]:
+    """Return what ``--format json`` prints: every record, grouped and sorted, plus ``summary``.
+
+    Raises
+    ------
+    InvalidStoreURL
+        If the URL is not a store URL.
+    StoreUnavailable
+        If the store cannot be reached.
+    """
+    records, report = read_status(store_url, password=password, clock=clock)
+    return {**records, "summary": report.summary()}
+
+
+def _flag(name: str, what: str) -> Any:
+    return typer.Option(f"--{name}", help=f"Also list {what} (text output).")
 
 
 def status(
@@ -88,13 +80,28 @@ def status(
         ),
     ] = None,
     output: Annotated[
-        OutputFormat, typer.Option("--format", help="Print as text or JSON.")
+        OutputFormat,
+        typer.Option("--format", help="text: a summary for people; json: every record."),
     ] = OutputFormat.text,
+    versions: Annotated[bool, _flag("versions", "every version with its commit date")] = False,
+    cohorts: Annotated[bool, _flag("cohorts", "every cohort with its stage and outcome")] = False,
+    workers: Annotated[bool, _flag("workers", "every worker group's last heartbeat")] = False,
+    devices: Annotated[bool, _flag("devices", "every enrolled device")] = False,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also list versions, cohorts, workers and devices.")
+    ] = False,
 ) -> None:
-    """Show what the state store holds about a run: versions, cohorts, workers, devices.
+    """Show what the state store holds about a run.
 
-    A fresh store (and memory://, which lives only inside one process) shows empty
-    lists. Exit code 4 when the store cannot be reached, 3 for a malformed URL.
+    The text summary fits 80 columns: the head version, the newest versions with their
+    held-out score (bits/byte), each device class with its devices enrolled and waiting
+    against the cohort minimum (cohorts form within one class and need cohort.min_size
+    devices of it), cohorts by stage, worker groups and how far evaluation lags the head.
+    --versions, --cohorts, --workers, --devices (or --all) add full lists. --format json
+    prints every record plus the summary, with Unix-second times.
+
+    A fresh store (and memory://, which lives only inside one process) shows nothing yet.
+    Exit code 4 when the store cannot be reached, 3 for a malformed URL.
     """
     from estuary.state import InvalidStoreURL, StoreError, StoreUnavailable
 
@@ -105,7 +112,7 @@ def status(
             fail(f"--password-env: environment variable {password_env} is unset or empty")
             raise typer.Exit(ExitCode.CONFIG)
     try:
-        data = collect_status(state, password=password)
+        records, report = read_status(state, password=password)
     except InvalidStoreURL as exc:
         fail(f"--state: {exc}")
         raise typer.Exit(ExitCode.CONFIG) from None
@@ -116,8 +123,7 @@ def status(
         fail(f"state store error: {exc}")
         raise typer.Exit(ExitCode.FAILURE) from None
     if output is OutputFormat.json:
-        print_json(data)
+        print_json({**records, "summary": report.summary()})
         return
-    console.print(f"state store: {data['state']}")
-    for section in SECTIONS:
-        console.print(_table(section, data[section]))
+    asked = {"versions": versions, "cohorts": cohorts, "workers": workers, "devices": devices}
+    render(report, console, details=[name for name in DETAILS if show_all or asked[name]])

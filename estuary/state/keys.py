@@ -9,21 +9,36 @@ shows (writers may add more).
 from __future__ import annotations
 
 #: ``version/<n:010d>`` → committed model versions: ``version``, ``adapter_sha256``,
-#: ``committed_at`` (Unix s), ``updates`` (client updates folded in), ``eval_bpb``.
+#: ``committed_at`` (Unix s), ``updates`` (client updates folded in), ``eval_bpb`` and
+#: ``eval_at`` (Unix s) once evaluated.
 #: Zero-padded so lexical order is numeric order.
 VERSION_PREFIX = "version/"
 
-#: ``cohort/<cohort_id>`` → secure-aggregation cohorts: ``stage``, ``device_class``,
-#: ``members``, ``version``, ``created_at``.
+#: ``cohort/<cohort_id>`` → secure-aggregation cohorts: ``stage``, ``status``,
+#: ``device_class``, ``members``, ``version``, ``sealed_at``, ``survivors``, ``abort_reason``.
 COHORT_PREFIX = "cohort/"
 
 #: ``worker/<group>`` → worker-group heartbeats: ``last_seen`` (Unix s), ``jobs_done``,
-#: ``stages``.
+#: ``jobs_skipped``, ``jobs_failed``, ``throughput_per_min``, ``current_job``,
+#: ``last_lag_s``, ``last_eval_version``, ``stages``.
 WORKER_PREFIX = "worker/"
 
 #: ``device/<device_id>`` → enrolled devices: ``device_class``, ``enrolled_at``,
 #: ``revoked``, ``last_seen``.
 DEVICE_PREFIX = "device/"
+
+
+#: ``forming/<class>`` → the cohort of a device class that is gathering devices (written
+#: by the coordinator's admission, deleted when the cohort is sealed): ``cohort_id``,
+#: ``members`` (device ids admitted so far), ``opened_at``, ``full_at`` (Unix s, once it
+#: has ``min_size`` members). Cohorts never mix classes, so each class fills its own.
+FORMING_PREFIX = "forming/"
+
+#: ``federation/settings`` → what the coordinator publishes about how its federation
+#: forms cohorts (:class:`estuary.federation.FederationRecord`): device classes, cohort
+#: ``min_size`` / ``max_size``, ``formation_s``, ``buffer_size``. Rewritten by every
+#: replica at start-up; ``estuary status`` reads it to say how many devices a class needs.
+FEDERATION_KEY = "federation/settings"
 
 
 def version_key(version: int) -> str:
@@ -36,6 +51,11 @@ def version_key(version: int) -> str:
 def cohort_key(cohort_id: str) -> str:
     """Return the record key of cohort ``cohort_id``."""
     return f"{COHORT_PREFIX}{cohort_id}"
+
+
+def forming_key(device_class: str) -> str:
+    """Return the record key of the forming cohort of ``device_class``."""
+    return f"{FORMING_PREFIX}{device_class}"
 
 
 def worker_key(group: str) -> str:

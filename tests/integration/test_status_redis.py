@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from redis_server import RedisServer
+from status_fixtures import cells, fill_run, overlong
 from typer.testing import CliRunner
 
 from estuary.cli.app import app
@@ -40,6 +42,33 @@ def test_status_shows_what_the_run_wrote(own_redis_server: RedisServer) -> None:
     text = CliRunner().invoke(app, ["status", "--state", own_redis_server.url])
     assert text.exit_code == ExitCode.OK
     assert "versions (2)" in text.stdout and "gpu-a" in text.stdout
+
+
+def test_status_summary_over_redis_fits_80_columns(own_redis_server: RedisServer) -> None:
+    store = open_store(own_redis_server.url)
+    fill_run(store, now=time.time())
+    store.close()
+
+    text = CliRunner().invoke(
+        app, ["status", "--state", own_redis_server.url, "--all"], env={"COLUMNS": "80"}
+    )
+    data = json.loads(
+        CliRunner()
+        .invoke(app, ["status", "--state", own_redis_server.url, "--format", "json"])
+        .stdout
+    )
+
+    assert text.exit_code == ExitCode.OK, text.output
+    assert overlong(text.stdout) == [] and "…" not in text.stdout
+    assert cells(text.stdout, "phone") == ["phone", "4", "2", "2", "4"]
+    assert cells(text.stdout, "laptop") == ["laptop", "16", "2", "0", "4"]
+    assert "all cohorts (19)" in text.stdout
+    classes = data["summary"]["classes"]
+    assert [(c["name"], c["waiting"], c["min_size"]) for c in classes] == [
+        ("phone", 2, 4),
+        ("laptop", 0, 4),
+    ]
+    assert data["federation"]["min_size"] == 4 and len(data["forming"]) == 1
 
 
 def test_status_when_redis_dies(own_redis_server: RedisServer) -> None:
