@@ -2,8 +2,13 @@
 
 An operator issues one-time enrolment tokens (``issue_token``); only the token's
 SHA-256 is stored, so a store dump does not leak usable tokens. A device enrols once
-with a token and its own Ed25519 public key; consuming the token is a versioned
-delete, so of two devices racing with one token exactly one succeeds. Every later
+with a token and its own Ed25519 public key; consuming the token is a compare-and-set
+that marks its record used (by which device, when), so of two devices racing with one
+token exactly one succeeds, a second use is refused as "already used" rather than as
+an unknown token, and the winner re-sending its Enroll (its answer was lost) is
+answered again instead of refused. Token records, used or not, are deleted once they
+expire: their expiry times are kept in a sorted set that every ``issue_token`` and
+``enroll`` sweeps, so the store does not grow with the fleet's history. Every later
 request is authenticated with :mod:`estuary.auth`; nonces are remembered per device
 in a sorted set (score = timestamp) for the clock-skew window, which is what makes
 a captured request useless to replay.
@@ -11,12 +16,14 @@ a captured request useless to replay.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
 import secrets
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from estuary.auth import (
     MAX_CLOCK_SKEW_MS,
@@ -33,6 +40,8 @@ from estuary.state.keys import device_key
 log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "enrol-token/"
+#: Sorted set of token record keys scored by expiry (Unix seconds): the retention index.
+TOKEN_EXPIRY_SET = "enrol-token-expiry"
 NONCE_PREFIX = "nonces/"
 
 #: Token length in bytes of randomness (URL-safe base64 in the token string): 256 bits,
@@ -42,6 +51,10 @@ TOKEN_BYTES = 32
 
 class EnrolmentError(Exception):
     """Enrolment refused: unknown/used/expired token, bad key, or unknown class."""
+
+
+class TokenAlreadyUsed(EnrolmentError):
+    """The token was valid but another enrolment has consumed it."""
 
 
 class Unauthenticated(Exception):
@@ -104,20 +117,42 @@ class DeviceRegistry:
             raise ValueError(f"device_class: unknown class {device_class!r}")
         if not ttl_s > 0:
             raise ValueError(f"ttl_s: must be > 0, got {ttl_s}")
+        self._forget_expired_tokens()
         token = secrets.token_urlsafe(TOKEN_BYTES)
-        record = {"device_class": device_class, "expires_at": self._clock.time() + ttl_s}
-        if not self._store.insert_if_absent(_token_key(token), json.dumps(record).encode()):
+        expires_at = self._clock.time() + ttl_s
+        key = _token_key(token)
+        record = {"device_class": device_class, "expires_at": expires_at}
+        # Index first: a crash between the two writes leaves an index entry whose sweep
+        # deletes nothing, never a token record that no sweep would find.
+        self._store.zadd(TOKEN_EXPIRY_SET, {key: expires_at})
+        if not self._store.insert_if_absent(key, json.dumps(record).encode()):
             raise RuntimeError("token collision")  # 256 random bits: never in practice
         return token
+
+    def _forget_expired_tokens(self) -> None:
+        """Delete the records of tokens past their expiry, used or not (retention)."""
+        expired = self._store.zrange_by_score(
+            TOKEN_EXPIRY_SET, min_score=float("-inf"), max_score=self._clock.time()
+        )
+        for key, _ in expired:
+            self._store.delete(key)
+        if expired:
+            self._store.zrem(TOKEN_EXPIRY_SET, *(key for key, _ in expired))
 
     def enroll(self, token: str, *, public_key: bytes, device_class: str) -> Device:
         """Consume ``token`` and record the device; return it.
 
+        A re-sent enrolment (same token, same key, the device's record intact and not
+        revoked) returns the device again: the first answer may have been lost.
+
         Raises
         ------
+        TokenAlreadyUsed
+            The token was consumed by another enrolment (the message names the device
+            and when).
         EnrolmentError
-            Unknown, used or expired token; token for another class; unknown class;
-            malformed key; key already enrolled. The token is consumed only on success.
+            Unknown or expired token; token for another class; unknown class; malformed
+            key; key already enrolled. The token is consumed only on success.
         """
         if device_class not in self._classes:
             raise EnrolmentError(
@@ -127,24 +162,35 @@ class DeviceRegistry:
             device_id = device_id_for(public_key)
         except ValueError as exc:
             raise EnrolmentError(f"identity public key: {exc}") from None
+        self._forget_expired_tokens()
         key = _token_key(token)
         record = self._store.get(key)
         if record is None:
-            raise EnrolmentError("enrolment token unknown or already used")
+            raise EnrolmentError(
+                "enrolment token unknown or expired (mistyped, issued by another "
+                "federation, or past its validity); ask for a new one"
+            )
         meta = json.loads(record.value)
+        if meta.get("used_by") is not None:
+            return self._used(meta, device_id=device_id, public_key=public_key)
         if meta["expires_at"] < self._clock.time():
             raise EnrolmentError("enrolment token expired")
         if meta["device_class"] not in (None, device_class):
             raise EnrolmentError(f"enrolment token is for device class {meta['device_class']!r}")
         if self._store.get(device_key(device_id)) is not None:
             raise EnrolmentError("this identity key is already enrolled")
-        try:
-            consumed = self._store.delete(key, expected_version=record.version)
-        except VersionConflict:
-            consumed = False
-        if not consumed:
-            raise EnrolmentError("enrolment token unknown or already used")
         now = self._clock.time()
+        used = {**meta, "used_by": device_id, "used_at": now}
+        try:
+            self._store.compare_and_set(
+                key, json.dumps(used).encode(), expected_version=record.version
+            )
+        except VersionConflict:
+            # Another enrolment got there first (or the record expired and was swept).
+            current = self._store.get(key)
+            if current is None:
+                raise EnrolmentError("enrolment token unknown or expired") from None
+            return self._used(json.loads(current.value), device_id=device_id, public_key=public_key)
         device = {
             "device_class": device_class,
             "public_key": public_key.hex(),
@@ -156,6 +202,20 @@ class DeviceRegistry:
             raise EnrolmentError("this identity key is already enrolled")
         log.info("enrolled device %s in class %s", device_id, device_class)
         return Device(device_id, device_class, public_key, now, False)
+
+    def _used(self, meta: dict[str, Any], *, device_id: str, public_key: bytes) -> Device:
+        """Answer an enrolment whose token is already used: a re-send, or a refusal."""
+        if meta["used_by"] == device_id:
+            device = self.get(device_id)
+            if device is not None and not device.revoked and device.public_key == public_key:
+                log.info("enrolment of device %s re-sent; answered again", device_id)
+                return device
+        when = datetime.datetime.fromtimestamp(float(meta["used_at"]), datetime.timezone.utc)
+        raise TokenAlreadyUsed(
+            f"enrolment token already used: device {meta['used_by']} enrolled with it at "
+            f"{when.isoformat(timespec='seconds')}; a token enrols one device, ask for a "
+            "new one"
+        )
 
     def get(self, device_id: str) -> Device | None:
         """Return the device record, or ``None`` if unknown."""

@@ -47,6 +47,7 @@ from edge_client.exchange import SecAggExchange, clipped_update, mask
 from edge_client.hooks import AgentHooks, AgentStats
 from edge_client.rpc import EdgeRpc
 from edge_client.state import EdgeState, Progress
+from edge_client.tls import ChannelTLS
 from edge_client.training import HEARTBEAT_S, TaskTrainer, task_seed
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.log import log_context
@@ -87,8 +88,8 @@ class EdgeAgent:
     target
         host:port of the coordinator.
     credentials
-        TLS credentials of the channel; ``None`` connects without TLS (loopback and
-        simulation only).
+        TLS material of the channel (:class:`~edge_client.tls.ChannelTLS`); ``None``
+        connects without TLS (loopback and simulation only).
     data
         Private training data: bytes, a file (memory-mapped), a folder of text files or a
         ``.jsonl`` file. ``None``: this device cannot train and :meth:`run` refuses.
@@ -113,7 +114,7 @@ class EdgeAgent:
         state: EdgeState,
         target: str,
         *,
-        credentials: grpc.ChannelCredentials | None,
+        credentials: ChannelTLS | None,
         data: bytes | Path | None,
         threads: int = 2,
         max_backoff_s: float = 300.0,

@@ -30,10 +30,9 @@ from estuary.cli.exit_codes import ExitCode
 from estuary.cli.output import OutputFormat, console, err_console, fail, print_json
 
 if TYPE_CHECKING:
-    import grpc
-
     from edge_client.agent import EdgeAgent
     from edge_client.state import EdgeState
+    from edge_client.tls import ChannelTLS
     from estuary.config import EdgeSettings
     from estuary.config.models import EdgeTLSSettings
 
@@ -78,31 +77,24 @@ def _state(settings: EdgeSettings) -> EdgeState:
         raise typer.Exit(ExitCode.INPUT) from None
 
 
-def _read_pem(path: Path | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        fail(f"{path}: cannot read the {what}: {exc.strerror}")
-        raise typer.Exit(ExitCode.CONFIG) from None
-
-
-def channel_credentials(tls: EdgeTLSSettings) -> grpc.ChannelCredentials | None:
-    """Return TLS credentials from ``tls``, or ``None`` for plaintext (``allow_plaintext``).
+def channel_tls(tls: EdgeTLSSettings) -> ChannelTLS | None:
+    """Return the channel's TLS material from ``tls``, or ``None`` for plaintext.
 
     ``ca_file`` unset uses the system trust store; ``cert_file``/``key_file`` add a
-    client certificate (mTLS) on top of the device's request signatures.
+    client certificate (mTLS) on top of the device's request signatures. Exits with
+    ``CONFIG`` naming the file when one is unreadable or not PEM.
     """
-    import grpc
+    from edge_client.tls import ChannelTLS
 
     if tls.allow_plaintext:
         return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read_pem(tls.ca_file, "coordinator CA"),
-        private_key=_read_pem(tls.key_file, "client key"),
-        certificate_chain=_read_pem(tls.cert_file, "client certificate"),
-    )
+    try:
+        return ChannelTLS.from_files(
+            ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file
+        )
+    except ValueError as exc:
+        fail(str(exc))
+        raise typer.Exit(ExitCode.CONFIG) from None
 
 
 def _agent(settings: EdgeSettings, *, with_data: bool) -> EdgeAgent:
@@ -112,7 +104,7 @@ def _agent(settings: EdgeSettings, *, with_data: bool) -> EdgeAgent:
     return EdgeAgent(
         _state(settings),
         settings.coordinator,
-        credentials=channel_credentials(settings.tls),
+        credentials=channel_tls(settings.tls),
         data=settings.data_dir if with_data else None,
         threads=threads,
         max_backoff_s=settings.max_backoff_s,
@@ -129,10 +121,13 @@ def enroll(
     """Enrol this device with the coordinator, using the config's one-time token.
 
     The identity key is generated here and never leaves the device. Exit code 3 when the
-    token is not configured or unreadable, 6 when the coordinator refuses it or the
-    device is already enrolled.
+    token is not configured or unreadable, or TLS to the coordinator cannot work as
+    configured (untrusted certificate, plaintext against TLS, refused client
+    certificate: said at once, not retried); 6 when the coordinator refuses the token
+    (unknown, expired, already used) or the device is already enrolled.
     """
     from edge_client.agent import AgentError
+    from edge_client.errors import TLSFailure
     from estuary.config import SecretUnavailable
 
     settings = _settings(config)
@@ -154,6 +149,9 @@ def enroll(
 
     try:
         record = asyncio.run(main())
+    except TLSFailure as exc:
+        fail(str(exc))
+        raise typer.Exit(ExitCode.CONFIG) from None
     except AgentError as exc:
         fail(str(exc))
         raise typer.Exit(ExitCode.PROTOCOL) from None
@@ -178,10 +176,12 @@ def run(
     """Ask the coordinator for tasks and train them until stopped.
 
     Ctrl-C or SIGTERM stops cleanly (a task under way is recorded as abandoned) with exit
-    code 130. Exit code 3 when data_dir is not set, 5 when the data or the state is
-    unusable, 6 when the coordinator does not recognise the device.
+    code 130. Exit code 3 when data_dir is not set or TLS to the coordinator cannot work
+    as configured (said at once, not retried), 5 when the data or the state is unusable,
+    6 when the coordinator does not recognise the device.
     """
     from edge_client.agent import AgentError
+    from edge_client.errors import TLSFailure
     from edge_client.state import StateError
 
     settings = _settings(config)
@@ -218,6 +218,9 @@ def run(
         stats = asyncio.run(main())
     except KeyboardInterrupt:
         raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except TLSFailure as exc:
+        fail(str(exc))
+        raise typer.Exit(ExitCode.CONFIG) from None
     except AgentError as exc:
         fail(str(exc))
         code = ExitCode.PROTOCOL if "not enrolled" in str(exc) else ExitCode.INPUT

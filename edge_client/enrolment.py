@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from edge_client.errors import AgentError
+from edge_client.errors import AgentError, TLSFailure
 from edge_client.rpc import EdgeRpc
 from edge_client.state import EdgeState, StateError
 from estuary import __version__
@@ -107,10 +107,12 @@ async def enroll(
     ------
     ValueError
         If ``token`` or ``device_class`` is empty.
+    TLSFailure
+        If the TLS connection to the coordinator cannot work as configured.
     AgentError
-        If the device is already enrolled, or the coordinator refuses the token or the
-        class (the message carries the coordinator's reason), or answers with a device id
-        that is not this key's.
+        If the device is already enrolled, or the coordinator refuses the token (unknown,
+        expired, already used) or the class (the message carries the coordinator's
+        reason), or answers with a device id that is not this key's.
     """
     if not token:
         raise ValueError("token: must be non-empty")
@@ -141,6 +143,8 @@ async def enroll(
         )
     except grpc.aio.AioRpcError as exc:
         raise AgentError(f"enrolment refused ({exc.code().name}): {exc.details()}") from None
+    except TLSFailure:
+        raise
     except AgentError as exc:
         raise AgentError(f"enrolment refused: {exc}") from None
     expected = device_id_for(public)

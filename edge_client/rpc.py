@@ -3,10 +3,14 @@
 Every request but Enroll is signed through :func:`estuary.auth.sign_message` with a fresh
 nonce and the clock's timestamp on every attempt, because the coordinator refuses a
 nonce it has seen. Transport failures (:data:`TRANSIENT_CODES`) are retried with
-exponential backoff and full jitter, waited on the injected clock; any other status is a
-refusal: UNAUTHENTICATED stops the agent with :class:`~edge_client.errors.AgentError`,
-another refusal inside a task abandons the task, and outside a task the status itself
-reaches the caller.
+exponential backoff and full jitter, waited on the injected clock, except TLS mistakes
+(an untrusted certificate, plaintext against TLS, a refused client certificate): those
+fail the same way on every attempt, so :meth:`EdgeRpc.retry_pause` stops the agent with
+:class:`~edge_client.errors.TLSFailure` naming the cause (see :mod:`edge_client.tls`).
+Any other status is a refusal: UNAUTHENTICATED of a signed request stops the agent with
+:class:`~edge_client.errors.AgentError`, another refusal inside a task abandons the
+task, and outside a task the status itself reaches the caller (Enroll, unsigned, gets
+its UNAUTHENTICATED that way: a refused token is not a device the coordinator forgot).
 
 Waits (backoff, and the Pace waits of the run loop) end early when the agent's stop
 event is set, so a stopping agent never sleeps out a long retry-after.
@@ -26,6 +30,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from edge_client.errors import AgentError, AgentStopping, TaskAbandoned
 from edge_client.hooks import AgentHooks, AgentStats
+from edge_client.tls import ChannelTLS, diagnose
 from estuary.auth import sign_message
 from estuary.clock import Clock
 from estuary.proto.v1 import edge_pb2_grpc
@@ -75,7 +80,7 @@ class EdgeRpc:
     target
         host:port of the coordinator.
     credentials
-        TLS credentials of the channel; ``None`` connects without TLS (loopback and
+        TLS material of the channel; ``None`` connects without TLS (loopback and
         simulation only).
     identity
         Returns the device's identity key (raising
@@ -105,7 +110,7 @@ class EdgeRpc:
         self,
         target: str,
         *,
-        credentials: grpc.ChannelCredentials | None,
+        credentials: ChannelTLS | None,
         identity: Callable[[], Ed25519PrivateKey],
         clock: Clock,
         rng: random.Random,
@@ -138,7 +143,7 @@ class EdgeRpc:
                 self._channel = grpc.aio.insecure_channel(self.target, options=options)
             else:
                 self._channel = grpc.aio.secure_channel(
-                    self.target, self.credentials, options=options
+                    self.target, self.credentials.credentials(), options=options
                 )
             # The generated stub module is untyped; its methods are used as Any.
             self._stub = edge_pb2_grpc.EdgeServiceStub(self._channel)  # type: ignore[no-untyped-call]
@@ -198,7 +203,18 @@ class EdgeRpc:
             raise AgentStopping
 
     async def retry_pause(self, method: str, exc: grpc.aio.AioRpcError, attempt: int) -> None:
-        """Report the transient failure of ``method`` and wait out its backoff."""
+        """Report the transient failure of ``method`` and wait out its backoff.
+
+        Raises
+        ------
+        TLSFailure
+            If the failure is a TLS mistake rather than an outage: retrying cannot help.
+        AgentStopping
+            If the stop event is set while waiting.
+        """
+        failure = await diagnose(exc, target=self.target, tls=self.credentials)
+        if failure is not None:
+            raise failure from None
         delay = self.backoff(attempt)
         logger.warning(
             "%s failed (%s: %s); retrying in %.2f s (attempt %d)",
@@ -219,14 +235,18 @@ class EdgeRpc:
         return exc.code() in TRANSIENT_CODES
 
     @staticmethod
-    def refused(method: str, exc: grpc.aio.AioRpcError, *, in_task: bool) -> Exception:
+    def refused(
+        method: str, exc: grpc.aio.AioRpcError, *, in_task: bool, signed: bool = True
+    ) -> Exception:
         """Return the exception for a non-transient refusal of ``method``.
 
-        UNAUTHENTICATED gives :class:`AgentError` (not enrolled, or revoked); another
-        code gives :class:`TaskAbandoned` inside a task and ``exc`` itself outside one.
+        UNAUTHENTICATED of a ``signed`` request gives :class:`AgentError` (not enrolled,
+        or revoked); another code, or an unsigned request (Enroll: its refusal is about
+        the token, which the caller reports), gives :class:`TaskAbandoned` inside a task
+        and ``exc`` itself outside one.
         """
         code = exc.code()
-        if code is grpc.StatusCode.UNAUTHENTICATED:
+        if code is grpc.StatusCode.UNAUTHENTICATED and signed:
             return AgentError(f"device not enrolled or revoked: {method}: {exc.details()}")
         if in_task:
             return TaskAbandoned(f"{method} refused ({code.name}): {exc.details()}")
@@ -264,8 +284,10 @@ class EdgeRpc:
 
         Raises
         ------
+        TLSFailure
+            On a TLS mistake (see :meth:`retry_pause`).
         AgentError
-            On UNAUTHENTICATED, or if the device is not enrolled and ``sign`` is set.
+            On UNAUTHENTICATED, or if the device is not enrolled, when ``sign`` is set.
         TaskAbandoned
             On another refusal when ``in_task``.
         grpc.aio.AioRpcError
@@ -286,7 +308,7 @@ class EdgeRpc:
                     await self.retry_pause(method, exc, attempt)
                     attempt += 1
                     continue
-                raise self.refused(method, exc, in_task=in_task) from None
+                raise self.refused(method, exc, in_task=in_task, signed=sign) from None
             if not isinstance(response, response_type):  # pragma: no cover - stub contract
                 raise AgentError(f"{method}: unexpected response {type(response).__name__}")
             self.stats.bytes_down += response.ByteSize()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from estuary.config.checks import LocalProblem, local_problems, missing_secrets
+from estuary.config.env import ENV_PREFIX, reserved_for_overrides
 from estuary.config.loader import (
     ConfigError,
     ConfigProblem,
     effective_settings,
     load_settings,
-    missing_secrets,
     role_names,
 )
 from estuary.config.models import (
@@ -21,11 +22,13 @@ from estuary.config.models import (
 from estuary.config.secrets import SecretRef, SecretUnavailable
 
 __all__ = [
+    "ENV_PREFIX",
     "ROLES",
     "ConfigError",
     "ConfigProblem",
     "CoordinatorSettings",
     "EdgeSettings",
+    "LocalProblem",
     "RoleSettings",
     "SecretRef",
     "SecretUnavailable",
@@ -33,6 +36,8 @@ __all__ = [
     "WorkerSettings",
     "effective_settings",
     "load_settings",
+    "local_problems",
     "missing_secrets",
+    "reserved_for_overrides",
     "role_names",
 ]

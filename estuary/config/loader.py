@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_settings import SettingsError
 
-from estuary.config.models import ENV_NESTED_DELIMITER, ENV_PREFIX, ROLES, RoleSettings
+from estuary.config.env import ENV_NESTED_DELIMITER, ENV_PREFIX
+from estuary.config.models import ROLES, RoleSettings
 from estuary.config.secrets import SecretRef
 
 if sys.version_info >= (3, 11):
@@ -65,13 +67,58 @@ def role_names() -> list[str]:
     return list(ROLES)
 
 
+_SETTINGS_ERROR_FIELD = re.compile(r'field "([^"]+)"')
+
+
 def _env_var_for(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> str | None:
-    """Return the ``ESTUARY_*`` variable that set the field at ``loc``, if any."""
+    """Return the ``ESTUARY_*`` variable that set the field at ``loc``, if any.
+
+    Matched case-insensitively, as pydantic-settings reads overrides.
+    """
+    present = {name.upper(): name for name in environ}
     for depth in range(len(loc), 0, -1):
         name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(p) for p in loc[:depth]).upper()
-        if name in environ:
-            return name
+        if name in present:
+            return present[name]
     return None
+
+
+def _secret_reason(field: str, var: str | None) -> str:
+    """Reason for a secret field given something other than a reference."""
+    if var is None:
+        return (
+            'a secret is never written inline: give { env = "VAR" } (a variable outside '
+            f'{ENV_PREFIX}) or {{ file = "/run/secrets/name" }}'
+        )
+    return (
+        f"{var} overrides the secret reference {field}, so it must name where the secret "
+        f"is, not hold it: set {var}{ENV_NESTED_DELIMITER}ENV=VAR or "
+        f"{var}{ENV_NESTED_DELIMITER}FILE=PATH. If {var} holds the secret itself, rename "
+        f"it: variables starting {ENV_PREFIX} are settings overrides, and the file's "
+        f"{field} should name the renamed variable"
+    )
+
+
+def _problems_of(exc: ValidationError, source: str) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        var = _env_var_for(loc, os.environ)
+        field = ".".join(str(p) for p in loc)
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown field (misspelt, or not a setting of this role)"
+        elif err["type"] == "model_type" and err.get("ctx", {}).get("class_name") == "SecretRef":
+            reason = _secret_reason(field, var)
+        elif err["type"] == "value_error":
+            reason = reason.removeprefix("Value error, ")
+            # Cross-field checks raise "field: reason"; report them under that field.
+            match = _LEADING_FIELD.match(reason)
+            if match:
+                field = ".".join(p for p in (field, match.group(1)) if p)
+                reason = reason[match.end() :]
+        problems.append(ConfigProblem(f"env:{var}" if var else source, field, reason))
+    return problems
 
 
 def load_settings(role: str, path: str | Path | None) -> RoleSettings:
@@ -113,23 +160,20 @@ def load_settings(role: str, path: str | Path | None) -> RoleSettings:
     try:
         return settings_cls(**data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            var = _env_var_for(loc, os.environ)
-            field = ".".join(str(p) for p in loc)
-            reason = err["msg"]
-            if err["type"] == "extra_forbidden":
-                reason = "unknown field (misspelt, or not a setting of this role)"
-            elif err["type"] == "value_error":
-                reason = reason.removeprefix("Value error, ")
-                # Cross-field checks raise "field: reason"; report them under that field.
-                match = _LEADING_FIELD.match(reason)
-                if match:
-                    field = ".".join(p for p in (field, match.group(1)) if p)
-                    reason = reason[match.end() :]
-            problems.append(ConfigProblem(f"env:{var}" if var else source, field, reason))
-        raise ConfigError(problems) from None
+        raise ConfigError(_problems_of(exc, source)) from None
+    except SettingsError as exc:
+        # A whole section or list given by one variable must be JSON; pydantic-settings
+        # names only the field, so name the variable here.
+        match = _SETTINGS_ERROR_FIELD.search(str(exc))
+        field = match.group(1) if match else ""
+        var = _env_var_for((field,), os.environ) if field else None
+        reason = (
+            "cannot parse the value: a section or list given by one variable must be "
+            f"JSON; or set one field with {ENV_PREFIX}<SECTION>{ENV_NESTED_DELIMITER}<FIELD>"
+        )
+        raise ConfigError(
+            [ConfigProblem(f"env:{var}" if var else "environment", field, reason)]
+        ) from None
 
 
 def _redact(value: Any) -> Any:
@@ -154,17 +198,3 @@ def effective_settings(settings: BaseModel) -> dict[str, Any]:
     result = _redact(settings)
     assert isinstance(result, dict)
     return result
-
-
-def missing_secrets(settings: BaseModel, prefix: str = "") -> list[str]:
-    """Return the dotted names of secret references that cannot currently be read."""
-    missing: list[str] = []
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        dotted = f"{prefix}{name}"
-        if isinstance(value, SecretRef):
-            if not value.is_available():
-                missing.append(dotted)
-        elif isinstance(value, BaseModel):
-            missing.extend(missing_secrets(value, dotted + "."))
-    return missing

@@ -8,23 +8,24 @@ cannot work are refused when the file is loaded, naming the field.
 Values come from a TOML file and can be overridden by environment variables
 ``ESTUARY_<SECTION>__<FIELD>`` (double underscore between levels), e.g.
 ``ESTUARY_STATE__URL=redis://redis:6379/0``. See :mod:`estuary.config.loader`.
+
+Every path field carries a :class:`~estuary.config.checks.UsesPath` marker saying how
+the role uses it, so ``estuary config check`` can tell whether this machine has it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from estuary.config.checks import PathUse, UsesPath
+from estuary.config.env import ENV_NESTED_DELIMITER, ENV_PREFIX
 from estuary.config.secrets import SecretRef
-
-#: Environment prefix of every override; nested fields are joined with ``__``.
-ENV_PREFIX = "ESTUARY_"
-ENV_NESTED_DELIMITER = "__"
 
 
 class Section(BaseModel):
@@ -50,7 +51,7 @@ class StateSettings(Section):
     password: SecretRef | None = Field(
         default=None, description="Redis password, by environment variable or file. None: no AUTH."
     )
-    tls_ca_file: Path | None = Field(
+    tls_ca_file: Annotated[Path | None, UsesPath(PathUse.READ_FILE, "Redis CA bundle")] = Field(
         default=None,
         description="CA bundle (PEM) to verify a rediss:// server. None: the system trust store.",
     )
@@ -59,7 +60,7 @@ class StateSettings(Section):
         min_length=1,
         description="Prefix of every Redis key, so several federations can share one Redis.",
     )
-    blob_dir: Path = Field(
+    blob_dir: Annotated[Path, UsesPath(PathUse.WRITE_DIR, "blob directory")] = Field(
         default=Path("estuary-blobs"),
         description="Directory of the content-addressed blob store (artifacts, adapter versions).",
     )
@@ -96,7 +97,7 @@ class ModelSettings(Section):
             "'path' is not set either."
         ),
     )
-    path: Path | None = Field(
+    path: Annotated[Path | None, UsesPath(PathUse.READ_DIR, "model directory")] = Field(
         default=None,
         description="Local Hugging Face model directory. None: use 'preset'.",
     )
@@ -289,9 +290,13 @@ class TrainingSettings(Section):
 class ServerTLSSettings(Section):
     """TLS of a gRPC server."""
 
-    cert_file: Path | None = Field(default=None, description="Server certificate chain (PEM).")
-    key_file: Path | None = Field(default=None, description="Server private key (PEM).")
-    client_ca_file: Path | None = Field(
+    cert_file: Annotated[Path | None, UsesPath(PathUse.READ_FILE, "server certificate")] = Field(
+        default=None, description="Server certificate chain (PEM)."
+    )
+    key_file: Annotated[Path | None, UsesPath(PathUse.READ_FILE, "server private key")] = Field(
+        default=None, description="Server private key (PEM)."
+    )
+    client_ca_file: Annotated[Path | None, UsesPath(PathUse.READ_FILE, "client CA")] = Field(
         default=None,
         description="CA (PEM) that client certificates must chain to. None: no client certs.",
     )
@@ -447,11 +452,15 @@ class WorkerSettings(RoleSettings):
 class EdgeTLSSettings(Section):
     """TLS of the edge's connection to the coordinator."""
 
-    ca_file: Path | None = Field(
+    ca_file: Annotated[Path | None, UsesPath(PathUse.READ_FILE, "coordinator CA")] = Field(
         default=None, description="CA (PEM) of the coordinator. None: the system trust store."
     )
-    cert_file: Path | None = Field(default=None, description="Client certificate (PEM), mTLS.")
-    key_file: Path | None = Field(default=None, description="Client private key (PEM), mTLS.")
+    cert_file: Annotated[Path | None, UsesPath(PathUse.READ_FILE, "client certificate")] = Field(
+        default=None, description="Client certificate (PEM), mTLS."
+    )
+    key_file: Annotated[Path | None, UsesPath(PathUse.READ_FILE, "client private key")] = Field(
+        default=None, description="Client private key (PEM), mTLS."
+    )
     allow_plaintext: bool = Field(
         default=False, description="Connect without TLS. Only for loopback and simulation."
     )
@@ -472,11 +481,11 @@ class EdgeSettings(RoleSettings):
         description="host:port of the coordinator (or its load balancer).",
     )
     tls: EdgeTLSSettings = Field(default_factory=EdgeTLSSettings)
-    state_dir: Path = Field(
+    state_dir: Annotated[Path, UsesPath(PathUse.WRITE_DIR, "state directory")] = Field(
         default=Path("estuary-edge"),
         description="Directory for keys, progress and downloaded artifacts.",
     )
-    data_dir: Path | None = Field(
+    data_dir: Annotated[Path | None, UsesPath(PathUse.READ_FILE_OR_DIR, "training data")] = Field(
         default=None,
         description=(
             "Private training data (folder of text files or a JSONL file). None: no training."
@@ -487,7 +496,11 @@ class EdgeSettings(RoleSettings):
         default=2, ge=0, description="Torch/onnxruntime threads. 0: one per available core."
     )
     enrolment_token: SecretRef | None = Field(
-        default=None, description="One-time enrolment token. None: already enrolled."
+        default=None,
+        description=(
+            "One-time enrolment token, by environment variable (outside the ESTUARY_ "
+            "prefix) or file. None: already enrolled."
+        ),
     )
     max_backoff_s: float = Field(
         default=300.0, gt=0, description="Longest wait between reconnection attempts, seconds."
@@ -539,7 +552,9 @@ class SimulationSettings(RoleSettings):
     baselines: bool = Field(
         default=False, description="Also train local-only and centralized baselines."
     )
-    out_dir: Path = Field(default=Path("runs"), description="Where runs/<id>/ is written.")
+    out_dir: Annotated[Path, UsesPath(PathUse.WRITE_DIR, "run output directory")] = Field(
+        default=Path("runs"), description="Where runs/<id>/ is written."
+    )
     state: StateSettings = Field(default_factory=StateSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     aggregation: AggregationSettings = Field(default_factory=AggregationSettings)

@@ -4,6 +4,10 @@ A config file may be committed, copied into a ticket or printed by
 ``estuary config check``; so a secret is given as the name of an environment
 variable or the path of a file (a Kubernetes/Docker secret mount), and read only
 when it is used.
+
+A secret's variable may not start with ``ESTUARY_``: that prefix names settings
+overrides (:mod:`estuary.config.env`), and a secret there would be read as the value
+of a setting rather than as the secret.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from estuary.config.env import ENV_NESTED_DELIMITER, ENV_PREFIX, reserved_for_overrides
 
 
 class SecretUnavailable(RuntimeError):
@@ -25,13 +31,29 @@ class SecretRef(BaseModel):
 
     env: str | None = Field(
         default=None,
-        description="Name of the environment variable that holds the secret.",
+        description=(
+            "Name of the environment variable that holds the secret; not under the "
+            "ESTUARY_ prefix, which names settings overrides."
+        ),
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
     )
     file: Path | None = Field(
         default=None,
         description="Path of a file whose content (trailing newline stripped) is the secret.",
     )
+
+    @field_validator("env")
+    @classmethod
+    def _not_an_override(cls, value: str | None) -> str | None:
+        if value is not None and reserved_for_overrides(value):
+            suggestion = value[len(ENV_PREFIX) :] or "MY_SECRET"
+            raise ValueError(
+                f"{value!r} starts with {ENV_PREFIX}, the prefix of settings overrides "
+                f"({ENV_PREFIX}<SECTION>{ENV_NESTED_DELIMITER}<FIELD>): its value would be "
+                "read as a setting, not as this secret; name a variable outside that prefix, "
+                f'e.g. {{ env = "{suggestion}" }}'
+            )
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SecretRef:

@@ -5,8 +5,17 @@ import threading
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from coordinator.enrolment import DeviceRegistry, EnrolmentError, Unauthenticated
+from coordinator.enrolment import (
+    TOKEN_EXPIRY_SET,
+    TOKEN_PREFIX,
+    DeviceRegistry,
+    EnrolmentError,
+    TokenAlreadyUsed,
+    Unauthenticated,
+)
 from estuary.auth import SignedAuth, raw_public_key, sign_request
 from estuary.clock import VirtualClock
 from estuary.state.memory import MemoryStore
@@ -54,21 +63,113 @@ def test_token_is_single_use_even_under_a_race(registry: DeviceRegistry) -> None
                 token, public_key=raw_public_key(Ed25519PrivateKey.generate()), device_class="phone"
             )
             results.append("ok")
-        except EnrolmentError:
-            results.append("refused")
+        except TokenAlreadyUsed:
+            results.append("already used")
 
     threads = [threading.Thread(target=attempt) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(results) == ["ok"] + ["refused"] * 7
+    assert sorted(results) == ["already used"] * 7 + ["ok"]
+
+
+def test_reused_token_says_already_used_and_by_whom(
+    registry: DeviceRegistry, clock: VirtualClock
+) -> None:
+    # Prepare: one device enrols with the token.
+    token = registry.issue_token()
+    first = registry.enroll(
+        token, public_key=raw_public_key(Ed25519PrivateKey.generate()), device_class="phone"
+    )
+    clock.advance(30)
+
+    # Execute: a second device presents the same token.
+    with pytest.raises(TokenAlreadyUsed) as info:
+        registry.enroll(
+            token, public_key=raw_public_key(Ed25519PrivateKey.generate()), device_class="phone"
+        )
+
+    # Assert: not "unknown", and it names the device that used it and when.
+    message = str(info.value)
+    assert message.startswith("enrolment token already used")
+    assert first.device_id in message
+    assert "unknown" not in message
+
+
+def test_re_sent_enrolment_is_answered_again(registry: DeviceRegistry) -> None:
+    # The device's first answer was lost; it sends the same Enroll again.
+    key = raw_public_key(Ed25519PrivateKey.generate())
+    token = registry.issue_token()
+    first = registry.enroll(token, public_key=key, device_class="phone")
+    again = registry.enroll(token, public_key=key, device_class="phone")
+    assert again == first
+    # Once revoked, the same re-send is refused: revocation is not undone by a token.
+    assert registry.revoke(first.device_id)
+    with pytest.raises(TokenAlreadyUsed):
+        registry.enroll(token, public_key=key, device_class="phone")
+
+
+def test_expired_token_records_are_deleted_used_or_not(
+    registry: DeviceRegistry, clock: VirtualClock
+) -> None:
+    store = registry._store
+    used = registry.issue_token(ttl_s=60)
+    registry.issue_token(ttl_s=60)  # never used
+    registry.enroll(
+        used, public_key=raw_public_key(Ed25519PrivateKey.generate()), device_class="phone"
+    )
+    assert len(store.scan(TOKEN_PREFIX)) == 2
+    clock.advance(61)
+    fresh = registry.issue_token(ttl_s=60)  # issuing sweeps what has expired
+    assert len(store.scan(TOKEN_PREFIX)) == 1
+    assert store.zcard(TOKEN_EXPIRY_SET) == 1
+    with pytest.raises(EnrolmentError, match="unknown or expired"):
+        registry.enroll(
+            used, public_key=raw_public_key(Ed25519PrivateKey.generate()), device_class="phone"
+        )
+    clock.advance(61)
+    with pytest.raises(EnrolmentError, match="unknown or expired"):  # enrolling sweeps too
+        registry.enroll(
+            fresh, public_key=raw_public_key(Ed25519PrivateKey.generate()), device_class="phone"
+        )
+    assert store.scan(TOKEN_PREFIX) == {} and store.zcard(TOKEN_EXPIRY_SET) == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.integers(min_value=1, max_value=1_000), st.integers(min_value=0, max_value=600)
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_only_unexpired_tokens_stay_in_the_store(steps: list[tuple[int, int]]) -> None:
+    clock = VirtualClock()
+    registry = DeviceRegistry(MemoryStore(clock=clock.time), device_classes=["phone"], clock=clock)
+    expiries: dict[str, float] = {}
+    for ttl, wait in steps:  # issue a token with this ttl, then let time pass
+        token = registry.issue_token(ttl_s=ttl)
+        expiries[token] = clock.time() + ttl
+        if len(expiries) % 2 == 0:  # use every other token
+            registry.enroll(
+                token,
+                public_key=raw_public_key(Ed25519PrivateKey.generate()),
+                device_class="phone",
+            )
+        clock.advance(wait)
+    registry.issue_token(ttl_s=1)  # the sweep runs on issue
+    alive = sum(1 for at in expiries.values() if at > clock.time()) + 1
+    assert len(registry._store.scan(TOKEN_PREFIX)) == alive
+    assert registry._store.zcard(TOKEN_EXPIRY_SET) == alive
 
 
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("unknown_token", "unknown or already used"),
+        ("unknown_token", "unknown or expired"),
         ("expired", "expired"),
         ("wrong_class_token", "is for device class"),
         ("unknown_class", "unknown device class"),

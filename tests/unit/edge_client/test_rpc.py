@@ -213,6 +213,23 @@ def test_unsigned_call_sends_no_auth_and_needs_no_identity() -> None:
     assert len(clock.sleeps) == 1
 
 
+def test_unsigned_call_refused_unauthenticated_is_not_about_the_device() -> None:
+    # Enroll carries no identity: its UNAUTHENTICATED is about the token, and the caller
+    # (enrolment) reports the coordinator's reason; "not enrolled or revoked" is wrong.
+    rpc, stub = make_rpc(RecordingClock(), [grpc.StatusCode.UNAUTHENTICATED])
+    request = edge_pb2.EnrollRequest(token="t", device_class="phone")
+
+    with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+        asyncio.run(
+            rpc.call(
+                "Enroll", request, response_type=edge_pb2.EnrollResponse, sign=False, in_task=False
+            )
+        )
+
+    assert excinfo.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert len(stub.seen) == 1
+
+
 def test_signed_call_of_an_unenrolled_device_sends_nothing() -> None:
     def not_enrolled() -> Ed25519PrivateKey:
         raise AgentError("device not enrolled")

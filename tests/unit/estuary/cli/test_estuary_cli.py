@@ -53,7 +53,7 @@ def test_config_check_example_json() -> None:
     data = json.loads(result.stdout)
     assert data["valid"] is True
     assert data["settings"]["state"]["url"] == "redis://redis:6379/0"
-    assert data["settings"]["state"]["password"].startswith("<secret env:ESTUARY_REDIS_PASSWORD")
+    assert data["settings"]["state"]["password"].startswith("<secret env:REDIS_PASSWORD")
 
 
 def test_config_check_invalid_file_exits_config(tmp_path: Path) -> None:
@@ -64,13 +64,21 @@ def test_config_check_invalid_file_exits_config(tmp_path: Path) -> None:
     assert "aggregation" in result.output  # worker has no aggregation section: unknown field
 
 
-def test_config_check_strict_fails_on_missing_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("ESTUARY_REDIS_PASSWORD", raising=False)
-    example = str(REPO / "deploy/config/coordinator.toml")
+def test_config_check_strict_fails_on_missing_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+    config = tmp_path / "coordinator.toml"
+    config.write_text(
+        '[tls]\nallow_plaintext = true\n[state]\nurl = "redis://h:6379/0"\n'
+        f'password = {{ env = "REDIS_PASSWORD" }}\nblob_dir = "{tmp_path / "blobs"}"\n',
+        encoding="utf-8",
+    )
+    example = str(config)
     assert runner.invoke(app, ["config", "check", "coordinator", example]).exit_code == 0
     result = runner.invoke(app, ["config", "check", "coordinator", example, "--strict"])
     assert result.exit_code == ExitCode.CONFIG
-    monkeypatch.setenv("ESTUARY_REDIS_PASSWORD", "pw-value")
+    monkeypatch.setenv("REDIS_PASSWORD", "pw-value")
     result = runner.invoke(app, ["config", "check", "coordinator", example, "--strict"])
     assert result.exit_code == ExitCode.OK
     assert "pw-value" not in result.output

@@ -3,16 +3,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from estuary.config import (
     ConfigError,
     CoordinatorSettings,
+    EdgeSettings,
+    SecretRef,
     effective_settings,
     load_settings,
+    local_problems,
     missing_secrets,
+    reserved_for_overrides,
 )
+from estuary.config.checks import PathUse, check_path
 
 REPO = Path(__file__).resolve().parents[4]
 EXAMPLES = REPO / "deploy" / "config"
@@ -46,7 +51,7 @@ def test_example_coordinator_values() -> None:
     assert settings.aggregation.buffer_size == 8
     assert [c.name for c in settings.device_classes] == ["phone", "laptop"]
     assert settings.state.password is not None
-    assert settings.state.password.env == "ESTUARY_REDIS_PASSWORD"
+    assert settings.state.password.env == "REDIS_PASSWORD"
 
 
 @pytest.mark.parametrize(
@@ -171,3 +176,151 @@ def test_model_source_path_or_preset(tmp_path: Path) -> None:
     both = _write(tmp_path, '[model]\npath = "/m"\npreset = "small"\n')
     with pytest.raises(ConfigError, match="model.preset: set preset or path, not both"):
         load_settings("worker", both)
+
+
+# --------------------------------------------------------------------------- secrets vs overrides
+
+_NAME_TAIL = st.from_regex(r"[A-Za-z0-9_]{0,20}", fullmatch=True)
+
+
+@given(
+    prefix=st.sampled_from(["ESTUARY_", "estuary_", "Estuary_"]),
+    tail=_NAME_TAIL,
+    nested=st.booleans(),
+)
+def test_secret_variable_under_the_override_prefix_is_refused(
+    prefix: str, tail: str, nested: bool
+) -> None:
+    # At any depth (edge.enrolment_token at the top, coordinator state.password nested).
+    name = prefix + tail
+    if nested:
+        role, field = "coordinator", "state.password.env"
+        text = f'[tls]\nallow_plaintext = true\n[state]\npassword = {{ env = "{name}" }}\n'
+    else:
+        role, field = "edge", "enrolment_token.env"
+        text = f'enrolment_token = {{ env = "{name}" }}\n'
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cfg.toml"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError) as info:
+            load_settings(role, path)
+    [problem] = info.value.problems
+    assert problem.field == field
+    assert "prefix of settings overrides" in problem.reason
+    assert reserved_for_overrides(name)
+
+
+@given(
+    name=st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,30}", fullmatch=True),
+    value=st.text(
+        alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=40
+    ),
+)
+def test_a_secret_variable_never_changes_a_setting(name: str, value: str) -> None:
+    # Any variable a secret may name holds the secret and nothing else: set to any value,
+    # every setting stays as it was and the secret reads back as that value.
+    import os
+
+    if reserved_for_overrides(name):
+        with pytest.raises(ValueError, match="prefix of settings overrides"):
+            SecretRef(env=name)
+        return
+    assume(name not in os.environ)
+    before = EdgeSettings(enrolment_token={"env": name})
+    os.environ[name] = value
+    try:
+        after = EdgeSettings(enrolment_token={"env": name})
+    finally:
+        del os.environ[name]
+    assert after == before
+    assert after.enrolment_token is not None
+    os.environ[name] = value
+    try:
+        assert after.enrolment_token.reveal() == value
+    finally:
+        del os.environ[name]
+
+
+def test_scalar_override_of_a_secret_field_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path, "[tls]\nallow_plaintext = true\n")
+    monkeypatch.setenv("ESTUARY_STATE__PASSWORD", "hunter2")
+    with pytest.raises(ConfigError) as info:
+        load_settings("coordinator", path)
+    [problem] = info.value.problems
+    assert problem.source == "env:ESTUARY_STATE__PASSWORD"
+    assert problem.field == "state.password"
+    assert "ESTUARY_STATE__PASSWORD__ENV=VAR" in problem.reason
+    assert "rename it" in problem.reason
+    assert "hunter2" not in str(info.value)
+    # The form it suggests works.
+    monkeypatch.delenv("ESTUARY_STATE__PASSWORD")
+    monkeypatch.setenv("ESTUARY_STATE__PASSWORD__ENV", "REDIS_PW")
+    settings = load_settings("coordinator", path)
+    assert settings.state.password == SecretRef(env="REDIS_PW")  # type: ignore[attr-defined]
+
+
+def test_unparseable_section_override_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _write(tmp_path, "[tls]\nallow_plaintext = true\n")
+    monkeypatch.setenv("ESTUARY_STATE", '{"url": "memory://"')  # missing brace
+    with pytest.raises(ConfigError) as info:
+        load_settings("coordinator", path)
+    [problem] = info.value.problems
+    assert (problem.source, problem.field) == ("env:ESTUARY_STATE", "state")
+    assert "JSON" in problem.reason
+
+
+# --------------------------------------------------------------------------- paths on this machine
+
+
+def test_local_problems_name_each_unusable_path(tmp_path: Path) -> None:
+    # Prepare: one of each way a path can be unusable, and one usable of each kind.
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    good = tmp_path / "ca.pem"
+    good.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    a_file = tmp_path / "file"
+    a_file.write_text("x", encoding="utf-8")
+    settings = EdgeSettings(
+        tls={"ca_file": good, "cert_file": empty, "key_file": tmp_path},
+        state_dir=a_file / "state",
+        data_dir=tmp_path / "missing-data",
+        enrolment_token={"file": tmp_path / "no-token"},
+    )
+
+    # Execute
+    problems = {p.field: (p.kind, p.reason) for p in local_problems(settings)}
+
+    # Assert
+    assert problems == {
+        "tls.cert_file": ("path", f"client certificate {empty} is empty"),
+        "tls.key_file": ("path", f"client private key {tmp_path} is a directory, not a file"),
+        "state_dir": (
+            "path",
+            f"state directory {a_file / 'state'} does not exist and cannot be created: "
+            f"{a_file} is not a directory",
+        ),
+        "data_dir": ("path", f"training data {tmp_path / 'missing-data'} does not exist"),
+        "enrolment_token": (
+            "secret",
+            f"secret file {tmp_path / 'no-token'}: No such file or directory",
+        ),
+    }
+    usable = EdgeSettings(
+        tls={"ca_file": good}, state_dir=tmp_path / "new" / "state", data_dir=good
+    )
+    assert local_problems(usable) == []
+
+
+@pytest.mark.parametrize("use", list(PathUse))
+def test_check_path_of_a_missing_path(tmp_path: Path, use: PathUse) -> None:
+    reason = check_path(tmp_path / "nope", use)
+    if use is PathUse.WRITE_DIR:
+        assert reason is None  # created on first use, and tmp_path is writable
+    else:
+        assert reason == "does not exist"
