@@ -30,12 +30,27 @@ class NotFound(ServiceError):
     """A named blob or task does not exist."""
 
 
+class MalformedRequest(InvalidArgument):
+    """Bytes that are no valid encoding of the request message (refused before any work)."""
+
+
+class DeadlineExceeded(ServiceError):
+    """A server-side time limit passed: an upload stream idle or open for too long."""
+
+
+class Unavailable(ServiceError):
+    """Not now, retry later: the state store is known silent, or the handlers are saturated."""
+
+
 __all__ = [
+    "DeadlineExceeded",
     "EnrolmentError",
     "FailedPrecondition",
     "InvalidArgument",
+    "MalformedRequest",
     "NotFound",
     "ResourceExhausted",
     "ServiceError",
     "Unauthenticated",
+    "Unavailable",
 ]

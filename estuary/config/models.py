@@ -335,6 +335,71 @@ class ServerSettings(Section):
     device_burst: int = Field(
         default=20, ge=1, description="Requests a device may burst above that rate."
     )
+    handler_threads: int = Field(
+        default=32,
+        ge=1,
+        description=(
+            "Threads that run the requests' blocking store and blob calls (each holds at most "
+            "one Redis connection). Store round trips take about a millisecond, so 32 serve "
+            "thousands of calls per second while bounding how many can hang on a slow store."
+        ),
+    )
+    handler_queue: int = Field(
+        default=256,
+        ge=0,
+        description=(
+            "Store calls that may wait for a free handler thread; one more and the request "
+            "is refused UNAVAILABLE ('overloaded') at once instead of piling up. 0: refuse "
+            "as soon as every thread is busy. At 32 threads and ~1 ms a call, 256 waiting "
+            "calls are ~8 ms of work: only a stalled store fills the queue."
+        ),
+    )
+    store_probe_timeout_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description=(
+            "Seconds the health watcher waits for the store's PING (one try, on its own "
+            "connection and thread). Health turns NOT_SERVING, and requests are refused "
+            "UNAVAILABLE, at most one watch period (1 s) plus this after the store stops "
+            "answering. A PING answers in well under a millisecond; keep this above the "
+            "longest single store command (the write of the largest masked upload)."
+        ),
+    )
+    upload_max_chunks: int = Field(
+        default=4096,
+        ge=1,
+        description=(
+            "Most data chunks one UploadMasked stream may carry; more are refused "
+            "RESOURCE_EXHAUSTED. 4096 carries the largest upload (256 MiB) in 64 KiB chunks; "
+            "edge agents send 1 MiB chunks."
+        ),
+    )
+    upload_idle_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Seconds an UploadMasked stream may go without a message before it is cut "
+            "(DEADLINE_EXCEEDED). An agent's 1 MiB chunk crosses a 200 kbit/s uplink in ~42 s."
+        ),
+    )
+    upload_max_s: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "Seconds one UploadMasked stream may last in all before it is cut "
+            "(DEADLINE_EXCEEDED): the default cohort.deadline_s, after which the upload "
+            "could not count anyway."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _upload_times(self) -> ServerSettings:
+        if self.upload_idle_s > self.upload_max_s:
+            raise ValueError(
+                f"upload_idle_s: {self.upload_idle_s} exceeds upload_max_s={self.upload_max_s}"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- roles

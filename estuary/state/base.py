@@ -237,6 +237,21 @@ class Store(ABC):
         :class:`StoreUnavailable` (after the bounded retry) when it is not.
         """
 
+    def probe(self, *, timeout_s: float) -> None:
+        """Check once, without retrying, that the backend answers within ``timeout_s``.
+
+        For health watchers, which must notice a hung backend within about
+        ``timeout_s`` rather than after :meth:`ping`'s bounded retry. MUST
+        return ``None`` when the backend answered and MUST raise
+        :class:`StoreUnavailable` otherwise, after waiting not much longer than
+        ``timeout_s``, even when the backend accepts connections but never replies.
+        """
+        self._probe(check_seconds(timeout_s, parameter="timeout_s", allow_zero=False))
+
+    def _probe(self, timeout_s: float) -> None:
+        # A backend in this process cannot hang: its ping is the probe.
+        self.ping()
+
     @abstractmethod
     def close(self) -> None:
         """Release connections. MUST be idempotent. Data MUST NOT be affected."""

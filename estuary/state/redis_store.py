@@ -21,7 +21,9 @@ always`` it also survives a restart, which is what makes fencing safe.
 Failures to reach Redis are retried a few times and then raised as
 :class:`~estuary.state.errors.StoreUnavailable`. A write whose request may
 already have reached the server is *not* retried (that could apply it twice);
-it is reported at once with ``outcome_unknown=True``.
+it is reported at once with ``outcome_unknown=True``. :meth:`RedisStore.probe` is the
+exception, for health watchers: one PING, never retried, on a dedicated connection whose
+every wait is bounded by the probe's own short timeout.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -345,6 +348,11 @@ class RedisStore(Store):
         else:
             kwargs["connection_class"] = Connection
         self._pool = redis.ConnectionPool(**kwargs)
+        # The health probe's own connection, outside the pool: a probe never waits behind
+        # requests and carries its own short timeout (see _probe).
+        self._probe_lock = threading.Lock()
+        self._probe_conn: _Conn | None = None
+        self._probe_timeout: float | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -464,9 +472,51 @@ class RedisStore(Store):
         """See :meth:`Store.ping`."""
         self._command("ping", "PING", idempotent=True)
 
+    def _probe(self, timeout_s: float) -> None:
+        """One PING on a dedicated connection whose every wait is bounded by ``timeout_s``.
+
+        Not :meth:`ping`: that one shares the pool and retries (3 × 5 s by default), so
+        a server that accepts connections but never answers (hung, SIGSTOPped,
+        partitioned behind a live proxy) would keep a health check waiting for seconds.
+        """
+        with self._probe_lock:
+            conn = self._probe_conn
+            if conn is None or self._probe_timeout != timeout_s:
+                if conn is not None:
+                    conn.disconnect()
+                options = {
+                    **self._pool.connection_kwargs,
+                    "socket_timeout": timeout_s,
+                    "socket_connect_timeout": min(timeout_s, self._connect_timeout),
+                }
+                conn = cast(_Conn, self._pool.connection_class(**options))
+                self._probe_conn, self._probe_timeout = conn, timeout_s
+            try:
+                conn.send_command("PING")
+                reply = conn.read_response()
+            except (AuthenticationError, AuthorizationError) as exc:
+                conn.disconnect()
+                raise StoreError(f"{self._url}: probe: authentication refused: {exc}") from exc
+            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                # Includes BusyLoadingError (a ConnectionError): a server still loading its
+                # data set cannot serve requests either.
+                conn.disconnect()
+                raise StoreUnavailable(
+                    f"{self._url}: probe: no answer within {timeout_s:g} s: {exc}"
+                ) from exc
+            except BaseException:
+                conn.disconnect()
+                raise
+        if _text(reply) != "PONG":
+            raise StoreUnavailable(f"{self._url}: probe: PING answered {reply!r}")
+
     def close(self) -> None:
         """See :meth:`Store.close`."""
         self._pool.disconnect()
+        with self._probe_lock:
+            if self._probe_conn is not None:
+                self._probe_conn.disconnect()
+                self._probe_conn = None
 
     # ------------------------------------------------------------------ records
 
