@@ -125,11 +125,31 @@ def run(
             typer.echo(" ".join(command))
             raise typer.Exit(ExitCode.OK)
         logger.info("starting %d stages: %s", settings.stages, " ".join(command))
-        raise typer.Exit(subprocess.call(command))
+        raise typer.Exit(_run_forwarding_signals(command))
     if dry_run:
         typer.echo("single process (stages = 1, or already under torchrun): nothing to launch")
         raise typer.Exit(ExitCode.OK)
     raise typer.Exit(_serve(settings, idle_exit_s=idle_exit_s, shutdown_grace_s=shutdown_grace_s))
+
+
+def _run_forwarding_signals(command: list[str]) -> int:
+    """Run torchrun and pass SIGINT/SIGTERM on to it; return its exit code.
+
+    In a container only PID 1 (this process) gets the stop signal: without forwarding,
+    the stages never hear it and are SIGKILLed at the end of the grace period instead of
+    stopping within their own ``--shutdown-grace-s``.
+    """
+    child = subprocess.Popen(command)
+
+    def _forward(signum: int, frame: FrameType | None) -> None:
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, _forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _serve(

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 from worker_fixtures import publish_version
 
-from cloud_workers.cli import app
+from cloud_workers.cli import _run_forwarding_signals, app
 from estuary.cli.exit_codes import ExitCode
 from estuary.jobs import make_job, submit_job
 from estuary.model.presets import build_preset
@@ -116,3 +120,27 @@ def test_run_serves_one_stage_group_until_idle(tmp_path: Path) -> None:
     record = json.loads(store.get(version_key(1)).value)
     assert 5.0 < record["eval_bpb"] < 10.0
     assert json.loads(store.get(worker_key("g1")).value)["jobs_done"] == 1
+
+
+def test_launcher_forwards_sigterm_to_torchrun(tmp_path: Path) -> None:
+    # In a container only PID 1 (the launcher) gets SIGTERM; torchrun and its stages must
+    # hear it too, or they are SIGKILLed instead of stopping within their grace period.
+    ready = tmp_path / "ready"
+    child = (
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
+        f"pathlib.Path({str(ready)!r}).write_text('up')\n"
+        "time.sleep(60)\n"
+        "sys.exit(1)\n"
+    )
+
+    def signal_when_ready() -> None:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    assert _run_forwarding_signals([sys.executable, "-c", child]) == 42
+    assert signal.getsignal(signal.SIGTERM) is before  # the launcher's handlers are restored
