@@ -4,11 +4,20 @@ Stage 0 of a group runs :class:`WorkerGroup`. The loop guarantees:
 
 - **Load balancing by pulling.** A group asks for one job at a time when it is free, so a
   group twice as fast takes twice as many.
-- **Superseded jobs are skipped.** A job whose version is older than the newest submitted
-  one of its kind is acknowledged and recorded as ``skipped`` without running.
-- **Heartbeats.** A background thread writes ``worker/<group>`` every ``heartbeat_s``.
-- **Reclaim.** Jobs pending on a group whose heartbeat is older than ``reclaim_idle_s``
-  and idle that long are taken over.
+- **The newest version runs; older ones are skipped.** The supersede rule is
+  :func:`estuary.jobs.job_to_run`: a job is skipped (recorded ``skipped``) only if a newer
+  version of its kind key was already started; otherwise the group runs the newest
+  submitted job of that kind key in its place, records that job's outcome, then records
+  the delivered one as ``skipped``. So evaluations and each class's edge artifact keep up
+  with a stream of versions however fast they come.
+- **Heartbeats are job leases.** A background thread writes ``worker/<group>`` every
+  ``heartbeat_s``, also while a job runs, and the record carries ``lease_s``
+  (``reclaim_idle_s``): the promise "if I am silent this long, I am dead".
+- **Reclaim.** Jobs pending on a group whose heartbeat is older than the lease that group
+  advertises, and idle that long, are taken over (checked every ``heartbeat_s`` between
+  jobs). A short lease (the coordinator's local worker) gets a dead replica's job
+  running again within seconds; a group that advertises none is judged by the reader's
+  own ``reclaim_idle_s``.
 - **Exactly-once completion.** The outcome is created with ``insert_if_absent`` at
   ``jobresult/<job_id>`` before the acknowledgement: a job that ran twice (its first
   group was slow, not dead) still has one recorded completion, and its outputs are
@@ -36,10 +45,12 @@ from estuary.jobs import (
     JobOutcome,
     Status,
     decode_job,
-    is_superseded,
     job_kind,
+    job_to_run,
+    record_done,
     result_key,
 )
+from estuary.proto.v1 import jobs_pb2
 from estuary.state.base import Job as StreamJob
 from estuary.state.base import Store
 from estuary.state.errors import StoreError
@@ -63,6 +74,7 @@ class GroupStats:
     failed: int = 0
     duplicates: int = 0
     reclaimed: int = 0
+    promoted: int = 0
     started_at: float = 0.0
     current_job: str | None = None
     last_eval_version: int | None = None
@@ -89,7 +101,10 @@ class WorkerGroup:
     heartbeat_s
         Seconds between heartbeats.
     reclaim_idle_s
-        A job pending this long on a group silent this long is taken over; must exceed
+        This group's job lease, advertised in its heartbeat: once it has been silent
+        this long, other groups take over its pending jobs (and it takes back, after a
+        restart under the same name, jobs pending on its name this long). Also the lease
+        assumed for a group whose heartbeat advertises none. Must exceed
         ``2 × heartbeat_s`` so one late heartbeat never costs a live group its job.
     stages
         Pipeline stages of this group (reported in the heartbeat).
@@ -167,6 +182,10 @@ class WorkerGroup:
                 "jobs_skipped": stats.skipped,
                 "jobs_failed": stats.failed,
                 "jobs_reclaimed": stats.reclaimed,
+                # Newer jobs run in place of an older delivered one (supersede rule).
+                "jobs_promoted": stats.promoted,
+                # The job lease: silent this long, this group's pending jobs are taken.
+                "lease_s": self.reclaim_idle_s,
                 # Jobs whose outcome another group had already recorded (run twice).
                 "jobs_duplicate": stats.duplicates,
                 "throughput_per_min": round(60.0 * stats.processed / elapsed, 3),
@@ -188,40 +207,58 @@ class WorkerGroup:
 
     # ---------------------------------------------------------------- reclaim
 
-    def silent_groups(self) -> set[str]:
-        """Return consumers with pending jobs whose heartbeat is older than ``reclaim_idle_s``."""
+    def _lease_if_silent(self, consumer: str, now: float) -> float | None:
+        """Return ``consumer``'s lease if it has been silent that long, else ``None``."""
+        if consumer == self.name:
+            # The loop is single-threaded and between jobs here, so a job pending on
+            # this name is an orphan of an earlier run of this group (it crashed and
+            # was restarted under the same name): take it back.
+            return self.reclaim_idle_s
+        record = self.store.get(worker_key(consumer))
+        beat: dict[str, Any] = json.loads(record.value) if record is not None else {}
+        advertised = beat.get("lease_s")
+        lease = self.reclaim_idle_s  # for a group from before leases were advertised
+        if isinstance(advertised, int | float) and not isinstance(advertised, bool):
+            lease = float(advertised) if 0 < advertised < float("inf") else lease
+        last_seen = float(beat.get("last_seen", 0.0))
+        return lease if now - last_seen >= lease else None
+
+    def _reclaimable(self) -> dict[str, float]:
+        """Silent consumers with a pending job idle for their lease → that lease."""
         now = self.clock.time()
-        silent: set[str] = set()
-        alive: set[str] = set()
+        verdict: dict[str, float | None] = {}
+        silent: dict[str, float] = {}
         for entry in self.store.pending(self.stream, self.consumer_group):
-            if entry.idle_s < self.reclaim_idle_s:
-                continue
-            if entry.consumer == self.name:
-                # The loop is single-threaded and between jobs here, so a job pending on
-                # this name is an orphan of an earlier run of this group (it crashed and
-                # was restarted under the same name): take it back.
-                silent.add(entry.consumer)
-                continue
-            if entry.consumer in silent or entry.consumer in alive:
-                continue  # one heartbeat read per consumer, not per pending job
-            record = self.store.get(worker_key(entry.consumer))
-            last_seen = float(json.loads(record.value)["last_seen"]) if record else 0.0
-            (silent if now - last_seen >= self.reclaim_idle_s else alive).add(entry.consumer)
+            if entry.consumer not in verdict:  # one heartbeat read per consumer
+                verdict[entry.consumer] = self._lease_if_silent(entry.consumer, now)
+            lease = verdict[entry.consumer]
+            if lease is not None and entry.idle_s >= lease:
+                silent[entry.consumer] = lease
         return silent
+
+    def silent_groups(self) -> set[str]:
+        """Return consumers holding a pending job idle for longer than their silence.
+
+        A consumer is silent when its heartbeat is older than the lease it advertises
+        (``lease_s``; this group's ``reclaim_idle_s`` if it advertises none).
+        """
+        return set(self._reclaimable())
 
     def reclaim(self, *, count: int = 16) -> list[StreamJob]:
         """Take over up to ``count`` jobs of silent groups; return them."""
-        silent = self.silent_groups()
-        if not silent:
-            return []
-        jobs = self.store.reclaim(
-            self.stream,
-            self.consumer_group,
-            self.name,
-            min_idle_s=self.reclaim_idle_s,
-            count=count,
-            from_consumers=silent,
-        )
+        silent = self._reclaimable()
+        jobs: list[StreamJob] = []
+        for consumer, lease in sorted(silent.items()):
+            jobs += self.store.reclaim(
+                self.stream,
+                self.consumer_group,
+                self.name,
+                min_idle_s=lease,
+                count=count - len(jobs),
+                from_consumers={consumer},
+            )
+            if len(jobs) >= count:
+                break
         if jobs:
             logger.info(
                 "group %s reclaimed %d job(s) of silent group(s) %s",
@@ -277,41 +314,57 @@ class WorkerGroup:
             self.store.ack(self.stream, self.consumer_group, entry.id)
             return outcome if created else None
 
-        def outcome_of(status: Status, **extra: Any) -> JobOutcome:
+        def outcome_of(of: jobs_pb2.Job, status: Status, **extra: Any) -> JobOutcome:
             return JobOutcome(
-                job_id=job.job_id, kind=job_kind(job), version=job.version, status=status,
-                group=self.name, committed_ms=job.created_ms, deliveries=entry.deliveries,
+                job_id=of.job_id, kind=job_kind(of), version=of.version, status=status,
+                group=self.name, committed_ms=of.created_ms, deliveries=entry.deliveries,
                 finished_ms=self.clock.time_ms(), **extra,
             )  # fmt: skip
 
-        if self.store.get(result_key(job.job_id)) is not None:
-            # Completed before (its runner died between recording and acknowledging).
+        found = self.store.get(result_key(job.job_id))
+        if found is not None:
+            recorded = JobOutcome.from_json(found.value)
+            if recorded.status == "done":
+                record_done(self.store, job)  # redo a raise lost with its runner
             self.store.ack(self.stream, self.consumer_group, entry.id)
-            with self._lock:
-                self.stats.duplicates += 1
-            return None
-        if is_superseded(self.store, job):
-            outcome = outcome_of("skipped")
-        else:
-            with self._lock:
-                self.stats.current_job = job.job_id
-            try:
-                output = self.executor.execute(job)
-                if self.job_delay_s:
-                    self.clock.sleep(self.job_delay_s)
-                outcome = outcome_of("done", output=output)
-            except StoreError:
-                raise
-            except JobInputError as exc:
-                logger.warning("group %s: job %s failed: %s", self.name, job.job_id, exc)
-                outcome = outcome_of("failed", error=str(exc))
-            except Exception as exc:  # a bug in one job kind must not stop the group
-                logger.exception("group %s: job %s crashed", self.name, job.job_id)
-                outcome = outcome_of("failed", error=f"{type(exc).__name__}: {exc}")
-            finally:
+            if recorded.promoted_from is None:
+                # Completed before from this entry (its runner died between recording
+                # and acknowledging); a promoted run is the normal way, not a duplicate.
                 with self._lock:
-                    self.stats.current_job = None
+                    self.stats.duplicates += 1
+            return None
+        try:
+            decision = job_to_run(self.store, job)
+        except JobInputError as exc:
+            logger.warning("group %s: job %s refused: %s", self.name, job.job_id, exc)
+            refused = outcome_of(job, "failed", error=str(exc))
+            created = self._record(refused)
+            self.store.ack(self.stream, self.consumer_group, entry.id)
+            return refused if created else None
+        run = decision.run
+        if run is None:
+            outcome = outcome_of(job, "skipped", output={"superseded_by": decision.superseded_by})
+        elif run is job:
+            outcome = self._execute(run, outcome_of)
+        else:
+            # A newer job of this kind key runs in this one's place (the supersede rule);
+            # its outcome is recorded first, so if this group dies now the delivered job
+            # is reclaimed and then skipped, never run again.
+            if self.store.get(result_key(run.job_id)) is None:
+                ran = self._execute(run, outcome_of, promoted_from=job.job_id)
+                if self._record(ran):
+                    with self._lock:
+                        self.stats.promoted += 1
+                if ran.status == "done":
+                    record_done(self.store, run)
+                logger.info(
+                    "group %s: %s %s (v%d) in place of %s",
+                    self.name, ran.status, run.job_id, run.version, job.job_id,
+                )  # fmt: skip
+            outcome = outcome_of(job, "skipped", output={"superseded_by": run.version})
         created = self._record(outcome)
+        if outcome.status == "done":
+            record_done(self.store, job)
         self.store.ack(self.stream, self.consumer_group, entry.id)
         logger.info(
             "group %s: %s %s (v%d)%s",
@@ -322,6 +375,34 @@ class WorkerGroup:
             "" if created else " (already recorded by another group)",
         )
         return outcome if created else None
+
+    def _execute(
+        self,
+        job: jobs_pb2.Job,
+        outcome_of: Callable[..., JobOutcome],
+        *,
+        promoted_from: str | None = None,
+    ) -> JobOutcome:
+        """Run ``job``; return its outcome (``done`` or ``failed``), not yet recorded."""
+        with self._lock:
+            self.stats.current_job = job.job_id
+        try:
+            output = self.executor.execute(job)
+            if self.job_delay_s:
+                self.clock.sleep(self.job_delay_s)
+            return outcome_of(job, "done", output=output, promoted_from=promoted_from)
+        except StoreError:
+            raise
+        except JobInputError as exc:
+            logger.warning("group %s: job %s failed: %s", self.name, job.job_id, exc)
+            return outcome_of(job, "failed", error=str(exc), promoted_from=promoted_from)
+        except Exception as exc:  # a bug in one job kind must not stop the group
+            logger.exception("group %s: job %s crashed", self.name, job.job_id)
+            error = f"{type(exc).__name__}: {exc}"
+            return outcome_of(job, "failed", error=error, promoted_from=promoted_from)
+        finally:
+            with self._lock:
+                self.stats.current_job = None
 
     def step(self, *, block_s: float = READ_BLOCK_S) -> int:
         """Reclaim if due, then take one job and handle it; return entries handled."""

@@ -8,6 +8,14 @@ a versioned delete, so of two replicas sealing the same cohort exactly one write
 sealed :class:`~coordinator.cohorts.CohortRecord`, the members' assignments and the
 entry in the active set.
 
+Work is only handed out if it can count. A cohort trains on the newest edge artifact
+built for its class, and an update more than ``aggregation.max_staleness`` versions
+behind the head is refused at the share relay; so while a class's newest artifact is
+already that far behind, its devices are paced (no admission, no seal) until a current
+one is built, and a device that still holds an unstarted task of a cohort sealed on
+such a version gives it up. Worker groups run each class's newest build ahead of older
+ones (:func:`estuary.jobs.job_to_run`), so the wait is about one build, not a backlog.
+
 A device that asks for work while its task is under way (it has advertised keys) has
 lost its task state, e.g. by a restart: the task is abandoned (the member becomes a
 dropout of its cohort) and the device is admitted afresh.
@@ -35,7 +43,7 @@ from coordinator.pacing import Admit, PacerConfig, decide
 from coordinator.versions import VersionLedger
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import CoordinatorSettings
-from estuary.jobs import JobOutcome, job_id_for, result_key
+from estuary.jobs import JobOutcome, job_id_for, newest_done, result_key
 from estuary.state.blobs import BlobStore
 from secure_agg import FixedPoint, Stage
 
@@ -108,9 +116,7 @@ class Admission:
         if forming is not None and device.device_id in forming[0].members:
             return self._wait_for_seal(device, device_class)
         if self.artifact_for(device_class) is None:
-            return self._pace(
-                self.pacer.retry_after_min_s * 2, "the first edge artifacts are being built"
-            )
+            return self._pace(self.pacer.retry_after_min_s * 2, self._no_artifact(device_class))
         decision = decide(
             self.pacer,
             active=self._book.active_devices(),
@@ -136,7 +142,8 @@ class Admission:
             # simply done; only a task still under way is abandoned.
             finished = cohort.stage in (Stage.COMPLETED, Stage.ABORTED)
             if not finished and not record.is_abandoned(index):
-                if not cohort.server.advertised(index) and cohort.stage is Stage.ADVERTISE_KEYS:
+                unstarted = not cohort.server.advertised(index)
+                if unstarted and cohort.stage is Stage.ADVERTISE_KEYS and self._counts(record):
                     return self.offer(record, index)
                 self._abandon(cohort_id, index)
         self._book.clear_assignment(device.device_id, cohort_id)
@@ -172,6 +179,8 @@ class Admission:
                 return self.offer(record, assignment.member_index)
         forming = self._book.forming(device_class)
         members = len(forming[0].members) if forming else 0
+        if members >= self.settings.cohort.min_size and self.artifact_for(device_class) is None:
+            return self._pace(self.pacer.retry_after_min_s, self._no_artifact(device_class))
         return self._pace(
             self.pacer.retry_after_min_s,
             f"waiting for the cohort to fill ({members}/{self.settings.cohort.min_size})",

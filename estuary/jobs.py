@@ -2,20 +2,60 @@
 
 The coordinator submits jobs and reads their outcomes; worker groups
 (:mod:`cloud_workers`) execute them. Both speak through this module, so job ids, stream
-names and the outcome record are spelt in one place.
+names, the supersede rule and the outcome record are spelt in one place.
 
 A job is a :class:`estuary.proto.v1.jobs_pb2.Job` serialised in field ``job`` of an
 entry of the store stream :data:`JOB_STREAM`. Every worker group is one consumer of
 the consumer group :data:`CONSUMER_GROUP`, so each job is delivered to one group; a
 faster group simply pulls more.
 
+Superseding: run the newest, never starve it
+--------------------------------------------
+Evaluations and merges of version *v* are superseded by any newer version, edge
+artifacts by a newer version *of the same device class* (the *kind key*,
+:func:`supersede_key`); ``generate`` is a person's request and never superseded. A group
+that is handed a job decides with :func:`job_to_run`:
+
+- if some group has already **started** a newer version of the kind key, the job is
+  skipped. That newer job is sure to get an outcome: its own stream entry is skipped
+  only for a version newer still, so the entry of the newest started version runs when
+  it is reached (or finds the outcome its starter recorded), whether or not the group
+  that started it survived. A failure is an outcome too; the next version retries;
+- otherwise the group runs the **newest submitted** job of the kind key in its place
+  (the job itself when nothing newer was submitted), and records the delivered job as
+  ``skipped`` once the newer one has its outcome. The newer job's own entry finds that
+  outcome later and is acknowledged without running again.
+
+Skipping only on a submitted-but-not-started newer version (the rule before) starved
+every kind key but the first of each version whenever versions were committed faster
+than jobs ran: each entry, when its turn came, already had a newer sibling queued
+behind it, so laptops never got an artifact and no version after 0 was ever evaluated.
+With the rule above, every pass through the queue runs each kind key once, on the
+newest version. This bounds the **evaluation lag** (commit of version *v* → held-out
+figure of *v* or a newer version). Once *v* is committed, each kind key ahead of *v*'s
+evaluate entry runs at most once more (that run is on a version ≥ *v*, after which every
+older entry of the key is skipped at once). So with one group and ``K`` kind keys the
+evaluation of *v* or a newer one has finished within ``K + 1`` jobs of the commit: the
+job in progress, one run of each other kind key, and the evaluation (``generate``
+requests aside). The same bound holds for each device class's newest edge artifact,
+which is what the coordinator seals cohorts on.
+
 Record layout (besides the ``version/`` and ``worker/`` records of
 :mod:`estuary.state.keys`):
 
-- ``joblatest/<kind key>`` → ``{"version": n}``: the newest version for which a job of
-  that kind was submitted. A job whose version is lower is *superseded* and skipped.
+- ``joblatest/<kind key>`` → ``{"version": n, "job": <base64 Job>}``: the newest
+  submitted job of that kind key (the one a group runs in place of an older one).
+- ``jobstarted/<kind key>`` → ``{"version": n}``: the newest version any group started
+  running; raised with compare-and-set, so of two groups promoting the same version one
+  runs it and the other skips.
+- ``jobdone/<kind key>`` → ``{"version": n, "job_id": id}``: the newest version whose job
+  completed (status ``done``); the coordinator finds the newest built edge artifact of a
+  class by it (:func:`newest_done`).
 - ``jobresult/<job_id>`` → the job's outcome (JSON), created with ``insert_if_absent``:
   exactly one completion is ever recorded per job id, however many times it ran.
+
+Each of the three per-kind records holds one small value per kind key, so they never
+grow with the number of versions.
 
 Outputs are content-addressed blobs, so running a job twice (a reclaimed job whose first
 runner was only slow) writes the same bytes under the same hash.
@@ -23,6 +63,7 @@ runner was only slow) writes the same bytes under the same hash.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -45,12 +86,18 @@ __all__ = [
     "JobRunner",
     "LocalWorkerFactory",
     "LocalWorkerUnavailable",
+    "RunDecision",
     "decode_job",
     "find_local_worker",
     "job_id_for",
     "job_kind",
+    "job_to_run",
+    "kind_key",
     "latest_key",
     "make_job",
+    "newest_done",
+    "newest_submitted",
+    "record_done",
     "result_key",
     "submit_job",
     "supersede_key",
@@ -62,8 +109,12 @@ logger = logging.getLogger(__name__)
 JOB_STREAM = "jobs"
 #: The one consumer group all worker groups read through (each group is a consumer).
 CONSUMER_GROUP = "workers"
-#: ``joblatest/<kind key>``: newest submitted version per kind.
+#: ``joblatest/<kind key>``: newest submitted job per kind key.
 LATEST_PREFIX = "joblatest/"
+#: ``jobstarted/<kind key>``: newest version a group started running per kind key.
+STARTED_PREFIX = "jobstarted/"
+#: ``jobdone/<kind key>``: newest version completed per kind key, with its job id.
+DONE_PREFIX = "jobdone/"
 #: ``jobresult/<job_id>``: the recorded outcome of a job, written once.
 RESULT_PREFIX = "jobresult/"
 #: Stream field holding the serialised Job.
@@ -95,23 +146,37 @@ def job_kind(job: jobs_pb2.Job) -> Kind:
     return cast(Kind, kind)
 
 
-def supersede_key(job: jobs_pb2.Job) -> str | None:
-    """Return the key under which newer versions supersede ``job``, or ``None``.
+def kind_key(kind: Kind, *, device_class: str = "") -> str | None:
+    """Return the key under which newer versions supersede jobs of ``kind``, or ``None``.
 
     Evaluations and merges are superseded by any newer version; artifacts by a newer
     version for the same device class. ``generate`` is a person's request, never
     superseded.
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is ``build_artifacts`` and ``device_class`` is empty.
     """
-    kind = job_kind(job)
     if kind == "generate":
         return None
     if kind == "build_artifacts":
-        return f"build_artifacts/{job.build_artifacts.device_class}"
+        if not device_class:
+            raise ValueError("device_class: build_artifacts needs a device class")
+        return f"build_artifacts/{device_class}"
     return kind
 
 
+def supersede_key(job: jobs_pb2.Job) -> str | None:
+    """Return the kind key under which newer versions supersede ``job``, or ``None``."""
+    kind = job_kind(job)
+    if kind == "build_artifacts" and not job.build_artifacts.device_class:
+        raise JobInputError(f"job {job.job_id!r}: build_artifacts names no device class")
+    return kind_key(kind, device_class=job.build_artifacts.device_class)
+
+
 def latest_key(job: jobs_pb2.Job) -> str | None:
-    """Return the store key of the newest submitted version of ``job``'s kind."""
+    """Return the store key of the newest submitted job of ``job``'s kind key."""
     key = supersede_key(job)
     return None if key is None else f"{LATEST_PREFIX}{key}"
 
@@ -184,28 +249,159 @@ def make_job(
     return job
 
 
-def _raise_latest(store: Store, key: str, version: int) -> None:
-    def raise_to(current: bytes | None) -> bytes | None:
-        if current is not None and json.loads(current)["version"] >= version:
-            return None
-        return json.dumps({"version": version}).encode()
+def _record_version(raw: bytes | None, *, key: str) -> int:
+    """Return the ``version`` of a per-kind record, -1 if there is none."""
+    if raw is None:
+        return -1
+    try:
+        return int(json.loads(raw)["version"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{key}: not a job record with a version ({exc}): {raw[:80]!r}") from None
 
-    store.update(key, raise_to)
+
+def _raise_record(store: Store, key: str, version: int, **fields: Any) -> bool:
+    """Raise the per-kind record ``key`` to ``version`` (with ``fields``); True if written.
+
+    A record already at ``version`` or above is left as it is, so the first writer of a
+    version wins and the record never goes back.
+    """
+
+    def raise_to(current: bytes | None) -> bytes | None:
+        if _record_version(current, key=key) >= version:
+            return None
+        return json.dumps({"version": version, **fields}, sort_keys=True).encode()
+
+    return store.update(key, raise_to) is not None
 
 
 def submit_job(store: Store, job: jobs_pb2.Job, *, stream: str = JOB_STREAM) -> str:
-    """Queue ``job`` and mark its version as the newest of its kind; return the entry id.
+    """Queue ``job`` and record it as the newest of its kind key; return the entry id.
 
-    The newest-version record is raised *before* the job is appended, so by the time any
-    group can see this job, every older job of the same kind already reads as superseded.
+    The newest-job record is raised *before* the job is appended, so by the time any
+    group can see this job, a group handed an older job of the same kind key runs this
+    one in its place (:func:`job_to_run`).
     """
     key = latest_key(job)
     if key is not None:
-        _raise_latest(store, key, job.version)
+        encoded = base64.b64encode(job.SerializeToString()).decode("ascii")
+        _raise_record(store, key, job.version, job=encoded)
     # Creating the consumer group here (idempotent) lets `status` list pending jobs
     # before any worker group has started.
     store.ensure_group(stream, CONSUMER_GROUP)
     return store.stream_add(stream, {JOB_FIELD: job.SerializeToString()})
+
+
+def newest_submitted(store: Store, job: jobs_pb2.Job) -> jobs_pb2.Job | None:
+    """Return the newest submitted job of ``job``'s kind key, or ``None``.
+
+    ``None`` also for ``generate`` (never superseded) and for a record written before
+    records carried the job.
+    """
+    key = latest_key(job)
+    if key is None:
+        return None
+    record = store.get(key)
+    if record is None:
+        return None
+    encoded = json.loads(record.value).get("job")
+    if not encoded:
+        return None
+    newest = jobs_pb2.Job()
+    newest.ParseFromString(base64.b64decode(encoded))
+    return newest
+
+
+@dataclass(frozen=True)
+class RunDecision:
+    """What a group does with a delivered job; see :func:`job_to_run`.
+
+    Attributes
+    ----------
+    run
+        The job to execute: the delivered job itself, or the newest submitted job of its
+        kind key in its place. ``None``: skip the delivered job.
+    superseded_by
+        The newer version that was already started (when skipping) or that runs in the
+        delivered job's place; ``None`` when the delivered job runs itself.
+    """
+
+    run: jobs_pb2.Job | None
+    superseded_by: int | None
+
+
+def job_to_run(store: Store, job: jobs_pb2.Job) -> RunDecision:
+    """Apply the supersede rule (module docstring) to a delivered ``job``.
+
+    Skip it if a newer version of its kind key has been started; otherwise run the
+    newest submitted job of its kind key (``job`` itself if none is newer) and record
+    that version as started, with compare-and-set, so of two groups deciding at once
+    for the same kind key only one starts the newer version.
+
+    Raises
+    ------
+    JobInputError
+        If the job is a ``build_artifacts`` job without a device class.
+    """
+    key = supersede_key(job)
+    if key is None:
+        return RunDecision(run=job, superseded_by=None)
+    newest = newest_submitted(store, job)
+    candidate = newest if newest is not None and newest.version > job.version else job
+    started_key = f"{STARTED_PREFIX}{key}"
+    decision = RunDecision(run=job, superseded_by=None)
+
+    def start(current: bytes | None) -> bytes | None:
+        nonlocal decision
+        started = _record_version(current, key=started_key)
+        if started > job.version:
+            decision = RunDecision(run=None, superseded_by=started)
+            return None
+        promoted = candidate is not job
+        decision = RunDecision(run=candidate, superseded_by=candidate.version if promoted else None)
+        if started >= candidate.version:
+            return None  # this very version is started already: its own entry runs it
+        return json.dumps({"version": candidate.version}).encode()
+
+    store.update(started_key, start)
+    return decision
+
+
+def record_done(store: Store, job: jobs_pb2.Job) -> None:
+    """Record that ``job`` completed, raising its kind key's ``jobdone/`` record.
+
+    Call it after the job's outcome is recorded (and again for an outcome found
+    recorded): a raise that was lost with its runner is redone, never undone.
+    """
+    key = supersede_key(job)
+    if key is not None:
+        _raise_record(store, f"{DONE_PREFIX}{key}", job.version, job_id=job.job_id)
+
+
+def newest_done(store: Store, kind: Kind, *, device_class: str = "") -> tuple[int, str] | None:
+    """Return ``(version, job id)`` of the newest completed job of a kind key, or ``None``.
+
+    The coordinator reads the newest built edge artifact of ``device_class`` with it; the
+    outcome (:class:`JobOutcome`) is at :func:`result_key` of the job id.
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is never superseded (``generate``) or ``build_artifacts`` is given
+        no device class.
+    """
+    key = kind_key(kind, device_class=device_class)
+    if key is None:
+        raise ValueError(f"kind: {kind!r} jobs are never superseded and have no newest")
+    done_key = f"{DONE_PREFIX}{key}"
+    record = store.get(done_key)
+    if record is None:
+        return None
+    version = _record_version(record.value, key=done_key)
+    try:
+        job_id = str(json.loads(record.value)["job_id"])
+    except KeyError:
+        raise ValueError(f"{done_key}: no job_id in {record.value[:80]!r}") from None
+    return version, job_id
 
 
 def decode_job(fields: Mapping[str, bytes]) -> jobs_pb2.Job:
@@ -233,15 +429,6 @@ def decode_job(fields: Mapping[str, bytes]) -> jobs_pb2.Job:
     return job
 
 
-def is_superseded(store: Store, job: jobs_pb2.Job) -> bool:
-    """Return whether a newer version of ``job``'s kind has been submitted."""
-    key = latest_key(job)
-    if key is None:
-        return False
-    record = store.get(key)
-    return record is not None and int(json.loads(record.value)["version"]) > job.version
-
-
 @dataclass(frozen=True)
 class JobOutcome:
     """What became of one job; stored as JSON at :func:`result_key`.
@@ -251,7 +438,8 @@ class JobOutcome:
     job_id, kind, version
         The job.
     status
-        ``done``, ``skipped`` (superseded) or ``failed`` (bad input; see ``error``).
+        ``done``, ``skipped`` (superseded; ``output["superseded_by"]`` is the newer
+        version started in its place) or ``failed`` (bad input; see ``error``).
     group
         The worker group that recorded it.
     output
@@ -263,7 +451,11 @@ class JobOutcome:
     finished_ms
         When the outcome was recorded (Unix ms).
     deliveries
-        How many times the job had been delivered when this outcome was recorded.
+        How many times the job had been delivered when this outcome was recorded (for a
+        job run in an older job's place: that older job's deliveries).
+    promoted_from
+        The id of the older job of the same kind key whose delivery ran this job ahead
+        of its own stream entry; ``None`` when the job ran from its own entry.
     """
 
     job_id: str
@@ -276,6 +468,7 @@ class JobOutcome:
     committed_ms: int = 0
     finished_ms: int = 0
     deliveries: int = 1
+    promoted_from: str | None = None
 
     def to_json(self) -> bytes:
         """Return the outcome as compact UTF-8 JSON."""

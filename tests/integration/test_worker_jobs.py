@@ -113,7 +113,16 @@ def test_two_groups_one_killed_every_job_completes_exactly_once(
             survivor = start_group(
                 redis.url, tmp_path / "blobs", "survivor", delay=0.0, idle_exit=5
             )
-            while time.monotonic() < deadline and store.get(worker_key("survivor")) is None:
+
+            def victim_recorded() -> bool:
+                found = store.scan("jobresult/").values()
+                return any(JobOutcome.from_json(r.value).group == "victim" for r in found)
+
+            # Killed once both serve: the survivor beats, and the victim has recorded an
+            # outcome (its first job runs the newest evaluation, v4, in v1's place).
+            while time.monotonic() < deadline and (
+                store.get(worker_key("survivor")) is None or not victim_recorded()
+            ):
                 time.sleep(0.05)
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=10)
