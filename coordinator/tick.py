@@ -201,6 +201,7 @@ class Ticker:
                         "update_accepted",
                         cohort_id=cohort_id,
                         updates=len(result.survivors),
+                        survivors=list(result.survivors),
                         weight_total=weight_total,
                         dropouts=record.size - len(result.survivors),
                     )

@@ -52,6 +52,11 @@ def simulate_command(
     The coordinator, a local cloud worker and one edge agent per client run in this
     process and talk real gRPC over loopback, secure aggregation on. The run folder gets
     the effective config, metrics.jsonl, summary.json and PNG plots.
+
+    Unless `model.path` names a base, the first run pretrains the preset base once,
+    logging its progress, and caches it in `OUT/.cache` for later runs; `time_limit_s`
+    counts the federation only, never that pretraining. A run that commits fewer
+    versions than asked still writes its folder, then says why and exits 7 (incomplete).
     """
     from estuary.config import ConfigError, load_settings
     from estuary.config.models import SimulationSettings
@@ -95,8 +100,23 @@ def simulate_command(
     except StoreUnavailable as exc:
         fail(f"state store unavailable: {exc}")
         raise typer.Exit(ExitCode.STATE_UNAVAILABLE) from None
+    report_run(run_dir)
+
+
+def report_run(run_dir: Path) -> None:
+    """Print the outcome of the run in ``run_dir``; exit 7 if it fell short of its target.
+
+    Raises
+    ------
+    typer.Exit
+        With :attr:`ExitCode.INCOMPLETE` after printing the summary's ``shortfall``, when
+        the run committed fewer versions than asked.
+    """
     summary = json.loads((run_dir / "summary.json").read_text())
     _print_summary(run_dir, summary)
+    if summary.get("shortfall"):
+        fail(f"{run_dir}: {summary['shortfall']}")
+        raise typer.Exit(ExitCode.INCOMPLETE)
 
 
 def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -110,11 +130,19 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     for name in ("local_only", "centralized"):
         if name in summary.get("baselines", {}):
             table.add_row(name.replace("_", "-"), f"{summary['baselines'][name]['union']:.4f}")
-    table.add_row(f"federated (version {summary['versions']})", f"{summary['final']['union']:.4f}")
+    table.add_row(
+        f"federated (version {summary['versions']} of {summary['versions_target']})",
+        f"{summary['final']['union']:.4f}",
+    )
     console = Console()
     console.print(table)
+    pretrain = summary["pretrain_wall_time_s"]
     console.print(
         f"updates accepted {summary['updates_accepted']}, rejected "
-        f"{summary['updates_rejected']}, dropouts {summary['dropouts']}; "
-        f"wall time {summary['wall_time_s']} s"
+        f"{summary['updates_rejected']}, dropouts {summary['dropouts']}; wall time "
+        f"{summary['wall_time_s']} s (federation {summary['federation_wall_time_s']} s"
+        + (f", one-off pretraining of the base {pretrain} s" if pretrain else "")
+        + ")",
+        markup=False,
+        highlight=False,
     )

@@ -5,7 +5,10 @@ A run directory ``runs/<id>/`` holds
 - ``metrics.jsonl`` (:class:`MetricsLog`): one JSON object per line, each with ``t``
   (seconds since the run started) and ``kind``;
 - ``summary.json`` (:func:`write_summary`, schema :class:`Summary`);
-- ``bpb.png`` (:func:`plot_bpb`) and ``staleness.png`` (:func:`plot_staleness`).
+- ``bits_per_byte.png`` (:func:`plot_bpb`) and ``staleness.png`` (:func:`plot_staleness`).
+
+Every file of a run is created with the same permissions: ``0o666`` less the process
+umask, what ``open()`` gives (``0644`` under the usual umask ``022``).
 
 Plots draw on a :class:`matplotlib.figure.Figure` with its own Agg canvas, never through
 ``pyplot``, so no global backend or figure registry is touched and nothing leaks.
@@ -15,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -230,9 +233,10 @@ class Summary(_SummaryRequired, total=False):
     bytes_up_per_client, bytes_down_per_client
         Bytes each client sent to / received from the coordinator, by client name.
     wall_time_s
-        Wall-clock seconds of the whole run, baselines included.
+        Wall-clock seconds of the whole run: pretraining the base (if this run did),
+        the federation and the baselines.
     config
-        Path of the TOML configuration the run was started with.
+        Path of the effective configuration of the run (``config.json``).
 
     Optional keys (absent, or ``baselines`` also ``null``, when not measured):
 
@@ -242,12 +246,24 @@ class Summary(_SummaryRequired, total=False):
         The run's folder name under the output directory.
     stopped_by
         ``"versions"`` (the target was reached) or ``"time_limit"``.
+    versions_target
+        Versions the run was asked to commit.
+    shortfall
+        Why fewer than ``versions_target`` versions were committed, for a person;
+        ``null`` when the target was reached. ``estuary simulate`` prints it and exits 7.
     cohorts
         Cohorts that ended during the run, by final status.
     tasks_per_client
         Training tasks each client completed, by client name.
     federation_wall_time_s
-        Wall-clock seconds of the federation alone (before the baselines).
+        Wall-clock seconds of the federation alone: from the coordinator's start to its
+        stop, neither pretraining the base nor the baselines. ``time_limit_s`` bounds it.
+    pretrain_wall_time_s
+        Wall-clock seconds this run spent pretraining the base; 0 when it came from
+        ``model.path`` or from the cache of an earlier run.
+    base_model
+        Where the base came from: ``path`` (its Hugging Face directory) and ``source``
+        (``"model.path"``, ``"cache"`` or ``"pretrained"``).
 
     Keys not listed here are written as given; readers must ignore those they do not
     know.
@@ -256,9 +272,13 @@ class Summary(_SummaryRequired, total=False):
     baselines: BaselinesJSON | None
     run_id: str
     stopped_by: str
+    versions_target: int
+    shortfall: str | None
     cohorts: dict[str, int]
     tasks_per_client: dict[str, int]
     federation_wall_time_s: float
+    pretrain_wall_time_s: float
+    base_model: dict[str, str]
 
 
 #: Keys every summary must have.
@@ -269,7 +289,9 @@ def write_summary(path: str | Path, summary: Summary | Mapping[str, Any]) -> Pat
     """Write ``summary`` as JSON (sorted keys, indent 2), atomically.
 
     The text goes to a temporary file in the same directory, is fsynced, and replaces
-    ``path`` in one rename, so a reader never sees a half-written summary.
+    ``path`` in one rename, so a reader never sees a half-written summary. The file gets
+    the permissions of the run's other files (``0o666`` less the umask), not the
+    owner-only mode of :func:`tempfile.mkstemp`.
 
     Raises
     ------
@@ -282,7 +304,9 @@ def write_summary(path: str | Path, summary: Summary | Mapping[str, Any]) -> Pat
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(summary, sort_keys=True, indent=2, default=_json_default) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    # O_EXCL: a fresh name of our own; 0o666: the umask then applies as for open().
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -290,7 +314,7 @@ def write_summary(path: str | Path, summary: Summary | Mapping[str, Any]) -> Pat
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return target
 
@@ -379,23 +403,54 @@ def plot_bpb(
     return _save(figure, out_png)
 
 
-def plot_staleness(hist: Mapping[int, int] | Mapping[str, int], out_png: str | Path) -> Path:
-    """Bar chart of accepted updates per staleness.
+def staleness_figure(hist: Mapping[int, int] | Mapping[str, int]) -> Figure:
+    """Return the bar chart of accepted updates per staleness (see :func:`plot_staleness`).
 
-    ``hist`` is :meth:`StalenessHistogram.as_dict` or its JSON form (string keys). An
-    empty histogram (no update accepted) gives an empty chart.
+    Bars stand at each staleness seen, from 0 (staleness is never negative); the count
+    axis starts at 0 with whole-number ticks. An empty histogram (no update accepted)
+    gives axes from 0 to 1 without ticks and a note that there is nothing to plot.
+
+    Raises
+    ------
+    ValueError
+        If a staleness or a count is negative.
     """
+    from matplotlib.ticker import MaxNLocator
+
     counts = {int(k): int(v) for k, v in hist.items()}
+    bad = {k: v for k, v in counts.items() if k < 0 or v < 0}
+    if bad:
+        raise ValueError(f"hist: staleness and counts must be >= 0, got {bad}")
+    keys = sorted(k for k, v in counts.items() if v > 0)
     figure = _new_figure(5.0, 3.5)
     axes = figure.add_subplot(1, 1, 1)
-    keys = sorted(counts)
-    axes.bar(keys, [counts[k] for k in keys], color="C0")
     axes.set_xlabel("staleness (versions behind)")
     axes.set_ylabel("accepted updates")
     axes.set_title("Staleness of accepted updates")
-    if keys:
-        axes.set_xticks(keys)
-    return _save(figure, out_png)
+    if not keys:
+        axes.set_xlim(0.0, 1.0)
+        axes.set_ylim(0.0, 1.0)
+        axes.set_xticks([])
+        axes.set_yticks([])
+        axes.text(0.5, 0.5, "no update accepted:\nnothing to plot", ha="center", va="center")
+        return figure
+    axes.bar(keys, [counts[k] for k in keys], color="C0", width=0.8)
+    axes.set_xticks(keys)
+    # Bars are 0.8 wide around each staleness: the axis starts half a bar left of 0
+    # at most, and the count axis at 0 with whole-number ticks.
+    axes.set_xlim(min(keys) - 0.5, max(keys) + 0.5)
+    axes.set_ylim(0.0, max(counts[k] for k in keys) * 1.1)
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return figure
+
+
+def plot_staleness(hist: Mapping[int, int] | Mapping[str, int], out_png: str | Path) -> Path:
+    """Write :func:`staleness_figure` of ``hist`` to ``out_png``; return the path.
+
+    ``hist`` is :meth:`StalenessHistogram.as_dict` or its JSON form (string keys): the
+    accepted updates per staleness, as ``summary.json`` holds them.
+    """
+    return _save(staleness_figure(hist), out_png)
 
 
 # ---------------------------------------------------------------------- live display

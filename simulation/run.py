@@ -12,22 +12,30 @@ split into device classes round-robin. A client vanishes from a task with probab
 to the threshold). Each committed version is scored on every client's held-out text;
 at the end the run folder holds the effective config, ``metrics.jsonl``,
 ``summary.json`` and the plots.
+
+A preset base is pretrained once, before the federation starts, and cached under
+``out_dir/.cache``; that one-off pretraining logs its progress and is timed apart:
+``time_limit_s`` and ``federation_wall_time_s`` count the federation alone. A run that
+commits fewer versions than asked records why in ``summary.json`` (``shortfall``), and
+the command exits non-zero with that reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 import json
 import logging
 import random
 import secrets
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import (
     CoordinatorSettings,
     ServerSettings,
@@ -71,17 +79,60 @@ EVAL_WINDOWS_PER_CLIENT = 8
 
 #: Pretraining steps of a preset base when the settings name no model directory.
 PRETRAIN_STEPS = 200
+#: Seed of that pretraining (initialisation and sampling): one cached base per preset.
+PRETRAIN_SEED = 0
 
 
 @dataclass
 class RunStats:
-    """What the observer saw during the run."""
+    """What the observer saw during the run.
+
+    ``staleness`` counts *accepted* updates (those that entered an aggregate) by how many
+    versions behind they trained, so its total is ``accepted``. A member is handed its
+    weight before it uploads (``weight_assigned``) and may still drop out after that; its
+    staleness is held until its cohort finishes and counted only if the member is among
+    the survivors of an accepted cohort sum (``update_accepted``).
+    """
 
     dropouts: int = 0
     rejected: int = 0
     accepted: int = 0
     cohorts: dict[str, int] = field(default_factory=dict)
     staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
+    #: Staleness of each member handed a weight, by cohort, until the cohort finishes.
+    _assigned: dict[str, dict[int, int]] = field(default_factory=dict, repr=False)
+
+    def observe(self, kind: str, fields: Mapping[str, Any]) -> None:
+        """Count one coordinator event (:class:`coordinator.outcomes.ServiceObserver`)."""
+        if kind == "weight_assigned":
+            members = self._assigned.setdefault(str(fields["cohort_id"]), {})
+            members[int(fields["member"])] = int(fields["staleness"])
+        elif kind == "update_accepted":
+            cohort_id = str(fields["cohort_id"])
+            updates = int(fields["updates"])
+            self.accepted += updates
+            self.dropouts += int(fields.get("dropouts", 0))
+            assigned = self._assigned.pop(cohort_id, {})
+            known = [assigned[int(m)] for m in fields["survivors"] if int(m) in assigned]
+            if len(known) != updates:
+                # One replica hands out every weight of a simulation, so this is a bug.
+                log.warning(
+                    "cohort %s: %d updates accepted but the staleness of %d is known; the "
+                    "staleness histogram misses the others",
+                    cohort_id,
+                    updates,
+                    len(known),
+                )
+            for staleness in known:
+                self.staleness.add(staleness)
+        elif kind == "update_rejected":
+            self.rejected += 1
+        elif kind == "cohort_finished":
+            self._assigned.pop(str(fields["cohort_id"]), None)
+            status = str(fields["status"])
+            self.cohorts[status] = self.cohorts.get(status, 0) + 1
+            if status == "aborted":
+                self.dropouts += int(fields.get("size", 0))
 
 
 class _SimObserver:
@@ -90,20 +141,12 @@ class _SimObserver:
     def __init__(self, metrics: Any, stats: RunStats) -> None:
         self.metrics = metrics
         self.stats = stats
+        # Events arrive from gRPC handler threads and the tick loop at once.
+        self._lock = threading.Lock()
 
     def event(self, kind: str, **fields: Any) -> None:
-        if kind == "weight_assigned":
-            self.stats.staleness.add(int(fields["staleness"]))
-        elif kind == "update_accepted":
-            self.stats.accepted += int(fields["updates"])
-            self.stats.dropouts += int(fields.get("dropouts", 0))
-        elif kind == "update_rejected":
-            self.stats.rejected += 1
-        elif kind == "cohort_finished":
-            status = str(fields["status"])
-            self.stats.cohorts[status] = self.stats.cohorts.get(status, 0) + 1
-            if status == "aborted":
-                self.stats.dropouts += int(fields.get("size", 0))
+        with self._lock:
+            self.stats.observe(kind, fields)
         if kind == "paced":
             return  # too frequent to log
         self.metrics.event(kind, **fields)
@@ -147,30 +190,67 @@ def coordinator_settings(settings: SimulationSettings) -> CoordinatorSettings:
     )
 
 
-def load_or_pretrain_base(settings: SimulationSettings, cache_dir: Path) -> nn.Module:
-    """Return the full-precision base: the settings' model directory, or a pretrained preset.
+@dataclass(frozen=True)
+class BaseInfo:
+    """Where the run's base came from and what making it cost.
 
-    A preset is pretrained on the standard library's top-level modules (never on client
-    packages) once and cached under ``cache_dir``.
+    Attributes
+    ----------
+    path
+        The Hugging Face directory the base was loaded from.
+    source
+        ``"model.path"`` (the settings named it), ``"cache"`` (a preset pretrained by an
+        earlier run) or ``"pretrained"`` (pretrained by this run, now cached).
+    pretrain_s
+        Seconds this run spent pretraining (0 unless ``source`` is ``"pretrained"``).
+    """
+
+    path: Path
+    source: Literal["model.path", "cache", "pretrained"]
+    pretrain_s: float = 0.0
+
+
+def load_or_pretrain_base(
+    settings: SimulationSettings, cache_dir: Path, *, clock: Clock = SYSTEM_CLOCK
+) -> tuple[nn.Module, BaseInfo]:
+    """Return the full-precision base and where it came from.
+
+    The settings' model directory if they name one; else their preset pretrained on the
+    standard library's top-level modules (never on client packages), made once with
+    :func:`estuary.model.pretrain.ensure_pretrained_preset` and cached under
+    ``cache_dir``. Pretraining logs its progress (step, loss, elapsed) and is timed on
+    ``clock``.
     """
     from estuary.config.models import ModelSettings
     from estuary.model.loading import load_base
+    from estuary.model.pretrain import ProgressLog, cached_preset_dir, ensure_pretrained_preset
 
     if settings.model.path is not None:
-        return load_base(settings.model)
-    from estuary.model.pretrain import pretrained_preset
-
+        return load_base(settings.model), BaseInfo(path=settings.model.path, source="model.path")
     preset = settings.model.preset or "tiny"
-    target = cache_dir / f"base-{preset}-{PRETRAIN_STEPS}steps-seed0"
-    if not (target / "config.json").is_file():
+    target = cached_preset_dir(cache_dir, preset, steps=PRETRAIN_STEPS, seed=PRETRAIN_SEED)
+    if (target / "config.json").is_file():
+        info = BaseInfo(path=target, source="cache")
+        log.info("base: the %s preset pretrained by an earlier run, from %s", preset, target)
+    else:
         log.info(
-            "pretraining the %s preset (%d steps), cached in %s", preset, PRETRAIN_STEPS, target
+            "pretraining the %s preset base once: %d steps on the standard library's "
+            "top-level modules, cached in %s for later runs; not counted in time_limit_s",
+            preset,
+            PRETRAIN_STEPS,
+            target,
         )
-        model = pretrained_preset(preset, steps=PRETRAIN_STEPS, seed=0)
-        tmp = target.with_name(target.name + f".tmp{secrets.token_hex(4)}")
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tmp.rename(target)
-    return load_base(ModelSettings(path=target, r_max=settings.model.r_max))
+        started = clock.monotonic()
+        made = ensure_pretrained_preset(
+            cache_dir,
+            preset,
+            steps=PRETRAIN_STEPS,
+            seed=PRETRAIN_SEED,
+            progress=ProgressLog(PRETRAIN_STEPS, label=f"the {preset} base", clock=clock.monotonic),
+        )
+        info = BaseInfo(path=made, source="pretrained", pretrain_s=clock.monotonic() - started)
+        log.info("pretrained the %s base in %.0f s", preset, info.pretrain_s)
+    return load_base(ModelSettings(path=info.path, r_max=settings.model.r_max)), info
 
 
 def _client_data(settings: SimulationSettings) -> list[ClientData]:
@@ -202,6 +282,7 @@ class _Setup:
     store: Any
     clients: list[ClientData]
     base: nn.Module
+    base_info: BaseInfo
     edge_base: nn.Module
     held_out: Any
     adapter0: Any
@@ -264,11 +345,18 @@ class Simulation:
         The simulation settings.
     live
         Show the rich live display (a compact line per few seconds without a TTY).
+    clock
+        Measures the run: the time limit, the wall times of the summary, the seconds
+        of the curve and the display. The federation itself (coordinator and agents
+        over real sockets) runs on the real clock.
     """
 
-    def __init__(self, settings: SimulationSettings, *, live: bool = True) -> None:
+    def __init__(
+        self, settings: SimulationSettings, *, live: bool = True, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.settings = settings
         self.live = live
+        self.clock = clock
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_id = f"{stamp}-s{settings.seed}-{secrets.token_hex(2)}"
         self.run_dir = settings.out_dir / self.run_id
@@ -282,31 +370,42 @@ class Simulation:
         """Set up, federate until the versions (or the time limit), tear down, report."""
         from simulation.report import LiveDisplay, MetricsLog
 
-        started = time.monotonic()
+        clock = self.clock
+        started = clock.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=False)
         config_path = _write_config(self.settings, self.run_dir)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", clock=clock.monotonic)
         try:
             setup = await self._setup(metrics)
+            # The federation's clock starts here: pretraining the base (in the set-up)
+            # is a one-off that neither the time limit nor the federation's time counts.
+            federation_started = clock.monotonic()
             server = await self._start_coordinator(setup, metrics)
             fleet = _Fleet()
             try:
                 await self._start_agents(setup, server, fleet)
                 metrics.event("setup", phase="agents", clients=len(fleet.agents))
-                display = LiveDisplay(enabled=self.live, target_versions=self.settings.versions)
+                display = LiveDisplay(
+                    enabled=self.live,
+                    target_versions=self.settings.versions,
+                    clock=clock.monotonic,
+                )
                 try:
-                    watch = await self._watch(setup, server.service, fleet, display, started)
+                    watch = await self._watch(
+                        setup, server.service, fleet, display, federation_started
+                    )
                 finally:
                     display.close()
             finally:
                 await fleet.stop()
                 await server.stop(grace=1.0)
-            summary = self._summary(setup, fleet, watch, config_path, time.monotonic() - started)
+            federation_s = clock.monotonic() - federation_started
+            summary = self._summary(setup, fleet, watch, config_path, federation_s)
             if self.settings.baselines:
                 summary["baselines"] = await asyncio.to_thread(
                     self._baselines, setup, fleet.steps(self.settings.training.local_steps)
                 )
-            summary["wall_time_s"] = round(time.monotonic() - started, 1)
+            summary["wall_time_s"] = round(clock.monotonic() - started, 1)
             self._write_outputs(summary, watch.points)
             metrics.event("done", wall_time_s=summary["wall_time_s"])
         finally:
@@ -331,9 +430,18 @@ class Simulation:
         )
         store = open_state_store(state)
         store.ping()  # a Redis URL that does not answer fails here, before any work
-        metrics.event("setup", phase="data")
+        metrics.event("setup", phase="base")
+        base, base_info = load_or_pretrain_base(
+            settings, settings.out_dir / ".cache", clock=self.clock
+        )
+        metrics.event(
+            "setup",
+            phase="data",
+            base=str(base_info.path),
+            base_source=base_info.source,
+            pretrain_s=round(base_info.pretrain_s, 1),
+        )
         clients = _client_data(settings)
-        base = load_or_pretrain_base(settings, settings.out_dir / ".cache")
         edge_base = compress_model(copy.deepcopy(base), scheme="int8")
         held_out = HeldOut(
             clients,
@@ -349,6 +457,7 @@ class Simulation:
             store=store,
             clients=clients,
             base=base,
+            base_info=base_info,
             edge_base=edge_base,
             held_out=held_out,
             adapter0=adapter0,
@@ -409,11 +518,16 @@ class Simulation:
     async def _watch(
         self, setup: _Setup, service: Any, fleet: _Fleet, display: Any, started: float
     ) -> _Watch:
-        """Score each new version until the target version or the time limit."""
+        """Score each new version until the target version or the time limit.
+
+        ``started`` is when the federation started (on :attr:`clock`): the time limit
+        and the curve's seconds count from there.
+        """
         settings = self.settings
+        clock = self.clock
         watch = _Watch(final=setup.initial, points=[(0.0, setup.initial.union)])
         while True:
-            await asyncio.sleep(WATCH_INTERVAL_S)
+            await clock.sleep_async(WATCH_INTERVAL_S)
             head = service.ledger.head()
             version = head.version if head else 0
             snapshot = await asyncio.to_thread(service.snapshot)
@@ -423,7 +537,7 @@ class Simulation:
                 devices_active=snapshot["devices_active"],
                 staleness=self.stats.staleness.mean or 0.0,
                 union_bpb=watch.final.union,
-                elapsed_s=time.monotonic() - started,
+                elapsed_s=clock.monotonic() - started,
             )
             if head is not None and version > watch.versions:
                 watch.versions = version
@@ -431,7 +545,7 @@ class Simulation:
                 watch.final = await asyncio.to_thread(
                     setup.held_out.score, setup.edge_base, adapter
                 )
-                watch.points.append((time.monotonic() - started, watch.final.union))
+                watch.points.append((clock.monotonic() - started, watch.final.union))
                 setup.metrics.event(
                     "eval",
                     version=version,
@@ -440,10 +554,13 @@ class Simulation:
                 )
             if version >= settings.versions:
                 return watch
-            if time.monotonic() - started > settings.time_limit_s:
+            if clock.monotonic() - started > settings.time_limit_s:
                 watch.stopped_by = "time_limit"
                 log.warning(
-                    "time limit of %.0fs reached at version %d", settings.time_limit_s, version
+                    "time limit of %.0f s of federation reached at version %d of %d",
+                    settings.time_limit_s,
+                    version,
+                    settings.versions,
                 )
                 return watch
             fleet.raise_if_failed()
@@ -462,9 +579,11 @@ class Simulation:
             "run_id": self.run_id,
             "config": str(config_path),
             "stopped_by": watch.stopped_by,
+            "shortfall": self._shortfall(watch),
             "initial": {"union": initial.union, "per_client": initial.per_client},
             "final": {"union": final.union, "per_client": final.per_client},
             "versions": watch.versions,
+            "versions_target": self.settings.versions,
             "updates_accepted": self.stats.accepted,
             "updates_rejected": self.stats.rejected,
             "dropouts": self.stats.dropouts,
@@ -474,7 +593,30 @@ class Simulation:
             "bytes_down_per_client": fleet.per_client(lambda a: a.bytes_down),
             "tasks_per_client": fleet.per_client(lambda a: a.tasks_done),
             "federation_wall_time_s": round(federation_s, 1),
+            "pretrain_wall_time_s": round(setup.base_info.pretrain_s, 1),
+            "base_model": {"path": str(setup.base_info.path), "source": setup.base_info.source},
         }
+
+    def _shortfall(self, watch: _Watch) -> str | None:
+        """Say why the run committed fewer versions than asked; None if it did not.
+
+        The watch loop stops short of the target only at the time limit (an agent that
+        fails raises instead), so the reason is always the limit; what the federation got
+        done by then tells the user which knob to turn.
+        """
+        settings = self.settings
+        if watch.versions >= settings.versions:
+            return None
+        stats = self.stats
+        finished = ", ".join(f"{n} {s}" for s, n in sorted(stats.cohorts.items())) or "none"
+        return (
+            f"committed {watch.versions} of {settings.versions} versions: the time limit "
+            f"(time_limit_s = {settings.time_limit_s:g} s of federation; pretraining the base "
+            f"is not counted) ran out. Updates accepted: {stats.accepted} (a version needs "
+            f"aggregation.buffer_size = {settings.aggregation.buffer_size}); cohorts finished: "
+            f"{finished}; dropouts: {stats.dropouts}; updates rejected: {stats.rejected}. "
+            "Raise time_limit_s or lower versions; metrics.jsonl has every event."
+        )
 
     def _baselines(self, setup: _Setup, steps: dict[str, int]) -> dict[str, Any]:
         from simulation.baselines import centralized, local_only

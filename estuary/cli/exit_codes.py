@@ -33,6 +33,10 @@ class ExitCode(enum.IntEnum):
     PROTOCOL
         The remote side refused us or spoke a protocol we cannot accept
         (authentication failure, version mismatch).
+    INCOMPLETE
+        The command ran to its end but fell short of what was asked (``estuary
+        simulate`` committed fewer versions than ``versions`` within its time limit);
+        its outputs are written and the reason is printed.
     INTERRUPTED
         Stopped by SIGINT/SIGTERM before finishing; state on disk is consistent.
     """
@@ -44,4 +48,5 @@ class ExitCode(enum.IntEnum):
     STATE_UNAVAILABLE = 4
     INPUT = 5
     PROTOCOL = 6
+    INCOMPLETE = 7
     INTERRUPTED = 130

@@ -146,6 +146,9 @@ PRESET_SEED = 0
 def load_base(model: ModelSettings) -> nn.Module:
     """Return the full-precision base model the settings name, in eval mode.
 
+    ``model.path``: the Hugging Face directory there. ``model.preset``: the preset freshly
+    initialised with :data:`PRESET_SEED`, untrained, which is logged as a warning.
+
     Raises
     ------
     CheckpointError
@@ -157,4 +160,13 @@ def load_base(model: ModelSettings) -> nn.Module:
     from estuary.model.presets import build_preset
 
     assert model.preset is not None  # the settings validator requires one of the two
+    # Said at every start, because nothing else shows it: a preset trains, serves and
+    # scores like any base, only its outputs are noise.
+    logger.warning(
+        "model.preset = %r: the base is a freshly initialised, UNTRAINED model (for tests). "
+        "To serve a pretrained base, make one once with `estuary model init --preset %s "
+        "--out DIR` and set model.path = DIR instead of model.preset",
+        model.preset,
+        model.preset,
+    )
     return build_preset(model.preset, seed=PRESET_SEED)

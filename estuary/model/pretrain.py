@@ -1,15 +1,21 @@
 """Pretraining loop for the demo base model: next-byte prediction on a byte stream.
 
-Used by ``estuary model init`` and by tests that need a quickly pretrained tiny model
-(:func:`pretrained_preset`).
+Used by ``estuary model init``, by tests that need a quickly pretrained tiny model
+(:func:`pretrained_preset`), and by ``estuary simulate``, which pretrains a preset base
+once and caches it on disk (:func:`ensure_pretrained_preset`) while logging its progress
+(:class:`ProgressLog`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
+import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +25,7 @@ from torch import nn
 
 from estuary.data.stdlib import pretrain_corpus
 from estuary.data.windows import WindowSampler
-from estuary.model.presets import build_preset
+from estuary.model.presets import PRESETS, build_preset
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -174,3 +180,146 @@ def pretrained_preset(
             progress=progress,
         )
     return model
+
+
+def cached_preset_dir(cache_dir: str | Path, name: str, *, steps: int, seed: int) -> Path:
+    """Return where :func:`ensure_pretrained_preset` keeps preset ``name`` pretrained so.
+
+    The name records everything the weights depend on besides the code: preset, steps and
+    seed (batch size and window length are the defaults of :func:`pretrained_preset`).
+    """
+    return Path(cache_dir) / f"base-{name}-{steps}steps-seed{seed}"
+
+
+def ensure_pretrained_preset(
+    cache_dir: str | Path,
+    name: str = "tiny",
+    *,
+    steps: int,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> Path:
+    """Return a Hugging Face directory of preset ``name`` pretrained ``steps`` steps.
+
+    The first call pretrains (:func:`pretrained_preset`) and saves the model under
+    ``cache_dir`` (:func:`cached_preset_dir`); later calls return that directory at once.
+    The model is written to a temporary directory of its own and renamed into place, so a
+    reader never sees half a model and two processes filling the cache at once both end
+    with one complete directory.
+
+    Parameters
+    ----------
+    cache_dir
+        Folder of cached bases; created if missing.
+    name, steps, seed
+        What to pretrain (see :func:`pretrained_preset`).
+    progress
+        Called after each pretraining step; never called on a cache hit.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a preset or ``steps`` is negative.
+    OSError
+        If the cache cannot be written, or a folder without ``config.json`` (not a
+        model) stands where the base belongs; the message names it.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"name: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if steps < 0:
+        raise ValueError(f"steps: must be >= 0, got {steps}")
+    target = cached_preset_dir(cache_dir, name, steps=steps, seed=seed)
+    if (target / "config.json").is_file():
+        return target
+    if target.is_dir() and any(target.iterdir()):
+        raise OSError(
+            f"{target}: a folder without config.json (not a model) is where the pretrained "
+            "base belongs; delete it to pretrain again"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = pretrained_preset(name, steps=steps, seed=seed, progress=progress)
+    # A fresh name of our own, made like any directory (mkdtemp's would be owner-only).
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}")
+    tmp.mkdir()
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        try:
+            tmp.rename(target)
+        except OSError as exc:
+            # Another process filled the cache first: its directory is as good as ours.
+            if not (target / "config.json").is_file():
+                raise OSError(f"{target}: cannot cache the pretrained base there: {exc}") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("pretrained %s base cached in %s", name, target)
+    return target
+
+
+class ProgressLog:
+    """A :data:`ProgressFn` that logs pretraining progress: step, loss and elapsed time.
+
+    Logs the first step, then at most one line every ``every_s`` seconds, and always the
+    last step, so a slow machine shows it is working and a fast one is not flooded.
+
+    Parameters
+    ----------
+    total
+        Steps of the whole run (the ``n`` of "step k/n").
+    label
+        What is being pretrained, e.g. ``"tiny base"``.
+    every_s
+        Least seconds between two lines (besides the first and the last). 10 s: a few
+        dozen lines for the minutes a base takes on 2 cores.
+    clock
+        Monotonic seconds; elapsed time counts from construction. Injected for tests.
+    log
+        Logger to write to (INFO), standard error by default in the CLI.
+
+    Raises
+    ------
+    ValueError
+        If ``total`` is negative or ``every_s`` is negative.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        label: str,
+        every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        log: logging.Logger = logger,
+    ) -> None:
+        if total < 0:
+            raise ValueError(f"total: must be >= 0, got {total}")
+        if every_s < 0:
+            raise ValueError(f"every_s: must be >= 0, got {every_s}")
+        self.total = total
+        self.label = label
+        self.every_s = every_s
+        self._clock = clock
+        self._log = log
+        self._start = clock()
+        self._last: float | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since construction."""
+        return self._clock() - self._start
+
+    def __call__(self, step: int, loss: float) -> None:
+        """Log step ``step`` of :attr:`total` with its loss (bits/byte) when due."""
+        now = self._clock()
+        due = self._last is None or step >= self.total or now - self._last >= self.every_s
+        if not due:
+            return
+        self._last = now
+        self._log.info(
+            "pretraining %s: step %d/%d, loss %.3f bits/byte, %.0f s elapsed",
+            self.label,
+            step,
+            self.total,
+            loss,
+            now - self._start,
+        )

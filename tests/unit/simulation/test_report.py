@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
@@ -20,6 +22,7 @@ from simulation.report import (
     plot_staleness,
     read_events,
     read_summary,
+    staleness_figure,
     write_summary,
 )
 
@@ -179,6 +182,22 @@ def test_summary_overwrites_atomically(tmp_path: Path) -> None:
     assert read_summary(path)["versions"] == 7
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002], ids=oct)
+def test_summary_has_the_permissions_of_the_other_run_files(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        write_summary(tmp_path / "summary.json", _summary())
+        MetricsLog(tmp_path / "metrics.jsonl").close()
+        plot_staleness({0: 1}, tmp_path / "staleness.png")
+        (tmp_path / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+    assert len(modes) == 4  # no temporary file left behind
+
+
 # ------------------------------------------------------------------------- plots
 
 
@@ -210,6 +229,39 @@ def test_plot_staleness_writes_a_png(tmp_path: Path, hist: dict[int, int]) -> No
     out = plot_staleness(hist, tmp_path / "staleness.png")
 
     _assert_png(out)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.dictionaries(st.integers(0, 40), st.integers(1, 500), min_size=1, max_size=12))
+def test_staleness_bars_are_the_counts_on_a_non_negative_axis(hist: dict[int, int]) -> None:
+    figure = staleness_figure({str(k): v for k, v in hist.items()})
+    (axes,) = figure.axes
+
+    bars = {round(p.get_x() + p.get_width() / 2): p.get_height() for p in axes.patches}
+    assert bars == hist
+    assert axes.get_ylim()[0] == 0.0
+    assert axes.get_ylim()[1] >= max(hist.values())
+    assert axes.get_xlim()[0] >= min(hist) - 0.5
+    assert list(axes.get_xticks()) == sorted(hist)
+    ticks = [t for t in axes.get_yticks() if axes.get_ylim()[0] <= t <= axes.get_ylim()[1]]
+    assert all(t >= 0 and float(t).is_integer() for t in ticks)
+
+
+def test_empty_staleness_plot_says_there_is_nothing_to_plot() -> None:
+    figure = staleness_figure({})
+    (axes,) = figure.axes
+
+    assert not axes.patches  # no bar, so no negative one
+    assert axes.get_xlim() == (0.0, 1.0) and axes.get_ylim() == (0.0, 1.0)
+    assert list(axes.get_xticks()) == [] and list(axes.get_yticks()) == []
+    assert any("nothing to plot" in t.get_text() for t in axes.texts)
+
+
+def test_staleness_plot_rejects_negative_entries() -> None:
+    with pytest.raises(ValueError, match="hist"):
+        staleness_figure({-1: 3})
+    with pytest.raises(ValueError, match="hist"):
+        staleness_figure({"2": -1})
 
 
 # ------------------------------------------------------------------ live display
