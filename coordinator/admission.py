@@ -166,7 +166,9 @@ class Admission:
                 forming = FormingCohort(cohort_id=uuid.uuid4().hex, members=(), opened_at=now)
             if device.device_id in forming.members or len(forming.members) >= cohort.max_size:
                 return None
-            return forming.joined(device.device_id, min_size=cohort.min_size, now=now)
+            return forming.joined(
+                device.device_id, identity_key=device.public_key, min_size=cohort.min_size, now=now
+            )
 
         self._book.update_forming(device_class, join)
 
@@ -219,6 +221,15 @@ class Admission:
         # the devices will see, or coordinator and devices would be in different sessions.
         clip = float(np.float32(cohort.clip_norm))
         fp = FixedPoint.for_cohort(n, bits=cohort.bits, clip=clip)
+        neighbours = neighbours_for(n, cohort.neighbours)
+        # t is a fraction of a secret's share holders: the cohort, or a SecAgg+ neighbourhood.
+        holders = n if neighbours is None else neighbours + 1
+        active = cohort.active_adversary and forming.has_identity_keys
+        if cohort.active_adversary and not active:
+            log.warning(
+                "cohort %s: its forming record predates identity keys; sealed in passive mode",
+                forming.cohort_id,
+            )
         record = CohortRecord(
             cohort_id=forming.cohort_id,
             device_class=device_class,
@@ -228,14 +239,16 @@ class Admission:
             artifact=ArtifactRef(sha256=digest, size=size_bytes),
             sealed_at=now,
             deadline_at=now + cohort.deadline_s,
-            threshold=max(1, min(n, math.ceil(cohort.threshold_fraction * n))),
+            threshold=max(1, min(holders, math.ceil(cohort.threshold_fraction * holders))),
             bits=fp.bits,
             frac_bits=fp.frac_bits,
             clip=fp.clip,
-            neighbours=neighbours_for(n, cohort.neighbours),
+            neighbours=neighbours,
             tensors=self._tensors,
             stage=Stage.ADVERTISE_KEYS,
             stage_started=now,
+            active_adversary=active,
+            identity_keys=forming.identity_keys if active else (),
         )
         cohort_id = record.cohort_id
         self._book.create(record)
@@ -273,28 +286,76 @@ class Admission:
             deadline_ms=int(record.deadline_at * 1000),
             member_index=index,
             session=record.session_config(),
+            identity_keys=record.identity_keys,
         )
 
-    def artifact_for(self, device_class: str) -> tuple[int, str, int] | None:
-        """Newest (version, artifact sha256, size) built for ``device_class``, or None."""
+    def _oldest_useful(self) -> int | None:
+        """Oldest version whose work still counts now (head − max_staleness); None: no head."""
         head = self._ledger.head()
         if head is None:
             return None
+        return head.version - self.settings.aggregation.max_staleness
+
+    def _counts(self, record: CohortRecord) -> bool:
+        """Whether work on the cohort's version would still be accepted now."""
+        oldest = self._oldest_useful()
+        return oldest is not None and record.version >= oldest
+
+    def _no_artifact(self, device_class: str) -> str:
+        limit = self.settings.aggregation.max_staleness
+        return (
+            f"waiting for a {device_class} edge artifact at most {limit} versions behind "
+            "the current version (work on an older one would be refused as too stale)"
+        )
+
+    def artifact_for(self, device_class: str) -> tuple[int, str, int] | None:
+        """Newest (version, artifact sha256, size) built for ``device_class``, or None.
+
+        None also when the newest built artifact is more than ``max_staleness`` versions
+        behind the head: work trained on it could not count.
+        """
+        head = self._ledger.head()
+        if head is None:
+            return None
+        oldest = head.version - self.settings.aggregation.max_staleness
+        found = self._newest_artifact(device_class, head=head.version, oldest=oldest)
+        return found if found is not None and found[0] >= oldest else None
+
+    def _newest_artifact(
+        self, device_class: str, *, head: int, oldest: int
+    ) -> tuple[int, str, int] | None:
+        """Return the newest built artifact of the class (cached by version), or None.
+
+        One read of the class's ``jobdone/`` record, and the outcome only when a newer
+        build completed. A store without that record (from before it existed) is
+        searched version by version from the head down to ``oldest``.
+        """
         known = self._artifacts.get(device_class)
-        floor = known[0] if known else -1
-        for version in range(head.version, floor, -1):
-            rec = self._book.store.get(
-                result_key(
-                    job_id_for("build_artifacts", version=version, device_class=device_class)
-                )
-            )
-            if rec is None:
-                continue
-            outcome = JobOutcome.from_json(rec.value)
-            if outcome.status != "done":
-                continue
-            digest = str(outcome.output["artifact_sha256"])
-            found = (version, digest, self._blobs.size(digest))
-            self._artifacts[device_class] = found
-            return found
+        done = newest_done(self._book.store, "build_artifacts", device_class=device_class)
+        if done is not None:
+            version, job_id = done
+            if known is not None and known[0] >= version:
+                return known
+            found = self._built(job_id, version)
+            if found is not None:
+                self._artifacts[device_class] = found
+                return found
+        floor = max(known[0] if known else -1, oldest - 1)
+        for version in range(head, floor, -1):
+            job_id = job_id_for("build_artifacts", version=version, device_class=device_class)
+            found = self._built(job_id, version)
+            if found is not None:
+                self._artifacts[device_class] = found
+                return found
         return known
+
+    def _built(self, job_id: str, version: int) -> tuple[int, str, int] | None:
+        """(version, sha256, size) of a completed build job, or None."""
+        rec = self._book.store.get(result_key(job_id))
+        if rec is None:
+            return None
+        outcome = JobOutcome.from_json(rec.value)
+        if outcome.status != "done":
+            return None
+        digest = str(outcome.output["artifact_sha256"])
+        return version, digest, self._blobs.size(digest)

@@ -1,4 +1,4 @@
-"""``estuary coordinator``: serve the federation, or issue enrolment tokens.
+"""``estuary coordinator``: serve the federation, issue enrolment tokens, revoke devices.
 
 Exit codes follow :class:`estuary.cli.exit_codes.ExitCode`: 3 invalid configuration or
 TLS material, 4 state store unreachable, 5 base model missing or corrupt, 130 stopped by
@@ -28,14 +28,14 @@ __all__ = ["app", "apply_overrides"]
 log = logging.getLogger(__name__)
 
 app = typer.Typer(
-    help="Coordinator: serve the federation to edge devices; issue enrolment tokens.",
+    help="Coordinator: serve the federation; issue enrolment tokens; revoke devices.",
     no_args_is_help=True,
 )
 
 
 @app.callback()
 def _coordinator() -> None:
-    """Coordinator: serve the federation to edge devices; issue enrolment tokens."""
+    """Coordinator: serve the federation; issue enrolment tokens; revoke devices."""
 
 
 def _load(config: Path) -> CoordinatorSettings:
@@ -132,6 +132,7 @@ async def _serve(settings: CoordinatorSettings, *, shutdown_grace_s: float) -> i
     from estuary.config.secrets import SecretUnavailable
     from estuary.jobs import LocalWorkerUnavailable, find_local_worker
     from estuary.model.loading import CheckpointError
+    from estuary.pki import PKIError
     from estuary.state import InvalidStoreURL, StoreUnavailable
 
     stop = asyncio.Event()
@@ -153,8 +154,8 @@ async def _serve(settings: CoordinatorSettings, *, shutdown_grace_s: float) -> i
     try:
         server = CoordinatorServer(settings, local_worker=local_worker)
         await server.start()
-    except ServerStartError as exc:
-        fail(str(exc))
+    except (ServerStartError, PKIError) as exc:
+        fail(str(exc) if isinstance(exc, ServerStartError) else f"tls: {exc}")
         return ExitCode.CONFIG
     except (InvalidStoreURL, SecretUnavailable) as exc:
         fail(f"state: {exc}")
@@ -232,3 +233,50 @@ def token(
     else:
         for value in tokens:
             typer.echo(value)
+
+
+@app.command("revoke")
+def revoke(
+    device: Annotated[str, typer.Argument(help="Device id to revoke (32 hex characters).")],
+    config: Annotated[Path, typer.Option("--config", help="Coordinator TOML configuration file.")],
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json.")] = (
+        OutputFormat.text
+    ),
+) -> None:
+    """Revoke DEVICE in the configured state store.
+
+    Every replica reads the device record on every request, so the revocation takes
+    effect on the device's next request to any replica, whatever client certificate it
+    still holds (certificates are short-lived; a revoked device cannot renew one).
+    Revoking an already revoked device succeeds again. Exit codes: 3 invalid config or a
+    memory:// store, 4 store unreachable, 5 unknown device.
+    """
+    from coordinator.enrolment import DeviceRegistry
+    from estuary.config.secrets import SecretUnavailable
+    from estuary.state import InvalidStoreURL, StoreUnavailable
+    from estuary.state.configured import open_state_store
+
+    settings = _load(config)
+    if settings.state.url.startswith("memory://"):
+        fail("state.url is memory://: no coordinator shares it; point state.url at its Redis")
+        raise typer.Exit(ExitCode.CONFIG)
+    try:
+        store = open_state_store(settings.state)
+    except (InvalidStoreURL, SecretUnavailable) as exc:
+        fail(f"state: {exc}")
+        raise typer.Exit(ExitCode.CONFIG) from None
+    try:
+        registry = DeviceRegistry(store, device_classes=[c.name for c in settings.device_classes])
+        found = registry.revoke(device)
+    except StoreUnavailable as exc:
+        fail(f"state: {exc}")
+        raise typer.Exit(ExitCode.STATE_UNAVAILABLE) from None
+    finally:
+        store.close()
+    if not found:
+        fail(f"device {device!r}: not enrolled in {settings.state.url.split('@')[-1]}")
+        raise typer.Exit(ExitCode.INPUT)
+    if fmt is OutputFormat.json:
+        print_json({"device_id": device, "revoked": True})
+    else:
+        typer.echo(f"revoked device {device}")

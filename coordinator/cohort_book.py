@@ -113,10 +113,11 @@ class CohortBook:
             if cohort is None:
                 config = record.session_config()
                 members = range(record.size)
+                identities = record.peer_identities()  # None unless active-adversary
                 cohort = ReplicatedCohort(
                     self.store,
                     record.cohort_id,
-                    make_server=lambda: Server(config, members=members),
+                    make_server=lambda: Server(config, members=members, peer_identities=identities),
                 )
                 self._cohorts[record.cohort_id] = cohort
         cohort.sync()

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from secure_agg import FixedPoint, SessionConfig, Stage
 
 __all__ = [
@@ -115,6 +117,22 @@ class _Fields:
     def opt_list_of(self, name: str, kind: type[_T]) -> list[_T] | None:
         return self.list_of(name, kind) if self._obj.get(name) is not None else None
 
+    def bool_(self, name: str, *, default: bool) -> bool:
+        value = self._obj.get(name, default)
+        if not isinstance(value, bool):
+            raise self._bad(name, "true or false", value)
+        return value
+
+    def hex_list(self, name: str) -> list[bytes]:
+        """Read a list of hex strings (absent: empty) as bytes."""
+        value = self._obj.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self._bad(name, "a list of hex strings", value)
+        try:
+            return [bytes.fromhex(item) for item in value]
+        except ValueError:
+            raise self._bad(name, "a list of hex strings", value) from None
+
     def obj(self, name: str) -> _Fields:
         return _Fields(self._raw(name), f"{self._where}: field {name!r}")
 
@@ -169,6 +187,14 @@ class CohortRecord:
         Unix seconds: when membership became final, and the masked-upload deadline.
     threshold, bits, frac_bits, clip, neighbours, tensors
         Secure-aggregation parameters (see :meth:`CohortRecord.session_config`).
+    active_adversary
+        Whether the session runs in active-adversary mode (signed keys, consistency
+        check). Records written before the mode existed read as ``False``: the passive
+        sessions they described.
+    identity_keys
+        Active mode: each member's enrolled Ed25519 identity public key (raw 32 bytes), by
+        member index, as the members had enrolled when the cohort was sealed; empty
+        otherwise.
     stage
         The stage last noted by a tick (the log in :mod:`coordinator.cohort_log` is the
         truth; this copy dates ``stage_started`` and feeds the gauges).
@@ -202,6 +228,8 @@ class CohortRecord:
     tensors: tuple[tuple[str, int], ...]
     stage: Stage
     stage_started: float
+    active_adversary: bool = False
+    identity_keys: tuple[bytes, ...] = ()
     status: CohortStatus = "active"
     abandoned: tuple[int, ...] = ()
     finished_at: float | None = None
@@ -245,7 +273,34 @@ class CohortRecord:
             tensors=self.tensors,
             fixed_point=FixedPoint(bits=self.bits, frac_bits=self.frac_bits, clip=self.clip),
             neighbours=self.neighbours,
+            active=self.active_adversary,
         )
+
+    def peer_identities(self) -> dict[int, Ed25519PublicKey] | None:
+        """Return the members' identity keys by index (active mode), else None.
+
+        Raises
+        ------
+        MalformedRecord
+            If an active record does not hold one valid key per member.
+        """
+        if not self.active_adversary:
+            return None
+        if len(self.identity_keys) != self.size:
+            raise MalformedRecord(
+                f"cohort {self.cohort_id}: field 'identity_keys': expected one key per member "
+                f"({self.size}), got {len(self.identity_keys)}"
+            )
+        out: dict[int, Ed25519PublicKey] = {}
+        for index, key in enumerate(self.identity_keys):
+            try:
+                out[index] = Ed25519PublicKey.from_public_bytes(key)
+            except ValueError:
+                raise MalformedRecord(
+                    f"cohort {self.cohort_id}: field 'identity_keys': entry {index} is not "
+                    "an Ed25519 public key"
+                ) from None
+        return out
 
     # ------------------------------------------------------------------ changing
 
@@ -277,7 +332,7 @@ class CohortRecord:
     # ------------------------------------------------------------------ stored form
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the stored JSON object (outcome fields only once they are set)."""
+        """Return the stored JSON object (outcome and active-mode fields only once set)."""
         value: dict[str, Any] = {
             "cohort_id": self.cohort_id,
             "device_class": self.device_class,
@@ -298,6 +353,9 @@ class CohortRecord:
             "status": self.status,
             "abandoned": list(self.abandoned),
         }
+        if self.active_adversary:  # absent: passive, as in records written before the mode
+            value["active_adversary"] = True
+            value["identity_keys"] = [key.hex() for key in self.identity_keys]
         if self.finished_at is not None:
             value["finished_at"] = self.finished_at
         if self.survivors is not None:
@@ -354,6 +412,8 @@ class CohortRecord:
             tensors=tuple((str(name), int(length)) for name, length in tensors),
             stage=Stage[stage_name],
             stage_started=f.float_("stage_started"),
+            active_adversary=f.bool_("active_adversary", default=False),
+            identity_keys=tuple(f.hex_list("identity_keys")),
             status=status,
             abandoned=tuple(f.list_of("abandoned", int, default=[])),
             finished_at=f.opt_float("finished_at"),
@@ -378,6 +438,10 @@ class FormingCohort:
         The id the cohort will keep once sealed.
     members
         Device ids in order of admission.
+    identity_keys
+        Each member's Ed25519 identity public key (raw), in the order of ``members``; they
+        become the sealed cohort's keys for active-adversary mode. A record written before
+        keys were kept has none, and is sealed in passive mode.
     opened_at
         Unix seconds when the first device joined.
     full_at
@@ -388,20 +452,34 @@ class FormingCohort:
     members: tuple[str, ...]
     opened_at: float
     full_at: float | None = None
+    identity_keys: tuple[bytes, ...] = ()
 
-    def joined(self, device_id: str, *, min_size: int, now: float) -> FormingCohort:
-        """Return this cohort with ``device_id`` added (``full_at`` set at ``min_size``)."""
+    @property
+    def has_identity_keys(self) -> bool:
+        """Whether every member's identity key is known (active mode is possible)."""
+        return len(self.identity_keys) == len(self.members)
+
+    def joined(
+        self, device_id: str, *, identity_key: bytes, min_size: int, now: float
+    ) -> FormingCohort:
+        """Return this cohort with ``device_id`` (and its identity key) added.
+
+        ``full_at`` is set when the cohort reaches ``min_size``.
+        """
         members = (*self.members, device_id)
+        keys = (*self.identity_keys, identity_key) if self.has_identity_keys else ()
         full_at = now if len(members) == min_size else self.full_at
-        return replace(self, members=members, full_at=full_at)
+        return replace(self, members=members, full_at=full_at, identity_keys=keys)
 
     def to_json(self) -> bytes:
-        """Return the stored bytes (``full_at`` only once set)."""
+        """Return the stored bytes (``full_at`` and ``identity_keys`` only once set)."""
         value: dict[str, Any] = {
             "cohort_id": self.cohort_id,
             "members": list(self.members),
             "opened_at": self.opened_at,
         }
+        if self.identity_keys:
+            value["identity_keys"] = [key.hex() for key in self.identity_keys]
         if self.full_at is not None:
             value["full_at"] = self.full_at
         return _json(value)
@@ -415,6 +493,7 @@ class FormingCohort:
             members=tuple(f.list_of("members", str)),
             opened_at=f.float_("opened_at"),
             full_at=f.opt_float("full_at"),
+            identity_keys=tuple(f.hex_list("identity_keys")),
         )
 
 

@@ -12,6 +12,17 @@ expire: their expiry times are kept in a sorted set that every ``issue_token`` a
 request is authenticated with :mod:`estuary.auth`; nonces are remembered per device
 in a sorted set (score = timestamp) for the clock-skew window, which is what makes
 a captured request useless to replay.
+
+With a device CA (:class:`~estuary.pki.DeviceCA`) enrolment also answers a CSR
+(:meth:`DeviceRegistry.enroll_with_csr`): the CSR and its proof by the identity key
+(:func:`estuary.pki.verify_csr_proof`) are checked *before* the token is consumed, so a
+CSR made for another identity is refused without burning the token; the certificate is
+issued after. :meth:`DeviceRegistry.renew_certificate` issues a new one to an
+authenticated, non-revoked device. Revocation is the device record's ``revoked`` flag;
+:meth:`DeviceRegistry.authenticate` caches device records briefly but reads the revocation
+epoch (bumped by every :meth:`DeviceRegistry.revoke`) with every request's nonce, so a
+revocation takes effect on the next request on every replica, whatever certificate the
+device still holds.
 """
 
 from __future__ import annotations
@@ -21,9 +32,13 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from estuary.auth import (
     MAX_CLOCK_SKEW_MS,
@@ -33,13 +48,26 @@ from estuary.auth import (
     verify_request,
 )
 from estuary.clock import SYSTEM_CLOCK, Clock
-from estuary.state.base import Store
+from estuary.pki import DeviceCA, PKIError, verify_csr_proof
+from estuary.state.base import Record, Store
 from estuary.state.errors import VersionConflict
 from estuary.state.keys import device_key
 
 log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "enrol-token/"
+#: Record whose version counts revocations (its value is empty). Every request of a device
+#: whose record a replica has cached reads it in the same round trip as the request's
+#: nonce; a changed version makes the replica read the device record again, so a
+#: revocation takes effect on the next request on every replica (not under ``device/``:
+#: it is no device).
+REVOCATION_EPOCH_KEY = "device-revocations"
+#: Seconds a replica trusts a cached device record without reading it again: 30 s bounds
+#: how long a change made without :meth:`DeviceRegistry.revoke` (an operator editing the
+#: store by hand, an older replica) goes unnoticed, and costs one read per device per 30 s.
+DEVICE_CACHE_TTL_S = 30.0
+#: Device records cached per replica, at most: ~200 bytes each, so 100 000 are ~20 MB.
+DEVICE_CACHE_SIZE = 100_000
 #: Sorted set of token record keys scored by expiry (Unix seconds): the retention index.
 TOKEN_EXPIRY_SET = "enrol-token-expiry"
 NONCE_PREFIX = "nonces/"
@@ -88,6 +116,8 @@ class DeviceRegistry:
     clock
         Token expiry, enrolment time and the request-timestamp window are read from its
         :meth:`~estuary.clock.Clock.time` (Unix seconds, comparable across replicas).
+    device_ca
+        Signs device CSRs at enrolment and renewal; ``None``: no device certificates.
     """
 
     def __init__(
@@ -96,12 +126,17 @@ class DeviceRegistry:
         *,
         device_classes: Collection[str],
         clock: Clock = SYSTEM_CLOCK,
+        device_ca: DeviceCA | None = None,
     ) -> None:
         if not device_classes:
             raise ValueError("device_classes: at least one class is needed")
         self._store = store
         self._classes = frozenset(device_classes)
         self._clock = clock
+        # device id -> (record, revocation epoch read before it, clock.monotonic() then)
+        self._cache: OrderedDict[str, tuple[Device, int, float]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.device_ca = device_ca
 
     def issue_token(self, *, device_class: str | None = None, ttl_s: float = 86_400.0) -> str:
         """Create a one-time enrolment token and return it (shown once, stored hashed).
@@ -203,6 +238,81 @@ class DeviceRegistry:
         log.info("enrolled device %s in class %s", device_id, device_class)
         return Device(device_id, device_class, public_key, now, False)
 
+    def enroll_with_csr(
+        self,
+        token: str,
+        *,
+        public_key: bytes,
+        device_class: str,
+        csr: bytes,
+        csr_proof: bytes,
+    ) -> tuple[Device, bytes]:
+        """Enrol as :meth:`enroll` and certify the device's TLS key; return (device, PEM).
+
+        Without a device CA a CSR is not answered (the certificate returned is empty: an
+        agent over TLS asks for one whether or not the coordinator issues them); with one it
+        is required (every later request needs a client certificate). The CSR and the
+        identity key's proof over it and the token are checked before the token is
+        consumed.
+
+        Raises
+        ------
+        EnrolmentError
+            As :meth:`enroll`; or the CSR is missing, malformed, names another device,
+            or its proof was not made by ``public_key`` for this token.
+        """
+        ca = self.device_ca
+        if ca is None:
+            return self.enroll(token, public_key=public_key, device_class=device_class), b""
+        try:
+            device_id = device_id_for(public_key)
+        except ValueError as exc:
+            raise EnrolmentError(f"identity public key: {exc}") from None
+        if not csr:
+            raise EnrolmentError(
+                "tls_csr: missing; this coordinator requires a client certificate, so "
+                "enrolment must carry a CSR for a key generated on the device"
+            )
+        try:
+            verify_csr_proof(public_key, csr, token=token, proof=csr_proof)
+            ca.check_csr(csr, device_id=device_id)
+        except PKIError as exc:
+            raise EnrolmentError(str(exc)) from None
+        device = self.enroll(token, public_key=public_key, device_class=device_class)
+        return device, self._certify(ca, device.device_id, csr)
+
+    def renew_certificate(self, device: Device, csr: bytes) -> bytes:
+        """Issue a new client certificate to authenticated ``device``; return it as PEM.
+
+        Raises
+        ------
+        EnrolmentError
+            No device CA, a revoked device, or an unacceptable CSR.
+        """
+        ca = self.device_ca
+        if ca is None:
+            raise EnrolmentError(
+                "this coordinator issues no device certificates (tls.device_ca_cert_file "
+                "is not set)"
+            )
+        current = self.get(device.device_id)
+        if current is None or current.revoked:
+            raise Unauthenticated("device revoked")
+        try:
+            return self._certify(ca, device.device_id, csr)
+        except PKIError as exc:
+            raise EnrolmentError(str(exc)) from None
+
+    def _certify(self, ca: DeviceCA, device_id: str, csr: bytes) -> bytes:
+        cert = ca.issue(csr, device_id=device_id, now=self._clock.time())
+        log.info(
+            "issued certificate %x to device %s, valid until %s",
+            cert.serial_number,
+            device_id,
+            cert.not_valid_after_utc.isoformat(timespec="seconds"),
+        )
+        return cert.public_bytes(Encoding.PEM)
+
     def _used(self, meta: dict[str, Any], *, device_id: str, public_key: bytes) -> Device:
         """Answer an enrolment whose token is already used: a re-send, or a refusal."""
         if meta["used_by"] == device_id:
@@ -218,18 +328,41 @@ class DeviceRegistry:
         )
 
     def get(self, device_id: str) -> Device | None:
-        """Return the device record, or ``None`` if unknown."""
-        record = self._store.get(device_key(device_id))
-        if record is None:
-            return None
-        obj = json.loads(record.value)
-        return Device(
-            device_id,
-            str(obj["device_class"]),
-            bytes.fromhex(obj["public_key"]),
-            float(obj["enrolled_at"]),
-            bool(obj["revoked"]),
-        )
+        """Return the device record, or ``None`` if unknown (read from the store)."""
+        return _device(device_id, self._store.get(device_key(device_id)))
+
+    # ------------------------------------------------------------------ device cache
+
+    def _cached(self, device_id: str) -> tuple[Device, int] | None:
+        """Return the cached record of ``device_id`` and its epoch, unless absent or too old."""
+        with self._cache_lock:
+            entry = self._cache.get(device_id)
+            if entry is None:
+                return None
+            device, epoch, loaded = entry
+            if self._clock.monotonic() - loaded > DEVICE_CACHE_TTL_S:
+                del self._cache[device_id]
+                return None
+            self._cache.move_to_end(device_id)
+            return device, epoch
+
+    def _load(self, device_id: str) -> Device | None:
+        """Read ``device_id``'s record and the revocation epoch (one round trip); cache it.
+
+        The epoch is read first: a revocation writes the record before it bumps the
+        epoch, so a record read after an epoch is at least as new as that epoch says.
+        """
+        epoch, record = self._store.get_many([REVOCATION_EPOCH_KEY, device_key(device_id)])
+        device = _device(device_id, record)
+        with self._cache_lock:
+            if device is None:
+                self._cache.pop(device_id, None)
+            else:
+                self._cache[device_id] = (device, _epoch(epoch), self._clock.monotonic())
+                self._cache.move_to_end(device_id)
+                while len(self._cache) > DEVICE_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return device
 
     def revoke(self, device_id: str) -> bool:
         """Revoke a device; return ``False`` if it is unknown. Retries on concurrent writes."""
@@ -241,6 +374,10 @@ class DeviceRegistry:
 
         if self._store.update(device_key(device_id), revoked) is None:
             return False
+        # After the record: a replica that reads the new epoch then reads the revoked record.
+        self._store.put(REVOCATION_EPOCH_KEY, b"")
+        with self._cache_lock:
+            self._cache.pop(device_id, None)
         log.info("revoked device %s", device_id)
         return True
 
@@ -249,8 +386,17 @@ class DeviceRegistry:
 
         Checks, in order: enrolled, not revoked, signature over this method and body,
         timestamp within the skew window, nonce not seen before within it.
+
+        One store round trip for a device whose record this replica has cached (for up to
+        :data:`DEVICE_CACHE_TTL_S`): the nonce is remembered, stale nonces are forgotten
+        and the revocation epoch is read together, after the signature checked out against
+        the cached key. If the epoch moved (some device was revoked since the record was
+        cached) the record is read again before the request is accepted, so revocation
+        takes effect on the next request. Two round trips otherwise (record, then nonce).
         """
-        device = self.get(auth.device_id) if auth.device_id else None
+        device_id = auth.device_id
+        cached = self._cached(device_id) if device_id else None
+        device = cached[0] if cached is not None else self._load(device_id) if device_id else None
         if device is None:
             raise Unauthenticated("unknown device")
         if device.revoked:
@@ -266,14 +412,39 @@ class DeviceRegistry:
             )
         except AuthError as exc:
             raise Unauthenticated(str(exc)) from None
-        nonces = NONCE_PREFIX + device.device_id
         # Forget nonces older than the window: a request that old is refused by its
         # timestamp anyway, so the set stays bounded by the device's request rate.
-        stale = self._store.zrange_by_score(
-            nonces, min_score=float("-inf"), max_score=float(now_ms - 2 * MAX_CLOCK_SKEW_MS)
+        added, epoch = self._store.zadd_pruned(
+            NONCE_PREFIX + device_id,
+            {auth.nonce.hex(): float(auth.timestamp_ms)},
+            prune_max_score=float(now_ms - 2 * MAX_CLOCK_SKEW_MS),
+            read=[REVOCATION_EPOCH_KEY] if cached is not None else [],
         )
-        if stale:
-            self._store.zrem(nonces, *(member for member, _ in stale))
-        if self._store.zadd(nonces, {auth.nonce.hex(): float(auth.timestamp_ms)}) == 0:
+        if cached is not None and _epoch(epoch[0]) != cached[1]:
+            device = self._load(device_id)
+            if device is None:
+                raise Unauthenticated("unknown device")
+            if device.revoked:
+                raise Unauthenticated("device revoked")
+        if added == 0:
             raise Unauthenticated("replayed request (nonce already used)")
         return device
+
+
+def _device(device_id: str, record: Record | None) -> Device | None:
+    """Parse a ``device/<id>`` record; None for none."""
+    if record is None:
+        return None
+    obj = json.loads(record.value)
+    return Device(
+        device_id,
+        str(obj["device_class"]),
+        bytes.fromhex(obj["public_key"]),
+        float(obj["enrolled_at"]),
+        bool(obj["revoked"]),
+    )
+
+
+def _epoch(record: Record | None) -> int:
+    """Return the revocation epoch of a :data:`REVOCATION_EPOCH_KEY` read (0: none yet)."""
+    return 0 if record is None else record.version

@@ -6,6 +6,14 @@ handler on one event loop), maps the result to protobuf and the service's except
 (:mod:`coordinator.errors`) to status codes through :data:`STATUS_OF`. Unexpected
 exceptions become INTERNAL with a generic message; their traceback is logged, never sent.
 
+Blocking calls run in the replica's :class:`~coordinator.handler_pool.HandlerPool`, which
+refuses them (UNAVAILABLE) while the store is known silent or the pool is saturated, so a
+hung store makes requests fail fast instead of piling up. Requests are decoded leniently
+(:func:`add_edge_service`): bytes that are no valid message are refused INVALID_ARGUMENT,
+logged in one line and counted like any other refusal, instead of surfacing as gRPC's
+UNKNOWN or INTERNAL with a traceback. Upload streams are read under
+:class:`~coordinator.stream_limits.StreamLimits`.
+
 Stage numbers differ on the wire: ``SecAggStage`` reserves 0 for "unspecified", so a
 :class:`secure_agg.Stage` ``s`` in ADVERTISE_KEYS..UNMASKING travels as ``s + 1``;
 COMPLETED travels as DONE and ABORTED as ABORTED.
@@ -19,11 +27,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf import message_factory
 from google.protobuf.message import Message
 
+from coordinator import peer_identity
 from coordinator.enrolment import Device, EnrolmentError, Unauthenticated
-from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from coordinator.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MalformedRequest,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from coordinator.handler_pool import HandlerPool
 from coordinator.service import FederationService, PaceOffer, SecAggReply, TaskOffer
+from coordinator.stream_limits import LimitedStream, StreamLimits
 from estuary.auth import AuthError, request_body_sha256, signed_auth_from
 from estuary.proto import stages
 from estuary.proto.session import session_to_proto
@@ -44,7 +64,9 @@ __all__ = [
     "MAX_UPLOAD_BYTES",
     "STATUS_OF",
     "EdgeServicer",
+    "Malformed",
     "RpcRecorder",
+    "add_edge_service",
     "stage_from_proto",
     "stage_to_proto",
 ]
@@ -76,6 +98,8 @@ STATUS_OF: dict[type[BaseException], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
     BlobNotFound: grpc.StatusCode.NOT_FOUND,
     BlobCorrupt: grpc.StatusCode.DATA_LOSS,
     VersionConflict: grpc.StatusCode.ABORTED,
@@ -113,6 +137,43 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
+class Malformed:
+    """A request whose bytes are no valid encoding of its message (see :func:`add_edge_service`).
+
+    Attributes
+    ----------
+    type_name
+        Full name of the message type expected, e.g. ``estuary.v1.GetTaskRequest``.
+    size
+        Length of the bytes received.
+    """
+
+    __slots__ = ("size", "type_name")
+
+    def __init__(self, type_name: str, size: int) -> None:
+        self.type_name = type_name
+        self.size = size
+
+    def refusal(self, where: str = "request") -> MalformedRequest:
+        """Return the error refusing it: it names the type, never an exception class."""
+        return MalformedRequest(
+            f"malformed {where}: not a valid {self.type_name} message ({self.size} bytes)"
+        )
+
+
+def _lenient(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    """Return a request deserializer that gives :class:`Malformed` instead of raising."""
+    type_name = cls.DESCRIPTOR.full_name
+
+    def decode(data: bytes) -> Message | Malformed:
+        try:
+            return cls.FromString(data)
+        except Exception:  # DecodeError, or anything else the parser raises
+            return Malformed(type_name, len(data))
+
+    return decode
+
+
 class RpcRecorder(Protocol):
     """Told about every finished RPC (the metrics implement it)."""
 
@@ -145,9 +206,15 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         Told about every finished RPC (method, status code, bytes in and out).
     poll_interval_s
         Seconds between cohort reads of a long poll (AwaitSecAgg).
+    pool
+        Runs the service's blocking calls; ``None``: a pool of ``server.handler_threads``
+        threads and ``server.handler_queue`` waiting calls (the server passes its own, which
+        its store watcher shuts while the store is silent).
+    upload_limits
+        Limits of an UploadMasked stream; ``None``: the ``server.upload_*`` settings.
 
-    A long poll's wait is measured and slept on the service's clock
-    (:attr:`FederationService.clock`), the one clock of the replica.
+    A long poll's wait and the upload limits are measured and slept on the service's
+    clock (:attr:`FederationService.clock`), the one clock of the replica.
     """
 
     def __init__(
@@ -156,13 +223,18 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         *,
         recorder: RpcRecorder | None = None,
         poll_interval_s: float = AWAIT_POLL_INTERVAL_S,
+        pool: HandlerPool | None = None,
+        upload_limits: StreamLimits | None = None,
     ) -> None:
         if not poll_interval_s > 0:
             raise ValueError(f"poll_interval_s: must be > 0, got {poll_interval_s}")
+        server = service.settings.server
         self.service = service
         self.recorder: RpcRecorder = recorder or _NoRecorder()
         self.poll_interval_s = poll_interval_s
         self.clock = service.clock
+        self.pool = pool or HandlerPool(threads=server.handler_threads, queue=server.handler_queue)
+        self.upload_limits = upload_limits or StreamLimits.from_settings(server)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -173,10 +245,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
             auth = signed_auth_from(request)
         except AuthError as exc:
             raise Unauthenticated(str(exc)) from None
+        peer_identity.check(auth.device_id, required=self.service.requires_device_certificates)
         body = request_body_sha256(request)
-        return await asyncio.to_thread(
-            self.service.authenticate, auth, method=method, body_sha256=body
-        )
+        return await self._thread(self.service.authenticate, auth, method=method, body_sha256=body)
 
     def _finish(self, call: _Call, code: grpc.StatusCode) -> None:
         try:
@@ -190,6 +261,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         code, message = status_of(exc)
         if code is grpc.StatusCode.INTERNAL:
             log.error("%s: unexpected error", call.method, exc_info=exc)
+        elif isinstance(exc, MalformedRequest):
+            # One line per request: its sender may be unauthenticated and hostile.
+            log.info("%s refused from %s: %s", call.method, _peer(context), message)
         elif isinstance(exc, StoreError) and code is not grpc.StatusCode.NOT_FOUND:
             log.warning("%s: store error: %s", call.method, exc)
         else:
@@ -223,7 +297,13 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         return response
 
     async def _thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        return await self.pool.run(fn, *args, **kwargs)
+
+    async def refuse_malformed(self, method: str, request: Malformed, context: Any) -> None:
+        """Refuse a request that did not decode: INVALID_ARGUMENT, logged and counted."""
+        call = _Call(method)
+        call.bytes_in = request.size
+        await self._refuse(call, request.refusal(), context)
 
     # ------------------------------------------------------------------ Enroll
 
@@ -232,18 +312,36 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         return await self._unary("Enroll", request, context, self._enroll)
 
     async def _enroll(self, request: edge_pb2.EnrollRequest, call: _Call) -> Message:
-        device = await self._thread(
-            self.service.enroll,
+        device, certificate = await self._thread(
+            self.service.enroll_with_csr,
             request.token,
             public_key=bytes(request.identity_public_key),
             device_class=request.device_class,
+            csr=bytes(request.tls_csr),
+            csr_proof=bytes(request.tls_csr_proof),
         )
         name, rank = self.service.device_class(device)
         return edge_pb2.EnrollResponse(
             device_id=device.device_id,
             device_class=common_pb2.DeviceClass(name=name, rank=rank),
             r_max=self.service.settings.model.r_max,
+            client_certificate_pem=certificate,
         )
+
+    # ------------------------------------------------------------------ RenewCertificate
+
+    async def RenewCertificate(
+        self, request: edge_pb2.RenewCertificateRequest, context: Any
+    ) -> Message:
+        """Issue a new client certificate for a device-generated key (mutual TLS only)."""
+        return await self._unary("RenewCertificate", request, context, self._renew)
+
+    async def _renew(self, request: edge_pb2.RenewCertificateRequest, call: _Call) -> Message:
+        device = await self._authenticate(request, "RenewCertificate")
+        certificate = await self._thread(
+            self.service.renew_certificate, device, bytes(request.tls_csr)
+        )
+        return edge_pb2.RenewCertificateResponse(client_certificate_pem=certificate)
 
     # ------------------------------------------------------------------ GetTask
 
@@ -331,19 +429,19 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
     # ------------------------------------------------------------------ UploadMasked
 
     async def UploadMasked(
-        self, request_iterator: AsyncIterator[edge_pb2.UploadChunk], context: Any
+        self, request_iterator: AsyncIterator[edge_pb2.UploadChunk | Malformed], context: Any
     ) -> Message:
         """Receive a header and the masked input; store it durably, then acknowledge."""
         call = _Call("UploadMasked")
         return await self._answer(call, self._upload(request_iterator, call), context)
 
     async def _upload(
-        self, request_iterator: AsyncIterator[edge_pb2.UploadChunk], call: _Call
+        self, request_iterator: AsyncIterator[edge_pb2.UploadChunk | Malformed], call: _Call
     ) -> Message:
-        first = await anext(request_iterator, None)
+        stream = LimitedStream(request_iterator, limits=self.upload_limits, clock=self.clock)
+        first = _decoded(await stream.next(), call, "message 1 of the upload")
         if first is None:
             raise InvalidArgument("empty upload: the first message must be the UploadHeader")
-        call.bytes_in += first.ByteSize()
         if first.WhichOneof("part") != "header":
             raise InvalidArgument("the first message of an upload must be the UploadHeader")
         header = first.header
@@ -360,10 +458,18 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 f"input is exactly {expected} bytes"
             )
         payload = bytearray()
-        async for chunk in request_iterator:
-            call.bytes_in += chunk.ByteSize()
+        while True:
+            message = await stream.next()
+            chunk = _decoded(message, call, f"message {stream.data_chunks + 1} of the upload")
+            if chunk is None:
+                break
             if chunk.WhichOneof("part") != "data":
                 raise InvalidArgument("only the first message of an upload may be a header")
+            if not chunk.data:
+                raise InvalidArgument(
+                    f"upload: chunk {stream.data_chunks} is empty; every data chunk must "
+                    "carry bytes"
+                )
             if len(payload) + len(chunk.data) > total:
                 raise ResourceExhausted(f"upload exceeds the {total} bytes announced in its header")
             payload += chunk.data
@@ -405,6 +511,88 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
 # --------------------------------------------------------------------------- mapping
 
 
+def _decoded(
+    message: edge_pb2.UploadChunk | Malformed | None, call: _Call, where: str
+) -> edge_pb2.UploadChunk | None:
+    """Count a streamed message's bytes; refuse it if it did not decode."""
+    if isinstance(message, Malformed):
+        call.bytes_in += message.size
+        raise message.refusal(where)
+    if message is not None:
+        call.bytes_in += message.ByteSize()
+    return message
+
+
+def _peer(context: Any) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # a test double, or a call already torn down
+        return "unknown peer"
+
+
+def add_edge_service(servicer: EdgeServicer, server: Any) -> None:
+    """Register ``servicer`` on a ``grpc.aio`` server with lenient request decoding.
+
+    Replaces the generated ``add_EdgeServiceServicer_to_server``: each method of
+    ``estuary.v1.EdgeService`` (read from the proto descriptor, so none is missed) gets a
+    deserializer that returns :class:`Malformed` instead of raising, and a handler that
+    refuses a Malformed request through the servicer (INVALID_ARGUMENT, one log line,
+    counted in the RPC metrics). UploadMasked, a client stream, checks every message.
+    """
+    service = edge_pb2.DESCRIPTOR.services_by_name["EdgeService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        behaviour = getattr(servicer, method.name)
+        decode = _lenient(message_factory.GetMessageClass(method.input_type))
+        encode = message_factory.GetMessageClass(method.output_type).SerializeToString
+        if method.client_streaming and not method.server_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                behaviour, request_deserializer=decode, response_serializer=encode
+            )
+        elif method.server_streaming and not method.client_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _guard_stream(servicer, method.name, behaviour),
+                request_deserializer=decode,
+                response_serializer=encode,
+            )
+        elif not method.client_streaming:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _guard_unary(servicer, method.name, behaviour),
+                request_deserializer=decode,
+                response_serializer=encode,
+            )
+        else:  # pragma: no cover - the proto has no bidirectional method
+            raise NotImplementedError(f"{method.name}: bidirectional streams are not served")
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _guard_unary(
+    servicer: EdgeServicer, name: str, behaviour: Callable[[Any, Any], Awaitable[Message]]
+) -> Callable[[Any, Any], Awaitable[Message]]:
+    async def guarded(request: Message | Malformed, context: Any) -> Message:
+        if isinstance(request, Malformed):
+            await servicer.refuse_malformed(name, request, context)
+        return await behaviour(request, context)
+
+    return guarded
+
+
+def _guard_stream(
+    servicer: EdgeServicer, name: str, behaviour: Callable[[Any, Any], AsyncIterator[Message]]
+) -> Callable[[Any, Any], AsyncIterator[Message]]:
+    async def guarded(request: Message | Malformed, context: Any) -> AsyncIterator[Message]:
+        if isinstance(request, Malformed):
+            await servicer.refuse_malformed(name, request, context)
+            return
+        async for response in behaviour(request, context):
+            yield response
+
+    return guarded
+
+
 def _next_or_none(chunks: Iterator[bytes]) -> bytes | None:
     # StopIteration cannot cross asyncio.to_thread's future: turn it into None.
     return next(chunks, None)
@@ -424,7 +612,7 @@ def _task(offer: TaskOffer) -> edge_pb2.Task:
         seq_len=offer.seq_len,
         deadline_ms=offer.deadline_ms,
         member_index=offer.member_index,
-        secagg=session_to_proto(offer.session),
+        secagg=session_to_proto(offer.session, identity_keys=offer.identity_keys),
     )
 
 

@@ -10,9 +10,9 @@ Three feeds:
   (uploads, staleness, commits, cohorts);
 - :meth:`CoordinatorMetrics.rpc` implements :class:`coordinator.grpc_service.RpcRecorder`
   (RPCs by method and status code, bytes in and out);
-- :meth:`CoordinatorMetrics.refresh` is called by the server's watch loop with the
-  service's snapshot (head version, cohorts by stage, active devices) and the latency of
-  the store ping it just made.
+- :meth:`CoordinatorMetrics.refresh` is called by the server's gauge loop with the
+  service's snapshot (head version, cohorts by stage, active devices), and
+  :meth:`CoordinatorMetrics.store_probe` by the store watcher's thread after each probe.
 """
 
 from __future__ import annotations
@@ -125,6 +125,11 @@ class CoordinatorMetrics:
         self.store_up = Gauge(
             "estuary_store_up", "1 while the last store ping succeeded, else 0.", registry=r
         )
+        self.handler_calls = Gauge(
+            "estuary_handler_calls",
+            "Blocking calls of requests running or waiting in the handler pool.",
+            registry=r,
+        )
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -156,23 +161,16 @@ class CoordinatorMetrics:
         self.bytes_in.labels(rpc=method).inc(bytes_in)
         self.bytes_out.labels(rpc=method).inc(bytes_out)
 
-    def refresh(self, snapshot: dict[str, Any] | None, *, store_latency_s: float | None) -> None:
-        """Set the gauges from a service snapshot and the latest store ping.
-
-        Parameters
-        ----------
-        snapshot
-            :meth:`FederationService.snapshot`; ``None`` when it could not be taken.
-        store_latency_s
-            Seconds the ping took; ``None`` when it failed.
-        """
-        if store_latency_s is None:
+    def store_probe(self, latency_s: float | None) -> None:
+        """Record one store probe: its round trip in seconds, or ``None`` when it failed."""
+        if latency_s is None:
             self.store_up.set(0)
         else:
             self.store_up.set(1)
-            self.store_latency.observe(store_latency_s)
-        if snapshot is None:
-            return
+            self.store_latency.observe(latency_s)
+
+    def refresh(self, snapshot: dict[str, Any]) -> None:
+        """Set the gauges from a service snapshot (:meth:`FederationService.snapshot`)."""
         self.version.set(int(snapshot["version"]))
         self.devices_active.set(int(snapshot["devices_active"]))
         self.buffered_updates.set(int(snapshot.get("buffered_updates", 0)))

@@ -44,6 +44,8 @@ class TaskOffer:
     deadline_ms: int
     member_index: int
     session: SessionConfig
+    identity_keys: tuple[bytes, ...] = ()
+    """Active-adversary sessions: every member's Ed25519 identity public key, by index."""
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,14 @@
 - a ``grpc.aio`` server with :class:`~coordinator.grpc_service.EdgeServicer` and the
   standard health service, over TLS (mTLS with a client CA) or, only when the settings
   allow it, plaintext;
-- background tasks: the service's tick, and a watch loop that pings the store, reports
-  health (SERVING only while the store answers) and refreshes the metrics gauges;
+- the handler pool the servicer runs its blocking calls in (bounded; refuses requests
+  while the store is known silent, see :mod:`coordinator.handler_pool`);
+- a store watcher on its own thread (:mod:`coordinator.store_watch`): one short probe per
+  ``health_interval_s`` on a dedicated connection, so health (SERVING only while the
+  store answers) turns NOT_SERVING within ``health_interval_s +
+  server.store_probe_timeout_s`` of the store going silent, however busy the handlers;
+- background tasks: the service's tick, applying the watcher's verdicts to the health
+  service, and refreshing the metrics gauges;
 - with ``workers = "local"``, a cloud worker group in a daemon thread of this process.
 """
 
@@ -20,19 +26,21 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.grpc_service import EdgeServicer
+from coordinator.grpc_service import EdgeServicer, add_edge_service
+from coordinator.handler_pool import HandlerPool
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.peer_identity import PeerInterceptor
 from coordinator.service import FederationService, ServiceObserver
+from coordinator.store_watch import StoreWatch
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.log import log_context
-from estuary.proto.v1 import edge_pb2, edge_pb2_grpc
+from estuary.proto.v1 import edge_pb2
 from estuary.state.errors import StoreError
 from estuary.transport import server_options
 
@@ -58,8 +66,9 @@ log = logging.getLogger(__name__)
 #: minutes, and a tick is a handful of store reads when nothing is due.
 TICK_INTERVAL_S = 0.25
 
-#: Seconds between store pings of the watch loop (health and gauges): 1 s, so a load
-#: balancer stops routing to a replica that lost its store within about one probe period.
+#: Seconds between store probes of the watcher (health) and refreshes of the gauges: 1 s,
+#: so with the default probe timeout (0.5 s) a load balancer probing every second or more
+#: sees NOT_SERVING at its next probe after the store goes silent.
 HEALTH_INTERVAL_S = 1.0
 
 #: How long :meth:`CoordinatorServer.stop` waits for the local worker's thread: a job in
@@ -122,9 +131,11 @@ class CoordinatorServer:
         Also told about every service event (the simulator's log); metrics always are.
     clock
         The one clock of this replica: the service and everything under it read it, and
-        the tick loop, the watch loop and the local worker's retry pause wait on it.
+        the tick loop, the store watcher's period, the gauge refreshes and the local
+        worker's retry pause wait on it.
     tick_interval_s, health_interval_s
-        Periods of the tick and the watch loop, in seconds.
+        Periods of the tick and of the store watcher's probes (and gauge refreshes), in
+        seconds.
     metrics_port
         Port of the ``/metrics`` HTTP endpoint, overriding ``settings.server.metrics_port``
         (0: disabled). ``None``: the settings' value.
@@ -177,6 +188,8 @@ class CoordinatorServer:
         self._server: Any = None
         self._health: Any = None
         self._port: int | None = None
+        #: Port bound for tls.enrol_listen (after start), else None.
+        self.enrol_port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._worker_stop = threading.Event()
         self._worker_thread: threading.Thread | None = None
@@ -184,6 +197,11 @@ class CoordinatorServer:
         self.lingering_threads: list[threading.Thread] = []
         self._serving: bool | None = None
         self._stopped = asyncio.Event()
+        self._pool: HandlerPool | None = None
+        self._watch: StoreWatch | None = None
+        #: The store watcher's latest verdict, applied to health by _health_loop.
+        self._store_healthy = True
+        self._health_changed = asyncio.Event()
 
     # ------------------------------------------------------------------ properties
 
@@ -242,9 +260,11 @@ class CoordinatorServer:
             except BaseException:
                 await self._close_resources()
                 raise
+            self._start_watch()
             self._tasks = [
                 asyncio.create_task(self._tick_loop(), name="coordinator-tick"),
-                asyncio.create_task(self._watch_loop(), name="coordinator-watch"),
+                asyncio.create_task(self._health_loop(), name="coordinator-health"),
+                asyncio.create_task(self._gauges_loop(), name="coordinator-gauges"),
             ]
             if self.settings.workers == "local":
                 self._start_local_worker()
@@ -291,10 +311,14 @@ class CoordinatorServer:
 
     async def _start_grpc(self) -> None:
         settings = self.settings
-        server = grpc.aio.server(options=server_options())
-        edge_pb2_grpc.add_EdgeServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            EdgeServicer(self.service, recorder=self.metrics), server
+        server = grpc.aio.server(options=server_options(), interceptors=[PeerInterceptor()])
+        self._pool = pool = HandlerPool(
+            threads=settings.server.handler_threads,
+            queue=settings.server.handler_queue,
+            name=f"handler-{settings.node_id}",
         )
+        self.metrics.handler_calls.set_function(lambda: pool.in_flight)
+        add_edge_service(EdgeServicer(self.service, recorder=self.metrics, pool=pool), server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         listen = settings.server.listen
@@ -314,6 +338,11 @@ class CoordinatorServer:
                     require_client_auth=client_ca is not None,
                 )
                 port = server.add_secure_port(listen, credentials)
+                if tls.enrol_listen is not None:  # devices without a certificate enrol here
+                    enrol_port = server.add_secure_port(
+                        tls.enrol_listen, grpc.ssl_server_credentials([(key, cert)])
+                    )
+                    self.enrol_port = int(enrol_port)
             else:
                 log.warning("serving WITHOUT TLS on %s (tls.allow_plaintext)", listen)
                 port = server.add_insecure_port(listen)
@@ -383,31 +412,51 @@ class CoordinatorServer:
             log.warning("health: %s", "SERVING" if serving else "NOT_SERVING (store unreachable)")
         self._serving = serving
 
-    def _probe(self) -> tuple[float | None, dict[str, Any] | None]:
-        store, service = self.store, self.service
-        # The store's round-trip latency is a real duration on this machine (a metric of
-        # the store, not of federation time), so it is measured with perf_counter, not
-        # with the injected clock: a virtual clock would report 0.
-        started = time.perf_counter()
-        try:
-            store.ping()
-        except StoreError as exc:
-            log.debug("store ping failed: %s", exc)
-            return None, None
-        latency = time.perf_counter() - started
-        try:
-            return latency, service.snapshot()
-        except StoreError:
-            return latency, None
+    def _start_watch(self) -> None:
+        loop = asyncio.get_running_loop()
 
-    async def _watch_loop(self) -> None:
+        def on_change(healthy: bool) -> None:  # on the watcher's thread
+            loop.call_soon_threadsafe(self._store_health, healthy)
+
+        self._watch = StoreWatch(
+            self.store,
+            interval_s=self._health_interval_s,
+            timeout_s=self.settings.server.store_probe_timeout_s,
+            on_change=on_change,
+            on_probe=self.metrics.store_probe,
+            clock=self._clock,
+            node=self.settings.node_id,
+        )
+        self._watch.start()
+
+    def _store_health(self, healthy: bool) -> None:
+        # On the event loop: shut (or reopen) the handler pool at once, so requests
+        # waiting on a silent store are answered now; health follows in _health_loop.
+        self._store_healthy = healthy
+        if self._pool is not None:
+            self._pool.set_store_healthy(healthy)
+        self._health_changed.set()
+
+    async def _health_loop(self) -> None:
+        # One task applies verdicts in order; the latest always wins.
         while True:
+            await self._health_changed.wait()
+            self._health_changed.clear()
             try:
-                latency, snapshot = await asyncio.to_thread(self._probe)
-                await self._set_health(latency is not None)
-                self.metrics.refresh(snapshot, store_latency_s=latency)
+                await self._set_health(self._store_healthy)
             except Exception:
-                log.exception("watch loop failed")
+                log.exception("setting health failed")
+
+    async def _gauges_loop(self) -> None:
+        service = self.service
+        while True:
+            if self._store_healthy:  # a silent store would only hold a thread for nothing
+                try:
+                    self.metrics.refresh(await asyncio.to_thread(service.snapshot))
+                except StoreError as exc:
+                    log.debug("gauges: store error: %s", exc)
+                except Exception:
+                    log.exception("refreshing the gauges failed")
             await self._clock.sleep_async(self._health_interval_s)
 
     # ------------------------------------------------------------------ stop
@@ -443,6 +492,11 @@ class CoordinatorServer:
                 await asyncio.to_thread(self._service.ledger.release)
             except StoreError as exc:
                 log.warning("could not release the aggregator lease: %s", exc)
+        if self._pool is not None:
+            self._pool.close()
+        if self._watch is not None:
+            await asyncio.to_thread(self._watch.stop)  # at most one probe's timeout
+            self._watch = None
         if self._worker_thread is not None:
             thread = self._worker_thread
             await asyncio.to_thread(thread.join, LOCAL_WORKER_JOIN_S)

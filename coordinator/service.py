@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from coordinator.admission import Admission
-from coordinator.cohort_book import ACTIVE_COHORTS, CohortBook
+from coordinator.cohort_book import ACTIVE_COHORTS, ASSIGN_PREFIX, CohortBook
+from coordinator.cohorts import Assignment
 from coordinator.enrolment import Device, DeviceRegistry
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from coordinator.job_submission import JobSubmitter
@@ -58,6 +59,7 @@ from coordinator.outcomes import (
 )
 from coordinator.ratelimit import RateLimiter
 from coordinator.relay import SecAggRelay
+from coordinator.retention import Retention
 from coordinator.staleness import StalenessPolicy
 from coordinator.tick import Ticker
 from coordinator.uploads import Uploads
@@ -67,8 +69,10 @@ from estuary.auth import SignedAuth
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import CoordinatorSettings
 from estuary.federation import FEDERATION_KEY, FederationRecord
+from estuary.pki import DeviceCA
 from estuary.state.base import Store
 from estuary.state.blobs import BlobNotFound, BlobStore
+from estuary.state.keys import HEAD_KEY
 from secure_agg import Stage
 
 __all__ = [
@@ -121,7 +125,19 @@ class FederationService:
         self.observer: ServiceObserver = observer or NoObserver()
         self.counters = ServiceCounters()
         self._classes = {c.name: c for c in settings.device_classes}
-        self.registry = DeviceRegistry(store, device_classes=list(self._classes), clock=clock)
+        tls = settings.tls
+        device_ca = (
+            DeviceCA.from_files(
+                tls.device_ca_cert_file,
+                tls.device_ca_key_file,
+                lifetime_s=tls.device_cert_lifetime_s,
+            )
+            if tls.device_ca_cert_file is not None and tls.device_ca_key_file is not None
+            else None
+        )
+        self.registry = DeviceRegistry(
+            store, device_classes=list(self._classes), clock=clock, device_ca=device_ca
+        )
         self.limiter = RateLimiter(
             settings.server.device_requests_per_s,
             burst=settings.server.device_burst,
@@ -180,6 +196,13 @@ class FederationService:
             counters=self.counters,
             observer=self.observer,
             clock=clock,
+            retention=Retention(
+                settings.retention,
+                store=store,
+                blobs=blobs,
+                max_staleness=settings.aggregation.max_staleness,
+                clock=clock,
+            ),
         )
 
     # ------------------------------------------------------------------ start-up
@@ -194,8 +217,31 @@ class FederationService:
 
     # ------------------------------------------------------------------ devices
 
+    @property
+    def requires_device_certificates(self) -> bool:
+        """Whether every signed request must come over mTLS with its signer's certificate."""
+        return self.registry.device_ca is not None
+
     def enroll(self, token: str, *, public_key: bytes, device_class: str) -> Device:
         """Enrol a device with a one-time token (see :class:`DeviceRegistry`)."""
+        return self.enroll_with_csr(
+            token, public_key=public_key, device_class=device_class, csr=b"", csr_proof=b""
+        )[0]
+
+    def enroll_with_csr(
+        self,
+        token: str,
+        *,
+        public_key: bytes,
+        device_class: str,
+        csr: bytes,
+        csr_proof: bytes,
+    ) -> tuple[Device, bytes]:
+        """Enrol a device with a one-time token; return it and its client certificate.
+
+        The certificate (PEM) is empty unless the coordinator has a device CA, which then
+        requires ``csr`` and ``csr_proof`` (see :meth:`DeviceRegistry.enroll_with_csr`).
+        """
         if device_class not in self._classes:
             raise InvalidArgument(
                 f"device_class: unknown class {device_class!r}; configured: {sorted(self._classes)}"
@@ -205,7 +251,13 @@ class FederationService:
                 "identity_public_key: must be a raw 32-byte Ed25519 key, "
                 f"got {len(public_key)} bytes"
             )
-        return self.registry.enroll(token, public_key=public_key, device_class=device_class)
+        return self.registry.enroll_with_csr(
+            token, public_key=public_key, device_class=device_class, csr=csr, csr_proof=csr_proof
+        )
+
+    def renew_certificate(self, device: Device, csr: bytes) -> bytes:
+        """Return a new client certificate (PEM) for authenticated ``device``'s CSR."""
+        return self.registry.renew_certificate(device, csr)
 
     def authenticate(self, auth: SignedAuth, *, method: str, body_sha256: bytes) -> Device:
         """Return the enrolled device that signed this request.
@@ -248,10 +300,20 @@ class FederationService:
         return self.admission.get_task(device, name)
 
     def heartbeat(self, device: Device, task_id: str) -> HeartbeatReply:
-        """Tell a training member whether to go on."""
-        head = self.ledger.head()
+        """Tell a training member whether to go on.
+
+        The head and the device's task are read in one round trip: a device that holds
+        no task (or another one) is answered with that alone.
+        """
+        assign_key = ASSIGN_PREFIX + device.device_id
+        head_record, assign_record = self.store.get_many([HEAD_KEY, assign_key])
+        head = self.ledger.head_of(head_record)
         current = head.version if head else 0
-        assignment = self.cohorts.assignment(device.device_id)
+        assignment = (
+            None
+            if assign_record is None
+            else Assignment.from_json(assign_record.value, where=assign_key)
+        )
         if assignment is None or assignment.task_id != task_id:
             return HeartbeatReply(abandon=True, current_version=current)
         record = self.cohorts.record(assignment.cohort_id)

@@ -21,6 +21,8 @@ safe to repeat and to race, because every write it makes is conditional:
    buffer (:mod:`coordinator.versions`), the record is closed with its outcome, and its
    assignments, liveness records and cache entry are dropped.
 6. **Commit** a version when the buffer holds ``K`` updates, and queue its cloud jobs.
+7. **Retention** (every ``retention.interval_s``): remove what no one needs any more
+   (:mod:`coordinator.retention`).
 
 Every time here is read from the injected clock, so a test drives deadlines and silence
 by advancing a :class:`~estuary.clock.VirtualClock`.
@@ -39,6 +41,7 @@ from coordinator.cohorts import CohortRecord
 from coordinator.formation import FormationLog, waiting_by_class
 from coordinator.job_submission import JobSubmitter
 from coordinator.outcomes import ServiceCounters, ServiceObserver
+from coordinator.retention import Retention
 from coordinator.versions import VersionInfo, VersionLedger
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import CohortSettings
@@ -83,6 +86,8 @@ class Ticker:
         Told about finished cohorts, accepted updates and commits.
     clock
         Deadlines and silence are measured on it (Unix seconds).
+    retention
+        Sweeps old records and blobs after each tick's commit; ``None``: never.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class Ticker:
         counters: ServiceCounters,
         observer: ServiceObserver,
         clock: Clock = SYSTEM_CLOCK,
+        retention: Retention | None = None,
     ) -> None:
         self._settings = cohort
         self._book = book
@@ -109,6 +115,7 @@ class Ticker:
         self._clock = clock
         self._classes = [c.name for c in admission.settings.device_classes]
         self._formation = FormationLog(min_size=cohort.min_size)
+        self._retention = retention
 
     def tick(self) -> VersionInfo | None:
         """Do the periodic work; return the version committed by this call, if any."""
@@ -150,6 +157,8 @@ class Ticker:
                 adapter_sha256=info.adapter_sha256,
             )
             self._jobs.submit(info)
+        if self._retention is not None:
+            self._retention.maybe_sweep()
         return info
 
     def _note_stage(self, cohort_id: str, stage: Stage, now: float) -> CohortRecord | None:

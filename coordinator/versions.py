@@ -191,7 +191,15 @@ class VersionLedger:
 
     def head(self) -> VersionInfo | None:
         """Return the announced version, or ``None`` before :meth:`initialise`."""
-        record = self._store.get(HEAD_KEY)
+        return self.head_of(self._store.get(HEAD_KEY))
+
+    @staticmethod
+    def head_of(record: Record | None) -> VersionInfo | None:
+        """Return the version announced by a read of :data:`HEAD_KEY` (None: no record).
+
+        For callers that read the head together with other records in one round trip
+        (:meth:`~estuary.state.base.Store.get_many`).
+        """
         return None if record is None else _head_info(record.value)
 
     def adapter(self, info: VersionInfo) -> GlobalAdapter:

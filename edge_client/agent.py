@@ -40,6 +40,7 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
+from edge_client.certificate import DeviceCertificate, renew_if_due
 from edge_client.download import ArtifactDownloader
 from edge_client.enrolment import Identity, enroll
 from edge_client.errors import AgentError, TaskAbandoned
@@ -145,9 +146,11 @@ class EdgeAgent:
         # One random stream for backoff and Pace jitter, in the order they are drawn.
         self._rng = random.Random(seed)
         self._identity = Identity(state)
+        # A certificate issued at enrolment (by CSR) is this device's mTLS client certificate.
+        self._certificate = DeviceCertificate(state)
         self._rpc = EdgeRpc(
             target,
-            credentials=credentials,
+            credentials=self._certificate.channel(credentials),
             identity=self._identity.key,
             clock=clock,
             rng=self._rng,
@@ -305,6 +308,7 @@ class EdgeAgent:
             while stop is None or not stop.is_set():
                 if max_tasks is not None and ended >= max_tasks:
                     break
+                await renew_if_due(self._rpc, self._certificate, device_id=self._identity.device_id)
                 job = asyncio.ensure_future(self.run_once())
                 if stop is not None:
                     stopper = asyncio.ensure_future(stop.wait())
@@ -419,7 +423,7 @@ class EdgeAgent:
     async def _task_steps(self, task: edge_pb2.Task) -> dict[str, Any]:
         base, adapter = await self._trainer.prepare_model(task)
         self._held_version = int(task.version)
-        exchange = SecAggExchange(self._rpc, task)
+        exchange = SecAggExchange(self._rpc, task, identity=self._identity.key())
 
         # Keys first: AdvertiseKeys, then the key broadcast and our encrypted shares.
         self._set_phase("keys")

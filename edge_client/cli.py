@@ -97,13 +97,13 @@ def channel_tls(tls: EdgeTLSSettings) -> ChannelTLS | None:
         raise typer.Exit(ExitCode.CONFIG) from None
 
 
-def _agent(settings: EdgeSettings, *, with_data: bool) -> EdgeAgent:
+def _agent(settings: EdgeSettings, *, with_data: bool, target: str | None = None) -> EdgeAgent:
     from edge_client.agent import EdgeAgent
 
     threads = settings.threads or (os.cpu_count() or 1)
     return EdgeAgent(
         _state(settings),
-        settings.coordinator,
+        target or settings.coordinator,
         credentials=channel_tls(settings.tls),
         data=settings.data_dir if with_data else None,
         threads=threads,
@@ -120,7 +120,10 @@ def enroll(
 ) -> None:
     """Enrol this device with the coordinator, using the config's one-time token.
 
-    The identity key is generated here and never leaves the device. Exit code 3 when the
+    The identity key is generated here and never leaves the device. Over TLS without a
+    configured client certificate, a TLS key is generated here too and a CSR for it sent
+    with the token (to enrol_coordinator if set); the certificate that comes back is kept
+    in the state directory and `estuary edge run` uses and renews it. Exit code 3 when the
     token is not configured or unreadable, or TLS to the coordinator cannot work as
     configured (untrusted certificate, plaintext against TLS, refused client
     certificate: said at once, not retried); 6 when the coordinator refuses the token
@@ -139,7 +142,7 @@ def enroll(
     except SecretUnavailable as exc:
         fail(f"enrolment_token ({settings.enrolment_token.describe()}): {exc}")
         raise typer.Exit(ExitCode.CONFIG) from None
-    agent = _agent(settings, with_data=False)
+    agent = _agent(settings, with_data=False, target=settings.enrol_coordinator)
 
     async def main() -> dict[str, Any]:
         try:
@@ -175,6 +178,8 @@ def run(
 ) -> None:
     """Ask the coordinator for tasks and train them until stopped.
 
+    A client certificate issued at enrolment is renewed (new key, CSR) once a third of
+    its lifetime is left.
     Ctrl-C or SIGTERM stops cleanly (a task under way is recorded as abandoned) with exit
     code 130. Exit code 3 when data_dir is not set or TLS to the coordinator cannot work
     as configured (said at once, not retried), 5 when the data or the state is unusable,

@@ -2,6 +2,9 @@
 
 :func:`enroll` turns a one-time token into ``enrolment.json``: the identity key is
 generated on the device (an existing one is kept) and only its public half is sent.
+Over TLS without a configured client certificate it also asks for one by CSR
+(:mod:`edge_client.certificate`); a coordinator with a device CA answers with a
+short-lived certificate, stored in the state directory and used from then on.
 :class:`Identity` is what every later request is signed with: the key, loaded once and
 checked against the enrolment record, so a state directory whose key and record
 disagree is refused before anything is sent.
@@ -15,11 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from edge_client.certificate import DeviceCertificate, IssuedPair
 from edge_client.errors import AgentError, TLSFailure
 from edge_client.rpc import EdgeRpc
 from edge_client.state import EdgeState, StateError
 from estuary import __version__
 from estuary.auth import device_id_for, raw_public_key
+from estuary.pki import csr_proof
 from estuary.proto.v1 import edge_pb2
 
 if TYPE_CHECKING:
@@ -133,6 +138,13 @@ async def enroll(
         device_class=device_class,
         client_version=__version__,
     )
+    # Over TLS without a configured client certificate, ask for one: a TLS key made
+    # here, its CSR, and the identity key's proof binding the CSR to it and the token.
+    pair: IssuedPair | None = None
+    if rpc.credentials is not None and rpc.credentials.cert_pem is None:
+        pair = DeviceCertificate.request(device_id_for(public))
+        request.tls_csr = pair.csr_der
+        request.tls_csr_proof = csr_proof(key, pair.csr_der, token=token)
     try:
         response = await rpc.call(
             "Enroll",
@@ -153,6 +165,10 @@ async def enroll(
             f"coordinator assigned device id {response.device_id!r}, but this key's id "
             f"is {expected!r}; refusing the enrolment"
         )
+    if pair is not None and response.client_certificate_pem:
+        certificate = DeviceCertificate(state)
+        certificate.install(pair, bytes(response.client_certificate_pem), device_id=expected)
+        await rpc.use_credentials(certificate.channel(rpc.credentials))
     enrolment = EdgeState.new_enrolment(
         device_id=response.device_id,
         device_class=response.device_class.name or device_class,

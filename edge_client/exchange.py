@@ -11,8 +11,15 @@ seen; the masked input goes up as an UploadMasked stream. In order:
 2. :meth:`SecAggExchange.await_relay`: the shares relayed to us and our staleness weight.
 3. :func:`clipped_update` and :func:`mask`: ΔB flattened and clipped per the session,
    then scaled, encoded and masked; :meth:`SecAggExchange.upload` sends it.
-4. :meth:`SecAggExchange.unmask`: our shares of the survivors' seeds and the dropped
-   members' keys, then the cohort's DONE.
+4. :meth:`SecAggExchange.unmask`: in active-adversary mode first our signature on the
+   survivor set the coordinator announces (ConsistencyCheck); then our shares of the
+   survivors' seeds and the dropped members' keys, then the cohort's DONE.
+
+Active-adversary mode (the task's ``secagg.active``, the coordinator's default) signs
+our keys and the survivor set with the device's identity key, and checks the other
+members' signatures against the identity keys the task lists. A coordinator that shows
+different survivor sets to different members cannot collect t signatures on both, so
+every member it lied to refuses the unmask request instead of revealing a share.
 
 Anything the coordinator sends that the client refuses, an ABORTED cohort, or a cohort
 still open long after its deadline abandons the task
@@ -28,10 +35,12 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_client.errors import TaskAbandoned
 from edge_client.rpc import EdgeRpc
-from estuary.proto.session import session_from_proto
+from estuary.auth import raw_public_key
+from estuary.proto.session import identities_from_proto, session_from_proto
 from estuary.proto.stages import stage_name
 from estuary.proto.v1 import edge_pb2
 from estuary.transport import DEFAULT_CHUNK_BYTES, MAX_LONG_POLL_MS
@@ -45,6 +54,7 @@ __all__ = [
     "SecAggExchange",
     "clipped_update",
     "mask",
+    "peer_identities",
     "session_config",
 ]
 
@@ -76,6 +86,30 @@ def session_config(task: edge_pb2.Task) -> SessionConfig:
         raise TaskAbandoned(f"unusable secure-aggregation parameters: {exc}") from None
 
 
+def peer_identities(
+    task: edge_pb2.Task, identity: Ed25519PrivateKey
+) -> dict[int, Ed25519PublicKey] | None:
+    """Return the members' identity keys of an active-adversary task (None if passive).
+
+    Raises
+    ------
+    TaskAbandoned
+        If the keys are malformed, or the key the task lists for this member is not the
+        device's own (its signatures would be refused by every other member).
+    """
+    try:
+        peers = identities_from_proto(task.secagg)
+    except ValueError as exc:
+        raise TaskAbandoned(f"unusable secure-aggregation parameters: {exc}") from None
+    if peers is None:
+        return None
+    index = int(task.member_index)
+    own = peers.get(index)
+    if own is None or own.public_bytes_raw() != raw_public_key(identity):
+        raise TaskAbandoned(f"secagg.identity_keys[{index}] is not this device's identity key")
+    return peers
+
+
 def clipped_update(
     config: SessionConfig, delta_b: dict[str, npt.NDArray[np.float32]]
 ) -> dict[str, npt.NDArray[np.float64]]:
@@ -84,7 +118,8 @@ def clipped_update(
     Raises
     ------
     TaskAbandoned
-        If the session and the adapter disagree on the tensors or their sizes.
+        If the session and the adapter disagree on the tensors or their sizes, or the
+        update is not real and finite (training diverged to NaN, say).
     """
     flat: dict[str, npt.NDArray[np.float32]] = {}
     for name, length in config.tensors:
@@ -100,7 +135,10 @@ def clipped_update(
     if extra:
         raise TaskAbandoned(f"the session omits adapter tensors {extra}")
     fp = config.fixed_point
-    return clip_update(flat, clip=fp.clip, per_tensor=fp.per_tensor)
+    try:
+        return clip_update(flat, clip=fp.clip, per_tensor=fp.per_tensor)
+    except ValueError as exc:
+        raise TaskAbandoned(f"cannot mask the update: {exc}") from None
 
 
 def mask(
@@ -157,6 +195,9 @@ class SecAggExchange:
         The channel to the coordinator; its clock reads the task's deadline.
     task
         The task: cohort id, member index, session parameters and deadline.
+    identity
+        The device's identity key: it signs our keys and the survivor set in
+        active-adversary mode (unused otherwise).
 
     Raises
     ------
@@ -164,11 +205,20 @@ class SecAggExchange:
         If the task's secure-aggregation parameters are unusable.
     """
 
-    def __init__(self, rpc: EdgeRpc, task: edge_pb2.Task) -> None:
+    def __init__(self, rpc: EdgeRpc, task: edge_pb2.Task, *, identity: Ed25519PrivateKey) -> None:
         self._rpc = rpc
         self.task = task
         self.config = session_config(task)
-        self.client = Client(int(task.member_index), config=self.config)
+        peers = peer_identities(task, identity)
+        try:
+            self.client = Client(
+                int(task.member_index),
+                config=self.config,
+                identity=identity if peers is not None else None,
+                peer_identities=peers,
+            )
+        except ValueError as exc:  # a member index outside uint32
+            raise TaskAbandoned(f"unusable secure-aggregation parameters: {exc}") from None
 
     async def exchange_keys(self) -> None:
         """AdvertiseKeys, then answer the key broadcast with our shares (ShareKeys)."""
@@ -189,8 +239,21 @@ class SecAggExchange:
         return weight
 
     async def unmask(self) -> None:
-        """Answer the unmasking request, then wait for the cohort's DONE."""
-        request = await self._await_stage(after=_S.SECAGG_STAGE_MASKED_INPUT)
+        """Answer the unmasking request, then wait for the cohort's DONE.
+
+        In active-adversary mode the consistency request comes first: we sign the survivor
+        set, and answer an unmask request only for that set with t valid signatures on it.
+        """
+        after = _S.SECAGG_STAGE_MASKED_INPUT
+        if self.config.active:
+            check = await self._await_stage(after=after)
+            _expect(check, _S.SECAGG_STAGE_CONSISTENCY_CHECK)
+            signature = _handle(self.client, check.payload)
+            if signature is None:
+                raise TaskAbandoned("the consistency request produced no signature")
+            await self._send(_S.SECAGG_STAGE_CONSISTENCY_CHECK, signature.encode())
+            after = _S.SECAGG_STAGE_CONSISTENCY_CHECK
+        request = await self._await_stage(after=after)
         _expect(request, _S.SECAGG_STAGE_UNMASKING)
         response = _handle(self.client, request.payload)
         if response is None:

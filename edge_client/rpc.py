@@ -149,6 +149,11 @@ class EdgeRpc:
             self._stub = edge_pb2_grpc.EdgeServiceStub(self._channel)  # type: ignore[no-untyped-call]
         return self._stub
 
+    async def use_credentials(self, credentials: ChannelTLS | None) -> None:
+        """Switch to ``credentials`` (a new client certificate): the next call reconnects."""
+        await self.close()
+        self.credentials = credentials
+
     async def close(self) -> None:
         """Close the channel (a later call opens a new one)."""
         if self._channel is not None:

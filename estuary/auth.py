@@ -15,6 +15,7 @@ agent, the test clients) signs a request message, and :func:`request_body_sha256
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -45,6 +46,11 @@ MAX_CLOCK_SKEW_MS = 5 * 60 * 1000
 
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
+
+#: Parsed public keys kept for :func:`verify_request`: loading a raw Ed25519 key (point
+#: decompression) costs about half as much as verifying with it, and a verifier sees the
+#: same few thousand devices again and again. 65 536 keys are ~10 MB.
+VERIFIER_CACHE_SIZE = 65_536
 
 
 class AuthError(Exception):
@@ -154,9 +160,15 @@ def verify_request(
         body_sha256=body_sha256,
     )
     try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(auth.signature, message)
+        _verifier(public_key).verify(auth.signature, message)
     except InvalidSignature:
         raise AuthError("signature does not verify") from None
+
+
+@functools.lru_cache(maxsize=VERIFIER_CACHE_SIZE)
+def _verifier(public_key: bytes) -> Ed25519PublicKey:
+    """Return the parsed key (cached: keys are immutable, the cache is bounded)."""
+    return Ed25519PublicKey.from_public_bytes(public_key)
 
 
 def request_body_sha256(request: Message) -> bytes:

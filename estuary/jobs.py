@@ -101,6 +101,7 @@ __all__ = [
     "result_key",
     "submit_job",
     "supersede_key",
+    "trim_jobs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -289,6 +290,16 @@ def submit_job(store: Store, job: jobs_pb2.Job, *, stream: str = JOB_STREAM) -> 
     # before any worker group has started.
     store.ensure_group(stream, CONSUMER_GROUP)
     return store.stream_add(stream, {JOB_FIELD: job.SerializeToString()})
+
+
+def trim_jobs(store: Store, *, stream: str = JOB_STREAM) -> int:
+    """Drop the job stream's entries every worker group is done with; return how many.
+
+    An entry leaves the stream once it was delivered to a group and acknowledged (its
+    outcome is in ``jobresult/``); pending and undelivered jobs stay, so the stream holds
+    only the backlog, however many versions have been committed.
+    """
+    return store.trim_stream(stream, CONSUMER_GROUP)
 
 
 def newest_submitted(store: Store, job: jobs_pb2.Job) -> jobs_pb2.Job | None:

@@ -264,7 +264,7 @@ class Client:
             if entry.client in keys:
                 raise InvalidKeyBroadcast(f"client {entry.client} listed twice")
             for key in (entry.c_pk, entry.s_pk):
-                crypto.load_x25519_public(key)
+                crypto.check_x25519_public(key)  # also for non-neighbours: nothing honest sends it
                 if key in seen:
                     raise InvalidKeyBroadcast("the same public key appears twice")
                 seen.add(key)

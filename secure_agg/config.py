@@ -9,6 +9,7 @@ from secure_agg.constants import (
     LABEL_PARAMS,
     MAX_COHORT_ID_BYTES,
     MAX_TENSOR_NAME_BYTES,
+    MIN_COHORT_SIZE,
     PROTOCOL_VERSION,
 )
 from secure_agg.numerics import FixedPoint
@@ -26,10 +27,15 @@ class SessionConfig:
     cohort
         The coordinator's cohort id (1 to 64 bytes); bound into signatures and the session id.
     cohort_size
-        n: the number of clients invited. Also the worst case of the overflow check.
+        n: the number of clients invited, at least ``MIN_COHORT_SIZE`` (3). Also the worst case
+        of the overflow check.
     threshold
         t: global (complete graph) or per closed neighbourhood (SecAgg+); see
-        :mod:`secure_agg.graph` for how to choose it.
+        :mod:`secure_agg.graph` for how to choose it. More than half of the share holders of a
+        secret (n, or k + 1 for SecAgg+), in either mode: each honest client answers one unmask
+        request, so two disjoint t-subsets of the holders (one asked for a peer's self-mask
+        seed, the other for its mask key) cannot both exist, and a server that lies about the
+        survivor set to some clients never gets both secrets of one peer.
     tensors
         (name, length) of every tensor of an update. Stored sorted by name: order never matters.
     fixed_point
@@ -52,8 +58,11 @@ class SessionConfig:
     def __post_init__(self) -> None:
         if not 1 <= len(self.cohort) <= MAX_COHORT_ID_BYTES:
             raise ValueError(f"cohort must be 1..{MAX_COHORT_ID_BYTES} bytes")
-        if not 1 <= self.cohort_size <= _MAX_ID:
-            raise ValueError(f"cohort_size must be >= 1, got {self.cohort_size}")
+        if not MIN_COHORT_SIZE <= self.cohort_size <= _MAX_ID:
+            raise ValueError(
+                f"cohort_size must be >= {MIN_COHORT_SIZE}, got {self.cohort_size}: a smaller "
+                "session reveals its members' inputs"
+            )
         if not 1 <= self.threshold <= self.cohort_size:
             raise ValueError(
                 f"threshold must be in [1, cohort_size={self.cohort_size}], got {self.threshold}"
@@ -66,6 +75,13 @@ class SessionConfig:
                     f"threshold {self.threshold} exceeds the closed neighbourhood size "
                     f"neighbours + 1 = {self.neighbours + 1}"
                 )
+        holders = self.share_holders
+        if 2 * self.threshold <= holders:
+            raise ValueError(
+                f"threshold must exceed half of the {holders} share holders of a secret "
+                f"(t >= {holders // 2 + 1}), got {self.threshold}: two disjoint sets of "
+                "t unmask responses would reveal both secrets of one client"
+            )
         tensors = tuple(sorted((str(n), int(m)) for n, m in self.tensors))
         if not tensors:
             raise ValueError("tensors must name at least one tensor")
@@ -80,6 +96,17 @@ class SessionConfig:
         object.__setattr__(self, "tensors", tensors)
         self.fixed_point.check_capacity(self.cohort_size)
         object.__setattr__(self, "_params", self._encode_params())
+
+    @property
+    def share_holders(self) -> int:
+        """How many clients hold shares of one client's secrets: its closed neighbourhood.
+
+        n for the complete graph (also when k ≥ n − 1, which :func:`graph.harary_neighbours`
+        makes complete), k + 1 for SecAgg+.
+        """
+        if self.neighbours is None or self.neighbours >= self.cohort_size - 1:
+            return self.cohort_size
+        return self.neighbours + 1
 
     @property
     def params(self) -> bytes:

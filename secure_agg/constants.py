@@ -18,6 +18,11 @@ WIRE_MAGIC: Final[bytes] = b"SA"
 X25519_KEY_BYTES: Final[int] = 32
 """Size of an X25519 public or private key (RFC 7748)."""
 
+X25519_FIELD_PRIME: Final[int] = 2**255 - 19
+"""p of Curve25519. A canonical public key encodes u < p with the top bit clear; anything else is
+an alias of another key (RFC 7748 reduces it mod p), which would let one client advertise another's
+key under different bytes."""
+
 ED25519_SIGNATURE_BYTES: Final[int] = 64
 """Size of an Ed25519 signature (RFC 8032)."""
 
@@ -42,6 +47,11 @@ recipient) and encrypts exactly one message: the pair's share bundle."""
 
 CTR_BLOCK_BYTES: Final[int] = 16
 """AES block size; ``update_into`` needs this much slack minus one in its output buffer."""
+
+MIN_COHORT_SIZE: Final[int] = 3
+"""Fewest clients a session may invite. With one client the "sum" is its input; with two, the sum
+and either input give the other, so one colluding client (or one that later sees the aggregate)
+unmasks its peer, and t > n / 2 would leave no room for a single dropout."""
 
 MAX_COHORT_ID_BYTES: Final[int] = 64
 """Upper bound on the coordinator's cohort id: enough for a UUID or a hash, small on the wire."""
@@ -93,3 +103,7 @@ LABEL_COMMITMENT: Final[bytes] = b"estuary/secagg/v1/seed-commitment"
 LABEL_GRAPH: Final[bytes] = b"estuary/secagg/v1/graph"
 LABEL_SIG_ADVERTISE: Final[bytes] = b"estuary/secagg/v1/sig/advertise"
 LABEL_SIG_CONSISTENCY: Final[bytes] = b"estuary/secagg/v1/sig/consistency"
+LABEL_LOW_ORDER_PROBE: Final[bytes] = b"estuary/secagg/v1/low-order-probe"
+"""Hashed into the fixed private scalar the server multiplies advertised keys by: a point of small
+order gives the all-zero result for every clamped scalar, so any fixed scalar detects it, and a
+fixed one keeps the server deterministic (its state is replayed from a log)."""

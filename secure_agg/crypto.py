@@ -36,6 +36,7 @@ from secure_agg.constants import (
     GCM_NONCE,
     LABEL_CHANNEL_KEY,
     LABEL_COMMITMENT,
+    LABEL_LOW_ORDER_PROBE,
     LABEL_MASK_NONCE,
     LABEL_MASK_SEED,
     LABEL_SESSION,
@@ -43,6 +44,7 @@ from secure_agg.constants import (
     LABEL_SIG_CONSISTENCY,
     MASK_CHUNK_ELEMENTS,
     MASK_STREAM_GROUP,
+    X25519_FIELD_PRIME,
     X25519_KEY_BYTES,
 )
 from secure_agg.errors import DecryptionFailed, InvalidPublicKey, InvalidSignature
@@ -81,6 +83,33 @@ def load_x25519_public(data: bytes) -> X25519PublicKey:
         return X25519PublicKey.from_public_bytes(data)
     except ValueError as exc:
         raise InvalidPublicKey("malformed X25519 public key") from exc
+
+
+_probe: X25519PrivateKey | None = None
+
+
+def check_x25519_public(data: bytes) -> X25519PublicKey:
+    """Parse a peer's advertised X25519 public key, refusing every key no honest client makes.
+
+    Refused: a length other than 32 bytes; a non-canonical encoding (top bit set, or u ≥ p),
+    which RFC 7748 silently maps onto another key; and a point of small order, whose shared
+    secret with anyone is all zeros and known to everyone. The server checks each advertisement
+    with this, so the one client that sends such a key is dropped before its key reaches the
+    others (each of which would refuse the broadcast and abort); the clients check again.
+
+    Raises
+    ------
+    InvalidPublicKey
+        Naming which of the three rules the key breaks.
+    """
+    global _probe
+    public = load_x25519_public(data)
+    if data[-1] & 0x80 or int.from_bytes(data, "little") >= X25519_FIELD_PRIME:
+        raise InvalidPublicKey("non-canonical X25519 public key encoding")
+    if _probe is None:  # a fixed scalar: the check is deterministic, so replays agree
+        _probe = X25519PrivateKey.from_private_bytes(hashlib.sha256(LABEL_LOW_ORDER_PROBE).digest())
+    agree(_probe, public)
+    return public
 
 
 def agree(private: X25519PrivateKey, peer: X25519PublicKey | bytes) -> bytes:

@@ -12,16 +12,19 @@ How to choose t and k. Let n be the cohort size, δ the tolerated dropout fracti
 tolerated fraction of clients that collude with the server.
 
 - Complete graph: every holder set is the whole cohort. Correctness needs at least t
-  survivors: t ≤ (1 - δ) n. Privacy against a semi-honest server needs the colluders to hold
-  fewer than t shares: t > γ n. Against an active server (which can show different survivor
-  sets to different clients, then the consistency check with signatures is on) the honest
-  answers to two conflicting requests must not both reach t: t > (n + γ n) / 2.
+  survivors: t ≤ (1 - δ) n. Privacy needs the colluders to hold fewer than t shares:
+  t > γ n. And a server can show different survivor sets to different clients (a peer alive
+  to some, dropped to others); each honest client answers one request, so the answers to two
+  conflicting requests must not both reach t: t > n / 2 always (:class:`SessionConfig`
+  refuses less), and t > (n + γ n) / 2 with colluders, when the consistency check with
+  signatures (active mode) keeps colluders from answering both.
   :func:`choose_threshold` returns the smallest admissible t, which tolerates the most dropouts.
 - SecAgg+: a closed neighbourhood is the owner plus k clients drawn at random, so the number of
   surviving holders is (up to sampling without replacement, whose tails are no heavier)
   Binomial(k + 1, 1 - δ) and the number of colluding holders Binomial(k + 1, γ).
-  :func:`choose_neighbours` returns the smallest even k with a t such that, over all n
-  neighbourhoods (union bound), P[survivors < t] ≤ 2^-η and P[colluders ≥ t] ≤ 2^-σ.
+  :func:`choose_neighbours` returns the smallest even k with a t > (k + 1) / 2 (the same
+  majority rule, per neighbourhood) such that, over all n neighbourhoods (union bound),
+  P[survivors < t] ≤ 2^-η and P[colluders ≥ t] ≤ 2^-σ.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import math
 import struct
 from collections.abc import Sequence
 
-from secure_agg.constants import LABEL_GRAPH
+from secure_agg.constants import LABEL_GRAPH, MIN_COHORT_SIZE
 
 
 def harary_neighbours(
@@ -84,9 +87,14 @@ def choose_threshold(n: int, *, dropout: float, corrupt: float, active: bool = F
     """
     _check_fraction("dropout", dropout)
     _check_fraction("corrupt", corrupt)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    lowest = math.floor((n + corrupt * n) / 2) + 1 if active else math.floor(corrupt * n) + 1
+    if n < MIN_COHORT_SIZE:
+        raise ValueError(f"n must be >= {MIN_COHORT_SIZE}, got {n}")
+    majority = n // 2 + 1  # two disjoint sets of t answers must be impossible
+    lowest = (
+        math.floor((n + corrupt * n) / 2) + 1
+        if active
+        else max(majority, math.floor(corrupt * n) + 1)
+    )
     highest = math.floor((1 - dropout) * n)
     if lowest > highest:
         raise ValueError(
@@ -145,7 +153,7 @@ def choose_neighbours(
     union = math.log2(max(n, 1))
     for k in range(2, n, 2):
         holders = k + 1
-        for t in range(1, holders + 1):
+        for t in range(holders // 2 + 1, holders + 1):
             fail = _log2_binom_tail_ge(holders, dropout, holders - t + 1) + union
             leak = _log2_binom_tail_ge(holders, corrupt, t) + union
             if fail <= -correctness_bits and leak <= -security_bits:

@@ -132,27 +132,60 @@ class FixedPoint:
         )
 
 
+_REAL_KINDS = frozenset("biuf")
+"""numpy dtype kinds an update may have: bool, signed and unsigned integers, floating point.
+Complex values would lose their imaginary part in the float64 conversion; objects, strings
+and dates are not numbers to mask."""
+
+
 def _sum_of_squares(values: npt.NDArray[np.float64]) -> float:
     # Not np.dot / np.linalg.norm: those go through BLAS, whose thread pool costs milliseconds
     # of synchronisation on a busy 2-core machine for a 100k-element vector.
     return float(np.square(values).sum())
 
 
+def _norm(arrays: list[npt.NDArray[np.float64]]) -> float:
+    """L2 norm of the concatenation of ``arrays``, finite for any finite input."""
+    with np.errstate(over="ignore"):  # an overflow is detected below, not warned about
+        total = math.sqrt(sum(_sum_of_squares(a) for a in arrays))
+    if math.isfinite(total):
+        return total
+    # The squares overflowed (elements beyond ~1e154): rescale by the largest magnitude, or
+    # the clip factor clip / inf would silently zero the whole update.
+    peak = max(float(np.abs(a).max()) for a in arrays if a.size)
+    return peak * math.sqrt(sum(_sum_of_squares(a / peak) for a in arrays))
+
+
 def clip_update(
     update: Mapping[str, FloatArray], *, clip: float, per_tensor: bool
 ) -> dict[str, npt.NDArray[np.float64]]:
-    """Scale tensors down so that their L2 norm (global or per tensor) is at most ``clip``."""
-    arrays = {name: np.asarray(value, dtype=np.float64).ravel() for name, value in update.items()}
-    for name, arr in arrays.items():
+    """Scale tensors down so that their L2 norm (global or per tensor) is at most ``clip``.
+
+    Raises
+    ------
+    ValueError
+        If a tensor is not real-valued (complex, object, string, ...) or holds NaN or ±inf;
+        the message names the tensor.
+    """
+    arrays: dict[str, npt.NDArray[np.float64]] = {}
+    for name, value in update.items():
+        raw = np.asarray(value)
+        if raw.dtype.kind not in _REAL_KINDS:
+            raise ValueError(
+                f"update tensor {name!r} has dtype {raw.dtype}: only real numbers "
+                "(bool, integer or floating point) can be masked"
+            )
+        arr = raw.astype(np.float64, copy=False).ravel()
         if not np.all(np.isfinite(arr)):
-            raise ValueError(f"update tensor {name!r} has non-finite values")
+            raise ValueError(f"update tensor {name!r} has non-finite values (NaN or ±inf)")
+        arrays[name] = arr
     if per_tensor:
         for name, arr in arrays.items():
-            norm = math.sqrt(_sum_of_squares(arr))
+            norm = _norm([arr])
             if norm > clip:
                 arrays[name] = arr * (clip / norm)
         return arrays
-    total = math.sqrt(sum(_sum_of_squares(a) for a in arrays.values()))
+    total = _norm(list(arrays.values()))
     if total > clip:
         factor = clip / total
         arrays = {name: arr * factor for name, arr in arrays.items()}

@@ -33,6 +33,7 @@ from secure_agg.config import SessionConfig
 from secure_agg.constants import (
     COMMITMENT_BYTES,
     FIELD_PRIME,
+    MIN_COHORT_SIZE,
     SECRET_CHUNKS,
     SHARE_BYTES,
     SHARE_CIPHERTEXT_BYTES,
@@ -40,7 +41,9 @@ from secure_agg.constants import (
 from secure_agg.errors import (
     CohortAborted,
     DuplicateMessage,
+    InvalidKeyBroadcast,
     InvalidMaskedInput,
+    InvalidPublicKey,
     InvalidShare,
     LateMessage,
     MalformedMessage,
@@ -140,6 +143,11 @@ class Server:
     ) -> None:
         if members is not None and len(set(members)) > config.cohort_size:
             raise ValueError(f"members lists more than cohort_size={config.cohort_size} ids")
+        if members is not None and len(set(members)) < MIN_COHORT_SIZE:
+            raise ValueError(
+                f"members lists {len(set(members))} ids; a session needs at least "
+                f"{MIN_COHORT_SIZE} (fewer reveal their inputs)"
+            )
         if peer_identities is not None and not config.active:
             raise ValueError("peer_identities given but config.active is False")
         self.config = config
@@ -151,6 +159,8 @@ class Server:
         self._excluded: set[int] = set()
         self._adverts: dict[int, AdvertiseKeys] = {}
         self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._key_owner: dict[bytes, int] = {}
+        """Every public key of an accepted advertisement → its client."""
         self._session = b""
         self._graph: dict[int, frozenset[int]] = {}
         self._closed: dict[int, frozenset[int]] = {}
@@ -244,6 +254,8 @@ class Server:
             exc.client = sender
             logger.warning("dropping client %d: %s", sender, type(exc).__name__)
             self._drop(sender)
+            # The others may all have answered already: they need not wait for a deadline.
+            self._maybe_close()
             raise
         self._maybe_close()
 
@@ -303,8 +315,22 @@ class Server:
             raise UnknownClient(f"cohort already has {self.config.cohort_size} clients")
         if message.cohort != self.config.cohort:
             raise SessionMismatch(f"client {sender} advertised for another cohort")
+        # Every client refuses a broadcast with a bad or repeated key, so one such key would
+        # abort the whole cohort: refuse it here, where only its sender is dropped. Keys are
+        # fresh per session, so a repeat of an accepted key is the later sender's copy.
+        for slot, key in (("c_pk", message.c_pk), ("s_pk", message.s_pk)):
+            try:
+                crypto.check_x25519_public(key)
+            except InvalidPublicKey as exc:
+                raise InvalidPublicKey(f"{slot} of client {sender}: {exc}") from None
+        if message.c_pk == message.s_pk:
+            raise InvalidKeyBroadcast(f"client {sender} advertised c_pk == s_pk")
         for key in (message.c_pk, message.s_pk):
-            crypto.load_x25519_public(key)
+            owner = self._key_owner.get(key)
+            if owner is not None:
+                raise InvalidKeyBroadcast(
+                    f"client {sender} advertised a public key of client {owner}"
+                )
         if self.config.active and self._identities:
             public = self._identities.get(sender)
             if public is None:
@@ -312,6 +338,7 @@ class Server:
             payload = crypto.advertise_payload(message.cohort, sender, message.c_pk, message.s_pk)
             crypto.verify_signature(public, message.signature, payload, client=sender)
         self._adverts[sender] = message
+        self._key_owner[message.c_pk] = self._key_owner[message.s_pk] = sender
 
     def _on_share_keys(self, sender: int, message: ShareKeys) -> None:
         if len(message.commitment) != COMMITMENT_BYTES:
@@ -389,7 +416,10 @@ class Server:
         self._excluded.add(client)
         self._expected.discard(client)
         if self.stage is Stage.ADVERTISE_KEYS:
-            self._adverts.pop(client, None)
+            advert = self._adverts.pop(client, None)
+            if advert is not None:
+                for key in (advert.c_pk, advert.s_pk):
+                    self._key_owner.pop(key, None)
         elif self.stage is Stage.SHARE_KEYS:
             self._share_keys.pop(client, None)
         elif self.stage is Stage.MASKED_INPUT:
@@ -408,10 +438,14 @@ class Server:
 
     def _maybe_close(self) -> None:
         if self.stage is Stage.ADVERTISE_KEYS:
-            target: Collection[int] = (
-                self._members if self._members is not None else range(self.config.cohort_size)
+            # Invited members that were dropped (a refused advertisement) are not waited for:
+            # the others go on as soon as all of them have advertised.
+            awaited = (
+                len(self._members - self._excluded)
+                if self._members is not None
+                else self.config.cohort_size
             )
-            if len(self._adverts) == len(target):
+            if len(self._adverts) >= awaited:
                 self._close_stage()
         elif (
             self.stage not in (Stage.COMPLETED, Stage.ABORTED)

@@ -1,6 +1,6 @@
 """The ``estuary`` console script: core commands plus the role commands installed here.
 
-The core's own commands (``config``, ``status``, ``model``) are imported; role commands
+The core's own commands (``config``, ``status``, ``model``, ``pki``) are imported; role commands
 (``edge``, ``coordinator``, ``worker``, ``simulate``) are discovered through entry points
 (:mod:`estuary.cli.plugins`), so the core imports no role and an install with one extra
 offers that role's commands only. Exit codes come from
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from estuary import __version__
-from estuary.cli import config_cmd, model_cmd, plugins, status_cmd
+from estuary.cli import config_cmd, model_cmd, pki_cmd, plugins, status_cmd
 from estuary.cli.exit_codes import ExitCode
 from estuary.cli.model_export_cmd import export_onnx_command
 from estuary.log import init_logging
@@ -78,6 +78,7 @@ app.add_typer(config_cmd.app, name="config")
 app.command("status")(status_cmd.status)
 model_cmd.app.command("export-onnx")(export_onnx_command)
 app.add_typer(model_cmd.app, name="model")
+app.add_typer(pki_cmd.app, name="pki")
 _absent = plugins.register(app, plugins.discover())
 if _absent:
     app.info.epilog = "Not installed here: " + "; ".join(

@@ -93,7 +93,8 @@ def status(
 ) -> None:
     """Show what the state store holds about a run.
 
-    The text summary fits 80 columns: the head version, the newest versions with their
+    The text summary fits 80 columns: the store's size (keys, bytes), the head version,
+    the newest versions with their
     held-out score (bits/byte), each device class with its devices enrolled and waiting
     against the cohort minimum (cohorts form within one class and need cohort.min_size
     devices of it), cohorts by stage, worker groups and how far evaluation lags the head.

@@ -93,6 +93,18 @@ def _num(value: float | None, fmt: str = "{}") -> str:
     return UNKNOWN if value is None else fmt.format(value)
 
 
+def _size(count: int) -> str:
+    """Bytes in binary units, one decimal (``1.5 MiB``)."""
+    if count < 1024:
+        return f"{count} B"
+    value = count / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -163,6 +175,10 @@ def render_summary(report: StatusReport) -> list[RenderableType]:
 
 def _header(report: StatusReport) -> list[tuple[str, str]]:
     rows = [("state store", report.state)]
+    if report.store_keys is not None and report.store_bytes is not None:
+        rows.append(
+            ("store size", f"{_plural(report.store_keys, 'key')}, {_size(report.store_bytes)}")
+        )
     if report.head_version is None:
         rows.append(("head", "no version yet (no coordinator has started on this store)"))
     else:

@@ -21,6 +21,7 @@ from typing import Any
 
 from estuary.federation import FEDERATION_KEY, FederationRecord, MalformedFederationRecord
 from estuary.state.base import Store
+from estuary.state.errors import StoreError, StoreUnavailable
 from estuary.state.keys import (
     COHORT_PREFIX,
     DEVICE_PREFIX,
@@ -72,9 +73,19 @@ def collect_records(store: Store) -> dict[str, Any]:
 
     Keys: ``state`` (the store's redacted URL), one list per :data:`SECTIONS` entry (each
     record a JSON object with its ``id`` added, or ``{"id", "error"}`` when it is not a
-    JSON object), ``head`` and ``federation`` (the object, or None when absent).
+    JSON object), ``head`` and ``federation`` (the object, or None when absent), and
+    ``store_size``: ``{"keys", "bytes"}`` of :meth:`~estuary.state.base.Store.footprint`
+    (on Redis the whole database: ``DBSIZE`` and ``used_memory``).
     """
-    result: dict[str, Any] = {"state": store.url}
+    size: dict[str, Any]
+    try:
+        footprint = store.footprint()
+        size = {"keys": footprint.keys, "bytes": footprint.bytes}
+    except StoreUnavailable:
+        raise
+    except StoreError as exc:  # e.g. a Redis user not allowed INFO or DBSIZE
+        size = {"error": str(exc)}
+    result: dict[str, Any] = {"state": store.url, "store_size": size}
     for section, prefix in SECTIONS.items():
         records = store.scan(prefix)
         result[section] = [_decode(key, prefix, rec.value) for key, rec in sorted(records.items())]
@@ -191,6 +202,8 @@ class StatusReport:
         (unpublished ones after, by name), the others by id.
     problems
         One line per record or field that could not be read.
+    store_keys, store_bytes
+        Keys the state store holds and about how many bytes they take (None: not read).
     """
 
     state: str
@@ -203,6 +216,8 @@ class StatusReport:
     workers: tuple[WorkerRow, ...]
     devices: tuple[DeviceRow, ...]
     problems: tuple[str, ...]
+    store_keys: int | None = None
+    store_bytes: int | None = None
 
     def active_by_stage(self) -> dict[str, int]:
         """Return active cohorts per stage name, in protocol order (empty stages left out)."""
@@ -250,6 +265,7 @@ class StatusReport:
                 "evaluation_versions_behind": self.evaluation_lag(),
                 "worker_job_lag_s": {w.group: w.last_lag_s for w in self.workers},
             },
+            "store": {"keys": self.store_keys, "bytes": self.store_bytes},
             "problems": list(self.problems),
         }
 
@@ -425,7 +441,15 @@ def build_report(records: Mapping[str, Any], *, now: float) -> StatusReport:
         for ident, r in _readable(records.get("workers", []), WORKER_PREFIX, problems)
     ]
 
+    size = records.get("store_size")
+    if not isinstance(size, Mapping):
+        size = {}
+    if "error" in size:
+        problems.append(f"store size: {size['error']}")
+    sized = _Reader(size, "store size", problems)
     return StatusReport(
+        store_keys=sized.int_("keys"),
+        store_bytes=sized.int_("bytes"),
         state=str(records.get("state", "")),
         now=now,
         head_version=head_version,

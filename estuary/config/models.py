@@ -203,8 +203,25 @@ class PacingSettings(Section):
 class CohortSettings(Section):
     """Secure-aggregation cohorts: size, threshold and numerics."""
 
-    min_size: int = Field(default=4, ge=2, description="Smallest cohort, in devices.")
-    max_size: int = Field(default=32, ge=2, description="Largest cohort, in devices.")
+    min_size: int = Field(
+        default=4,
+        ge=3,
+        description=(
+            "Smallest cohort, in devices. At least 3: the sum of one or two inputs reveals "
+            "them (secure aggregation refuses smaller sessions)."
+        ),
+    )
+    max_size: int = Field(default=32, ge=3, description="Largest cohort, in devices.")
+    active_adversary: bool = Field(
+        default=True,
+        description=(
+            "Secure aggregation against a coordinator that deviates from the protocol: "
+            "members sign their keys and the survivor set with their enrolled identity keys "
+            "(carried in each task), so a coordinator showing different survivor sets to "
+            "different members gets no unmasking share from them. False: passive mode, one "
+            "stage and one signature per member fewer."
+        ),
+    )
     threshold_fraction: float = Field(
         default=0.67,
         gt=0.5,
@@ -244,8 +261,8 @@ class CohortSettings(Section):
         default=60.0,
         gt=0,
         description=(
-            "Seconds each key-exchange stage and the unmasking stage wait for members; "
-            "members silent that long are dropped."
+            "Seconds each key-exchange stage, the consistency check (active_adversary) "
+            "and the unmasking stage wait for members; members silent that long are dropped."
         ),
     )
     bits: int = Field(
@@ -267,6 +284,51 @@ class CohortSettings(Section):
         if self.min_size > self.max_size:
             raise ValueError(f"min_size: {self.min_size} exceeds max_size={self.max_size}")
         return self
+
+
+class RetentionSettings(Section):
+    """What the coordinator keeps in the state store and blob store, and for how long.
+
+    A federation runs for months; without these rules every version, cohort and job
+    would leave records behind for ever (about 260 KB of cohort log per cohort).
+    """
+
+    keep_versions: int = Field(
+        default=32,
+        ge=1,
+        description=(
+            "Newest versions whose records, job results and blobs are kept, besides every "
+            "version within aggregation.max_staleness of the head and every version an "
+            "unfinished cohort trains on."
+        ),
+    )
+    grace_s: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "Seconds a finished cohort's record, log (with its masked uploads) and "
+            "accepted-sum marker are kept after it was folded into a committed version "
+            "or aborted: longer than any replica's tick could still be reading its log."
+        ),
+    )
+    interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds between retention sweeps of one replica. 0: sweep every tick.",
+    )
+    blob_grace_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description=(
+            "Seconds an unreferenced blob is kept after it was written, so a job still "
+            "writing its outputs (not yet recorded) never loses them."
+        ),
+    )
+    worker_gone_s: float = Field(
+        default=7 * 86400.0,
+        gt=0,
+        description="Seconds after its last heartbeat a worker group's record is removed.",
+    )
 
 
 class TrainingSettings(Section):
@@ -304,11 +366,51 @@ class ServerTLSSettings(Section):
         default=False,
         description="Serve without TLS. Only for loopback tests and simulation.",
     )
+    device_ca_cert_file: Annotated[Path | None, UsesPath(PathUse.READ_FILE, "device CA")] = Field(
+        default=None,
+        description=(
+            "Device CA certificate (PEM, `estuary pki init`'s device-ca.pem). Set with "
+            "device_ca_key_file: devices then get client certificates by CSR at "
+            "enrolment, and every signed request must arrive over mutual TLS with a "
+            "certificate naming the device that signed it. None: no device certificates."
+        ),
+    )
+    device_ca_key_file: Annotated[
+        Path | None, UsesPath(PathUse.READ_FILE, "device CA private key")
+    ] = Field(default=None, description="Device CA private key (PEM), signs device CSRs.")
+    device_cert_lifetime_s: float = Field(
+        default=7 * 86_400.0,
+        ge=60.0,
+        description=(
+            "Lifetime of an issued device certificate, seconds (default 7 days; at least "
+            "60). Agents renew with one third left, so keep it well above how long a device "
+            "may stay offline."
+        ),
+    )
+    enrol_listen: str | None = Field(
+        default=None,
+        pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$",
+        description=(
+            "host:port of a second port, TLS without client certificates, where devices "
+            "that have no certificate yet enrol (it serves the same methods, but only "
+            "Enroll succeeds there once device certificates are required). None: no such "
+            "port."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerTLSSettings:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("set both cert_file and key_file, or neither")
+        if (self.device_ca_cert_file is None) != (self.device_ca_key_file is None):
+            raise ValueError("set both device_ca_cert_file and device_ca_key_file, or neither")
+        if self.device_ca_cert_file is not None and self.client_ca_file is None:
+            raise ValueError(
+                "client_ca_file: needed with device_ca_cert_file (the device CA certificate, "
+                "or a bundle with the old and new device CAs while rotating)"
+            )
+        if self.enrol_listen is not None and self.cert_file is None:
+            raise ValueError("enrol_listen: needs cert_file and key_file (it serves TLS)")
         if self.cert_file is None and not self.allow_plaintext:
             raise ValueError(
                 "cert_file: not set; set cert_file and key_file, or allow_plaintext = true"
@@ -459,6 +561,7 @@ class CoordinatorSettings(RoleSettings):
     pacing: PacingSettings = Field(default_factory=PacingSettings)
     cohort: CohortSettings = Field(default_factory=CohortSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     workers: Literal["local", "groups"] = Field(
         default="local",
         description=(
@@ -546,6 +649,16 @@ class EdgeSettings(RoleSettings):
         description="host:port of the coordinator (or its load balancer).",
     )
     tls: EdgeTLSSettings = Field(default_factory=EdgeTLSSettings)
+    enrol_coordinator: str | None = Field(
+        default=None,
+        pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$",
+        description=(
+            "host:port where this device enrols: the coordinator's tls.enrol_listen port "
+            "when it requires device certificates. None: the coordinator address. The "
+            "client certificate it gets (state_dir/tls-cert.pem, key tls-key.pem, made "
+            "here) is used for every later connection unless tls.cert_file is set."
+        ),
+    )
     state_dir: Annotated[Path, UsesPath(PathUse.WRITE_DIR, "state directory")] = Field(
         default=Path("estuary-edge"),
         description="Directory for keys, progress and downloaded artifacts.",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from estuary.state.errors import StoreError, VersionConflict
@@ -32,6 +32,7 @@ from estuary.state.errors import StoreError, VersionConflict
 UPDATE_ATTEMPTS = 50
 
 __all__ = [
+    "Footprint",
     "Job",
     "Lease",
     "PendingJob",
@@ -45,6 +46,22 @@ __all__ = [
     "check_seconds",
     "check_stream_ids",
 ]
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Size of what a store holds (:meth:`Store.footprint`).
+
+    Attributes
+    ----------
+    keys
+        Records, sorted sets, streams and leases (on Redis: ``DBSIZE``).
+    bytes
+        Approximate bytes of keys and values (on Redis: ``used_memory`` of ``INFO memory``).
+    """
+
+    keys: int
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -368,6 +385,20 @@ class Store(ABC):
             raise ValueError(f"prefix must be a str, got {type(prefix).__name__}")
         return self._scan(prefix)
 
+    def get_many(self, keys: Sequence[str]) -> list[Record | None]:
+        """Return the record at each of ``keys``, in order (``None`` where there is none).
+
+        For hot paths that read several records: a networked backend MUST read them in
+        one round trip. Each record MUST be a consistent (value, version) pair, and the
+        reads MUST happen in the order given, so a caller that reads ``a`` before ``b``
+        sees ``b`` at least as new as any write that preceded the write of ``a`` it saw.
+        The result as a whole need not be a snapshot. An empty ``keys`` returns ``[]``.
+        """
+        if isinstance(keys, str):
+            raise ValueError("keys must be a sequence of keys, not one str")
+        checked = [check_name(key, parameter="keys[]") for key in keys]
+        return self._get_many(checked) if checked else []
+
     @abstractmethod
     def _get(self, key: str) -> Record | None:
         """Implement :meth:`get`."""
@@ -391,6 +422,10 @@ class Store(ABC):
     @abstractmethod
     def _scan(self, prefix: str) -> dict[str, Record]:
         """Implement :meth:`scan`."""
+
+    def _get_many(self, keys: list[str]) -> list[Record | None]:
+        """Implement :meth:`get_many` (``keys`` is never empty); this default reads one by one."""
+        return [self._get(key) for key in keys]
 
     # ------------------------------------------------------------------ leases
 
@@ -533,6 +568,53 @@ class Store(ABC):
     def zcard(self, name: str) -> int:
         """Return the number of members (0 for an unknown set)."""
         return self._zcard(check_name(name, parameter="name"))
+
+    def zadd_pruned(
+        self,
+        name: str,
+        members: Mapping[str, float],
+        *,
+        prune_max_score: float,
+        read: Sequence[str] = (),
+    ) -> tuple[int, list[Record | None]]:
+        """Prune old members, add ``members`` and read records, in one step.
+
+        Drops the members scored ≤ ``prune_max_score``, then does :meth:`zadd` of
+        ``members``, then reads the records ``read``; returns (how many members were new,
+        the records as :meth:`get_many` returns them).
+
+        For remembering short-lived items (request nonces) in a set kept bounded by age: a
+        networked backend MUST do all of it in one round trip. The prune MUST happen
+        before the add, so a member given with a score ≤ ``prune_max_score`` is added
+        (and counted) even if it was there. The records are read after the add. Like any
+        write, a call whose reply was lost MUST NOT be repeated by the backend (a repeat
+        would find its own members and count 0): it raises an outcome-unknown
+        :class:`~estuary.state.errors.StoreUnavailable` instead.
+        """
+        check_name(name, parameter="name")
+        if not members:
+            raise ValueError("members must hold at least one member")
+        scores = {
+            check_name(m, parameter="member"): check_score(s, parameter=f"score of {m!r}")
+            for m, s in members.items()
+        }
+        prune = check_score(prune_max_score, parameter="prune_max_score")
+        if isinstance(read, str):
+            raise ValueError("read must be a sequence of keys, not one str")
+        keys = [check_name(key, parameter="read[]") for key in read]
+        return self._zadd_pruned(name, scores, prune_max_score=prune, read=keys)
+
+    def _zadd_pruned(
+        self, name: str, members: dict[str, float], *, prune_max_score: float, read: list[str]
+    ) -> tuple[int, list[Record | None]]:
+        """Implement :meth:`zadd_pruned`; this default makes one call per step."""
+        stale = self._zrange_by_score(
+            name, min_score=-math.inf, max_score=prune_max_score, limit=None
+        )
+        if stale:
+            self._zrem(name, *(member for member, _ in stale))
+        added = self._zadd(name, members)
+        return added, self._get_many(read) if read else []
 
     @abstractmethod
     def _zadd(self, name: str, members: dict[str, float]) -> int:
@@ -679,3 +761,35 @@ class Store(ABC):
     @abstractmethod
     def _stream_length(self, stream: str) -> int:
         """Implement :meth:`stream_length`."""
+
+    # ------------------------------------------------------------------ retention
+
+    def trim_stream(self, stream: str, group: str) -> int:
+        """Remove the entries of ``stream`` that ``group`` is done with; return how many.
+
+        An entry MUST be removed only if ``group`` has delivered it and it is no longer
+        pending (acknowledged): entries not yet delivered, pending ones and every entry
+        after the oldest pending one MUST stay, so a consumer that reclaims or
+        acknowledges later finds its job. Safe to race with readers, acknowledgers and
+        other trimmers. An unknown stream or group removes nothing (0). Used to keep a
+        job stream bounded (:func:`estuary.jobs.trim_jobs`).
+        """
+        return self._trim_stream(
+            check_name(stream, parameter="stream"), check_name(group, parameter="group")
+        )
+
+    def footprint(self) -> Footprint:
+        """Return how many keys the backend holds and about how many bytes they take.
+
+        For ``estuary status``. A backend shared with other data (a Redis database)
+        MAY report the whole database; the memory store counts only its own keys.
+        """
+        return self._footprint()
+
+    @abstractmethod
+    def _trim_stream(self, stream: str, group: str) -> int:
+        """Implement :meth:`trim_stream`."""
+
+    @abstractmethod
+    def _footprint(self) -> Footprint:
+        """Implement :meth:`footprint`."""

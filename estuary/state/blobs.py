@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from estuary.state.errors import StoreError
@@ -29,11 +29,16 @@ logger = logging.getLogger(__name__)
 # 1 MiB: large enough that hashing and copying are not syscall-bound, small
 # enough that streaming a multi-GB artifact holds only this much in memory.
 CHUNK_BYTES = 1 << 20
+# Blobs at most this large are read when following references (manifests are JSON of a
+# few KB); larger ones are model weights and name no other blob.
+MANIFEST_MAX_BYTES = 1 << 20
+
 # Temporary files older than this are leftovers of a crashed writer: no single
 # write of even a multi-GB artifact takes an hour on a local disk.
 STALE_TEMP_S = 3600.0
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_DIGEST_IN_TEXT = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
 _TEMP_PREFIX = ".tmp-"
 
 
@@ -317,6 +322,72 @@ class BlobStore:
         except FileNotFoundError:
             return False
         return True
+
+    def digests(self) -> Iterator[str]:
+        """Yield the digest of every stored blob, in no particular order."""
+        for fan in self._root.iterdir():
+            if len(fan.name) == 2 and fan.is_dir():
+                for blob in fan.iterdir():
+                    if _DIGEST.fullmatch(blob.name):
+                        yield blob.name
+
+    def reachable(self, roots: Iterable[str]) -> set[str]:
+        """Return ``roots`` and every blob they name, followed through manifests.
+
+        A root is any text (a store record's JSON, say): every 64-hex-digit word in it is
+        taken for a digest. A named blob of at most ``MANIFEST_MAX_BYTES`` that is UTF-8
+        text (an artifact or checkpoint manifest) is searched the same way, and so on. A
+        word that only looks like a digest keeps nothing alive that exists.
+        """
+        found: set[str] = set()
+        todo = [d for text in roots for d in _DIGEST_IN_TEXT.findall(text)]
+        while todo:
+            digest = todo.pop()
+            if digest in found:
+                continue
+            found.add(digest)
+            location = self._location(digest)
+            try:
+                if location.stat().st_size > MANIFEST_MAX_BYTES:
+                    continue
+                text = location.read_bytes().decode("utf-8")
+            except (FileNotFoundError, UnicodeDecodeError):
+                continue
+            todo += _DIGEST_IN_TEXT.findall(text)
+        return found
+
+    def collect(self, keep: Collection[str], *, older_than_s: float) -> tuple[int, int]:
+        """Delete every blob not in ``keep`` written ``older_than_s`` or more ago.
+
+        The age is the file's modification time on the filesystem's clock (like
+        :meth:`clean_temp`): a blob a job wrote but has not yet recorded is younger
+        than any sane ``older_than_s`` and survives. Rewriting a blob renews its age.
+
+        Returns
+        -------
+        tuple[int, int]
+            Blobs deleted and the bytes they held.
+        """
+        if not older_than_s >= 0:
+            raise ValueError(f"older_than_s must be >= 0, got {older_than_s!r}")
+        cutoff = time.time() - older_than_s
+        deleted = freed = 0
+        for digest in list(self.digests()):
+            if digest in keep:
+                continue
+            location = self._location(digest)
+            try:
+                stat = location.stat()
+                if stat.st_mtime > cutoff:
+                    continue
+                location.unlink()
+            except FileNotFoundError:
+                continue
+            deleted += 1
+            freed += stat.st_size
+        if deleted:
+            logger.info("collected %d unreferenced blobs (%d bytes)", deleted, freed)
+        return deleted, freed
 
     def clean_temp(self, *, older_than_s: float = STALE_TEMP_S) -> int:
         """Remove temporary files left by crashed writers; return how many.

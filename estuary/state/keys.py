@@ -83,8 +83,10 @@ def buffer_key(cohort_id: str) -> str:
     return f"{BUFFER_PREFIX}{cohort_id}"
 
 
-#: ``buffer-seen/<cohort_id>`` → marker that a cohort's sum was accepted; never deleted,
-#: so a cohort result delivered again after its version was committed is still refused.
+#: ``buffer-seen/<cohort_id>`` → marker that a cohort's sum was accepted, so a cohort
+#: result delivered again after its version was committed is still refused. Removed with
+#: the cohort's record and log (:mod:`coordinator.retention`), ``retention.grace_s`` after
+#: the fold-in: by then no tick still holds the cohort to deliver it again.
 BUFFER_SEEN_PREFIX = "buffer-seen/"
 
 

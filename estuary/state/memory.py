@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from estuary.state.base import (
+    Footprint,
     Job,
     Lease,
     PendingJob,
@@ -118,6 +119,10 @@ class MemoryStore(Store):
     def _get(self, key: str) -> Record | None:
         with self._lock:
             return self._records.get(key)
+
+    def _get_many(self, keys: list[str]) -> list[Record | None]:
+        with self._lock:
+            return [self._get(key) for key in keys]
 
     def _put(self, key: str, value: bytes) -> int:
         with self._lock:
@@ -261,6 +266,12 @@ class MemoryStore(Store):
         with self._lock:
             return len(self._zsets.get(name, {}))
 
+    def _zadd_pruned(
+        self, name: str, members: dict[str, float], *, prune_max_score: float, read: list[str]
+    ) -> tuple[int, list[Record | None]]:
+        with self._lock:  # one step, as one round trip is on Redis
+            return super()._zadd_pruned(name, members, prune_max_score=prune_max_score, read=read)
+
     # ------------------------------------------------------------------ job streams
 
     def _stream_add(self, stream: str, fields: dict[str, bytes]) -> str:
@@ -375,6 +386,36 @@ class MemoryStore(Store):
         with self._lock:
             s = self._streams.get(stream)
             return 0 if s is None else len(s.ids)
+
+    # ------------------------------------------------------------------ retention
+
+    def _trim_stream(self, stream: str, group: str) -> int:
+        with self._lock:
+            s = self._streams.get(stream)
+            g = None if s is None else s.groups.get(group)
+            if s is None or g is None:
+                return 0
+            # Everything before the oldest pending entry, and at most up to the last
+            # delivered one, has been acknowledged.
+            end = min(g.pending) if g.pending else (g.last_delivered[0], g.last_delivered[1] + 1)
+            keep = [i for i in s.ids if i >= end]
+            removed = len(s.ids) - len(keep)
+            for i in s.ids[:removed]:
+                del s.entries[i]
+            s.ids = keep
+            return removed
+
+    def _footprint(self) -> Footprint:
+        with self._lock:
+            size = sum(len(k) + len(r.value) for k, r in self._records.items())
+            size += sum(len(k) + sum(len(m) + 8 for m in z) for k, z in self._zsets.items())
+            for name, st in self._streams.items():
+                size += len(name) + sum(
+                    16 + sum(len(f) + len(v) for f, v in st.entries[i].items()) for i in st.ids
+                )
+            size += sum(len(k) + len(v.holder) for k, v in self._leases.items())
+            keys = len(self._records) + len(self._zsets) + len(self._streams) + len(self._leases)
+            return Footprint(keys=keys, bytes=size)
 
     def _group(self, stream: str, group: str) -> tuple[_Stream, _Group]:
         s = self._streams.get(stream)

@@ -52,6 +52,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from estuary.state.base import (
+    Footprint,
     Job,
     Lease,
     PendingJob,
@@ -239,6 +240,13 @@ def _pairs(flat: Sequence[Any]) -> list[tuple[str, float]]:
 
 def _fields(flat: Sequence[Any]) -> dict[str, bytes]:
     return {_text(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _record(reply: Sequence[Any]) -> Record | None:
+    """Return the record of an ``HMGET <record> v n`` reply, or None if there is none."""
+    if reply[1] is None:
+        return None
+    return Record(value=bytes(reply[0]), version=int(reply[1]))
 
 
 def _ttl_ms(ttl_s: float) -> int:
@@ -521,10 +529,14 @@ class RedisStore(Store):
     # ------------------------------------------------------------------ records
 
     def _get(self, key: str) -> Record | None:
-        reply = self._command("get", "HMGET", self._k("r", key), "v", "n", idempotent=True)
-        if reply[1] is None:
-            return None
-        return Record(value=bytes(reply[0]), version=int(reply[1]))
+        return _record(self._command("get", "HMGET", self._k("r", key), "v", "n", idempotent=True))
+
+    def _get_many(self, keys: list[str]) -> list[Record | None]:
+        # One pipelined round trip of HMGETs: each reply is one record's (value, version).
+        replies = self._pipeline(
+            "get_many", [("HMGET", self._k("r", key), "v", "n") for key in keys]
+        )
+        return [_record(reply) for reply in replies]
 
     def _put(self, key: str, value: bytes) -> int:
         return int(self._script("put", _PUT, [self._k("r", key)], [value]))
@@ -654,6 +666,29 @@ class RedisStore(Store):
 
     def _zcard(self, name: str) -> int:
         return int(self._command("zcard", "ZCARD", self._k("z", name), idempotent=True))
+
+    def _zadd_pruned(
+        self, name: str, members: dict[str, float], *, prune_max_score: float, read: list[str]
+    ) -> tuple[int, list[Record | None]]:
+        zset = self._k("z", name)
+        add: list[Any] = ["ZADD", zset]
+        for member, score in members.items():
+            add += [repr(score), member]
+        commands: list[Sequence[Any]] = [
+            ("ZREMRANGEBYSCORE", zset, "-inf", repr(prune_max_score)),
+            add,
+            *(("HMGET", self._k("r", key), "v", "n") for key in read),
+        ]
+
+        def call(conn: _Conn) -> list[Any]:
+            # Pipelined, not MULTI: each command is atomic on its own, and Redis runs the
+            # commands of one connection in order, which is all the contract asks.
+            conn.send_packed_command(conn.pack_commands(commands))
+            return [conn.read_response() for _ in commands]
+
+        # Not idempotent: a repeat after a lost reply would find its own members (count 0).
+        replies = self._run("zadd_pruned", call, idempotent=False)
+        return int(replies[1]), [_record(reply) for reply in replies[2:]]
 
     # ------------------------------------------------------------------ job streams
 
@@ -795,3 +830,54 @@ class RedisStore(Store):
 
     def _stream_length(self, stream: str) -> int:
         return int(self._command("stream_length", "XLEN", self._k("s", stream), idempotent=True))
+
+    # ------------------------------------------------------------------ retention
+
+    def _trim_stream(self, stream: str, group: str) -> int:
+        key = self._k("s", stream)
+
+        def read(conn: _Conn) -> tuple[Any, Any]:
+            # XINFO GROUPS before XPENDING, in one round trip: an entry delivered after
+            # the first reply lies past the last-delivered id it reports, and one
+            # pending then but acknowledged before the second reply is done for good.
+            conn.send_command("XINFO", "GROUPS", key)
+            conn.send_command("XPENDING", key, group)
+            try:
+                groups = conn.read_response()
+            except ResponseError:  # no such stream
+                groups = []
+            try:
+                summary = conn.read_response()
+            except ResponseError:  # no such stream or group
+                summary = None
+            return groups, summary
+
+        groups, summary = self._run("trim_stream", read, idempotent=True)
+        last: str | None = None
+        for row in groups or []:
+            info = {_text(row[i]): row[i + 1] for i in range(0, len(row), 2)}
+            if _text(info.get("name", b"")) == group:
+                last = _text(info["last-delivered-id"])
+        if last is None or summary is None:
+            return 0
+        if int(summary[0]) > 0:
+            min_id = _text(summary[1])  # the oldest pending entry stays
+        else:
+            ms, seq = last.split("-")
+            min_id = f"{ms}-{int(seq) + 1}"  # everything up to the last delivered goes
+        return int(self._command("trim_stream", "XTRIM", key, "MINID", min_id, idempotent=True))
+
+    def _footprint(self) -> Footprint:
+        def call(conn: _Conn) -> tuple[int, int]:
+            conn.send_command("DBSIZE")
+            conn.send_command("INFO", "memory")
+            keys = int(conn.read_response())
+            info = _text(conn.read_response())
+            used = 0
+            for line in info.splitlines():
+                if line.startswith("used_memory:"):
+                    used = int(line.split(":", 1)[1])
+            return keys, used
+
+        keys, used = self._run("footprint", call, idempotent=True)
+        return Footprint(keys=keys, bytes=used)

@@ -32,6 +32,7 @@ from estuary.state import (
     FencingError,
     LeaseLost,
     MemoryStore,
+    Record,
     Store,
     StoreError,
     StoreUnavailable,
@@ -299,6 +300,47 @@ def test_fenced_compare_and_set_checks_version_after_fence(store: Store) -> None
 # ---------------------------------------------------------------------- sorted sets
 
 
+def test_get_many_returns_each_record_in_order(store: Store) -> None:
+    store.put("a", b"1")
+    store.put("a", b"2")
+    store.put("c", b"3")
+    assert store.get_many(["c", "missing", "a", "c"]) == [
+        Record(b"3", 1),
+        None,
+        Record(b"2", 2),
+        Record(b"3", 1),
+    ]
+    assert store.get_many([]) == []
+    with pytest.raises(ValueError, match="keys"):
+        store.get_many("a")
+    with pytest.raises(ValueError, match="keys"):
+        store.get_many(["a", ""])
+
+
+def test_zadd_pruned_prunes_then_adds_then_reads(store: Store) -> None:
+    store.zadd("nonces", {"old": 1.0, "edge": 2.0, "young": 3.0})
+    store.put("epoch", b"")
+    added, records = store.zadd_pruned(
+        "nonces", {"young": 4.0, "new": 5.0}, prune_max_score=2.0, read=["epoch", "none"]
+    )
+    assert added == 1  # "young" was there already; "old" and "edge" were pruned first
+    assert records == [Record(b"", 1), None]
+    assert store.zrange_by_score("nonces", min_score=-math.inf, max_score=math.inf) == [
+        ("young", 4.0),
+        ("new", 5.0),
+    ]
+    again, nothing = store.zadd_pruned("nonces", {"new": 6.0}, prune_max_score=0.0)
+    assert (again, nothing) == (0, [])
+    # A member at or below the prune bound is pruned first, so it counts as new.
+    assert store.zadd_pruned("nonces", {"young": 4.0}, prune_max_score=4.0)[0] == 1
+    with pytest.raises(ValueError, match="members"):
+        store.zadd_pruned("nonces", {}, prune_max_score=0.0)
+    with pytest.raises(ValueError, match="prune_max_score"):
+        store.zadd_pruned("nonces", {"m": 1.0}, prune_max_score=math.nan)
+    with pytest.raises(ValueError, match="read"):
+        store.zadd_pruned("nonces", {"m": 1.0}, prune_max_score=0.0, read="epoch")
+
+
 def test_sorted_set_ordering(store: Store) -> None:
     assert store.zadd("pace", {"b": 2.0, "a": 2.0, "c": 1.5, "é": 2.0, "z": -math.inf}) == 5
     assert store.zadd("pace", {"c": 3.0, "d": 0.25}) == 1  # c is updated, not new
@@ -548,6 +590,28 @@ def test_write_interrupted_after_sending_is_not_repeated(own_redis_server: Redis
     assert record is not None and record.version == 1
 
 
+@pytest.mark.redis
+def test_zadd_pruned_interrupted_after_sending_is_not_repeated(
+    own_redis_server: RedisServer,
+) -> None:
+    store = open_store(
+        own_redis_server.url, prefix="hang:", socket_timeout_s=0.3, attempts=3, backoff_s=0.05
+    )
+    store.zadd("nonces", {"warm-up": 0.0})  # an open pooled connection, as in steady state
+    own_redis_server.pause()
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            store.zadd_pruned("nonces", {"n1": 5.0}, prune_max_score=1.0, read=["k"])
+        assert info.value.outcome_unknown is True
+    finally:
+        own_redis_server.resume()
+    # Landed once: a blind repeat would have reported n1 as already there (a false replay).
+    deadline = time.monotonic() + 5
+    while store.zcard("nonces") != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.zrange_by_score("nonces", min_score=-math.inf, max_score=math.inf) == [("n1", 5.0)]
+
+
 # ---------------------------------------------------------------------- model-based
 
 
@@ -565,6 +629,13 @@ _OPS = st.one_of(
     st.tuples(st.just("zrange"), _SCORES, _SCORES, st.one_of(st.none(), st.integers(0, 3))),
     st.tuples(st.just("zrem"), st.lists(_MEMBERS, min_size=1, max_size=2)),
     st.tuples(st.just("zcard")),
+    st.tuples(st.just("get_many"), st.lists(_KEYS, max_size=3)),
+    st.tuples(
+        st.just("zadd_pruned"),
+        st.dictionaries(_MEMBERS, _SCORES, min_size=1, max_size=3),
+        _SCORES,
+        st.lists(_KEYS, max_size=2),
+    ),
     st.tuples(st.just("acquire"), st.sampled_from(["l1", "l2"])),
     st.tuples(st.just("release"), st.integers(0, 5)),
     st.tuples(st.just("fenced"), _KEYS, st.integers(0, 5)),
@@ -587,6 +658,10 @@ def _apply(store: Store, leases: list[Any], op: tuple[Any, ...]) -> Any:
         ),
         "zrem": lambda: store.zrem("z", *args[0]),
         "zcard": lambda: store.zcard("z"),
+        "get_many": lambda: store.get_many(args[0]),
+        "zadd_pruned": lambda: store.zadd_pruned(
+            "z", args[0], prune_max_score=args[1], read=args[2]
+        ),
     }
     try:
         if kind == "acquire":

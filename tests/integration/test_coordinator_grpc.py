@@ -6,11 +6,13 @@ problem; afterwards a good device's task is intact and the server still serves.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import functools
 import hashlib
 import ipaddress
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,18 +28,23 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 from federation_helpers import Device, ServerThread, channel, sign, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis_server import RedisServer
 
 from cloud_workers.local import local_worker
 from coordinator.grpc_service import MAX_UPLOAD_BYTES, stage_from_proto, stage_to_proto
 from coordinator.server import CoordinatorServer, ServerStartError
 from estuary.config.models import CoordinatorSettings
 from estuary.model.presets import build_preset
+from estuary.proto.session import identities_from_proto, session_from_proto
 from estuary.proto.v1 import edge_pb2, edge_pb2_grpc
+from estuary.state import open_store
 from estuary.state.blobs import BlobStore
 from estuary.state.errors import StoreUnavailable
 from estuary.state.memory import MemoryStore
 from estuary.transport import MAX_MESSAGE_BYTES
-from secure_agg import Client, FixedPoint, SessionConfig, Stage
+from secure_agg import Client, Stage
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -51,6 +58,10 @@ def make_settings(**overrides: Any) -> CoordinatorSettings:
             "metrics_port": 0,
             "device_requests_per_s": 1000.0,
             "device_burst": 1000,
+            # Tight upload-stream limits so the tests of them take a second or two.
+            "upload_max_chunks": 64,
+            "upload_idle_s": 1.0,
+            "upload_max_s": 2.5,
         },
         "tls": {"allow_plaintext": True},
         "model": {"preset": "tiny", "r_max": 4},
@@ -58,8 +69,9 @@ def make_settings(**overrides: Any) -> CoordinatorSettings:
         "aggregation": {"buffer_size": 2},
         "pacing": {"target_staleness": 4.0, "retry_after_min_s": 0.1},
         "cohort": {
-            "min_size": 2,
-            "max_size": 2,
+            # Three members: secure aggregation refuses smaller sessions (they reveal inputs).
+            "min_size": 3,
+            "max_size": 3,
             "threshold_fraction": 0.6,
             "formation_s": 0.0,
             "deadline_s": 120.0,
@@ -105,7 +117,7 @@ def base() -> Any:
 
 @pytest.fixture(scope="module")
 def fed(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A coordinator with a local worker, two devices in a sealed cohort, and bystanders."""
+    """A coordinator with a local worker, three devices in a sealed cohort, and a bystander."""
     store = MemoryStore()
     blobs = BlobStore(tmp_path_factory.mktemp("blobs"), fsync=False)
     server = CoordinatorServer(
@@ -124,17 +136,17 @@ def fed(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     ch = channel(thread.address)
     stub = edge_pb2_grpc.EdgeServiceStub(ch)
     registry = server.service.registry
-    a, b, c = Device(stub), Device(stub), Device(stub)
-    for device in (a, b, c):
+    a, b, c, d = Device(stub), Device(stub), Device(stub), Device(stub)
+    for device in (a, b, c, d):
         device.enroll(registry.issue_token(), "laptop")
-    task_a: edge_pb2.Task | None = None
+    tasks: dict[str, edge_pb2.Task] = {}
     for _ in range(600):  # the local worker builds the first artifacts meanwhile
-        ra, rb = a.get_task(), b.get_task()
-        if ra.WhichOneof("outcome") == "task" and rb.WhichOneof("outcome") == "task":
-            task_a, task_b = ra.task, rb.task
+        replies = {"a": a.get_task(), "b": b.get_task(), "d": d.get_task()}
+        if all(r.WhichOneof("outcome") == "task" for r in replies.values()):
+            tasks = {name: r.task for name, r in replies.items()}
             break
         time.sleep(0.1)
-    assert task_a is not None, "no cohort was sealed"
+    assert tasks, "no cohort was sealed"
     yield {
         "server": server,
         "thread": thread,
@@ -143,8 +155,10 @@ def fed(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         "a": a,
         "b": b,
         "c": c,
-        "task_a": task_a,
-        "task_b": task_b,
+        "d": d,
+        "task_a": tasks["a"],
+        "task_b": tasks["b"],
+        "task_d": tasks["d"],
         "store": store,
     }
     ch.close()
@@ -175,7 +189,7 @@ def test_stage_mapping_round_trips_and_refuses_unspecified() -> None:
 
 def test_task_carries_cohort_parameters(fed: dict[str, Any]) -> None:
     task = fed["task_a"]
-    assert task.secagg.cohort_size == 2
+    assert task.secagg.cohort_size == 3
     assert task.secagg.cohort == task.cohort_id.encode()
     assert task.rank == 4 and task.artifact.size_bytes > 0
     assert len(task.secagg.tensors) > 0 and all(t.length > 0 for t in task.secagg.tensors)
@@ -380,6 +394,158 @@ def test_upload_refusals(fed: dict[str, Any]) -> None:
     assert_intact(fed)
 
 
+def _upload_stream(
+    device: Device, task: edge_pb2.Task, total: int, chunks: Iterator[bytes]
+) -> Iterator[edge_pb2.UploadChunk]:
+    header = device.signed(
+        "UploadMasked",
+        edge_pb2.UploadHeader(
+            task_id=task.task_id, cohort_id=task.cohort_id, total_bytes=total, sha256="0" * 64
+        ),
+    )
+    yield edge_pb2.UploadChunk(header=header)
+    for data in chunks:
+        yield edge_pb2.UploadChunk(data=data)
+
+
+def test_upload_stream_limits(fed: dict[str, Any]) -> None:
+    """Empty chunks, too many chunks, a stalled stream and a slow one are cut by the server."""
+    a, task, stub = fed["a"], fed["task_a"], fed["stub"]
+    expected = fed["server"].service.expected_upload_bytes(
+        fed["server"].service.registry.get(a.device_id), task.cohort_id
+    )
+    assert expected > 64  # so 1-byte chunks reach the fixture's 64-chunk limit
+
+    def refused(chunks: Iterator[bytes]) -> tuple[grpc.StatusCode, str, float]:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as excinfo:
+            stub.UploadMasked(_upload_stream(a, task, expected, chunks), timeout=20)
+        return code_of(excinfo), details(excinfo), time.monotonic() - started
+
+    # 100 000 empty chunks: refused at the first, not after reading them all.
+    code, text, _ = refused(iter([b""] * 100_000))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "chunk 1 is empty" in text
+    # 1-byte chunks: the 65th is one too many.
+    code, text, _ = refused(iter([b"\0"] * expected))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "more than 64 data chunks" in text and "server.upload_max_chunks" in text
+
+    def stalled() -> Iterator[bytes]:
+        yield b"\0"
+        time.sleep(3.0)  # beyond the 1 s idle limit; the server gives up first
+        yield b"\0"
+
+    code, text, elapsed = refused(stalled())
+    assert code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no chunk for 1 s" in text and "server.upload_idle_s" in text
+    assert elapsed < 2.9  # cut at the idle limit, before the client's next chunk
+
+    def trickle() -> Iterator[bytes]:
+        for _ in range(60):  # each gap below the idle limit, the whole far beyond 2.5 s
+            time.sleep(0.4)
+            yield b"\0"
+
+    code, text, elapsed = refused(trickle())
+    assert code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "longer than 2.5 s" in text and "server.upload_max_s" in text
+    assert elapsed < 10.0
+    metrics = fed["server"].metrics
+    for code_name in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"):
+        counted = metrics.value("estuary_rpcs_total", {"method": "UploadMasked", "code": code_name})
+        assert counted is not None and counted >= 1, code_name
+    assert_intact(fed)
+
+
+# --------------------------------------------------------------------------- malformed bytes
+
+#: Bytes that are no valid encoding of any message: a truncated varint tag, a field
+#: whose length runs past the end, field number 0, and invalid UTF-8 in a string field.
+GARBAGE = (b"\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x00", b"\x0a\x01\xff")
+
+_EDGE_METHODS = edge_pb2.DESCRIPTOR.services_by_name["EdgeService"].methods
+
+
+def _raw_call(ch: grpc.Channel, method: Any, payloads: list[bytes]) -> None:
+    """Send raw bytes (identity serializers) to ``method``; raise its grpc.RpcError."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    if method.client_streaming:
+        ch.stream_unary(path)(iter(payloads), timeout=10)
+    elif method.server_streaming:
+        list(ch.unary_stream(path)(payloads[0], timeout=10))
+    else:
+        ch.unary_unary(path)(payloads[0], timeout=10)
+
+
+def test_malformed_payloads_are_invalid_argument_logged_once_and_counted(
+    fed: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = fed["server"].metrics
+    ch = channel(fed["thread"].address)
+    a, task = fed["a"], fed["task_a"]
+    expected = fed["server"].service.expected_upload_bytes(
+        fed["server"].service.registry.get(a.device_id), task.cohort_id
+    )
+
+    def header() -> bytes:  # freshly signed: a header's nonce is good once
+        return next(_upload_stream(a, task, expected, iter([]))).SerializeToString()
+
+    sent: dict[str, int] = {}
+    before = {
+        m.name: metrics.value("estuary_rpcs_total", {"method": m.name, "code": "INVALID_ARGUMENT"})
+        or 0
+        for m in _EDGE_METHODS
+    }
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for method in _EDGE_METHODS:
+                streams = [[g] for g in GARBAGE]
+                if method.client_streaming:  # also garbage after a good header
+                    streams += [[header(), g] for g in GARBAGE]
+                for payloads in streams:
+                    with pytest.raises(grpc.RpcError) as excinfo:
+                        _raw_call(ch, method, payloads)
+                    assert code_of(excinfo) is grpc.StatusCode.INVALID_ARGUMENT, (
+                        method.name, payloads, details(excinfo))  # fmt: skip
+                    text = details(excinfo)
+                    assert "malformed" in text and method.input_type.full_name in text, text
+                    assert "Error" not in text and "Exception" not in text, text
+                    sent[method.name] = sent.get(method.name, 0) + 1
+    finally:
+        ch.close()
+    for method in _EDGE_METHODS:
+        after = metrics.value(
+            "estuary_rpcs_total", {"method": method.name, "code": "INVALID_ARGUMENT"}
+        )
+        assert after == before[method.name] + sent[method.name], method.name
+    assert (metrics.value("estuary_rpc_bytes_in_total", {"rpc": "Heartbeat"}) or 0) > 0
+    about = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(about) == sum(sent.values())
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in about)
+    assert not [r for r in caplog.records if r.exc_info is not None or r.levelno >= logging.ERROR]
+    assert_intact(fed)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(max_size=64), index=st.integers(0, len(_EDGE_METHODS) - 1))
+def test_arbitrary_bytes_are_refused_with_a_client_error(
+    fed: dict[str, Any], data: bytes, index: int
+) -> None:
+    """Whatever the bytes, the answer is a client error, never UNKNOWN or INTERNAL."""
+    method = _EDGE_METHODS[index]
+    ch = channel(fed["thread"].address)
+    try:
+        with pytest.raises(grpc.RpcError) as excinfo:
+            _raw_call(ch, method, [data])
+    finally:
+        ch.close()
+    assert code_of(excinfo) in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+    ), (method.name, data, details(excinfo))
+
+
 def test_heartbeat_and_metrics_after_refusals(fed: dict[str, Any]) -> None:
     a, task = fed["a"], fed["task_a"]
     assert a.heartbeat(task.task_id).action == edge_pb2.HeartbeatResponse.ACTION_CONTINUE
@@ -393,19 +559,17 @@ def test_heartbeat_and_metrics_after_refusals(fed: dict[str, Any]) -> None:
 
 
 def test_good_devices_still_run_the_protocol(fed: dict[str, Any]) -> None:
-    """Last: after all the refusals, both members advertise and get the key broadcast."""
-    for name in ("a", "b"):
+    """Last: after all the refusals, the members advertise and get the key broadcast."""
+    for name in ("a", "b", "d"):
         device, task = fed[name], fed[f"task_{name}"]
-        params = task.secagg
-        config = SessionConfig(
-            cohort=params.cohort,
-            cohort_size=params.cohort_size,
-            threshold=params.threshold,
-            tensors=tuple((t.name, t.length) for t in params.tensors),
-            fixed_point=FixedPoint(bits=params.bits, frac_bits=params.frac_bits, clip=params.clip),
-            neighbours=params.neighbours or None,
+        config = session_from_proto(task.secagg)
+        peers = identities_from_proto(task.secagg)
+        client = Client(
+            task.member_index,
+            config=config,
+            identity=device.key if peers is not None else None,  # active mode signs
+            peer_identities=peers,
         )
-        client = Client(task.member_index, config=config)
         ack = device.send(
             task.cohort_id, edge_pb2.SECAGG_STAGE_ADVERTISE_KEYS, client.advertise().encode()
         )
@@ -482,6 +646,80 @@ def test_health_follows_the_store(base: Any, tmp_path: Path) -> None:
         thread.stop()
 
 
+@pytest.mark.redis
+def test_hung_store_turns_health_not_serving_and_requests_fail_fast(
+    base: Any, tmp_path: Path, own_redis_server: RedisServer
+) -> None:
+    """A SIGSTOPped redis-server: NOT_SERVING within one probe; requests get UNAVAILABLE fast.
+
+    The store keeps its production timeouts (5 s per reply, 3 tries): only the health
+    watcher's own short probe and the handlers' refusal to wait on a store known silent
+    make the replica answer within the bounds asserted here.
+    """
+    store = open_store(own_redis_server.url, prefix="hung:")
+    server = {
+        "listen": "127.0.0.1:0",
+        "metrics_port": 0,
+        "device_requests_per_s": 1000.0,
+        "device_burst": 1000,
+        "handler_threads": 4,  # fewer than the requests below: some wait in the queue
+    }
+    thread = _small_server(base, tmp_path, store=store, server=server)
+    paused = False
+    try:
+        ch = channel(thread.address)
+        health = health_pb2_grpc.HealthStub(ch)
+        devices = [Device(edge_pb2_grpc.EdgeServiceStub(ch)) for _ in range(12)]
+        for device in devices:
+            device.enroll(thread.server.service.registry.issue_token(), "laptop")
+
+        def status() -> int:
+            response = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            return int(response.status)
+
+        def heartbeat(device: Device) -> tuple[grpc.StatusCode, float]:
+            started = time.monotonic()
+            try:
+                device.heartbeat()
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+            return code, time.monotonic() - started
+
+        assert status() == SERVING
+        own_redis_server.pause()
+        paused = True
+        stopped_at = time.monotonic()
+        # Requests in flight when the store goes silent, 4 blocked on it in the pool's
+        # threads and 8 queued behind them, each with a 10 s client deadline.
+        with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+            results = list(pool.map(heartbeat, devices))
+        # The watcher probes every 0.1 s with a 0.5 s timeout; the bounds leave a loaded
+        # machine several times that, and stay far below the store's own 15 s retry.
+        assert wait_until(lambda: status() == NOT_SERVING, timeout_s=4.0)
+        assert time.monotonic() - stopped_at < 5.0
+        assert [code for code, _ in results] == [grpc.StatusCode.UNAVAILABLE] * len(devices)
+        assert max(elapsed for _, elapsed in results) < 5.0  # not the 10 s deadline
+        # While it stays silent, new requests are refused at once.
+        code, elapsed = heartbeat(devices[0])
+        assert code is grpc.StatusCode.UNAVAILABLE and elapsed < 2.0
+        own_redis_server.resume()
+        paused = False
+        assert wait_until(lambda: status() == SERVING, timeout_s=5.0)
+        assert devices[0].heartbeat().current_version == 0
+        metrics = thread.server.metrics
+        unavailable = metrics.value(
+            "estuary_rpcs_total", {"method": "Heartbeat", "code": "UNAVAILABLE"}
+        )
+        assert unavailable == len(devices) + 1
+        ch.close()
+    finally:
+        if paused:
+            own_redis_server.resume()
+        thread.stop()
+        store.close()
+
+
 def test_groups_mode_leaves_cloud_jobs_to_worker_groups(base: Any, tmp_path: Path) -> None:
     """With workers = "groups" the coordinator only queues jobs; a worker group serves them."""
     from cloud_workers.executor import ModelJobExecutor
@@ -500,7 +738,7 @@ def test_groups_mode_leaves_cloud_jobs_to_worker_groups(base: Any, tmp_path: Pat
         assert store.pending(JOB_STREAM, CONSUMER_GROUP) == []
         paced = device.get_task()
         assert paced.WhichOneof("outcome") == "pace"
-        assert "artifacts" in paced.pace.reason
+        assert "artifact" in paced.pace.reason
         # A worker group on the same store (what `estuary worker run` starts) serves them.
         group = WorkerGroup(
             store,

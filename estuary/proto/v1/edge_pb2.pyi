@@ -28,26 +28,46 @@ SECAGG_STAGE_DONE: SecAggStage
 SECAGG_STAGE_ABORTED: SecAggStage
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("token", "identity_public_key", "device_class", "client_version")
+    __slots__ = ("token", "identity_public_key", "device_class", "client_version", "tls_csr", "tls_csr_proof")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TLS_CSR_FIELD_NUMBER: _ClassVar[int]
+    TLS_CSR_PROOF_FIELD_NUMBER: _ClassVar[int]
     token: str
     identity_public_key: bytes
     device_class: str
     client_version: str
-    def __init__(self, token: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., device_class: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
+    tls_csr: bytes
+    tls_csr_proof: bytes
+    def __init__(self, token: _Optional[str] = ..., identity_public_key: _Optional[bytes] = ..., device_class: _Optional[str] = ..., client_version: _Optional[str] = ..., tls_csr: _Optional[bytes] = ..., tls_csr_proof: _Optional[bytes] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("device_id", "device_class", "r_max")
+    __slots__ = ("device_id", "device_class", "r_max", "client_certificate_pem")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
     R_MAX_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     device_class: _common_pb2.DeviceClass
     r_max: int
-    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[_Union[_common_pb2.DeviceClass, _Mapping]] = ..., r_max: _Optional[int] = ...) -> None: ...
+    client_certificate_pem: bytes
+    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[_Union[_common_pb2.DeviceClass, _Mapping]] = ..., r_max: _Optional[int] = ..., client_certificate_pem: _Optional[bytes] = ...) -> None: ...
+
+class RenewCertificateRequest(_message.Message):
+    __slots__ = ("auth", "tls_csr")
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    TLS_CSR_FIELD_NUMBER: _ClassVar[int]
+    auth: _common_pb2.DeviceAuth
+    tls_csr: bytes
+    def __init__(self, auth: _Optional[_Union[_common_pb2.DeviceAuth, _Mapping]] = ..., tls_csr: _Optional[bytes] = ...) -> None: ...
+
+class RenewCertificateResponse(_message.Message):
+    __slots__ = ("client_certificate_pem",)
+    CLIENT_CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    client_certificate_pem: bytes
+    def __init__(self, client_certificate_pem: _Optional[bytes] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("auth", "held_version", "held_artifacts")
@@ -68,7 +88,7 @@ class Pace(_message.Message):
     def __init__(self, retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class SecAggParams(_message.Message):
-    __slots__ = ("cohort", "cohort_size", "threshold", "bits", "frac_bits", "clip", "neighbours", "tensors")
+    __slots__ = ("cohort", "cohort_size", "threshold", "bits", "frac_bits", "clip", "neighbours", "tensors", "active", "identity_keys")
     COHORT_FIELD_NUMBER: _ClassVar[int]
     COHORT_SIZE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +97,8 @@ class SecAggParams(_message.Message):
     CLIP_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_KEYS_FIELD_NUMBER: _ClassVar[int]
     cohort: bytes
     cohort_size: int
     threshold: int
@@ -85,7 +107,9 @@ class SecAggParams(_message.Message):
     clip: float
     neighbours: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, cohort: _Optional[bytes] = ..., cohort_size: _Optional[int] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., frac_bits: _Optional[int] = ..., clip: _Optional[float] = ..., neighbours: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    active: bool
+    identity_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, cohort: _Optional[bytes] = ..., cohort_size: _Optional[int] = ..., threshold: _Optional[int] = ..., bits: _Optional[int] = ..., frac_bits: _Optional[int] = ..., clip: _Optional[float] = ..., neighbours: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., active: _Optional[bool] = ..., identity_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "length")

@@ -5,7 +5,7 @@ import warnings
 
 from estuary.proto.v1 import edge_pb2 as estuary_dot_proto_dot_v1_dot_edge__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -69,6 +69,11 @@ class EdgeServiceStub:
                 request_serializer=estuary_dot_proto_dot_v1_dot_edge__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=estuary_dot_proto_dot_v1_dot_edge__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/estuary.v1.EdgeService/RenewCertificate',
+                request_serializer=estuary_dot_proto_dot_v1_dot_edge__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=estuary_dot_proto_dot_v1_dot_edge__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class EdgeServiceServicer:
@@ -123,6 +128,13 @@ class EdgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """A fresh client certificate for a new device-generated key (mutual TLS only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +172,11 @@ def add_EdgeServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=estuary_dot_proto_dot_v1_dot_edge__pb2.HeartbeatRequest.FromString,
                     response_serializer=estuary_dot_proto_dot_v1_dot_edge__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=estuary_dot_proto_dot_v1_dot_edge__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=estuary_dot_proto_dot_v1_dot_edge__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +368,33 @@ class EdgeService:
             '/estuary.v1.EdgeService/Heartbeat',
             estuary_dot_proto_dot_v1_dot_edge__pb2.HeartbeatRequest.SerializeToString,
             estuary_dot_proto_dot_v1_dot_edge__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/estuary.v1.EdgeService/RenewCertificate',
+            estuary_dot_proto_dot_v1_dot_edge__pb2.RenewCertificateRequest.SerializeToString,
+            estuary_dot_proto_dot_v1_dot_edge__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from torch import nn
 
 from cloud_workers.executor import ModelJobExecutor
@@ -27,6 +27,7 @@ from estuary.clock import VirtualClock
 from estuary.config.models import CoordinatorSettings
 from estuary.state.blobs import BlobStore
 from estuary.state.memory import MemoryStore
+from secure_agg import Client
 
 R_MAX = 4
 
@@ -92,6 +93,8 @@ class Fed:
             reclaim_idle_s=3.0,
             clock=self.clock,
         )
+        self.identities: dict[str, Ed25519PrivateKey] = {}
+        """Each enrolled device's identity key, by device id (it signs in active mode)."""
         self.run_jobs()
 
     def run_jobs(self) -> None:
@@ -103,7 +106,29 @@ class Fed:
         """Enrol a new device of ``device_class``."""
         key = Ed25519PrivateKey.generate()
         token = self.service.registry.issue_token(device_class=device_class)
-        return self.service.enroll(token, public_key=raw_public_key(key), device_class=device_class)
+        device = self.service.enroll(
+            token, public_key=raw_public_key(key), device_class=device_class
+        )
+        self.identities[device.device_id] = key
+        return device
+
+    def client(self, offer: TaskOffer, device: Device) -> Client:
+        """The secure-aggregation client of ``device`` for its task ``offer``.
+
+        Active-adversary sessions (the default) sign with the device's identity key and
+        check the others' signatures against the keys the task lists.
+        """
+        if not offer.session.active:
+            return Client(offer.member_index, config=offer.session)
+        peers = {
+            i: Ed25519PublicKey.from_public_bytes(key) for i, key in enumerate(offer.identity_keys)
+        }
+        return Client(
+            offer.member_index,
+            config=offer.session,
+            identity=self.identities[device.device_id],
+            peer_identities=peers,
+        )
 
 
 def tasks_for(fed: Fed, devices: list[Device]) -> list[TaskOffer]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.cohort_book import CohortBook
 from coordinator.cohorts import (
@@ -154,8 +156,13 @@ def test_forming_cohort_format_and_joining() -> None:
     legacy = {"cohort_id": "c1", "members": ["a"], "opened_at": 10.0}
     forming = FormingCohort.from_json(_bytes(legacy))
     assert forming.to_json() == _bytes(legacy)  # no full_at until min_size
-    joined = forming.joined("b", min_size=3, now=11.0).joined("c", min_size=3, now=12.0)
+    key = bytes(range(32))
+    joined = forming.joined("b", identity_key=key, min_size=3, now=11.0).joined(
+        "c", identity_key=key, min_size=3, now=12.0
+    )
     assert joined.members == ("a", "b", "c") and joined.full_at == 12.0
+    # A record from before identity keys has none for "a": it keeps none (sealed passive).
+    assert not joined.has_identity_keys and joined.identity_keys == ()
     assert json.loads(joined.to_json()) == {**legacy, "members": ["a", "b", "c"], "full_at": 12.0}
     with pytest.raises(MalformedRecord, match="forming/phone: field 'opened_at'"):
         FormingCohort.from_json(_bytes({"cohort_id": "c1", "members": []}), where="forming/phone")
@@ -199,3 +206,54 @@ def test_the_book_reads_what_the_dict_based_service_stored() -> None:
     assert stored is not None and json.loads(stored.value) == {**legacy, "abandoned": [1]}
     book.mark_seen(legacy["cohort_id"], 2)
     assert book.last_seen(legacy["cohort_id"], 2) == 5.0
+
+
+def test_forming_cohort_keeps_each_members_identity_key_in_order() -> None:
+    keys = [bytes([i]) * 32 for i in range(3)]
+    forming = FormingCohort(cohort_id="c1", members=(), opened_at=10.0)
+    for i, name in enumerate("abc"):
+        forming = forming.joined(name, identity_key=keys[i], min_size=3, now=11.0 + i)
+    assert forming.has_identity_keys and forming.identity_keys == tuple(keys)
+    stored = json.loads(forming.to_json())
+    assert stored["identity_keys"] == [k.hex() for k in keys]
+    assert FormingCohort.from_json(forming.to_json()) == forming
+
+
+def test_an_active_record_round_trips_its_identity_keys() -> None:
+    identities = [Ed25519PrivateKey.generate() for _ in range(3)]
+    keys = tuple(k.public_key().public_bytes_raw() for k in identities)
+    active = CohortRecord.from_json(_bytes(legacy_sealed()))
+    active = dataclasses.replace(active, active_adversary=True, identity_keys=keys)
+    stored = json.loads(active.to_json())
+    assert stored["active_adversary"] is True
+    assert stored["identity_keys"] == [k.hex() for k in keys]
+    again = CohortRecord.from_json(active.to_json())
+    assert again == active and again.session_config().active
+    peers = again.peer_identities()
+    assert peers is not None
+    assert {i: p.public_bytes_raw() for i, p in peers.items()} == dict(enumerate(keys))
+    # A legacy record describes a passive session, with no identities.
+    legacy = CohortRecord.from_json(_bytes(legacy_sealed()))
+    assert not legacy.session_config().active and legacy.peer_identities() is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"identity_keys": ["zz"]}, "field 'identity_keys': expected a list of hex strings"),
+        ({"active_adversary": "yes"}, "field 'active_adversary': expected true or false"),
+    ],
+)
+def test_malformed_active_fields_name_the_field(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(MalformedRecord, match=message):
+        CohortRecord.from_json(_bytes({**legacy_sealed(), **change}))
+
+
+def test_an_active_record_without_a_key_per_member_is_refused() -> None:
+    record = dataclasses.replace(
+        CohortRecord.from_json(_bytes(legacy_sealed())),
+        active_adversary=True,
+        identity_keys=(bytes(32),),
+    )
+    with pytest.raises(MalformedRecord, match="expected one key per member \\(3\\), got 1"):
+        record.peer_identities()

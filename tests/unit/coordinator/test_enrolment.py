@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -9,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.enrolment import (
+    DEVICE_CACHE_TTL_S,
     TOKEN_EXPIRY_SET,
     TOKEN_PREFIX,
     DeviceRegistry,
@@ -18,6 +21,7 @@ from coordinator.enrolment import (
 )
 from estuary.auth import SignedAuth, raw_public_key, sign_request
 from estuary.clock import VirtualClock
+from estuary.state.keys import device_key
 from estuary.state.memory import MemoryStore
 
 BODY = hashlib.sha256(b"request").digest()
@@ -245,3 +249,138 @@ def test_nonce_memory_is_pruned(registry: DeviceRegistry, clock: VirtualClock) -
         clock.advance(400)  # beyond twice the skew window over the loop
     device_id = _sign(key, clock).device_id
     assert registry._store.zcard("nonces/" + device_id) <= 2
+
+
+# ---------------------------------------------------------------------- device cache
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts calls of its public methods (one call: one round trip)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.calls: list[str] = []
+
+    def get(self, key: str) -> Any:
+        self.calls.append("get")
+        return super().get(key)
+
+    def get_many(self, keys: Any) -> Any:
+        self.calls.append("get_many")
+        return super().get_many(keys)
+
+    def zadd(self, name: str, members: Any) -> int:
+        self.calls.append("zadd")
+        return super().zadd(name, members)
+
+    def zadd_pruned(self, name: str, members: Any, **kwargs: Any) -> Any:
+        self.calls.append("zadd_pruned")
+        return super().zadd_pruned(name, members, **kwargs)
+
+    def zrange_by_score(self, name: str, **kwargs: Any) -> Any:
+        self.calls.append("zrange_by_score")
+        return super().zrange_by_score(name, **kwargs)
+
+    def zrem(self, name: str, *members: str) -> int:
+        self.calls.append("zrem")
+        return super().zrem(name, *members)
+
+
+def test_a_known_device_costs_one_store_round_trip(clock: VirtualClock) -> None:
+    store = CountingStore(clock=clock.time)
+    registry = DeviceRegistry(store, device_classes=["phone"], clock=clock)
+    key = _enrolled(registry)
+    registry.authenticate(_sign(key, clock), method="GetTask", body_sha256=BODY)
+    store.calls.clear()
+    for _ in range(3):
+        clock.advance(1.0)
+        registry.authenticate(_sign(key, clock), method="GetTask", body_sha256=BODY)
+    assert store.calls == ["zadd_pruned"] * 3
+    # A forged request of a cached device is refused without touching the store.
+    auth = _sign(key, clock)
+    with pytest.raises(Unauthenticated, match="signature"):
+        registry.authenticate(
+            SignedAuth(auth.device_id, auth.timestamp_ms, auth.nonce, bytes(64)),
+            method="GetTask",
+            body_sha256=BODY,
+        )
+    assert store.calls == ["zadd_pruned"] * 3
+
+
+def test_revocation_on_another_replica_takes_effect_on_the_next_request(
+    clock: VirtualClock,
+) -> None:
+    store = MemoryStore(clock=clock.time)
+    here = DeviceRegistry(store, device_classes=["phone"], clock=clock)
+    there = DeviceRegistry(store, device_classes=["phone"], clock=clock)
+    key, other = _enrolled(here), _enrolled(here)
+    for _ in range(2):  # cached on this replica now
+        here.authenticate(_sign(key, clock), method="GetTask", body_sha256=BODY)
+        here.authenticate(_sign(other, clock), method="GetTask", body_sha256=BODY)
+    assert there.revoke(_sign(key, clock).device_id)
+    with pytest.raises(Unauthenticated, match="revoked"):
+        here.authenticate(_sign(key, clock), method="GetTask", body_sha256=BODY)
+    with pytest.raises(Unauthenticated, match="revoked"):  # and stays refused
+        here.authenticate(_sign(key, clock), method="Heartbeat", body_sha256=BODY)
+    # Another device is unaffected (its record is read again once, then cached anew).
+    assert here.authenticate(_sign(other, clock), method="GetTask", body_sha256=BODY)
+
+
+def test_a_record_changed_behind_the_registry_is_read_again_after_the_ttl(
+    clock: VirtualClock,
+) -> None:
+    store = MemoryStore(clock=clock.time)
+    registry = DeviceRegistry(store, device_classes=["phone"], clock=clock)
+    key = _enrolled(registry)
+    device_id = _sign(key, clock).device_id
+    registry.authenticate(_sign(key, clock), method="GetTask", body_sha256=BODY)
+    # Revoked by hand in the store (no epoch bump): the cache may serve it a little longer...
+    record = store.get(device_key(device_id))
+    assert record is not None
+    store.put(
+        device_key(device_id), json.dumps({**json.loads(record.value), "revoked": True}).encode()
+    )
+    registry.authenticate(_sign(key, clock), method="GetTask", body_sha256=BODY)
+    # ...but never past the TTL.
+    clock.advance(DEVICE_CACHE_TTL_S + 0.1)
+    with pytest.raises(Unauthenticated, match="revoked"):
+        registry.authenticate(_sign(key, clock), method="GetTask", body_sha256=BODY)
+
+
+_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("request"), st.integers(0, 1), st.integers(0, 2)),
+        st.tuples(st.just("revoke"), st.integers(0, 1), st.integers(0, 2)),
+        st.tuples(st.just("advance"), st.sampled_from([0.5, 10.0, 31.0])),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=_STEPS)
+def test_requests_are_refused_exactly_after_their_device_is_revoked(
+    steps: list[tuple[Any, ...]],
+) -> None:
+    # Two replicas over one store; any interleaving of requests, revocations and time.
+    clock = VirtualClock()
+    store = MemoryStore(clock=clock.time)
+    replicas = [DeviceRegistry(store, device_classes=["phone"], clock=clock) for _ in range(2)]
+    keys = [_enrolled(replicas[0]) for _ in range(3)]
+    revoked: set[int] = set()
+    for step in steps:
+        if step[0] == "advance":
+            clock.advance(step[1])
+            continue
+        _, replica, device = step
+        if step[0] == "revoke":
+            assert replicas[replica].revoke(_sign(keys[device], clock).device_id)
+            revoked.add(device)
+            continue
+        auth = _sign(keys[device], clock)
+        if device in revoked:
+            with pytest.raises(Unauthenticated, match="revoked"):
+                replicas[replica].authenticate(auth, method="GetTask", body_sha256=BODY)
+        else:
+            got = replicas[replica].authenticate(auth, method="GetTask", body_sha256=BODY)
+            assert got.device_id == auth.device_id and not got.revoked

@@ -36,14 +36,16 @@ def test_metrics_follow_service_events_and_rpcs() -> None:
     assert metrics.value("estuary_rpc_bytes_in_total", {"rpc": "GetTask"}) == 15
     assert other.value("estuary_uploads_total") == 0
     snapshot = {"version": 5, "cohorts": {"SHARE_KEYS": 2}, "devices_active": 7}
-    metrics.refresh(snapshot, store_latency_s=0.002)
+    metrics.refresh(snapshot)
     assert metrics.value("estuary_cohorts", {"stage": "SHARE_KEYS"}) == 2
     assert metrics.value("estuary_cohorts", {"stage": "UNMASKING"}) == 0
     assert metrics.value("estuary_devices_active") == 7
+    metrics.store_probe(0.002)
     assert metrics.value("estuary_store_up") == 1
     assert metrics.value("estuary_store_ping_seconds_count") == 1
-    metrics.refresh(None, store_latency_s=None)
+    metrics.store_probe(None)
     assert metrics.value("estuary_store_up") == 0
+    assert metrics.value("estuary_store_ping_seconds_count") == 1  # a failed probe has no RTT
 
 
 def test_metrics_http_endpoint_serves_and_shuts_down() -> None:

@@ -21,7 +21,7 @@ from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
 from coordinator.service import PaceOffer, TaskOffer
 from estuary.adapters import AdapterConfig, GlobalAdapter
 from estuary.model.presets import build_preset
-from secure_agg import Client, Stage
+from secure_agg import Stage
 
 
 def run_cohort(
@@ -36,8 +36,8 @@ def run_cohort(
     offers = tasks_for(fed, devices)
     cohort_id = offers[0].cohort_id
     assert {o.cohort_id for o in offers} == {cohort_id}
-    clients = {o.member_index: Client(o.member_index, config=o.session) for o in offers}
     by_index = {o.member_index: d for o, d in zip(offers, devices, strict=True)}
+    clients = {o.member_index: fed.client(o, by_index[o.member_index]) for o in offers}
     for i, client in clients.items():
         service.send_secagg(
             by_index[i], cohort_id, Stage.ADVERTISE_KEYS, client.advertise().encode()
@@ -92,10 +92,21 @@ def run_cohort(
         assert service.cohort_stage(cohort_id) is Stage.MASKED_INPUT
         fed.clock.advance(fed.settings.cohort.silence_s / 2 + 1)
         service.tick()
+    after = Stage.MASKED_INPUT
+    if offers[0].session.active:  # the default: every survivor signs the survivor set first
+        for i, client in clients.items():
+            if i in drop_after_keys:
+                continue
+            reply = service.poll_secagg(by_index[i], cohort_id, after)
+            assert reply is not None and reply.stage is Stage.CONSISTENCY_CHECK, reply
+            out = client.handle(reply.payload)
+            assert out is not None
+            service.send_secagg(by_index[i], cohort_id, Stage.CONSISTENCY_CHECK, out.encode())
+        after = Stage.CONSISTENCY_CHECK
     for i, client in clients.items():
         if i in drop_after_keys:
             continue
-        reply = service.poll_secagg(by_index[i], cohort_id, Stage.MASKED_INPUT)
+        reply = service.poll_secagg(by_index[i], cohort_id, after)
         assert reply is not None and reply.stage is Stage.UNMASKING, reply
         out = client.handle(reply.payload)
         assert out is not None
@@ -135,8 +146,12 @@ def test_versions_equal_weighted_mean_of_plain_updates(tmp_path: Any, base: Any)
     head2 = service.ledger.head()
     assert head2 is not None and head2.version == 2
     v2 = service.ledger.adapter(head2)
+    # Stale work moves B by f(1) times a fresh step: the step is Σ w ΔB / N, not / Σ w
+    # (coordinator.versions; issue 15).
     for name in plain2:
-        np.testing.assert_allclose(v2.b[name], v1.b[name] + plain2[name] / weights2, atol=1e-5)
+        np.testing.assert_allclose(
+            v2.b[name], v1.b[name] + 2**-0.5 * plain2[name] / weights2, atol=1e-5
+        )
     # A new laptop task now trains from version 2's artifact.
     fed.run_jobs()
     fresh = tasks_for(fed, [fed.device("laptop") for _ in range(3)])
@@ -168,10 +183,10 @@ def test_pace_until_cohort_is_full_then_same_task_again(tmp_path: Any, base: Any
 
 
 def test_restarted_device_abandons_and_is_readmitted(tmp_path: Any, base: Any) -> None:
-    fed = Fed(tmp_path, base, cohort={"min_size": 2, "max_size": 2, "formation_s": 0.0})
-    a, b = fed.device("laptop"), fed.device("laptop")
-    offers = tasks_for(fed, [a, b])
-    client = Client(offers[0].member_index, config=offers[0].session)
+    fed = Fed(tmp_path, base)  # cohorts of 3: secure aggregation refuses fewer
+    a, b, c = (fed.device("laptop") for _ in range(3))
+    offers = tasks_for(fed, [a, b, c])
+    client = fed.client(offers[0], a)
     fed.service.send_secagg(
         a, offers[0].cohort_id, Stage.ADVERTISE_KEYS, client.advertise().encode()
     )
@@ -182,10 +197,10 @@ def test_restarted_device_abandons_and_is_readmitted(tmp_path: Any, base: Any) -
 
 
 def test_bad_input_is_refused_without_touching_others(tmp_path: Any, base: Any) -> None:
-    fed = Fed(tmp_path, base, cohort={"min_size": 2, "max_size": 2, "formation_s": 0.0})
-    a, b = fed.device("laptop"), fed.device("laptop")
+    fed = Fed(tmp_path, base)  # cohorts of 3: secure aggregation refuses fewer
+    a, b, c = (fed.device("laptop") for _ in range(3))
     outsider = fed.device("laptop")
-    offers = tasks_for(fed, [a, b])
+    offers = tasks_for(fed, [a, b, c])
     cohort_id = offers[0].cohort_id
     with pytest.raises(FailedPrecondition, match="not a member"):
         fed.service.send_secagg(outsider, cohort_id, Stage.ADVERTISE_KEYS, b"x")
@@ -202,8 +217,9 @@ def test_bad_input_is_refused_without_touching_others(tmp_path: Any, base: Any) 
     with pytest.raises(InvalidArgument):
         list(fed.service.read_blob("../etc", offset=0, chunk_bytes=10))
     # The good members still complete their key exchange.
-    clients = [Client(o.member_index, config=o.session) for o in offers]
-    for d, c in zip([a, b], clients, strict=True):
-        fed.service.send_secagg(d, cohort_id, Stage.ADVERTISE_KEYS, c.advertise().encode())
+    members = [a, b, c]
+    clients = [fed.client(o, d) for o, d in zip(offers, members, strict=True)]
+    for d, cl in zip(members, clients, strict=True):
+        fed.service.send_secagg(d, cohort_id, Stage.ADVERTISE_KEYS, cl.advertise().encode())
     reply = fed.service.poll_secagg(a, cohort_id, Stage.ADVERTISE_KEYS)
     assert reply is not None and reply.stage is Stage.SHARE_KEYS

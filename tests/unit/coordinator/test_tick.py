@@ -37,6 +37,11 @@ class Cohort:
     def stage(self) -> Stage | None:
         return self.fed.service.cohort_stage(self.cohort_id)
 
+    def after_upload(self) -> Stage:
+        """The stage a closed upload stage leads to: the consistency check in active mode."""
+        active = self.offers[0].session.active
+        return Stage.CONSISTENCY_CHECK if active else Stage.UNMASKING
+
     def advertise(self, *members: int) -> None:
         for i in members:
             payload = self.clients[i].advertise().encode()
@@ -77,10 +82,19 @@ class Cohort:
         assert result.accepted and not result.duplicate
 
     def unmask(self, *members: int) -> None:
+        after = Stage.MASKED_INPUT
+        if self.offers[members[0]].session.active:  # the default: sign the survivor set first
+            for i in members:
+                reply = self.fed.service.poll_secagg(self.devices[i], self.cohort_id, after)
+                assert reply is not None and reply.stage is Stage.CONSISTENCY_CHECK, reply
+                out = self.clients[i].handle(reply.payload)
+                assert out is not None
+                self.fed.service.send_secagg(
+                    self.devices[i], self.cohort_id, Stage.CONSISTENCY_CHECK, out.encode()
+                )
+            after = Stage.CONSISTENCY_CHECK
         for i in members:
-            reply = self.fed.service.poll_secagg(
-                self.devices[i], self.cohort_id, Stage.MASKED_INPUT
-            )
+            reply = self.fed.service.poll_secagg(self.devices[i], self.cohort_id, after)
             assert reply is not None and reply.stage is Stage.UNMASKING, reply
             out = self.clients[i].handle(reply.payload)
             assert out is not None
@@ -96,7 +110,7 @@ def sealed(tmp_path: Path, base: Any) -> Cohort:
     offers = {o.member_index: o for o in listed}
     by_index = {o.member_index: d for o, d in zip(listed, devices, strict=True)}
     (cohort_id,) = {o.cohort_id for o in listed}
-    clients = {i: Client(i, config=o.session) for i, o in offers.items()}
+    clients = {i: fed.client(o, by_index[i]) for i, o in offers.items()}
     return Cohort(fed, cohort_id, by_index, offers, clients)
 
 
@@ -178,7 +192,7 @@ def test_silent_members_close_the_upload_stage_after_silence_s(tmp_path: Path, b
 
     fed.clock.advance(EPSILON_S)
     service.tick()
-    assert cohort.stage() is Stage.UNMASKING  # well before deadline_at
+    assert cohort.stage() is cohort.after_upload()  # well before deadline_at
     assert fed.clock.time() < record.deadline_at
     cohort.unmask(0, 1)
     service.tick()
@@ -213,7 +227,7 @@ def test_heartbeats_hold_the_upload_stage_open_until_the_deadline(
 
     fed.clock.advance_to(record.deadline_at)
     service.tick()
-    assert cohort.stage() is Stage.UNMASKING  # closed by the deadline, member 2 dropped
+    assert cohort.stage() is cohort.after_upload()  # closed by the deadline, 2 dropped
     cohort.unmask(0, 1)
     service.tick()
     finished = service.cohorts.record(cohort.cohort_id)

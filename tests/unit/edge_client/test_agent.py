@@ -1,6 +1,7 @@
 """The edge agent against an in-test coordinator: a fake EdgeService on a loopback gRPC
 server that verifies every request's signature and runs the real secure_agg.Server for a
-cohort of two (the agent is member 0; member 1 is driven in-process).
+cohort of three in active-adversary mode, the coordinator's default (the agent is member 0
+and signs with its enrolled identity key; members 1 and 2 are driven in-process).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from recording_clock import RecordingClock
 
 from edge_client.agent import AgentError, AgentHooks, EdgeAgent
@@ -27,14 +29,16 @@ from edge_client.state import EdgeState
 from estuary.auth import (
     AuthError,
     device_id_for,
+    raw_public_key,
     request_body_sha256,
     signed_auth_from,
     verify_request,
 )
 from estuary.clock import SYSTEM_CLOCK, Clock
+from estuary.proto.session import identities_from_proto, session_from_proto
 from estuary.proto.stages import stage_to_proto
 from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
-from secure_agg import Client, FixedPoint, Server, SessionConfig, Stage
+from secure_agg import Client, FixedPoint, Server, Stage
 
 TEXT = b"def add(a, b):\n    return a + b\n\n" * 40
 TOKEN = "good-token"
@@ -84,8 +88,13 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     return Artifact(manifest_sha, len(data[manifest_sha]), data, files, tensors)
 
 
+OTHERS = (1, 2)
+"""Members driven in-process beside the agent (member 0)."""
+
+
 def make_task(art: Artifact, *, task_id: str = "t1", cohort_id: str = "c1") -> edge_pb2.Task:
-    fp = FixedPoint.for_cohort(2, bits=32, clip=CLIP)
+    """The agent's task; the fake adds the members' identity keys once the agent enrolled."""
+    fp = FixedPoint.for_cohort(3, bits=32, clip=CLIP)
     return edge_pb2.Task(
         task_id=task_id,
         cohort_id=cohort_id,
@@ -101,43 +110,44 @@ def make_task(art: Artifact, *, task_id: str = "t1", cohort_id: str = "c1") -> e
         member_index=0,
         secagg=edge_pb2.SecAggParams(
             cohort=cohort_id.encode(),
-            cohort_size=2,
+            cohort_size=3,
             threshold=2,
             bits=fp.bits,
             frac_bits=fp.frac_bits,
             clip=fp.clip,
             neighbours=0,
             tensors=[edge_pb2.TensorSpec(name=n, length=m) for n, m in art.tensors],
+            active=True,
         ),
     )
 
 
-def session_config(task: edge_pb2.Task) -> SessionConfig:
-    p = task.secagg
-    return SessionConfig(
-        cohort=p.cohort,
-        cohort_size=p.cohort_size,
-        threshold=p.threshold,
-        tensors=tuple((t.name, t.length) for t in p.tensors),
-        fixed_point=FixedPoint(bits=p.bits, frac_bits=p.frac_bits, clip=p.clip),
-    )
-
-
 class Cohort:
-    """secure_agg.Server for members {0 (the agent), 1 (driven here)}."""
+    """secure_agg.Server (active mode) for members 0 (the agent) and OTHERS (driven here)."""
 
-    def __init__(self, task: edge_pb2.Task, *, seed: int = 7) -> None:
-        self.config = session_config(task)
-        self.server = Server(self.config, members=[0, 1])
+    def __init__(self, task: edge_pb2.Task, agent_key: bytes, *, seed: int = 7) -> None:
+        identities = {i: Ed25519PrivateKey.generate() for i in OTHERS}
+        keys = [agent_key] + [raw_public_key(identities[i]) for i in OTHERS]
+        task.secagg.identity_keys[:] = keys
+        self.config = session_from_proto(task.secagg)
+        assert self.config.active
+        peers = identities_from_proto(task.secagg)
+        self.server = Server(self.config, members=[0, *OTHERS], peer_identities=peers)
         self.server.assign_weight(0, W_DEVICE)
-        self.server.assign_weight(1, W_OTHER)
         rng = np.random.default_rng(seed)
-        self.other_update = {
-            n: rng.normal(0, 1e-3, m).astype(np.float32) for n, m in self.config.tensors
-        }
-        self.other = Client(1, config=self.config)
+        self.other_updates: dict[int, dict[str, np.ndarray]] = {}
+        self.others: dict[int, Client] = {}
+        for i in OTHERS:
+            self.server.assign_weight(i, W_OTHER)
+            self.other_updates[i] = {
+                n: rng.normal(0, 1e-3, m).astype(np.float32) for n, m in self.config.tensors
+            }
+            self.others[i] = Client(
+                i, config=self.config, identity=identities[i], peer_identities=peers
+            )
         self.mailbox: list[tuple[int, bytes]] = []
-        self.server.handle(1, self.other.advertise().encode())
+        for i in OTHERS:
+            self.server.handle(i, self.others[i].advertise().encode())
 
     def from_device(self, data: bytes) -> None:
         self.server.handle(0, data)
@@ -150,11 +160,13 @@ class Cohort:
                 if recipient == 0:
                     self.mailbox.append((stage_to_proto(stage), data))
                     continue
-                reply = self.other.handle(data)
+                reply = self.others[recipient].handle(data)
                 if stage is Stage.MASKED_INPUT:
-                    reply = self.other.submit(self.other_update, weight=W_OTHER)
+                    reply = self.others[recipient].submit(
+                        self.other_updates[recipient], weight=W_OTHER
+                    )
                 if reply is not None:
-                    self.server.handle(1, reply.encode())
+                    self.server.handle(recipient, reply.encode())
         if self.server.stage is Stage.COMPLETED and all(
             s != S.SECAGG_STAGE_DONE for s, _ in self.mailbox
         ):
@@ -177,6 +189,7 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
     fetches: list[tuple[str, int]] = field(default_factory=list)
     heartbeat_action: int = edge_pb2.HeartbeatResponse.ACTION_CONTINUE
     clock: Clock = SYSTEM_CLOCK  # the agent's: signatures are checked against its time
+    sent_stages: list[str] = field(default_factory=list)  # SendSecAgg stages, in order
 
     def methods(self) -> list[str]:
         return [m for m, _ in self.calls]
@@ -222,7 +235,7 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
             await context.abort(step, "scripted failure")
         if step == "task":
             assert self.task is not None
-            self.cohort = Cohort(self.task)
+            self.cohort = Cohort(self.task, self.keys[signed_auth_from(request).device_id])
             return edge_pb2.GetTaskResponse(task=self.task)
         return edge_pb2.GetTaskResponse(pace=edge_pb2.Pace(retry_after_ms=step[1], reason="test"))
 
@@ -244,6 +257,7 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
     async def SendSecAgg(self, request: Any, context: Any) -> Any:
         await self._auth("SendSecAgg", request, context)
         assert self.cohort is not None and request.cohort_id == self.task.cohort_id  # type: ignore[union-attr]
+        self.sent_stages.append(edge_pb2.SecAggStage.Name(request.stage)[len("SECAGG_STAGE_") :])
         self.cohort.from_device(request.payload)
         return edge_pb2.SecAggAck(stage=stage_to_proto(self.cohort.server.stage))
 
@@ -351,14 +365,17 @@ def test_full_task_paced_resumed_fetch_and_exact_unmasked_sum(
     # The unmasked sum is w_device · (what before_upload saw) + w_other · other's update.
     assert fake.cohort is not None and fake.cohort.server.result is not None
     result = fake.cohort.server.result
-    assert result.survivors == (0, 1)
+    assert result.survivors == (0, 1, 2)
+    # Active mode end to end: the agent signed the survivor set with its identity key.
+    assert "CONSISTENCY_CHECK" in fake.sent_stages
     assert seen["task_id"] == "t1" and seen["weight"] == pytest.approx(W_DEVICE)
     step = 2.0**-fake.cohort.config.fixed_point.frac_bits
     for name, length in fake.cohort.config.tensors:
         plain = seen["update"][name]
         assert plain.dtype == np.float32 and plain.shape == (length // 4, 4)
         assert not plain[:, 2:].any()  # rank 2 of r_max 4: zero padded
-        device_part = result.float_sum[name] - W_OTHER * fake.cohort.other_update[name]
+        others = sum(fake.cohort.other_updates[i][name] for i in OTHERS)
+        device_part = result.float_sum[name] - W_OTHER * others
         np.testing.assert_allclose(device_part, W_DEVICE * plain.ravel(), rtol=0, atol=3 * step)
     assert any(np.abs(v).max() > 10 * step for v in seen["update"].values())
     progress = state.load_progress()

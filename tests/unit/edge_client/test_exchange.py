@@ -31,10 +31,10 @@ KEY = Ed25519PrivateKey.generate()
 S = edge_pb2.SecAggStage
 CONFIG = SessionConfig(
     cohort=b"c1",
-    cohort_size=2,
+    cohort_size=3,
     threshold=2,
     tensors=(("a", 6), ("b", 2)),
-    fixed_point=FixedPoint.for_cohort(2, bits=32, clip=4.0),
+    fixed_point=FixedPoint.for_cohort(3, bits=32, clip=4.0),
 )
 POLL_S = 60.0  # virtual seconds one pending long poll takes in these tests
 
@@ -81,7 +81,7 @@ def exchange_for(clock: RecordingClock, stub: Stub, *, deadline_ms: int) -> SecA
         deadline_ms=deadline_ms,
         secagg=session_to_proto(CONFIG),
     )
-    return SecAggExchange(rpc, task)
+    return SecAggExchange(rpc, task, identity=KEY)
 
 
 def test_upload_after_the_deadline_on_the_clock_is_abandoned_unsent() -> None:
@@ -166,6 +166,22 @@ def test_update_that_disagrees_with_the_session_abandons(
     delta: dict[str, np.ndarray], message: str
 ) -> None:
     with pytest.raises(TaskAbandoned, match=message):
+        clipped_update(CONFIG, delta)
+
+
+@pytest.mark.parametrize(
+    ("b", "words"),
+    [
+        (np.array([0.5, 1.0], np.complex64), "has dtype complex64: only real numbers"),
+        (np.array([0.5, np.nan], np.float32), "has non-finite values"),
+        (np.array([np.inf, 0.0], np.float32), "has non-finite values"),
+    ],
+)
+def test_update_that_is_not_real_and_finite_abandons(b: np.ndarray, words: str) -> None:
+    # A diverged or complex ΔB is refused with a reason, never masked (a complex update used
+    # to lose its imaginary part silently, a NaN to escape as a bare ValueError).
+    delta = {"a": np.zeros((3, 2), np.float32), "b": b}
+    with pytest.raises(TaskAbandoned, match=rf"cannot mask the update: update tensor 'b' {words}"):
         clipped_update(CONFIG, delta)
 
 

@@ -20,7 +20,7 @@ from secure_agg.errors import (
     SessionMismatch,
     UnknownClient,
 )
-from secure_agg.messages import KeyBroadcast, KeyEntry
+from secure_agg.messages import AdvertiseKeys, KeyBroadcast, KeyEntry
 
 
 def _fresh_key() -> bytes:
@@ -138,10 +138,10 @@ def test_server_refuses_strangers_duplicates_and_impostors(harness: Callable[...
         h.server.handle(0, adverts[0].encode())
     with pytest.raises(UnknownClient):
         h.server.handle(2, adverts[1].encode())
-    # Clients 0 and 2 are dropped; 1, 3, 4 are enough to go on (t = 3).
+    # Clients 0 and 2 are dropped; 1, 3, 4 are enough to go on (t = 3), and once all three
+    # have advertised nobody else is awaited: the stage closes without its deadline.
     for i in (1, 3, 4):
         h.server.handle(i, adverts[i].encode())
-    h.server.deadline()
     recipients = sorted(o.recipient for o in h.server.drain())
     assert recipients == [1, 3, 4]
     assert h.server.stage is Stage.SHARE_KEYS
@@ -152,3 +152,88 @@ def test_server_refuses_bad_advert_signature(harness: Callable[..., Harness]) ->
     advert = h.clients[0].advertise()
     with pytest.raises(InvalidSignature):
         h.server.handle(0, dataclasses.replace(advert, signature=b"\x00" * 64).encode())
+
+
+# --- one hostile advertisement must cost only its sender --------------------------------------
+
+_P = 2**255 - 19
+_LOW_ORDER = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
+"""A point of order 8 on Curve25519 (canonical encoding)."""
+
+
+def _alias(key: bytes) -> bytes:
+    """The same X25519 point under a non-canonical encoding (top bit set)."""
+    return key[:-1] + bytes([key[-1] | 0x80])
+
+
+_HOSTILE: dict[str, Callable[[AdvertiseKeys, list[AdvertiseKeys]], AdvertiseKeys]] = {
+    "low-order c_pk": lambda own, _: dataclasses.replace(own, c_pk=_LOW_ORDER),
+    "low-order s_pk": lambda own, _: dataclasses.replace(own, s_pk=bytes(32)),
+    "u = p - 1 (order 2)": lambda own, _: dataclasses.replace(
+        own, c_pk=(_P - 1).to_bytes(32, "little")
+    ),
+    "non-canonical alias": lambda own, _: dataclasses.replace(own, s_pk=_alias(own.s_pk)),
+    "c_pk == s_pk": lambda own, _: dataclasses.replace(own, s_pk=own.c_pk),
+    "another member's keys": lambda own, honest: dataclasses.replace(
+        own, c_pk=honest[1].c_pk, s_pk=honest[1].s_pk
+    ),
+    "another member's s_pk as c_pk": lambda own, honest: dataclasses.replace(
+        own, c_pk=honest[2].s_pk
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(_HOSTILE))
+def test_server_drops_only_a_hostile_advertiser(
+    harness: Callable[..., Harness], attack: str
+) -> None:
+    # Prepare: client 4 is hostile; 0..3 are honest and advertise first.
+    h = harness(n=5, t=3)
+    honest = [h.clients[i].advertise() for i in range(4)]
+    hostile = _HOSTILE[attack](h.clients[4].advertise(), honest)
+    for i in (0, 1, 2):
+        h.server.handle(i, honest[i].encode())
+    # Execute: the hostile advertisement is refused and its sender dropped ...
+    with pytest.raises((InvalidPublicKey, InvalidKeyBroadcast)) as info:
+        h.server.handle(4, hostile.encode())
+    assert info.value.client == 4
+    assert h.server.stage is Stage.ADVERTISE_KEYS and not h.server.advertised(4)
+    # ... and once the last honest member has advertised the stage closes, no deadline needed.
+    h.server.handle(3, honest[3].encode())
+    assert h.server.stage is Stage.SHARE_KEYS
+    broadcasts = {o.recipient: o.message for o in h.server.drain()}
+    # Assert: the broadcast leaves the offender out, no honest member refuses it, and the
+    # session completes with the honest members' exact sum.
+    assert sorted(broadcasts) == [0, 1, 2, 3]
+    assert all(isinstance(b, KeyBroadcast) for b in broadcasts.values())
+    assert {e.client for e in broadcasts[0].entries} == {0, 1, 2, 3}  # type: ignore[union-attr]
+    inbox = h.step(broadcasts)
+    assert all(h.clients[i].stage is Stage.MASKED_INPUT for i in range(4))
+    while h.server.stage not in (Stage.COMPLETED, Stage.ABORTED):
+        inbox = h.step(inbox)
+    assert h.server.result is not None
+    assert h.server.result.integer_sum["update"].tolist() == h.expected_sum([0, 1, 2, 3])
+
+
+def test_offender_as_the_last_awaited_member_closes_the_stage(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(n=4, t=3)
+    adverts = [c.advertise() for c in h.clients]
+    for i in (0, 1, 2):
+        h.server.handle(i, adverts[i].encode())
+    with pytest.raises(InvalidKeyBroadcast):
+        h.server.handle(3, dataclasses.replace(adverts[3], s_pk=adverts[3].c_pk).encode())
+    assert h.server.stage is Stage.SHARE_KEYS
+    assert sorted(o.recipient for o in h.server.drain()) == [0, 1, 2]
+
+
+def test_client_refuses_a_non_canonical_key_in_the_broadcast(
+    harness: Callable[..., Harness],
+) -> None:
+    # The alias is the same point as client 1's real key, so a key agreement would succeed:
+    # only the encoding check catches it.
+    h = harness(n=5, t=3)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    _refused(h, _tamper(b, 1, c_pk=_alias(b.entries[1].c_pk)), InvalidPublicKey)

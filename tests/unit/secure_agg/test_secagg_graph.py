@@ -46,7 +46,10 @@ def test_odd_k_is_refused() -> None:
 
 
 def test_threshold_bounds() -> None:
-    assert choose_threshold(100, dropout=0.3, corrupt=0.2) == 21
+    # Passive: t > γn = 20 alone would allow t = 21, but two disjoint sets of 21 unmask
+    # answers (one for a peer's seed, one for its key) exist: more than half is the floor.
+    assert choose_threshold(100, dropout=0.3, corrupt=0.2) == 51
+    assert choose_threshold(100, dropout=0.3, corrupt=0.6) == 61
     assert choose_threshold(100, dropout=0.3, corrupt=0.2, active=True) == 61
     with pytest.raises(ValueError, match="no threshold"):
         choose_threshold(100, dropout=0.5, corrupt=0.5)
@@ -71,3 +74,12 @@ def test_neighbours_meet_the_requested_probabilities() -> None:
     assert not any(_meets(1000, k - 2, u, dropout=0.1, corrupt=0.1) for u in range(1, k))
     # Smaller than the complete graph by a wide margin, as SecAgg+ promises (O(log n)).
     assert k <= 200
+
+
+def test_neighbourhood_threshold_is_a_majority_of_its_holders() -> None:
+    # Few colluders: t = 14 of 49 holders would meet both bounds at k = 48, but two disjoint
+    # sets of 14 answers could then reveal both secrets of one client.
+    k, t = choose_neighbours(1000, dropout=0.3, corrupt=0.01)
+    assert 2 * t > k + 1
+    assert _meets(1000, k, t, dropout=0.3, corrupt=0.01)
+    assert not any(_meets(1000, k - 2, u, dropout=0.3, corrupt=0.01) for u in range(k // 2 + 1, k))

@@ -24,7 +24,7 @@ from secure_agg.numerics import (
 
 def _config(n: int, fp: FixedPoint) -> SessionConfig:
     return SessionConfig(
-        cohort=b"c", cohort_size=n, threshold=1, tensors=(("u", 4),), fixed_point=fp
+        cohort=b"c", cohort_size=n, threshold=n // 2 + 1, tensors=(("u", 4),), fixed_point=fp
     )
 
 

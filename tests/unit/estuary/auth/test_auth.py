@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from estuary import auth as auth_module
 from estuary.auth import (
     MAX_CLOCK_SKEW_MS,
     NONCE_BYTES,
@@ -211,3 +212,19 @@ def test_unsigned_message_types_are_refused() -> None:
         sign_message(
             edge_pb2.EnrollRequest(token="t"), private_key=KEY, method="Enroll", timestamp_ms=1
         )
+
+
+def test_a_device_key_is_parsed_once_and_every_signature_still_checked() -> None:
+    key = Ed25519PrivateKey.generate()
+    public = raw_public_key(key)
+    parsed = auth_module._verifier.cache_info().misses
+    for n in range(3):
+        request = edge_pb2.GetTaskRequest(held_version=n)
+        sign_message(request, private_key=key, method="GetTask", timestamp_ms=NOW_MS)
+        verify(request, "GetTask", public=public)
+        forged = edge_pb2.GetTaskRequest()
+        forged.CopyFrom(request)
+        forged.held_version = n + 1  # the signature covers the body: this must fail
+        with pytest.raises(AuthError, match="signature does not verify"):
+            verify(forged, "GetTask", public=public)
+    assert auth_module._verifier.cache_info().misses == parsed + 1
