@@ -75,6 +75,11 @@ class CoordinatorMetrics:
         self.versions_committed = Counter(
             "estuary_versions_committed", "Versions committed by this replica.", registry=r
         )
+        self.rollbacks = Counter(
+            "estuary_rollbacks",
+            "Versions committed by this replica as rollbacks of the regression guard.",
+            registry=r,
+        )
         self.cohorts = Gauge(
             "estuary_cohorts", "Unfinished cohorts by stage.", ["stage"], registry=r
         )
@@ -146,6 +151,8 @@ class CoordinatorMetrics:
         elif kind == "version_committed":
             self.versions_committed.inc()
             self.version.set(int(fields["version"]))
+            if fields.get("rolled_back_to") is not None:
+                self.rollbacks.inc()
         elif kind == "cohort_finished":
             self.cohorts_finished.labels(status=str(fields.get("status", "unknown"))).inc()
         elif kind == "update_rejected":

@@ -158,6 +158,9 @@ class FederationService:
             server_lr=agg.server_lr,
             lease_ttl_s=agg.lease_ttl_s,
             clock=clock,
+            staleness=self.policy,
+            max_step_norm=agg.max_step_norm or None,
+            guard_tolerance_bpb=agg.guard_tolerance_bpb if agg.guard else None,
         )
         self._initial = initial_adapter
         self.cohorts = CohortBook(store, clock=clock)

@@ -155,6 +155,7 @@ class Ticker:
                 updates=info.updates,
                 cohorts=list(info.cohorts),
                 adapter_sha256=info.adapter_sha256,
+                rolled_back_to=info.rolled_back_to,
             )
             self._jobs.submit(info)
         if self._retention is not None:
@@ -203,6 +204,7 @@ class Ticker:
                     weighted_sum=weighted,
                     weight_total=weight_total,
                     updates=len(result.survivors),
+                    trained_on=record.version,
                 )
                 if added:
                     self._counters.updates_accepted += len(result.survivors)

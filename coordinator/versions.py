@@ -1,10 +1,40 @@
 """Buffered asynchronous aggregation (FedBuff) and the version commit.
 
-Unmasked cohort sums ``(Σ w ΔB, Σ w, n)`` enter a buffer in the store. When the buffer
-holds at least ``K`` client updates, one replica (the holder of the ``aggregator``
-lease) makes version ``v+1``::
+Unmasked cohort sums ``(Σ w ΔB, Σ w, n)`` enter a buffer in the store, each with the
+version its cohort trained on. When the buffer holds at least ``K`` client updates,
+one replica (the holder of the ``aggregator`` lease) makes version ``v+1``::
 
-    B_{v+1} = B_v + η · (Σ_cohorts Σ w ΔB) / (Σ_cohorts Σ w)
+    step    = η · Σ_c d_c · (Σ_{i∈c} w_i ΔB_i) / N,     N = Σ_c n_c
+    d_c     = min(1, f*(v − t_c) · n_c / Σ_{i∈c} w_i)
+    B_{v+1} = B_v + clip(step, max_step_norm)
+
+where ``t_c`` is the version cohort ``c`` trained on and ``f*`` the staleness weight
+capped at the stable gain (:meth:`coordinator.staleness.StalenessPolicy.commit_weight`).
+Why this form and not ``Σ w ΔB / Σ w``:
+
+- Normalising by ``Σ w`` cancels the staleness weights whenever the updates of a
+  version are equally stale, so a buffer of deltas computed 8 versions ago moved B by
+  a full step in the direction of an 8-versions-old gradient. That delayed feedback
+  oscillates with growing amplitude (x_{v+1} = x_v − g·x_{v−s} is unstable for
+  g > 2 sin(π / (2(2s+1))), 0.18 at s = 8), which is how ‖B‖ grew without bound in
+  issue 15. Dividing by the update count ``N`` makes a stale update move B by
+  ``f(s)`` times as much as a fresh one.
+- The weights ``w_i`` were fixed when each member finished training, against the
+  head of that moment; more versions may be committed before its cohort's sum is
+  folded in. ``d_c`` re-prices the cohort at the staleness it actually lands with
+  (``v − t_c``, never smaller): the members keep their relative weights, the cohort's
+  total weight becomes ``n_c · f*(v − t_c)``. A cohort beyond ``max_staleness`` by then,
+  or trained on a version the regression guard abandoned (:mod:`coordinator.guard`),
+  is dropped, never folded in.
+- ``max_step_norm`` bounds the L2 norm of the whole step (all tensors together), so no
+  single version can move B far, whatever arrived.
+
+The secure sum is untouched: ``d_c`` is one scalar per cohort, applied by the server
+to the plain unmasked sum.
+
+Before each commit the regression guard reviews the held-out scores written since; a
+regression beyond its tolerance makes the commit a *rollback* instead
+(:meth:`VersionLedger.try_commit`).
 
 Durability and exactly-once, step by step:
 
@@ -34,10 +64,12 @@ import numpy as np
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
+from coordinator.guard import GuardState, Verdict, review
+from coordinator.staleness import StalenessPolicy
 from estuary.adapters.blobs import get_adapter, put_adapter
 from estuary.adapters.lora import GlobalAdapter
 from estuary.clock import SYSTEM_CLOCK, Clock
-from estuary.state.base import Lease, Store
+from estuary.state.base import Lease, Record, Store
 from estuary.state.blobs import BlobStore
 from estuary.state.errors import FencingError, LeaseLost, VersionConflict
 from estuary.state.keys import (
@@ -55,6 +87,10 @@ log = logging.getLogger(__name__)
 #: MB) with a wide margin, and short enough that a crashed replica blocks commits for
 #: at most this long.
 AGGREGATOR_LEASE = "aggregator"
+
+#: Versions the regression guard reads back from the head, at most, per commit attempt:
+#: an evaluation that comes more than this many versions late judges a model far behind.
+REVIEW_WINDOW = 64
 DEFAULT_LEASE_TTL_S = 30.0
 
 
@@ -72,12 +108,16 @@ class VersionInfo:
         Cohort ids whose sums were folded into this version.
     updates
         Client updates folded into this version.
+    rolled_back_to
+        For a rollback made by the regression guard, the version whose adapter this
+        one repeats; ``None`` for an ordinary version.
     """
 
     version: int
     adapter_sha256: str
     cohorts: tuple[str, ...]
     updates: int
+    rolled_back_to: int | None = None
 
 
 #: Tensor name under which a buffer entry carries its JSON metadata (weight, count).
@@ -85,16 +125,23 @@ _META = "__meta__"
 
 
 def _encode_entry(
-    weighted_sum: Mapping[str, np.ndarray], *, weight_total: float, updates: int
+    weighted_sum: Mapping[str, np.ndarray],
+    *,
+    weight_total: float,
+    updates: int,
+    trained_on: int | None = None,
 ) -> bytes:
     tensors = {k: np.asarray(v, dtype=np.float32) for k, v in weighted_sum.items()}
-    meta = json.dumps({"weight_total": float(weight_total), "updates": int(updates)})
+    fields: dict[str, float | int] = {"weight_total": float(weight_total), "updates": int(updates)}
+    if trained_on is not None:
+        fields["trained_on"] = int(trained_on)
+    meta = json.dumps(fields)
     tensors[_META] = np.frombuffer(meta.encode(), dtype=np.uint8)
     return bytes(save_tensors(tensors))
 
 
-def _entry_meta(data: bytes) -> tuple[float, int]:
-    """Return ``(Σ w, updates)`` of a stored buffer entry without decoding its tensors.
+def _entry_fields(data: bytes) -> dict[str, float | int]:
+    """Return the JSON metadata of a stored buffer entry without decoding its tensors.
 
     Reads only the safetensors header (8-byte length + JSON) and the small metadata
     tensor it points to: the tick checks the buffer several times a second, and the
@@ -103,7 +150,13 @@ def _entry_meta(data: bytes) -> tuple[float, int]:
     (length,) = struct.unpack_from("<Q", data)
     header = json.loads(data[8 : 8 + length])
     start, end = header[_META]["data_offsets"]
-    meta = json.loads(data[8 + length + start : 8 + length + end])
+    meta: dict[str, float | int] = json.loads(data[8 + length + start : 8 + length + end])
+    return meta
+
+
+def _entry_meta(data: bytes) -> tuple[float, int]:
+    """Return ``(Σ w, updates)`` of a stored buffer entry without decoding its tensors."""
+    meta = _entry_fields(data)
     return float(meta["weight_total"]), int(meta["updates"])
 
 
@@ -116,12 +169,19 @@ def _decode_entry(data: bytes) -> tuple[dict[str, np.ndarray], float, int]:
 
 def _head_info(data: bytes) -> VersionInfo:
     obj = json.loads(data)
+    rolled_back_to = obj.get("rollback_to")
     return VersionInfo(
         version=int(obj["version"]),
         adapter_sha256=str(obj["adapter_sha256"]),
         cohorts=tuple(obj["cohorts"]),
         updates=int(obj["updates"]),
+        rolled_back_to=None if rolled_back_to is None else int(rolled_back_to),
     )
+
+
+def _step_norm(step: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of all tensors of ``step`` together."""
+    return float(np.sqrt(sum(float(np.sum(np.square(t))) for t in step.values())))
 
 
 def _check_like(reference: Mapping[str, tuple[int, ...]], other: Mapping[str, np.ndarray]) -> None:
@@ -156,6 +216,15 @@ class VersionLedger:
     clock
         Stamps each version record's ``committed_at`` (Unix seconds). Lease expiry is the
         store's own business (Redis expires keys by its clock).
+    staleness
+        The weight rule ``f`` and ``max_staleness``, applied again at commit time to the
+        staleness each cohort lands with.
+    max_step_norm
+        Largest L2 norm of one version's step ``B_{v+1} − B_v`` (adapter units, all
+        tensors together); ``None``: unbounded.
+    guard_tolerance_bpb
+        Regression guard: a scored version more than this many bits/byte above the best
+        so far is rolled back (:mod:`coordinator.guard`); ``None``: no guard.
     """
 
     def __init__(
@@ -168,7 +237,18 @@ class VersionLedger:
         server_lr: float = 1.0,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
         clock: Clock = SYSTEM_CLOCK,
+        staleness: StalenessPolicy | None = None,
+        max_step_norm: float | None = None,
+        guard_tolerance_bpb: float | None = None,
     ) -> None:
+        if max_step_norm is not None and not (max_step_norm > 0 and np.isfinite(max_step_norm)):
+            raise ValueError(f"max_step_norm: must be a finite number > 0, got {max_step_norm}")
+        if guard_tolerance_bpb is not None and not (
+            guard_tolerance_bpb >= 0 and np.isfinite(guard_tolerance_bpb)
+        ):
+            raise ValueError(
+                f"guard_tolerance_bpb: must be a finite number >= 0, got {guard_tolerance_bpb}"
+            )
         if buffer_size < 1:
             raise ValueError(f"buffer_size: must be >= 1, got {buffer_size}")
         if not server_lr > 0:
@@ -184,6 +264,9 @@ class VersionLedger:
         self._lr = server_lr
         self._ttl = lease_ttl_s
         self._clock = clock
+        self._policy = staleness if staleness is not None else StalenessPolicy()
+        self._max_step = max_step_norm
+        self._tolerance = guard_tolerance_bpb
         self._lease: Lease | None = None
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
 
@@ -201,6 +284,13 @@ class VersionLedger:
         (:meth:`~estuary.state.base.Store.get_many`).
         """
         return None if record is None else _head_info(record.value)
+
+    def is_abandoned(self, version: int) -> bool:
+        """Whether the regression guard rolled ``version`` back (work on it is dropped)."""
+        record = self._store.get(HEAD_KEY)
+        if record is None:
+            return False
+        return GuardState.from_json(json.loads(record.value).get("guard")).is_abandoned(version)
 
     def adapter(self, info: VersionInfo) -> GlobalAdapter:
         """Return the adapter of version ``info`` (hash verified)."""
@@ -251,6 +341,7 @@ class VersionLedger:
         weighted_sum: Mapping[str, np.ndarray],
         weight_total: float,
         updates: int,
+        trained_on: int | None = None,
     ) -> bool:
         """Buffer one cohort's unmasked sum; return ``False`` if it was already buffered.
 
@@ -264,12 +355,16 @@ class VersionLedger:
             ``Σ w_i`` over the cohort's survivors; > 0.
         updates
             Number of client updates in the sum (survivors); ≥ 1.
+        trained_on
+            Version the cohort trained on, 0 ≤ ``trained_on`` ≤ head; the commit
+            discounts the sum by the staleness it lands with. ``None``: the head now
+            (for callers that fold in fresh work only).
 
         Raises
         ------
         ValueError
             If the sum does not match the adapter's tensors, holds non-finite values,
-            or the weight or count is out of range. Nothing is stored.
+            or the weight, count or version is out of range. Nothing is stored.
         """
         if not cohort_id or "/" in cohort_id:
             raise ValueError(f"cohort_id: must be non-empty without '/', got {cohort_id!r}")
@@ -284,6 +379,12 @@ class VersionLedger:
         head = self.head()
         if head is None:
             raise RuntimeError("the ledger is not initialised: call initialise() first")
+        if trained_on is None:
+            trained_on = head.version
+        if not 0 <= trained_on <= head.version:
+            raise ValueError(
+                f"trained_on: must be a committed version (0..{head.version}), got {trained_on}"
+            )
         if cohort_id in head.cohorts or self._store.get(buffer_seen_key(cohort_id)):
             log.info("cohort %s already accepted; not counted again", cohort_id)
             return False
@@ -291,7 +392,9 @@ class VersionLedger:
         bad = [n for n, a in weighted_sum.items() if not np.all(np.isfinite(a))]
         if bad:
             raise ValueError(f"weighted_sum: non-finite values in {sorted(bad)}")
-        entry = _encode_entry(weighted_sum, weight_total=weight_total, updates=updates)
+        entry = _encode_entry(
+            weighted_sum, weight_total=weight_total, updates=updates, trained_on=trained_on
+        )
         created = self._store.insert_if_absent(buffer_key(cohort_id), entry)
         # The marker goes second: if we crash before it, the buffered entry itself still
         # makes a re-delivery a duplicate, and a commit writes markers for what it folds in.
@@ -327,6 +430,10 @@ class VersionLedger:
     def try_commit(self) -> VersionInfo | None:
         """Make the next version if the buffer holds ≥ K updates and we hold the lease.
 
+        With the regression guard on, the held-out scores written since the last review
+        are reviewed first; a regression makes this commit a rollback
+        (:meth:`_commit_rollback`) whatever the buffer holds.
+
         Returns
         -------
         VersionInfo or None
@@ -339,7 +446,9 @@ class VersionLedger:
         head_record = self._store.get(HEAD_KEY)
         if head_record is None:
             raise RuntimeError("the ledger is not initialised: call initialise() first")
+        head_obj = json.loads(head_record.value)
         head = _head_info(head_record.value)
+        guard = GuardState.from_json(head_obj.get("guard"))
         entries = {
             key[len(BUFFER_PREFIX) :]: record
             for key, record in self._store.scan(BUFFER_PREFIX).items()
@@ -349,50 +458,155 @@ class VersionLedger:
         self._retire(leftovers)
         for cohort_id in leftovers:
             del entries[cohort_id]
-        total_updates = sum(_entry_meta(rec.value)[1] for rec in entries.values())
+        if self._tolerance is not None:
+            verdict = self._review(guard, head)
+            if verdict.regressed is not None:
+                return self._commit_rollback(lease, head_record, head, verdict)
+            guard = verdict.state
+        fields = {cohort_id: _entry_fields(rec.value) for cohort_id, rec in entries.items()}
+        self._drop_unusable(fields, head=head.version, guard=guard)
+        total_updates = sum(int(meta["updates"]) for meta in fields.values())
         if total_updates < self._k:
             return None  # before decoding anything: this is the common case
-        decoded = {cohort_id: _decode_entry(rec.value) for cohort_id, rec in entries.items()}
-        weight_total = sum(weight for _, weight, _ in decoded.values())
+        cohorts = sorted(fields)
         current = self.adapter(head)
         summed = {name: np.zeros(b.shape, dtype=np.float64) for name, b in current.b.items()}
-        cohorts = sorted(decoded)
+        staleness: dict[str, int] = {}
         for cohort_id in cohorts:
-            tensors = decoded[cohort_id][0]
+            tensors, weight_total, updates = _decode_entry(entries[cohort_id].value)
+            s = head.version - int(fields[cohort_id].get("trained_on", head.version))
+            staleness[cohort_id] = s
+            discount = min(1.0, self._policy.commit_weight(s) * updates / weight_total)
             for name in summed:
-                summed[name] += tensors[name]
-        mean = {name: total / weight_total for name, total in summed.items()}
-        digest = put_adapter(self._blobs, current.apply_update(mean, server_lr=self._lr))
+                summed[name] += discount * tensors[name].astype(np.float64)
+        step = {name: self._lr * total / total_updates for name, total in summed.items()}
+        norm = _step_norm(step)
+        if self._max_step is not None and norm > self._max_step:
+            log.info("step norm %.4g clipped to %.4g", norm, self._max_step)
+            step = {name: t * (self._max_step / norm) for name, t in step.items()}
+        digest = put_adapter(self._blobs, current.apply_update(step))
         new_version = head.version + 1
-        head_obj = {
+        new_head = {
             "version": new_version,
             "adapter_sha256": digest,
             "cohorts": cohorts,
             "updates": total_updates,
+            "guard": guard.to_json(),
         }
-        try:
-            self._store.fenced_put(
-                version_key(new_version),
-                json.dumps(
-                    {**head_obj, "committed_at": self._clock.time(), "holder": self._holder}
-                ).encode(),
-                lease=lease,
-            )
-            self._store.fenced_compare_and_set(
-                HEAD_KEY,
-                json.dumps(head_obj).encode(),
-                lease=lease,
-                expected_version=head_record.version,
-            )
-        except (FencingError, VersionConflict) as exc:
-            log.warning("version %d not committed: %s", new_version, exc)
-            self._lease = None
+        record = {
+            **new_head,
+            "committed_at": self._clock.time(),
+            "holder": self._holder,
+            # What the version was built from, for whoever asks why B moved as it did.
+            "step_norm": norm,
+            "step_clipped": self._max_step is not None and norm > self._max_step,
+            "staleness": staleness,
+        }
+        if not self._write_head(lease, head_record.version, new_head, record):
             return None
         self._retire(cohorts)
         log.info(
-            "committed version %d from %d updates in %d cohorts",
+            "committed version %d from %d updates in %d cohorts (staleness %s, step norm %.4g)",
             new_version,
             total_updates,
             len(cohorts),
+            sorted(staleness.values()),
+            norm,
         )
         return VersionInfo(new_version, digest, tuple(cohorts), total_updates)
+
+    # ------------------------------------------------------------------ commit parts
+
+    def _review(self, guard: GuardState, head: VersionInfo) -> Verdict:
+        """Run :func:`coordinator.guard.review` on the version records written since."""
+        assert self._tolerance is not None
+        # Only the newest REVIEW_WINDOW versions are read: without evaluations (no worker
+        # group running) `reviewed` never advances, and the read must not grow with the run.
+        first = max(guard.reviewed + 1, head.version - REVIEW_WINDOW + 1)
+        versions = list(range(first, head.version + 1))
+        scored: dict[int, tuple[float, str]] = {}
+        for version, rec in zip(
+            versions, self._store.get_many([version_key(v) for v in versions]), strict=True
+        ):
+            if rec is None:
+                continue  # removed by retention before it was scored: nothing to judge
+            obj = json.loads(rec.value)
+            if obj.get("eval_bpb") is not None:
+                scored[version] = (float(obj["eval_bpb"]), str(obj["adapter_sha256"]))
+        return review(guard, scored, head=head.version, tolerance=self._tolerance)
+
+    def _drop_unusable(
+        self, fields: dict[str, dict[str, float | int]], *, head: int, guard: GuardState
+    ) -> None:
+        """Retire (never fold in) buffered sums trained on abandoned or too old versions."""
+        drop = []
+        for cohort_id, meta in fields.items():
+            trained_on = int(meta.get("trained_on", head))
+            if guard.is_abandoned(trained_on):
+                why = f"trained on version {trained_on}, abandoned by a rollback"
+            elif head - trained_on > self._policy.max_staleness:
+                why = (
+                    f"trained on version {trained_on}, {head - trained_on} versions behind "
+                    f"(limit {self._policy.max_staleness})"
+                )
+            else:
+                continue
+            log.warning("cohort %s dropped from the buffer: %s", cohort_id, why)
+            drop.append(cohort_id)
+        self._retire(drop)
+        for cohort_id in drop:
+            del fields[cohort_id]
+
+    def _write_head(
+        self, lease: Lease, expected: int, new_head: dict[str, object], record: dict[str, object]
+    ) -> bool:
+        """Write the version record, then move the head (the commit point), fenced."""
+        version = int(str(new_head["version"]))
+        try:
+            self._store.fenced_put(version_key(version), json.dumps(record).encode(), lease=lease)
+            self._store.fenced_compare_and_set(
+                HEAD_KEY, json.dumps(new_head).encode(), lease=lease, expected_version=expected
+            )
+        except (FencingError, VersionConflict) as exc:
+            log.warning("version %d not committed: %s", version, exc)
+            self._lease = None
+            return False
+        return True
+
+    def _commit_rollback(
+        self, lease: Lease, head_record: Record, head: VersionInfo, verdict: Verdict
+    ) -> VersionInfo | None:
+        """Commit version ``head + 1`` with the best version's adapter (the same blob).
+
+        The guard state written with it abandons every version after the best, so
+        buffered sums trained on them are dropped; sums trained on the best or before
+        stay buffered and are folded in later at the staleness they land with.
+        """
+        assert self._tolerance is not None
+        state = verdict.state
+        reason = verdict.reason(self._tolerance)
+        get_adapter(self._blobs, state.best_sha256)  # present and intact, or raise here
+        new_version = head.version + 1
+        new_head = {
+            "version": new_version,
+            "adapter_sha256": state.best_sha256,
+            "cohorts": [],
+            "updates": 0,
+            "rollback_to": state.best_version,
+            "guard": state.to_json(),
+        }
+        record = {
+            **new_head,
+            "committed_at": self._clock.time(),
+            "holder": self._holder,
+            "rollback_reason": reason,
+        }
+        if not self._write_head(lease, head_record.version, new_head, record):
+            return None
+        log.warning(
+            "rolled back: version %d repeats version %d; %s",
+            new_version,
+            state.best_version,
+            reason,
+        )
+        return VersionInfo(new_version, state.best_sha256, (), 0, rolled_back_to=state.best_version)

@@ -168,6 +168,36 @@ class AggregationSettings(Section):
         ge=0,
         description="Updates more than this many versions stale are refused. 0: only current.",
     )
+    max_step_norm: float = Field(
+        default=5.0,
+        ge=0,
+        description=(
+            "Largest L2 norm of one version's step B_{v+1} − B_v, all adapter tensors "
+            "together (adapter units); a larger step is scaled down to it. Healthy steps of "
+            "the tiny preset (10 local Adam steps at lr 1e-2, K = 4) are ~1-4; half the "
+            "default update clip (cohort.clip_norm 10) leaves them alone and stops a run of "
+            "stale, aligned updates from moving B far in one version. 0: unbounded."
+        ),
+    )
+    guard: bool = Field(
+        default=True,
+        description=(
+            "Regression guard: a committed version whose held-out score (eval_bpb, written "
+            "by the evaluate job) is more than guard_tolerance_bpb above the best version "
+            "so far is rolled back: the next version repeats the best one's adapter, and "
+            "work trained on the versions after the best is dropped. False: no guard."
+        ),
+    )
+    guard_tolerance_bpb: float = Field(
+        default=0.1,
+        ge=0,
+        description=(
+            "Bits/byte a version may score above the best so far before the guard rolls "
+            "back. 0.1 is well above the version-to-version change of a healthy run "
+            "(~0.01-0.05 on the tiny preset) and below the 0.17 the diverging run of "
+            "issue 15 lost within four versions."
+        ),
+    )
     lease_ttl_s: float = Field(
         default=15.0,
         gt=0,

@@ -63,7 +63,9 @@ def test_commit_applies_fedbuff_rule_exactly(tmp_path: Path) -> None:
     assert (info.version, info.updates, sorted(info.cohorts)) == (1, 4, ["c1", "c2"])
     got = ledger.adapter(info).b
     for name in SHAPES:
-        expected = base[name] + 0.5 * (s1[name] + s2[name]) / 3.5
+        # Fresh work (staleness 0) keeps the weights it was given; the step is divided
+        # by the update count N = 4, not by Σw (coordinator.versions docstring).
+        expected = base[name] + 0.5 * (s1[name] + s2[name]) / 4
         np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-6)
     assert ledger.buffered_updates() == 0
     assert ledger.head() == info
@@ -218,7 +220,7 @@ def test_versions_strictly_increase_and_match_reference(
         if pending_n >= k:
             assert info is not None and info.version == last + 1
             reference = {
-                name: (reference[name] + pending_sum[name] / pending_w).astype(np.float32)
+                name: (reference[name] + pending_sum[name] / pending_n).astype(np.float32)
                 for name in SHAPES
             }
             got = ledger.adapter(info).b
