@@ -198,6 +198,13 @@ class Ticker:
                 for name, shape in self._shapes.items()
             }
             weight_total = result.weight_sum
+            # Re-read the record right before buffering: if it is gone or no longer active,
+            # another replica folded the sum in (it closes the record only after buffering)
+            # and retention may since have removed the marker that catches a repeat.
+            current = self._book.record(cohort_id)
+            if current is None or not current.active:
+                log.info("cohort %s already folded in by another replica", cohort_id)
+                weight_total = 0.0
             if weight_total > 0:
                 added = self._ledger.add_cohort_sum(
                     cohort_id,

@@ -122,3 +122,44 @@ def test_sweeps_are_spaced_by_interval_and_a_failing_store_only_logs(
     failing = _retention(_FailingStore(clock=clock.time), clock, interval_s=60.0)
     assert failing.maybe_sweep() is None
     assert "retention sweep failed" in caplog.text
+
+
+def test_a_replica_that_stalled_past_retention_does_not_count_a_cohort_twice(
+    tmp_path: Path, base: Any
+) -> None:
+    # Replica A reads a finished cohort, then stalls. Replica B folds it in, later versions
+    # commit and retention removes the cohort's record and its "seen" marker. When A wakes
+    # it must not buffer the same sum again.
+    fed = Fed(
+        tmp_path,
+        base,
+        aggregation={"buffer_size": 3, "max_staleness": 4},
+        retention={"keep_versions": 8, "grace_s": 30.0, "interval_s": 0.0},
+    )
+    ticker = fed.service.ticker
+    real_finish = ticker._finish
+    stalled: list[tuple[Any, Any]] = []
+
+    def stall_once(record: Any, cohort: Any) -> None:
+        if not stalled:
+            stalled.append((record, cohort))  # replica A: read it, then nothing
+            return
+        real_finish(record, cohort)
+
+    ticker._finish = stall_once  # type: ignore[method-assign]
+    rng = np.random.default_rng(3)
+    laptops = [fed.device("laptop") for _ in range(3)]
+    run_cohort(fed, laptops, rng=rng)
+    assert stalled and fed.service.ledger.head().version == 0  # type: ignore[union-attr]
+    fed.service.tick()  # replica B folds it in: version 1
+    assert fed.service.ledger.head().version == 1  # type: ignore[union-attr]
+    fed.run_jobs()
+    run_cohort(fed, laptops, rng=rng)  # version 2: the first cohort is no longer the head's
+    assert fed.service.ledger.head().version == 2  # type: ignore[union-attr]
+    fed.clock.advance(100.0)
+    fed.service.tick()  # past its grace: record and marker removed
+    first = stalled[0][0].cohort_id
+    assert not _keys(fed, f"cohort/{first}") and not _keys(fed, f"buffer-seen/{first}")
+    real_finish(*stalled[0])  # replica A wakes up
+    assert fed.service.ledger.buffered_updates() == 0
+    assert not _keys(fed, f"buffer/{first}")
