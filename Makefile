@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.estuary-installed
 SRC    := estuary coordinator edge_client cloud_workers secure_agg simulation
 
-.PHONY: test lint typecheck pytest extras demo proto redis-server clean
+.PHONY: test lint typecheck pytest extras deploy-smoke demo proto redis-server clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,17 +49,30 @@ pytest: $(STAMP) redis-server
 extras:
 	.ci/extras $(PYTHON)
 
+# deploy/docker/compose.yaml booted without a container engine: each service's command,
+# environment and config as a local process on 127.0.0.1 (Redis, two coordinators with
+# mutual TLS, the worker group, four agents enrolled by CSR), through version 2, a killed
+# replica and version 3 (tests/deploy/smoke.py; about 3 minutes). The `base` service runs
+# with 30 pretraining steps instead of its 300 (minutes of CPU), cached in
+# runs/.cache/deploy-smoke/ after the first run.
+SMOKE := $(BIN)/python tests/deploy/smoke.py --base-pretrain-steps 30 --base-cache runs/.cache
+
+deploy-smoke: $(STAMP) redis-server
+	$(SMOKE)
+
 # The extras check (mostly unpacking wheels) runs beside pytest (mostly one core), which
-# keeps a clean-clone `make test` well inside CI's 15 minutes; its report follows pytest's,
-# and either failing fails the target.
+# keeps a clean-clone `make test` well inside CI's 15 minutes; the deploy smoke follows
+# pytest (while the extras check may still run); the extras report comes last, and any of
+# the three failing fails the target.
 test: lint typecheck $(STAMP) redis-server
 	@mkdir -p .venv-extras
 	@.ci/extras $(PYTHON) >.venv-extras/report.log 2>&1 & extras=$$!; \
 	  $(BIN)/pytest; tests=$$?; \
+	  $(SMOKE); smoke=$$?; \
 	  wait $$extras; packaging=$$?; \
 	  echo "--- .ci/extras (each extra alone in a fresh venv; exit $$packaging)"; \
 	  cat .venv-extras/report.log; \
-	  [ $$tests -eq 0 ] && [ $$packaging -eq 0 ]
+	  [ $$tests -eq 0 ] && [ $$smoke -eq 0 ] && [ $$packaging -eq 0 ]
 
 proto: $(STAMP)
 	$(BIN)/python -m estuary.proto.generate

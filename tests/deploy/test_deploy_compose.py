@@ -274,11 +274,34 @@ def test_edge_agents_reach_the_coordinators_each_with_its_own_state_and_data() -
 
 def test_certificates_the_configs_name_are_mounted_from_the_git_ignored_pki_folder() -> None:
     coord = coordinator()
-    for path in (coord.tls.cert_file, coord.tls.key_file):
-        assert path is not None
+    tls = coord.tls
+    named = {
+        tls.cert_file: "server.pem",
+        tls.key_file: "server.key",
+        tls.client_ca_file: "device-ca.pem",
+        tls.device_ca_cert_file: "device-ca.pem",
+        tls.device_ca_key_file: "device-ca.key",
+    }
+    for path, written_by_pki in named.items():
+        assert path is not None, written_by_pki
         source = bind_source(SERVICES["coordinator"], PurePosixPath(str(path)))
         assert source is not None and source.parent == DOCKER / "pki", path
+        assert source.name == written_by_pki, "the names `estuary pki` writes"
     assert "pki/" in (DOCKER / ".gitignore").read_text(encoding="utf-8").splitlines()
+
+
+def test_agents_enrol_by_csr_on_the_published_enrolment_port() -> None:
+    tls = coordinator().tls
+    listen_port = int(coordinator().server.listen.rsplit(":", 1)[1])
+    assert tls.enrol_listen is not None, "agents without a certificate need the enrolment port"
+    enrol_port = int(tls.enrol_listen.rsplit(":", 1)[1])
+    assert enrol_port != listen_port
+    published = {str(p).rsplit(":", 1)[1] for p in SERVICES["coordinator"]["ports"]}
+    assert {str(listen_port), str(enrol_port)} <= published, "both ports reach the host"
+    for name, settings in edges().items():
+        assert settings.enrol_coordinator == f"coordinator:{enrol_port}", name
+        # no client certificate configured: the enrolment issues one (CSR, key on device)
+        assert settings.tls.cert_file is None and settings.tls.key_file is None, name
 
 
 def test_stop_grace_period_exceeds_the_shutdown_grace() -> None:
