@@ -140,13 +140,18 @@ def _run_forwarding_signals(command: list[str]) -> int:
     stopping within their own ``--shutdown-grace-s``.
     """
     child = subprocess.Popen(command)
+    forwarded: list[int] = []
 
     def _forward(signum: int, frame: FrameType | None) -> None:
+        forwarded.append(signum)
         child.send_signal(signum)
 
     previous = {sig: signal.signal(sig, _forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return child.wait()
+        code = child.wait()
+        # torchrun answers a stop signal with exit 1 (SignalException) whatever its ranks
+        # did; the group was stopped by a signal, which is what 130 says.
+        return ExitCode.INTERRUPTED if forwarded and code != 0 else code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

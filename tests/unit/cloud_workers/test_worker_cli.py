@@ -128,7 +128,7 @@ def test_launcher_forwards_sigterm_to_torchrun(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     child = (
         "import pathlib, signal, sys, time\n"
-        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))\n"
         f"pathlib.Path({str(ready)!r}).write_text('up')\n"
         "time.sleep(60)\n"
         "sys.exit(1)\n"
@@ -142,5 +142,7 @@ def test_launcher_forwards_sigterm_to_torchrun(tmp_path: Path) -> None:
 
     before = signal.getsignal(signal.SIGTERM)
     threading.Thread(target=signal_when_ready, daemon=True).start()
-    assert _run_forwarding_signals([sys.executable, "-c", child]) == 42
+    # torchrun exits 1 on a stop signal: the launcher reports the stop (130)
+    assert _run_forwarding_signals([sys.executable, "-c", child]) == ExitCode.INTERRUPTED
+    assert ready.read_text() == "up"
     assert signal.getsignal(signal.SIGTERM) is before  # the launcher's handlers are restored
