@@ -42,9 +42,10 @@ from coordinator.errors import (
     Unavailable,
 )
 from coordinator.handler_pool import HandlerPool
+from coordinator.outcomes import HeartbeatReply
 from coordinator.service import FederationService, PaceOffer, SecAggReply, TaskOffer
 from coordinator.stream_limits import LimitedStream, StreamLimits
-from estuary.auth import AuthError, request_body_sha256, signed_auth_from
+from estuary.auth import AuthError, SignedAuth, request_body_sha256, signed_auth_from
 from estuary.proto import stages
 from estuary.proto.session import session_to_proto
 from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
@@ -238,15 +239,22 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _authenticate(self, request: Message, method: str) -> Device:
-        # The signing rule (what is signed, which fields must be present) is estuary.auth's,
-        # the same code the edge agent signs with.
+    def _signed(self, request: Message) -> tuple[SignedAuth, bytes]:
+        """Check what needs no store: the signature fields and the peer certificate.
+
+        Runs on the event loop (the peer identity is a context variable of this call).
+        The signing rule (what is signed, which fields must be present) is estuary.auth's,
+        the same code the edge agent signs with.
+        """
         try:
             auth = signed_auth_from(request)
         except AuthError as exc:
             raise Unauthenticated(str(exc)) from None
         peer_identity.check(auth.device_id, required=self.service.requires_device_certificates)
-        body = request_body_sha256(request)
+        return auth, request_body_sha256(request)
+
+    async def _authenticate(self, request: Message, method: str) -> Device:
+        auth, body = self._signed(request)
         return await self._thread(self.service.authenticate, auth, method=method, body_sha256=body)
 
     def _finish(self, call: _Call, code: grpc.StatusCode) -> None:
@@ -350,8 +358,15 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         return await self._unary("GetTask", request, context, self._get_task)
 
     async def _get_task(self, request: edge_pb2.GetTaskRequest, call: _Call) -> Message:
-        device = await self._authenticate(request, "GetTask")
-        offer = await self._thread(self.service.get_task, device)
+        # Authentication and the task in one trip to the handler pool: the two hot
+        # requests (GetTask, Heartbeat) pay one thread hop, not two.
+        auth, body = self._signed(request)
+        service = self.service
+
+        def work() -> TaskOffer | PaceOffer:
+            return service.get_task(service.authenticate(auth, method="GetTask", body_sha256=body))
+
+        offer = await self._thread(work)
         if isinstance(offer, PaceOffer):
             return edge_pb2.GetTaskResponse(
                 pace=edge_pb2.Pace(
@@ -498,8 +513,14 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         return await self._unary("Heartbeat", request, context, self._heartbeat)
 
     async def _heartbeat(self, request: edge_pb2.HeartbeatRequest, call: _Call) -> Message:
-        device = await self._authenticate(request, "Heartbeat")
-        reply = await self._thread(self.service.heartbeat, device, request.task_id)
+        auth, body = self._signed(request)
+        service, task_id = self.service, request.task_id
+
+        def work() -> HeartbeatReply:
+            device = service.authenticate(auth, method="Heartbeat", body_sha256=body)
+            return service.heartbeat(device, task_id)
+
+        reply = await self._thread(work)
         action = (
             edge_pb2.HeartbeatResponse.ACTION_ABANDON
             if reply.abandon
