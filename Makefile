@@ -15,9 +15,11 @@ $(BIN)/python:
 
 # torch first, pinned to the CPU wheel on this machine's disk, so the project's range
 # (torch>=2.4) is already satisfied and pip does not fetch several GB of CUDA packages.
+# [flower] too: the suite runs in one environment with Flower (its protobuf<7 included),
+# and the Flower simulation test needs flwr and Ray.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[sim,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[sim,dev,flower]'
 	touch $(STAMP)
 
 # The contract and integration suites start their own redis-server; install the binary

@@ -1,0 +1,119 @@
+"""Estuary's ClientApp and Strategy in Flower's simulation engine (Ray backend).
+
+Four simulated nodes (standard-library partitions, ranks 2 and 4 of r_max 4, unequal data
+sizes) train two rounds on the int8 base. The strategy's versions must equal the
+previous ``B`` plus the plain weighted mean of the updates the nodes sent, each rank-2
+update must leave the upper columns alone, a node's update must be what Estuary's trainer
+computes for that node outside Flower, and the final version must be served.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="the flower extra (flwr) is not installed")
+pytest.importorskip("ray", reason="flwr[simulation] (Ray) is not installed")
+
+from flwr.simulation import run_simulation
+
+from edge_client.train import train_adapter
+from estuary.adapters import AdapterConfig, GlobalAdapter, merge_into_base
+from estuary.compress import compress_model
+from estuary.model.loading import load_model
+from estuary.model.presets import build_preset
+from simulation.flower.client_app import _seed, make_client_app, node_setup
+from simulation.flower.server_app import make_server_app
+from simulation.flower.settings import FlowerSettings
+from simulation.flower.strategy import RoundAggregate
+
+pytestmark = pytest.mark.slow
+
+NODES = 4
+ROUNDS = 2
+
+
+def test_four_nodes_two_rounds_aggregate_to_the_weighted_mean(tmp_path: Path) -> None:
+    settings = FlowerSettings(
+        num_server_rounds=ROUNDS,
+        r_max=4,
+        ranks=(2, 4),
+        local_steps=2,
+        batch_size=2,
+        seq_len=32,
+        learning_rate=0.05,
+        max_train_bytes=0,  # whole packages: unequal sizes, so weights matter
+        stdlib_packages=("json", "email", "http", "logging"),
+        min_train_nodes=NODES,
+        out_dir=tmp_path / "versions",
+    )
+    rounds: list[RoundAggregate] = []
+    run_simulation(
+        make_server_app(settings, on_aggregate=rounds.append),
+        make_client_app(settings),
+        num_supernodes=NODES,
+        backend_name="ray",
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False},
+        },
+    )
+
+    assert [r.server_round for r in rounds] == [1, 2]
+    nodes = [node_setup(settings, {"partition-id": i}) for i in range(NODES)]
+    by_weight = {float(len(n.data.train)): n for n in nodes}
+    assert len(by_weight) == NODES, "partition sizes must differ for the weights to matter"
+    for aggregate in rounds:
+        assert len(aggregate.updates) == NODES and aggregate.rejected == aggregate.failed == 0
+        assert sorted(u.rank for u in aggregate.updates) == [2, 2, 4, 4]
+        assert {u.weight for u in aggregate.updates} == set(by_weight)
+        assert aggregate.version is not None
+        written = GlobalAdapter.load(aggregate.version.path / "adapter.safetensors")
+        weights = [u.weight for u in aggregate.updates]
+        for name in written.shapes:
+            stack = np.stack([u.delta_b[name] for u in aggregate.updates]).astype(np.float64)
+            expected = aggregate.previous.b[name] + np.average(stack, axis=0, weights=weights)
+            np.testing.assert_allclose(written.b[name], expected, rtol=1e-6, atol=1e-7)
+            unweighted = aggregate.previous.b[name] + stack.mean(axis=0)
+            assert np.abs(unweighted - expected).max() > 1e-6  # the weights did matter
+        for update in aggregate.updates:
+            trained = np.concatenate([d[:, : update.rank].ravel() for d in update.delta_b.values()])
+            assert np.abs(trained).max() > 0, "a node sent an empty update"
+            if update.rank == 2:
+                assert not any(np.any(d[:, 2:]) for d in update.delta_b.values())
+    first, second = rounds[0].adapter.b, rounds[1].adapter.b
+    assert any(not np.array_equal(first[n], second[n]) for n in first)
+
+    # A node's update is Estuary's trainer on its own data and rank, on the int8 base.
+    node = by_weight[rounds[0].updates[0].weight]
+    base = build_preset("tiny", seed=0)
+    edge = compress_model(copy.deepcopy(base), scheme="int8")
+    zero = GlobalAdapter.for_model(edge, AdapterConfig(r_max=4))
+    again = train_adapter(
+        edge,
+        zero,
+        node.data.train,
+        rank=node.rank,
+        steps=settings.local_steps,
+        lr=settings.learning_rate,
+        grad_clip_norm=settings.grad_clip_norm,
+        batch_size=settings.batch_size,
+        seq_len=settings.seq_len,
+        threads=settings.client_threads,
+        seed=_seed(settings, 1, node.name),
+    )
+    for name, value in again.delta_b.items():
+        np.testing.assert_allclose(rounds[0].updates[0].delta_b[name], value, atol=1e-6)
+
+    # The last version is served: the base with the final B·A merged in.
+    final = rounds[-1].version
+    assert final is not None and final.model_dir is not None
+    merged = copy.deepcopy(base)
+    merge_into_base(merged, rounds[-1].adapter)
+    ids = torch.arange(64).reshape(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(final.model_dir)(ids).logits, merged(ids).logits)
