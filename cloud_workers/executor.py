@@ -57,7 +57,8 @@ class ModelJobExecutor:
         pipelined evaluation here.
     onnx
         Put the int8 ONNX export of each version into its edge artifacts (a few seconds
-        per version on the tiny preset); False leaves it out.
+        per version on the tiny preset, spent in an exporter process: see
+        :mod:`estuary.onnx_export`); False leaves it out.
     """
 
     def __init__(
@@ -211,17 +212,18 @@ class ModelJobExecutor:
 
         The same for every device class of a version, so it is exported once per adapter
         digest. The export is deterministic (no paths or times in the graph or its
-        metadata), so building it twice gives the same hashes.
+        metadata), so building it twice gives the same hashes. It runs in an exporter
+        process (:mod:`estuary.onnx_export`), so it is safe beside other groups, trainers
+        and exports in this process.
         """
         if self._onnx[0] != digest:
-            from estuary.onnx_export import export_onnx, quantize_int8
-            from estuary.onnx_meta import FP32_FILENAME, INT8_FILENAME, METADATA_FILENAME
+            from estuary.onnx_export import export_onnx
+            from estuary.onnx_meta import INT8_FILENAME, METADATA_FILENAME
 
             model = self.merged_model(job)
             tmp = Path(tempfile.mkdtemp(prefix="estuary-onnx-"))
             try:
-                export_onnx(model, tmp, source=f"estuary adapter {digest}")
-                quantize_int8(tmp / FP32_FILENAME, tmp / INT8_FILENAME)
+                export_onnx(model, tmp, source=f"estuary adapter {digest}", int8=True)
                 files = {
                     name: self.blobs.put_file(tmp / name)
                     for name in (INT8_FILENAME, METADATA_FILENAME, "config.json")

@@ -8,6 +8,17 @@ for transformers models; the TorchScript exporter is deprecated.
 Needs the cloud-side packages ``onnx`` and ``onnxscript`` (the ``worker`` extra) in
 addition to torch and transformers. Serving the result needs only onnxruntime
 (:mod:`edge_client.serving`).
+
+**Exports run in an exporter process, never in the caller's.** ``torch.export`` keeps
+its tracing state process-wide (the dispatch-mode stack, the proxy tracer of symbolic
+sizes, patched module hooks): an export that overlaps another export, a trace or a
+training step in any other thread of the same process breaks one or both of them
+(``Trying to pop empty mode stack``, ``s70 is not tracked with proxy``, a ``KeyError``
+in the other thread's backward). A lock would have to be taken by every forward and
+backward pass in the process, so instead :func:`export_onnx` and
+:func:`export_model_dir` hand the work to a small pool of spawned processes (see
+:data:`EXPORT_PROCESSES`), where it runs alone. :func:`quantize_int8` touches only ONNX
+and onnxruntime, not torch, and runs in the caller's process.
 """
 
 from __future__ import annotations
@@ -16,9 +27,17 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import multiprocessing
+import os
+import pickle
 import shutil
+import sys
+import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +97,18 @@ TOKENIZER_FILES: tuple[str, ...] = (
 #: ``onnx/`` folder, which we must not overwrite.
 CACHE_DIRNAME = ".estuary-onnx"
 
+#: Exporter processes at most. Two, so that two callers in one process (two worker groups
+#: sharing a process, a local worker beside an export command) export side by side and a
+#: third waits; each process is started on first need and then kept, because starting one
+#: costs its imports (torch, transformers, onnxscript: ~4 s of CPU) and its first export
+#: warms caches the later ones reuse. An idle one holds its imports (~0.6 GB resident).
+EXPORT_PROCESSES = 2
+
+#: Seconds between an exporter process's checks that the process that started it still
+#: lives. A parent killed with SIGKILL never shuts its pool down; without the check its
+#: exporters would idle forever, each holding ~0.6 GB.
+PARENT_CHECK_S = 1.0
+
 
 def _logits_only(model: nn.Module) -> nn.Module:
     """Wrap ``model`` as ``input_ids -> logits`` with the KV cache off (one graph output).
@@ -129,6 +160,7 @@ def export_onnx(
     source: str | None = None,
     tokenizer_dir: str | Path | None = None,
     verify: bool = True,
+    int8: bool = False,
 ) -> Path:
     """Export a Hugging Face causal LM to a served ONNX directory.
 
@@ -137,11 +169,16 @@ def export_onnx(
     sequence dynamic), the model's ``config.json``, the tokenizer files of a non-byte
     model, and the metadata file (:mod:`estuary.onnx_meta`).
 
+    The export runs in an exporter process (see the module docstring), so it is safe to
+    call from any thread of a process that traces, trains or exports elsewhere. The
+    model is copied to that process when the call starts (pickled through a pipe to our
+    own child, never across a network): the caller's model is never touched, and changes
+    made to it during the call do not reach the export.
+
     Parameters
     ----------
     model
         A float32 Hugging Face causal LM on the CPU (``forward(input_ids=...).logits``).
-        It is put in eval mode for the export and restored afterwards.
     out_dir
         Directory to write; created if needed. Existing files of the same names are replaced.
     example_batch
@@ -158,6 +195,8 @@ def export_onnx(
     verify
         Run the graph once in onnxruntime on a shape different from the example and
         compare with torch (see :data:`VERIFY_ATOL`).
+    int8
+        Also write the int8 graph (:func:`quantize_int8`), named in the metadata.
 
     Returns
     -------
@@ -167,14 +206,33 @@ def export_onnx(
     Raises
     ------
     ValueError
-        If ``example_batch`` < 2, ``opset`` is not positive, the model is not float32, or a
-        non-byte model has no tokenizer files to copy.
+        If ``example_batch`` < 2, ``opset`` is not positive, the model is not float32 or
+        cannot be copied to the exporter process, or a non-byte model has no tokenizer
+        files to copy.
     RuntimeError
-        If ``verify`` finds the graph disagreeing with torch.
+        If ``verify`` finds the graph disagreeing with torch, or the exporter process died.
     """
-    import onnx
-    import torch
+    _check_export_args(example_batch=example_batch, opset=opset)
+    try:
+        payload = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise ValueError(f"model: cannot be copied to the exporter process: {exc}") from exc
+    path: Path = _run_in_exporter(
+        _export_pickled,
+        payload,
+        Path(out_dir),
+        example_batch=example_batch,
+        opset=opset,
+        source=source,
+        tokenizer_dir=tokenizer_dir,
+        verify=verify,
+        int8=int8,
+    )
+    return path
 
+
+def _check_export_args(*, example_batch: int, opset: int | None) -> None:
+    """Refuse bad export arguments in the caller, before an exporter process is involved."""
     if example_batch < 2:
         raise ValueError(
             f"example_batch: must be >= 2, got {example_batch} (torch.export specialises a "
@@ -182,6 +240,30 @@ def export_onnx(
         )
     if opset is not None and opset <= 0:
         raise ValueError(f"opset: must be positive or None, got {opset}")
+
+
+def _export_pickled(payload: bytes, out_dir: Path, **kwargs: Any) -> Path:
+    """Exporter-process side of :func:`export_onnx`: unpickle the model, export it."""
+    model: nn.Module = pickle.loads(payload)  # our own parent's bytes, see export_onnx
+    return _export_here(model, out_dir, **kwargs)
+
+
+def _export_here(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    example_batch: int,
+    opset: int | None,
+    source: str | None,
+    tokenizer_dir: str | Path | None,
+    verify: bool,
+    int8: bool,
+) -> Path:
+    """Run :func:`export_onnx` in this process; only an exporter process calls this."""
+    import onnx
+    import torch
+
+    _check_export_args(example_batch=example_batch, opset=opset)
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes != {torch.float32}:
         raise ValueError(
@@ -271,6 +353,8 @@ def export_onnx(
     )
     write_metadata(out, metadata)
     logger.info("wrote %s (%d bytes)", onnx_path, onnx_path.stat().st_size)
+    if int8:
+        quantize_int8(onnx_path, out / INT8_FILENAME)
     return onnx_path
 
 
@@ -495,6 +579,9 @@ def export_model_dir(
 ) -> ServedMetadata:
     """Load a Hugging Face model directory and write a served ONNX directory from it.
 
+    Loading and export both run in an exporter process (see the module docstring): the
+    calling process neither holds the model nor shares torch state with the export.
+
     Parameters
     ----------
     model_dir
@@ -516,22 +603,36 @@ def export_model_dir(
     estuary.model.loading.CheckpointError
         If the directory is not a loadable model (a ``ValueError``; names the file).
     """
+    _check_export_args(example_batch=example_batch, opset=opset)
+    metadata: ServedMetadata = _run_in_exporter(
+        _export_model_dir_here,
+        Path(model_dir),
+        Path(out_dir),
+        int8=int8,
+        example_batch=example_batch,
+        opset=opset,
+    )
+    return metadata
+
+
+def _export_model_dir_here(
+    source: Path, out: Path, *, int8: bool, example_batch: int, opset: int | None
+) -> ServedMetadata:
+    """Exporter-process side of :func:`export_model_dir`: load, export, fingerprint."""
     from estuary.model.loading import load_model
 
-    source = Path(model_dir)
     model: nn.Module = load_model(source)
     model.float()
-    out = Path(out_dir)
-    export_onnx(
+    _export_here(
         model,
         out,
         example_batch=example_batch,
         opset=opset,
         source=str(source.resolve()),
         tokenizer_dir=source,
+        verify=True,
+        int8=int8,
     )
-    if int8:
-        quantize_int8(out / FP32_FILENAME, out / INT8_FILENAME)
     metadata = read_metadata(out)
     fingerprinted = dataclasses.replace(metadata, source_fingerprint=source_fingerprint(source))
     write_metadata(out, fingerprinted)
@@ -565,6 +666,140 @@ def cached_export(
                 return cache, False
     export_model_dir(source, cache, int8=int8)
     return cache, True
+
+
+# ---------------------------------------------------------------- exporter processes
+
+_pool_lock = threading.Lock()
+_pool: ProcessPoolExecutor | None = None
+#: True inside an exporter process, which runs one call at a time in its main thread and
+#: nothing else: work handed to the exporter from there runs in place.
+_in_exporter_process = False
+
+
+def _run_in_exporter(target: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Run ``target(*args, **kwargs)`` in an exporter process and return its result.
+
+    ``target`` is a module-level function (spawned processes import it by name); it and
+    its arguments are pickled. Exceptions it raises are re-raised here with their type.
+    Records it logs under ``estuary.*`` at this process's level are logged again here,
+    under the same logger names, so they reach this process's handlers with its context
+    fields. A pool whose process died (killed, out of memory) is replaced and the call
+    tried once more in a fresh process, so that a call of another thread that was
+    waiting on the same pool does not fail with it.
+
+    Raises
+    ------
+    RuntimeError
+        If the exporter process died on both tries.
+    """
+    if _in_exporter_process:
+        return target(*args, **kwargs)
+    torch = sys.modules.get("torch")
+    # The caller's intra-op thread budget holds for its export too (a worker group limits
+    # itself to one thread so that groups sharing the cores do not oversubscribe them).
+    threads = torch.get_num_threads() if torch is not None else None
+    level = logging.getLogger("estuary").getEffectiveLevel()
+    for attempt in (1, 2):
+        pool = _exporter_pool()
+        try:
+            result, records = pool.submit(
+                _exporter_call, target, args, kwargs, threads=threads, level=level
+            ).result()
+        except BrokenProcessPool as exc:
+            _discard_pool(pool)
+            if attempt == 2:
+                raise RuntimeError(
+                    f"ONNX export ({target.__name__}): the exporter process died twice "
+                    "(killed, or out of memory)"
+                ) from exc
+            logger.warning("ONNX export: the exporter process died; retrying in a new one")
+            continue
+        for name, levelno, message in records:
+            logging.getLogger(name).log(levelno, "%s", message)
+        return result
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def _exporter_pool() -> ProcessPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            # spawn, never fork: a forked child would inherit this process's torch state
+            # (and the locks other threads hold at the moment of the fork).
+            _pool = ProcessPoolExecutor(
+                max_workers=EXPORT_PROCESSES,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_exporter_init,
+                initargs=(os.getpid(),),
+            )
+        return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    # A forked child has none of the pool's threads or processes; it starts its own.
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def _discard_pool(pool: ProcessPoolExecutor) -> None:
+    """Forget a broken pool (once, however many threads saw it break)."""
+    global _pool
+    with _pool_lock:
+        if _pool is pool:
+            _pool = None
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _exporter_init(parent_pid: int) -> None:
+    """Set up an exporter process: mark it, and exit once its parent is gone."""
+    global _in_exporter_process
+    _in_exporter_process = True
+
+    def watch_parent() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)  # orphaned: nobody is left to hand work or read a result
+
+    threading.Thread(target=watch_parent, name="exporter-parent-watch", daemon=True).start()
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[str, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.name, record.levelno, record.getMessage()))
+
+
+def _exporter_call(
+    target: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    threads: int | None,
+    level: int,
+) -> tuple[Any, list[tuple[str, int, str]]]:
+    """Exporter-process side of :func:`_run_in_exporter`."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    collect = _Collect()
+    ours = logging.getLogger("estuary")
+    ours.setLevel(level)
+    ours.addHandler(collect)
+    try:
+        result = target(*args, **kwargs)
+    finally:
+        ours.removeHandler(collect)
+    return result, collect.records
 
 
 __all__ = [

@@ -477,10 +477,9 @@ class Simulation:
             blobs=BlobStore(self.run_dir / "blobs", fsync=False),
             base=setup.base,
             observer=_SimObserver(metrics, self.stats),
-            # torch.export, behind the ONNX export, mutates process-wide tracing state and
-            # breaks the edge agents training in this process's other threads; deployed
-            # workers run in their own processes and do include ONNX in artifacts.
-            local_worker=functools.partial(local_worker, onnx=False),
+            # Artifacts carry the ONNX export, as deployed workers' do: it runs in an
+            # exporter process (estuary.onnx_export), clear of the agents training here.
+            local_worker=local_worker,
         )
         await server.start()
         return server
