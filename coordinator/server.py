@@ -187,6 +187,9 @@ class CoordinatorServer:
         self._service: FederationService | None = None
         self._server: Any = None
         self._health: Any = None
+        self._health_server: Any = None
+        #: Port bound for server.health_listen (after start), else None.
+        self.health_port: int | None = None
         self._port: int | None = None
         #: Port bound for tls.enrol_listen (after start), else None.
         self.enrol_port: int | None = None
@@ -352,10 +355,31 @@ class CoordinatorServer:
             raise ServerStartError(f"server.listen: cannot bind {listen}: {exc}") from None
         if not port:
             raise ServerStartError(f"server.listen: cannot bind {listen}")
+        if settings.server.health_listen is not None:
+            await self._start_health_port(settings.server.health_listen)
         await server.start()
         self._server = server
         self._port = int(port)
         await self._set_health(True)
+
+    async def _start_health_port(self, listen: str) -> None:
+        """Serve the same health verdict, and nothing else, on a plaintext port.
+
+        Kubernetes' native gRPC probes cannot present TLS (or a client certificate), so
+        they cannot probe a TLS listener; this port answers them without exposing any edge
+        method in the clear.
+        """
+        health_server = grpc.aio.server(options=server_options())
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
+        try:
+            bound = health_server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise ServerStartError(f"server.health_listen: cannot bind {listen}: {exc}") from None
+        if not bound:
+            raise ServerStartError(f"server.health_listen: cannot bind {listen}")
+        await health_server.start()
+        self._health_server = health_server
+        self.health_port = int(bound)
 
     def _start_local_worker(self) -> None:
         assert self._store is not None and self._blobs is not None and self._base is not None
@@ -473,6 +497,9 @@ class CoordinatorServer:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         await server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
+            self._health_server = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -461,6 +461,15 @@ class ServerSettings(Section):
     metrics_port: int = Field(
         default=9464, ge=0, le=65535, description="Prometheus /metrics HTTP port. 0: disabled."
     )
+    health_listen: str | None = Field(
+        default=None,
+        pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$",
+        description=(
+            "host:port of a plaintext port that serves grpc.health.v1 only (no edge "
+            "methods), for probes that cannot speak TLS such as Kubernetes' native gRPC "
+            "probes. None: health is served on the main port only."
+        ),
+    )
     device_requests_per_s: float = Field(
         default=5.0, gt=0, description="Sustained per-device request rate limit, per second."
     )

@@ -272,19 +272,20 @@ def test_probes_check_grpc_health_where_the_port_speaks_plaintext(
     listen_port = int(settings.server.listen.rsplit(":", 1)[1])
     assert container_port(container, "grpc") == listen_port
     plaintext = settings.tls.cert_file is None
+    health = settings.server.health_listen
+    health_port = int(health.rsplit(":", 1)[1]) if health is not None else None
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[kind]
         handlers = {"grpc", "tcpSocket", "httpGet", "exec"} & probe.keys()
-        assert len(handlers) == 1, f"{kind}: one handler, got {handlers}"
-        (handler,) = handlers
-        if handler == "grpc":
-            # grpc.health.v1 on the gRPC port; the kubelet dials it without TLS.
-            assert plaintext, f"{name}: a gRPC probe cannot complete a TLS handshake"
-            assert container_port(container, probe["grpc"]["port"]) == listen_port
-        else:
-            assert handler == "tcpSocket" and not plaintext, f"{name}: {kind} is {handler}"
-            assert container_port(container, probe["tcpSocket"]["port"]) == listen_port
-    assert name != "dev" or plaintext, "dev serves plaintext, so its probes are gRPC"
+        assert handlers == {"grpc"}, f"{name}: {kind} must be a native gRPC probe, got {handlers}"
+        # grpc.health.v1, dialled without TLS: the main port when it is plaintext, else the
+        # plaintext health-only port (server.health_listen).
+        port = container_port(container, probe["grpc"]["port"])
+        if plaintext and port == listen_port:
+            continue
+        assert health_port is not None, f"{name}: a gRPC probe cannot complete a TLS handshake"
+        assert port == health_port, f"{name}: {kind} probes {port}, health_listen is {health}"
+    assert name != "dev" or plaintext, "dev serves plaintext"
     # liveness tolerates a store outage longer than readiness does (NOT_SERVING then)
     live, ready = container["livenessProbe"], container["readinessProbe"]
     assert (

@@ -646,6 +646,38 @@ def test_health_follows_the_store(base: Any, tmp_path: Path) -> None:
         thread.stop()
 
 
+def test_plaintext_health_port_serves_health_only(base: Any, tmp_path: Path) -> None:
+    # Kubernetes' native gRPC probes cannot speak TLS: server.health_listen gives them the
+    # same verdict on a plaintext port that serves no edge method.
+    store = FlakyStore()
+    thread = _small_server(
+        base,
+        tmp_path,
+        store=store,
+        server={"listen": "127.0.0.1:0", "health_listen": "127.0.0.1:0"},
+    )
+    try:
+        port = thread.server.health_port
+        assert port and port != thread.server.port
+        ch = channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(ch)
+
+        def status() -> int:
+            response = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            return int(response.status)
+
+        assert status() == SERVING
+        with pytest.raises(grpc.RpcError) as excinfo:
+            Device(edge_pb2_grpc.EdgeServiceStub(ch)).heartbeat()
+        assert code_of(excinfo) is grpc.StatusCode.UNIMPLEMENTED
+        store.down = True
+        assert wait_until(lambda: status() == NOT_SERVING, timeout_s=5)
+        store.down = False
+        assert wait_until(lambda: status() == SERVING, timeout_s=5)
+    finally:
+        thread.stop()
+
+
 @pytest.mark.redis
 def test_hung_store_turns_health_not_serving_and_requests_fail_fast(
     base: Any, tmp_path: Path, own_redis_server: RedisServer
