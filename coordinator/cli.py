@@ -8,8 +8,10 @@ SIGINT/SIGTERM (after a clean shutdown).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,6 +23,7 @@ from estuary.cli.output import OutputFormat, fail, print_json
 from estuary.cli.shutdown import DEFAULT_SHUTDOWN_GRACE_S, ShutdownDeadline
 
 if TYPE_CHECKING:
+    from coordinator.enrolment import DeviceRegistry
     from estuary.config.models import CoordinatorSettings
 
 __all__ = ["app", "apply_overrides"]
@@ -177,6 +180,38 @@ async def _serve(settings: CoordinatorSettings, *, shutdown_grace_s: float) -> i
     return ExitCode.INTERRUPTED
 
 
+@contextlib.contextmanager
+def _registry(settings: CoordinatorSettings, why_not_memory: str) -> Iterator[DeviceRegistry]:
+    """Open the configured store's device registry, mapping failures to exit codes.
+
+    ``memory://`` is refused (exit 3: nothing else would ever see what is written, which
+    ``why_not_memory`` says for this command); a bad URL or secret exits 3, an
+    unreachable store 4. The store is closed on the way out.
+    """
+    from coordinator.enrolment import DeviceRegistry
+    from estuary.config.secrets import SecretUnavailable
+    from estuary.state import InvalidStoreURL, StoreUnavailable
+    from estuary.state.configured import open_state_store
+
+    if settings.state.url.startswith("memory://"):
+        fail(
+            f"state.url is memory://: {why_not_memory}; point state.url at the coordinator's Redis"
+        )
+        raise typer.Exit(ExitCode.CONFIG)
+    try:
+        store = open_state_store(settings.state)
+    except (InvalidStoreURL, SecretUnavailable) as exc:
+        fail(f"state: {exc}")
+        raise typer.Exit(ExitCode.CONFIG) from None
+    try:
+        yield DeviceRegistry(store, device_classes=[c.name for c in settings.device_classes])
+    except StoreUnavailable as exc:
+        fail(f"state: {exc}")
+        raise typer.Exit(ExitCode.STATE_UNAVAILABLE) from None
+    finally:
+        store.close()
+
+
 @app.command("token")
 def token(
     config: Annotated[Path, typer.Option("--config", help="Coordinator TOML configuration file.")],
@@ -197,37 +232,15 @@ def token(
     Only the tokens' hashes are stored; this is the one time they are shown. Exit codes:
     2 unknown device class, 3 invalid config or a memory:// store, 4 store unreachable.
     """
-    from coordinator.enrolment import DeviceRegistry
-    from estuary.config.secrets import SecretUnavailable
-    from estuary.state import InvalidStoreURL, StoreUnavailable
-    from estuary.state.configured import open_state_store
-
     settings = _load(config)
-    if settings.state.url.startswith("memory://"):
-        fail(
-            "state.url is memory://: tokens would vanish when this command exits; point "
-            "state.url at the coordinator's Redis"
-        )
-        raise typer.Exit(ExitCode.CONFIG)
     classes = [c.name for c in settings.device_classes]
     if device_class is not None and device_class not in classes:
         fail(f"--class: unknown device class {device_class!r}; configured: {sorted(classes)}")
         raise typer.Exit(ExitCode.USAGE)
-    try:
-        store = open_state_store(settings.state)
-    except (InvalidStoreURL, SecretUnavailable) as exc:
-        fail(f"state: {exc}")
-        raise typer.Exit(ExitCode.CONFIG) from None
-    try:
-        registry = DeviceRegistry(store, device_classes=classes)
+    with _registry(settings, "tokens would vanish when this command exits") as registry:
         tokens = [
             registry.issue_token(device_class=device_class, ttl_s=ttl_s) for _ in range(count)
         ]
-    except StoreUnavailable as exc:
-        fail(f"state: {exc}")
-        raise typer.Exit(ExitCode.STATE_UNAVAILABLE) from None
-    finally:
-        store.close()
     if fmt is OutputFormat.json:
         print_json({"device_class": device_class, "ttl_s": ttl_s, "tokens": tokens})
     else:
@@ -245,34 +258,15 @@ def revoke(
 ) -> None:
     """Revoke DEVICE in the configured state store.
 
-    Every replica reads the device record on every request, so the revocation takes
+    Every replica checks the revocation epoch on every request, so the revocation takes
     effect on the device's next request to any replica, whatever client certificate it
     still holds (certificates are short-lived; a revoked device cannot renew one).
     Revoking an already revoked device succeeds again. Exit codes: 3 invalid config or a
     memory:// store, 4 store unreachable, 5 unknown device.
     """
-    from coordinator.enrolment import DeviceRegistry
-    from estuary.config.secrets import SecretUnavailable
-    from estuary.state import InvalidStoreURL, StoreUnavailable
-    from estuary.state.configured import open_state_store
-
     settings = _load(config)
-    if settings.state.url.startswith("memory://"):
-        fail("state.url is memory://: no coordinator shares it; point state.url at its Redis")
-        raise typer.Exit(ExitCode.CONFIG)
-    try:
-        store = open_state_store(settings.state)
-    except (InvalidStoreURL, SecretUnavailable) as exc:
-        fail(f"state: {exc}")
-        raise typer.Exit(ExitCode.CONFIG) from None
-    try:
-        registry = DeviceRegistry(store, device_classes=[c.name for c in settings.device_classes])
+    with _registry(settings, "no coordinator shares it") as registry:
         found = registry.revoke(device)
-    except StoreUnavailable as exc:
-        fail(f"state: {exc}")
-        raise typer.Exit(ExitCode.STATE_UNAVAILABLE) from None
-    finally:
-        store.close()
     if not found:
         fail(f"device {device!r}: not enrolled in {settings.state.url.split('@')[-1]}")
         raise typer.Exit(ExitCode.INPUT)
