@@ -1,5 +1,8 @@
 """The docs a clone carries: links resolve inside the repository, the architecture page matches
-the import contracts that `make lint` enforces."""
+the import contracts that `make lint` enforces.
+
+(Not in tests/unit/ itself: pytest would put that folder on sys.path, where tests/unit/estuary
+then shadows the real package in every spawned process, such as the ONNX exporter's.)"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from pathlib import Path
 
 import tomllib
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[4]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
