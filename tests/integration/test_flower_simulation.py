@@ -10,6 +10,8 @@ computes for that node outside Flower, and the final version must be served.
 from __future__ import annotations
 
 import copy
+import multiprocessing
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,23 @@ NODES = 4
 ROUNDS = 2
 
 
+def _simulate(settings: FlowerSettings, send: Connection) -> None:
+    """Run the simulation (in a spawned process) and send back each round's aggregate."""
+    rounds: list[RoundAggregate] = []
+    run_simulation(
+        make_server_app(settings, on_aggregate=rounds.append),
+        make_client_app(settings),
+        num_supernodes=NODES,
+        backend_name="ray",
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False},
+        },
+    )
+    send.send(rounds)
+    send.close()
+
+
 def test_four_nodes_two_rounds_aggregate_to_the_weighted_mean(tmp_path: Path) -> None:
     settings = FlowerSettings(
         num_server_rounds=ROUNDS,
@@ -51,17 +70,17 @@ def test_four_nodes_two_rounds_aggregate_to_the_weighted_mean(tmp_path: Path) ->
         min_train_nodes=NODES,
         out_dir=tmp_path / "versions",
     )
-    rounds: list[RoundAggregate] = []
-    run_simulation(
-        make_server_app(settings, on_aggregate=rounds.append),
-        make_client_app(settings),
-        num_supernodes=NODES,
-        backend_name="ray",
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False},
-        },
-    )
+    # Ray and flwr run in a spawned process of their own: a Ray left half-started in the
+    # pytest process (a failure, a timeout on a busy machine) took the next test's gRPC
+    # and torch threads down with a segmentation fault.
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_simulate, args=(settings, send))
+    child.start()
+    send.close()
+    rounds: list[RoundAggregate] = receive.recv() if receive.poll(600) else []
+    child.join(60)
+    assert child.exitcode == 0, f"the simulation process exited {child.exitcode}"
 
     assert [r.server_round for r in rounds] == [1, 2]
     nodes = [node_setup(settings, {"partition-id": i}) for i in range(NODES)]
