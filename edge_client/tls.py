@@ -289,7 +289,9 @@ def _hint(cause: str, *, host: str, tls: ChannelTLS | None) -> str:
         if tls is None or tls.cert_pem is None:
             return (
                 "the coordinator requires a client certificate (mutual TLS) and this agent "
-                "has none: set tls.cert_file and tls.key_file"
+                "has none: enrol through the coordinator's enrolment port (enrol_coordinator "
+                "= its tls.enrol_listen address), which issues one by CSR, or set "
+                "tls.cert_file and tls.key_file"
             )
         return (
             f"the coordinator does not accept this agent's client certificate "

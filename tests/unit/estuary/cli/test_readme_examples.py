@@ -173,10 +173,8 @@ def test_readme_config_check(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "valid coordinator configuration" in result.stdout
     assert "from-the-deployment" not in result.output
     # What this machine lacks is said (the example's PKI lives under /etc/estuary/pki).
-    if not Path("/etc/estuary/pki/coordinator.crt").exists():
-        assert "tls.cert_file: server certificate /etc/estuary/pki/coordinator.crt" in (
-            result.output
-        )
+    if not Path("/etc/estuary/pki/server.pem").exists():
+        assert "tls.cert_file: server certificate /etc/estuary/pki/server.pem" in (result.output)
 
 
 def test_readme_worker_dry_run() -> None:
@@ -277,6 +275,7 @@ def test_readme_edge_commands_on_the_example(
     data.mkdir()
     (data / "a.txt").write_text("def f():\n    return 1\n" * 20, encoding="utf-8")
     monkeypatch.setenv("ESTUARY_COORDINATOR", target)
+    monkeypatch.setenv("ESTUARY_ENROL_COORDINATOR", target)
     monkeypatch.setenv("ESTUARY_TLS__CA_FILE", str(pki["ca"]))
     monkeypatch.setenv("ESTUARY_STATE_DIR", str(tmp_path / "edge"))
     monkeypatch.setenv("ESTUARY_DATA_DIR", str(data))
