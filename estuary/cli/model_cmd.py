@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -41,10 +43,11 @@ def init(
 ) -> None:
     """Create preset PRESET, pretrain it, and save it as a Hugging Face directory."""
     import torch
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from estuary.model.presets import PRESETS, build_preset
-    from estuary.model.pretrain import pretrained_preset
+    from estuary.model.pretrain import ProgressLog
 
     if preset not in PRESETS:
         typer.echo(
@@ -57,26 +60,41 @@ def init(
     torch.set_num_threads(threads)
     if pretrain_steps == 0:
         model = build_preset(preset, seed=seed)
-    else:
+    elif sys.stderr.isatty():
+        # A terminal gets a bar, on standard error: standard output carries the result.
         with Progress(
             TextColumn("pretraining {task.fields[preset]}"),
             BarColumn(),
             TextColumn("{task.completed}/{task.total} · loss {task.fields[loss]:.3f} bits/byte"),
             TimeRemainingColumn(),
+            console=Console(stderr=True),
         ) as bar:
             task = bar.add_task("pretrain", total=pretrain_steps, preset=preset, loss=float("nan"))
 
             def report(step: int, loss: float) -> None:
                 bar.update(task, completed=step, loss=loss)
 
-            model = pretrained_preset(
-                preset,
-                steps=pretrain_steps,
-                seed=seed,
-                batch_size=batch_size,
-                seq_len=seq_len,
-                progress=report,
-            )
+            model = _pretrain(preset, pretrain_steps, seed, batch_size, seq_len, report)
+    else:
+        # Redirected, under systemd or in a container job: log lines (at most one per 10 s),
+        # which a bar would not give until it ended.
+        progress = ProgressLog(pretrain_steps, label=f"{preset} base")
+        model = _pretrain(preset, pretrain_steps, seed, batch_size, seq_len, progress)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     typer.echo(f"saved {preset} ({sum(p.numel() for p in model.parameters())} parameters) to {out}")
+
+
+def _pretrain(
+    preset: str,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    seq_len: int,
+    progress: Callable[[int, float], None],
+) -> Any:
+    from estuary.model.pretrain import pretrained_preset
+
+    return pretrained_preset(
+        preset, steps=steps, seed=seed, batch_size=batch_size, seq_len=seq_len, progress=progress
+    )

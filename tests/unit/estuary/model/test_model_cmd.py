@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -37,3 +39,23 @@ def test_init_refuses_existing_model_and_unknown_preset(tmp_path: Path) -> None:
     assert "config.json" in again.output
     assert unknown.exit_code == ExitCode.USAGE
     assert "huge" in unknown.output
+
+
+def test_init_redirected_logs_progress_on_stderr_and_only_the_result_on_stdout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # CliRunner's streams are not terminals: as under systemd or in a container job.
+    runner = CliRunner()
+    args = ["init", "--pretrain-steps", "3", "--batch-size", "2", "--out", str(tmp_path)]
+
+    with caplog.at_level(logging.INFO, logger="estuary.model.pretrain"):
+        result = runner.invoke(app, args)
+
+    assert result.exit_code == ExitCode.OK, result.output
+    assert result.stdout.strip().splitlines() == [
+        f"saved tiny ({sum(p.numel() for p in load_model(tmp_path).parameters())} parameters)"
+        f" to {tmp_path}"
+    ]
+    steps = [r.getMessage() for r in caplog.records if "pretraining tiny base" in r.getMessage()]
+    assert steps[0].startswith("pretraining tiny base: step 1/3")
+    assert steps[-1].startswith("pretraining tiny base: step 3/3")
