@@ -25,7 +25,9 @@ from estuary.onnx_meta import INT8_FILENAME, METADATA_FILENAME
 from estuary.state import open_store
 from estuary.state.blobs import BlobStore
 
-#: Longest a job thread may take; the builds take ~10 s together on a busy 2-core runner.
+pytestmark = pytest.mark.slow
+
+#: Longest a job thread may take; the test took 49 s on 2 cores at a load average of 6.
 THREAD_LIMIT_S = 240.0
 
 

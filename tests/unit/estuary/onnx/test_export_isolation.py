@@ -27,9 +27,9 @@ from estuary.model.tokenizer import BYTE_TOKENIZER_NAME, BYTE_VOCAB_SIZE, TOKENI
 from estuary.onnx_export import export_model_dir, export_onnx
 from estuary.onnx_meta import FP32_FILENAME, INT8_FILENAME, read_metadata
 
-#: Seconds a thread of the concurrency test may take. Both exports of the 1-layer model
-#: take ~10 s together on a busy 2-core machine, most of it starting the exporter
-#: processes; the limit only keeps a hang from lasting the whole suite.
+#: Seconds a thread of the concurrency test may take. The test took 28 s on 2 cores at a
+#: load average of 9 (~30 s of CPU in all, most of it starting two exporter processes);
+#: the limit only keeps a hang from lasting the whole suite.
 THREAD_LIMIT_S = 240.0
 
 
