@@ -78,6 +78,9 @@ FAST_DELAY_S = 0.15
 #: Every job of the slow group takes this many times as long as on the fast group.
 SLOW_FACTOR = 3.0
 FACTORS = {"fast": 1.0, "slow": SLOW_FACTOR}
+#: The drain after the last arrival gives up after this many of the slow group's slowest
+#: jobs' time passes without a new outcome (a job reclaimed from the killed group included).
+DRAIN_IDLE_JOBS = 3.0
 KINDS = ("evaluate", "build_artifacts")
 #: Heartbeat and reclaim timing of the benchmark groups: short so a killed group's
 #: job is reclaimed within the run; reclaim > 2 × heartbeat as the settings require.
@@ -256,9 +259,20 @@ def scenario(
                 submit_job(store, job, stream=stream)
                 submitted.append(job.job_id)
         arrivals_end = time.time()
-        deadline = time.time() + 120.0
-        while time.time() < deadline and len(store.scan("jobresult/")) < len(submitted):
+        # Drain: wait while outcomes keep coming. A fixed 120 s ran out on a loaded machine
+        # (slow-group builds of 30+ s behind a backlog) and counted queued jobs as lost; a
+        # job with no outcome after DRAIN_IDLE_JOBS slow jobs' time without any progress is.
+        done, last_progress = 0, time.time()
+        while done < len(submitted):
             time.sleep(0.05)
+            now_done = len(store.scan("jobresult/"))
+            if now_done > done:
+                done, last_progress = now_done, time.time()
+            with lock:
+                slowest = max((max(v) for v in live_work.values() if v), default=0.0)
+            idle_limit = max(60.0, DRAIN_IDLE_JOBS * FACTORS["slow"] * (slowest + FAST_DELAY_S))
+            if time.time() - last_progress > idle_limit:
+                break
         stop.set()
         for t in threads.values():
             t.join(timeout=10)
