@@ -37,6 +37,16 @@ def test_a_shutdown_that_finished_first_is_left_alone() -> None:
     assert exits == []
 
 
+def test_after_a_signal_the_grace_period_also_bounds_leaving_the_process() -> None:
+    clock, exits = VirtualClock(), []
+    deadline = _deadline(4.0, clock, exits)
+    deadline.arm()
+    deadline.finish()  # the orderly part is done; the interpreter's teardown is not
+    deadline.join(5)
+    assert exits == [ExitCode.INTERRUPTED]
+    assert clock.monotonic() == pytest.approx(4.0)
+
+
 def test_second_signal_does_not_restart_the_grace_period() -> None:
     clock, exits = VirtualClock(), []
     deadline = _deadline(3.0, clock, exits)
@@ -108,3 +118,39 @@ def test_sigterm_while_a_job_runs_exits_130_within_the_grace_period() -> None:
     assert "test worker did not stop within 0.5 s" in err, err
     assert "terminate called" not in err
     assert time.monotonic() - started < 60
+
+
+def test_sigterm_then_a_teardown_that_hangs_still_exits_130_within_the_grace_period() -> None:
+    # The orderly shutdown finishes at once, then leaving the interpreter hangs (an atexit
+    # join that never returns, as executor threads and exporter processes lingered for up
+    # to 9.5 s after a coordinator logged "stopped").
+    script = textwrap.dedent(
+        """
+        import atexit, logging, signal, sys, threading
+        from estuary.cli.shutdown import ShutdownDeadline
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+        stop = threading.Event()
+        deadline = ShutdownDeadline(0.5, what="test coordinator")
+        def on_term(signum, frame):
+            stop.set()
+            deadline.arm()
+        signal.signal(signal.SIGTERM, on_term)
+        atexit.register(threading.Event().wait)
+        print("ready", flush=True)
+        stop.wait()
+        deadline.finish()
+        sys.exit(130)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == ExitCode.INTERRUPTED, err
+    assert "test coordinator stopped, but leaving the process took past 0.5 s" in err, err
