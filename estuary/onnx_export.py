@@ -795,10 +795,15 @@ def _exporter_call(
     ours = logging.getLogger("estuary")
     ours.setLevel(level)
     ours.addHandler(collect)
+    # Collected only: the parent logs them in its own format. Propagated, they also reached
+    # a root handler the exporter libraries install here (Python's default format, on the
+    # shared standard error, past the coordinator's --log-json).
+    ours.propagate = False
     try:
         result = target(*args, **kwargs)
     finally:
         ours.removeHandler(collect)
+        ours.propagate = True
     return result, collect.records
 
 

@@ -9,6 +9,9 @@ that and check each export against torch, and that the trainer trained.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -192,3 +195,37 @@ def test_a_dead_exporter_process_is_replaced() -> None:
 
 def _die() -> None:
     os._exit(3)
+
+
+def test_exporter_records_reach_only_the_parents_handlers(tmp_path: Path) -> None:
+    # The exporter process's libraries install a root handler of their own (here: a
+    # basicConfig in the target). Its records must come out once, in the parent's format.
+    script = tmp_path / "chatty.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import logging, sys
+            from estuary.onnx_export import _run_in_exporter
+
+            def chatty():
+                logging.basicConfig()  # what an exporter library may do in its process
+                logging.getLogger("estuary.onnx_export").info("hello from the exporter")
+                return 7
+
+            if __name__ == "__main__":
+                logging.basicConfig(format="PARENT %(name)s %(message)s", stream=sys.stderr)
+                logging.getLogger("estuary").setLevel(logging.INFO)
+                print(_run_in_exporter(chatty))
+            """
+        ),
+        encoding="utf-8",
+    )
+
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=240, check=False
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "7"
+    lines = [line for line in done.stderr.splitlines() if "hello from the exporter" in line]
+    assert lines == ["PARENT estuary.onnx_export hello from the exporter"], done.stderr
