@@ -15,6 +15,13 @@ already that far behind, its devices are paced (no admission, no seal) until a c
 one is built, and a device that still holds an unstarted task of a cohort sealed on
 such a version gives it up. Worker groups run each class's newest build ahead of older
 ones (:func:`estuary.jobs.job_to_run`), so the wait is about one build, not a backlog.
+Nor is work handed out on a version the regression guard abandoned
+(:mod:`coordinator.guard`), however new its artifact: the newest artifact of the kept
+lineage is used instead, and an unstarted task on an abandoned version is given up.
+
+An idle device's GetTask is one store round trip: its task, its class's forming cohort,
+the head and the class's newest artifact build are read together (:meth:`Admission.task_keys`),
+with the request's nonce when the service authenticates it.
 
 A device that asks for work while its task is under way (it has advertised keys) has
 lost its task state, e.g. by a restart: the task is abandoned (the member becomes a
@@ -26,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -40,11 +48,13 @@ from coordinator.cohorts import (
 from coordinator.enrolment import Device
 from coordinator.outcomes import PaceOffer, ServiceObserver, TaskOffer
 from coordinator.pacing import Admit, PacerConfig, decide
-from coordinator.versions import VersionLedger
+from coordinator.versions import VersionInfo, VersionLedger
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import CoordinatorSettings
-from estuary.jobs import JobOutcome, job_id_for, newest_done, result_key
+from estuary.jobs import JobOutcome, done_key, done_of, job_id_for, result_key
+from estuary.state.base import Record
 from estuary.state.blobs import BlobStore
+from estuary.state.keys import HEAD_KEY
 from secure_agg import FixedPoint, Stage
 
 __all__ = ["Admission"]
@@ -102,20 +112,45 @@ class Admission:
             retry_after_max_s=settings.pacing.retry_after_max_s,
         )
         self._artifacts: dict[str, tuple[int, str, int]] = {}
+        # Per class, (head version, floor) of the last search of build outcomes.
+        self._searched: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ GetTask
 
-    def get_task(self, device: Device, device_class: str) -> TaskOffer | PaceOffer:
-        """Admit ``device`` (of the configured ``device_class``) into a cohort, or pace it."""
-        assignment = self._book.assignment(device.device_id)
+    def get_task(
+        self,
+        device: Device,
+        device_class: str,
+        *,
+        records: Sequence[Record | None] | None = None,
+    ) -> TaskOffer | PaceOffer:
+        """Admit ``device`` (of the configured ``device_class``) into a cohort, or pace it.
+
+        The device's task, the forming cohort, the head and the class's newest artifact
+        build are read in one store round trip; an idle device that is paced costs no more.
+        ``records``: those reads, of :meth:`task_keys` in order, made by the caller (the
+        service reads them with the request's nonce); ``None``: read them here.
+        """
+        keys = self.task_keys(device.device_id, device_class)
+        if records is None:
+            records = self._book.store.get_many(keys)
+        elif len(records) != len(keys):
+            raise ValueError(
+                f"records: expected {len(keys)} reads of task_keys, got {len(records)}"
+            )
+        assign_rec, forming_rec, head_rec, done_rec = records
+        assignment, forming = self._book.parse_admission(
+            device.device_id, device_class, assign_rec, forming_rec
+        )
+        head = VersionLedger.head_of(head_rec)
         if assignment is not None:
-            offer = self._resume(device, assignment)
+            offer = self._resume(device, assignment, head)
             if offer is not None:
                 return offer
-        forming = self._book.forming(device_class)
         if forming is not None and device.device_id in forming[0].members:
             return self._wait_for_seal(device, device_class)
-        if self.artifact_for(device_class) is None:
+        build_key = done_key("build_artifacts", device_class=device_class)
+        if self._artifact_at(device_class, head, done_of(done_rec, key=build_key)) is None:
             return self._pace(self.pacer.retry_after_min_s * 2, self._no_artifact(device_class))
         decision = decide(
             self.pacer,
@@ -128,11 +163,26 @@ class Admission:
         self._admit(device, device_class)
         return self._wait_for_seal(device, device_class)
 
+    @staticmethod
+    def task_keys(device_id: str, device_class: str) -> list[str]:
+        """Return the keys :meth:`get_task` reads first, in one round trip.
+
+        In order: the device's task, the forming cohort of its class, the head and the
+        class's newest completed artifact build (its ``jobdone/`` record).
+        """
+        return [
+            *CohortBook.admission_keys(device_id, device_class),
+            HEAD_KEY,
+            done_key("build_artifacts", device_class=device_class),
+        ]
+
     def _pace(self, seconds: float, reason: str) -> PaceOffer:
         self._observer.event("paced", retry_after_s=seconds, reason=reason)
         return PaceOffer(seconds, reason)
 
-    def _resume(self, device: Device, assignment: Assignment) -> TaskOffer | None:
+    def _resume(
+        self, device: Device, assignment: Assignment, head: VersionInfo | None
+    ) -> TaskOffer | None:
         cohort_id = assignment.cohort_id
         record = self._book.record(cohort_id)
         index = assignment.member_index
@@ -143,7 +193,11 @@ class Admission:
             finished = cohort.stage in (Stage.COMPLETED, Stage.ABORTED)
             if not finished and not record.is_abandoned(index):
                 unstarted = not cohort.server.advertised(index)
-                if unstarted and cohort.stage is Stage.ADVERTISE_KEYS and self._counts(record):
+                if (
+                    unstarted
+                    and cohort.stage is Stage.ADVERTISE_KEYS
+                    and self._counts(record, head)
+                ):
                     return self.offer(record, index)
                 self._abandon(cohort_id, index)
         self._book.clear_assignment(device.device_id, cohort_id)
@@ -289,17 +343,15 @@ class Admission:
             identity_keys=record.identity_keys,
         )
 
-    def _oldest_useful(self) -> int | None:
-        """Oldest version whose work still counts now (head − max_staleness); None: no head."""
-        head = self._ledger.head()
-        if head is None:
-            return None
-        return head.version - self.settings.aggregation.max_staleness
+    def _counts(self, record: CohortRecord, head: VersionInfo | None) -> bool:
+        """Whether work on the cohort's version would still be accepted at ``head``.
 
-    def _counts(self, record: CohortRecord) -> bool:
-        """Whether work on the cohort's version would still be accepted now."""
-        oldest = self._oldest_useful()
-        return oldest is not None and record.version >= oldest
+        Not when it is more than ``max_staleness`` behind, nor when the regression guard
+        abandoned it (its sum would be dropped at commit).
+        """
+        if head is None or head.is_abandoned(record.version):
+            return False
+        return record.version >= head.version - self.settings.aggregation.max_staleness
 
     def _no_artifact(self, device_class: str) -> str:
         limit = self.settings.aggregation.max_staleness
@@ -311,47 +363,73 @@ class Admission:
     def artifact_for(self, device_class: str) -> tuple[int, str, int] | None:
         """Newest (version, artifact sha256, size) built for ``device_class``, or None.
 
-        None also when the newest built artifact is more than ``max_staleness`` versions
-        behind the head: work trained on it could not count.
+        None also when the newest usable artifact is more than ``max_staleness`` versions
+        behind the head: work trained on it could not count. An artifact of a version
+        the regression guard abandoned is never used, however new.
         """
-        head = self._ledger.head()
+        build_key = done_key("build_artifacts", device_class=device_class)
+        head_rec, done_rec = self._book.store.get_many([HEAD_KEY, build_key])
+        return self._artifact_at(
+            device_class, VersionLedger.head_of(head_rec), done_of(done_rec, key=build_key)
+        )
+
+    def _artifact_at(
+        self, device_class: str, head: VersionInfo | None, done: tuple[int, str] | None
+    ) -> tuple[int, str, int] | None:
+        """:meth:`artifact_for` given reads of the head and of the class's ``jobdone/`` record."""
         if head is None:
             return None
         oldest = head.version - self.settings.aggregation.max_staleness
-        found = self._newest_artifact(device_class, head=head.version, oldest=oldest)
+        found = self._newest_artifact(device_class, head=head, done=done)
         return found if found is not None and found[0] >= oldest else None
 
     def _newest_artifact(
-        self, device_class: str, *, head: int, oldest: int
+        self, device_class: str, *, head: VersionInfo, done: tuple[int, str] | None
     ) -> tuple[int, str, int] | None:
-        """Return the newest built artifact of the class (cached by version), or None.
+        """Return the newest built artifact of the class not abandoned (cached), or None.
 
-        One read of the class's ``jobdone/`` record, and the outcome only when a newer
-        build completed. A store without that record (from before it existed) is
-        searched version by version from the head down to ``oldest``.
+        ``done`` is the class's ``jobdone/`` record: the outcome is read only when a newer
+        build completed. When that record is absent (a store from before it existed) or
+        names an abandoned version, the build outcomes from the head down to
+        ``head − max_staleness`` are read in one round trip, once per head: a build
+        that completes later raises the ``jobdone/`` record, which every call reads.
         """
         known = self._artifacts.get(device_class)
-        done = newest_done(self._book.store, "build_artifacts", device_class=device_class)
+        if known is not None and head.is_abandoned(known[0]):
+            known = None
+            self._artifacts.pop(device_class, None)  # handler threads may race here
         if done is not None:
             version, job_id = done
             if known is not None and known[0] >= version:
                 return known
-            found = self._built(job_id, version)
-            if found is not None:
-                self._artifacts[device_class] = found
-                return found
+            if not head.is_abandoned(version):
+                found = self._built(job_id, version)
+                if found is not None:
+                    self._artifacts[device_class] = found
+                    return found
+        oldest = head.version - self.settings.aggregation.max_staleness
         floor = max(known[0] if known else -1, oldest - 1)
-        for version in range(head, floor, -1):
-            job_id = job_id_for("build_artifacts", version=version, device_class=device_class)
-            found = self._built(job_id, version)
+        if self._searched.get(device_class) == (head.version, floor):
+            return known  # searched at this head already: only a jobdone/ raise is news
+        versions = [v for v in range(head.version, floor, -1) if not head.is_abandoned(v)]
+        job_ids = [
+            job_id_for("build_artifacts", version=v, device_class=device_class) for v in versions
+        ]
+        records = self._book.store.get_many([result_key(job_id) for job_id in job_ids])
+        for version, rec in zip(versions, records, strict=True):
+            found = self._outcome(rec, version)
             if found is not None:
-                self._artifacts[device_class] = found
-                return found
+                self._artifacts[device_class] = known = found
+                break
+        self._searched[device_class] = (head.version, max(known[0] if known else -1, floor))
         return known
 
     def _built(self, job_id: str, version: int) -> tuple[int, str, int] | None:
         """(version, sha256, size) of a completed build job, or None."""
-        rec = self._book.store.get(result_key(job_id))
+        return self._outcome(self._book.store.get(result_key(job_id)), version)
+
+    def _outcome(self, rec: Record | None, version: int) -> tuple[int, str, int] | None:
+        """(version, sha256, size) of a read build outcome if it completed, or None."""
         if rec is None:
             return None
         outcome = JobOutcome.from_json(rec.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Iterator
@@ -169,6 +170,7 @@ async def _serve(settings: CoordinatorSettings, *, shutdown_grace_s: float) -> i
     except CheckpointError as exc:
         fail(f"model: {exc}")
         return ExitCode.INPUT
+    _freeze_startup_heap()
     try:
         await stop.wait()
         log.info("signal received: shutting down")
@@ -178,6 +180,20 @@ async def _serve(settings: CoordinatorSettings, *, shutdown_grace_s: float) -> i
             loop.remove_signal_handler(signum)
     deadline.finish(server.lingering_threads)
     return ExitCode.INTERRUPTED
+
+
+def _freeze_startup_heap() -> None:
+    """Move everything allocated at start-up out of the garbage collector's sight.
+
+    The base model, torch and the generated protobuf modules leave hundreds of thousands
+    of objects that live as long as the process (about 380 000 with the tiny preset);
+    every full collection would walk them all again, a pause on the event loop that the
+    allocations of requests themselves trigger (0.5 s measured on a busy 2-core host).
+    Frozen (``gc.freeze``), they are never scanned; the objects of requests are collected
+    as before.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from coordinator.cohorts import (
 from coordinator.enrolment import Device
 from coordinator.errors import FailedPrecondition
 from estuary.clock import SYSTEM_CLOCK, Clock
-from estuary.state.base import Store
+from estuary.state.base import Record, Store
 from estuary.state.errors import VersionConflict
 from estuary.state.keys import FORMING_PREFIX, cohort_key
 from secure_agg import Server
@@ -205,6 +205,40 @@ class CohortBook:
             return self.store.delete(_forming_key(device_class), expected_version=expected_version)
         except VersionConflict:
             return False
+
+    # ------------------------------------------------------------------ one round trip
+
+    @staticmethod
+    def admission_keys(device_id: str, device_class: str) -> list[str]:
+        """Keys of a device's task and of its class's forming cohort, in that order.
+
+        GetTask's hot path reads them with others in one store round trip (with the
+        request's nonce, :mod:`coordinator.admission`) and parses the records with
+        :meth:`parse_admission`.
+        """
+        return [_assign_key(device_id), _forming_key(device_class)]
+
+    @staticmethod
+    def parse_admission(
+        device_id: str, device_class: str, assign_rec: Record | None, forming_rec: Record | None
+    ) -> tuple[Assignment | None, tuple[FormingCohort, int] | None]:
+        """Parse reads of :meth:`admission_keys`: (assignment, (forming, its version)).
+
+        Either is None where its record is absent.
+        """
+        assign_key, forming_key = _assign_key(device_id), _forming_key(device_class)
+        assignment = (
+            None if assign_rec is None else Assignment.from_json(assign_rec.value, where=assign_key)
+        )
+        forming = (
+            None
+            if forming_rec is None
+            else (
+                FormingCohort.from_json(forming_rec.value, where=forming_key),
+                forming_rec.version,
+            )
+        )
+        return assignment, forming
 
     # ------------------------------------------------------------------ assignments
 

@@ -34,7 +34,7 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -384,6 +384,25 @@ class DeviceRegistry:
     def authenticate(self, auth: SignedAuth, *, method: str, body_sha256: bytes) -> Device:
         """Return the device a request comes from, or raise :class:`Unauthenticated`.
 
+        :meth:`authenticate_reading` without records to read.
+        """
+        return self.authenticate_reading(auth, method=method, body_sha256=body_sha256)[0]
+
+    def authenticate_reading(
+        self,
+        auth: SignedAuth,
+        *,
+        method: str,
+        body_sha256: bytes,
+        read: Callable[[Device], Sequence[str]] | None = None,
+    ) -> tuple[Device, list[Record | None]]:
+        """Return the device a request comes from and the records ``read(device)`` names.
+
+        The records are read in the same store round trip as the nonce is remembered, after
+        it, and only once the signature checked out: a request needs no further trip to
+        the store when they are what it reads (GetTask's paced path, Heartbeat). They are
+        read as :meth:`~estuary.state.base.Store.get_many` reads them.
+
         Checks, in order: enrolled, not revoked, signature over this method and body,
         timestamp within the skew window, nonce not seen before within it.
 
@@ -412,15 +431,18 @@ class DeviceRegistry:
             )
         except AuthError as exc:
             raise Unauthenticated(str(exc)) from None
+        keys = list(read(device)) if read is not None else []
         # Forget nonces older than the window: a request that old is refused by its
         # timestamp anyway, so the set stays bounded by the device's request rate.
-        added, epoch = self._store.zadd_pruned(
+        added, records = self._store.zadd_pruned(
             NONCE_PREFIX + device_id,
             {auth.nonce.hex(): float(auth.timestamp_ms)},
             prune_max_score=float(now_ms - 2 * MAX_CLOCK_SKEW_MS),
-            read=[REVOCATION_EPOCH_KEY] if cached is not None else [],
+            read=[REVOCATION_EPOCH_KEY, *keys] if cached is not None else keys,
         )
-        if cached is not None and _epoch(epoch[0]) != cached[1]:
+        if cached is not None:
+            epoch, records = records[0], records[1:]
+        if cached is not None and _epoch(epoch) != cached[1]:
             device = self._load(device_id)
             if device is None:
                 raise Unauthenticated("unknown device")
@@ -428,7 +450,7 @@ class DeviceRegistry:
                 raise Unauthenticated("device revoked")
         if added == 0:
             raise Unauthenticated("replayed request (nonce already used)")
-        return device
+        return device, records
 
 
 def _device(device_id: str, record: Record | None) -> Device | None:

@@ -358,15 +358,12 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         return await self._unary("GetTask", request, context, self._get_task)
 
     async def _get_task(self, request: edge_pb2.GetTaskRequest, call: _Call) -> Message:
-        # Authentication and the task in one trip to the handler pool: the two hot
-        # requests (GetTask, Heartbeat) pay one thread hop, not two.
+        # Authentication and the task in one trip to the handler pool and one to the
+        # store: the two hot requests (GetTask, Heartbeat) pay one thread hop, not two.
         auth, body = self._signed(request)
         service = self.service
 
-        def work() -> TaskOffer | PaceOffer:
-            return service.get_task(service.authenticate(auth, method="GetTask", body_sha256=body))
-
-        offer = await self._thread(work)
+        offer = await self._thread(service.get_task_signed, auth, body_sha256=body)
         if isinstance(offer, PaceOffer):
             return edge_pb2.GetTaskResponse(
                 pace=edge_pb2.Pace(
@@ -514,13 +511,9 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
 
     async def _heartbeat(self, request: edge_pb2.HeartbeatRequest, call: _Call) -> Message:
         auth, body = self._signed(request)
-        service, task_id = self.service, request.task_id
-
-        def work() -> HeartbeatReply:
-            device = service.authenticate(auth, method="Heartbeat", body_sha256=body)
-            return service.heartbeat(device, task_id)
-
-        reply = await self._thread(work)
+        reply: HeartbeatReply = await self._thread(
+            self.service.heartbeat_signed, auth, task_id=request.task_id, body_sha256=body
+        )
         action = (
             edge_pb2.HeartbeatResponse.ACTION_ABANDON
             if reply.abandon

@@ -22,6 +22,7 @@ the rule fails closed.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -64,8 +65,16 @@ def peer_of(auth_context: dict[str, list[bytes]]) -> Peer:
     pems = auth_context.get("x509_pem_cert") or []
     if not pems:
         return _NO_PEER
+    return _peer_of_pem(bytes(pems[0]))
+
+
+#: Peer certificates parsed, remembered by their PEM bytes: a device's every request
+#: comes with the same certificate, and parsing one costs more than the rest of a
+#: paced request. 4096 is more connections than one replica keeps open per second.
+@functools.lru_cache(maxsize=4096)
+def _peer_of_pem(pem: bytes) -> Peer:
     try:
-        cert = x509.load_pem_x509_certificate(bytes(pems[0]))
+        cert = x509.load_pem_x509_certificate(pem)
         return Peer(device_id_of(cert))
     except (ValueError, PKIError) as exc:
         return Peer(None, f"client certificate names no device: {exc}")

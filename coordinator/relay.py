@@ -9,8 +9,9 @@ replays identically. Members collect what the server has for them with
 
 The share relay is where a member's staleness weight is fixed: the member asks for it
 when it has trained and is about to upload, so the weight reflects the version current
-*then*. Work too stale for the policy is refused there and the member drops out of the
-cohort (counted once, however often it polls again).
+*then*. Work too stale for the policy, or trained on a version the regression guard
+abandoned (:mod:`coordinator.guard`; its sum would be dropped at commit), is refused there
+and the member drops out of the cohort (counted once, however often it polls again).
 """
 
 from __future__ import annotations
@@ -115,14 +116,8 @@ class SecAggRelay:
         for stage, payload in cohort.messages_for(index, after=after):
             if stage is Stage.MASKED_INPUT:
                 weight = self._weight_for(cohort, record, index)
-                if weight is None:
-                    return SecAggReply(
-                        Stage.ABORTED,
-                        abort_reason=(
-                            f"update trained on version {record.version} is too stale "
-                            f"(limit {self._policy.max_staleness})"
-                        ),
-                    )
+                if isinstance(weight, str):
+                    return SecAggReply(Stage.ABORTED, abort_reason=weight)
                 return SecAggReply(stage, payload, weight=weight)
             return SecAggReply(stage, payload)
         if cohort.stage is Stage.COMPLETED and after >= Stage.UNMASKING:
@@ -134,31 +129,53 @@ class SecAggRelay:
 
     def _weight_for(
         self, cohort: ReplicatedCohort, record: CohortRecord, index: int
-    ) -> float | None:
+    ) -> float | str:
+        """Return the member's weight (fixed now if not yet), or why its work cannot count.
+
+        Refused: work on a version more than ``max_staleness`` behind the head, or on a
+        version the regression guard abandoned (its sum would be dropped at commit).
+        """
         weight = cohort.server.weight_of(index)
         if weight is not None:
             return weight
         head = self._ledger.head()
         current = head.version if head else 0
-        try:
-            staleness = self._policy.staleness(trained_on=record.version, current=current)
-        except StaleUpdate as exc:
+        refusal = reason = ""
+        if head is not None and head.is_abandoned(record.version):
+            refusal = reason = (
+                f"update trained on version {record.version}, which the regression guard "
+                "abandoned by a rollback"
+            )
+        else:
+            try:
+                staleness = self._policy.staleness(trained_on=record.version, current=current)
+            except StaleUpdate as exc:
+                refusal = (
+                    f"update trained on version {record.version} is too stale "
+                    f"(limit {self._policy.max_staleness})"
+                )
+                reason = str(exc)
+        if refusal:
             key = (record.cohort_id, index)
             if key not in self._rejected:  # a refused member may poll again: count it once
                 self._rejected.add(key)
                 self._counters.updates_rejected += 1
-                self._observer.event("update_rejected", cohort_id=record.cohort_id, reason=str(exc))
-            return None
+                self._observer.event("update_rejected", cohort_id=record.cohort_id, reason=reason)
+            return refusal
         self._book.mark_seen(record.cohort_id, index)
         cohort.assign_weight(index, self._policy.weight(staleness))
         assigned = cohort.server.weight_of(index)
-        if assigned is not None:
-            self._counters.staleness[staleness] = self._counters.staleness.get(staleness, 0) + 1
-            self._observer.event(
-                "weight_assigned",
-                cohort_id=record.cohort_id,
-                member=index,
-                staleness=staleness,
-                weight=assigned,
+        if assigned is None:  # the server took no weight for this member (as before: drop)
+            return (
+                f"update trained on version {record.version} is too stale "
+                f"(limit {self._policy.max_staleness})"
             )
+        self._counters.staleness[staleness] = self._counters.staleness.get(staleness, 0) + 1
+        self._observer.event(
+            "weight_assigned",
+            cohort_id=record.cohort_id,
+            member=index,
+            staleness=staleness,
+            weight=assigned,
+        )
         return assigned

@@ -314,7 +314,10 @@ class CoordinatorServer:
 
     async def _start_grpc(self) -> None:
         settings = self.settings
-        server = grpc.aio.server(options=server_options(), interceptors=[PeerInterceptor()])
+        # The peer interceptor serves the device-certificate rule alone; without a device
+        # CA it would only cost every call an extra coroutine and handler per request.
+        interceptors = [PeerInterceptor()] if self.service.requires_device_certificates else []
+        server = grpc.aio.server(options=server_options(), interceptors=interceptors)
         self._pool = pool = HandlerPool(
             threads=settings.server.handler_threads,
             queue=settings.server.handler_queue,

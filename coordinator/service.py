@@ -36,7 +36,7 @@ timestamps, rate limits, ``committed_at``, job stamps) comes from the one inject
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,7 @@ from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import CoordinatorSettings
 from estuary.federation import FEDERATION_KEY, FederationRecord
 from estuary.pki import DeviceCA
-from estuary.state.base import Store
+from estuary.state.base import Record, Store
 from estuary.state.blobs import BlobNotFound, BlobStore
 from estuary.state.keys import HEAD_KEY
 from secure_agg import Stage
@@ -272,14 +272,61 @@ class FederationService:
         ResourceExhausted
             The device exceeded its request rate.
         """
-        device = self.registry.authenticate(auth, method=method, body_sha256=body_sha256)
+        return self._authenticate_reading(auth, method=method, body_sha256=body_sha256)[0]
+
+    def _authenticate_reading(
+        self,
+        auth: SignedAuth,
+        *,
+        method: str,
+        body_sha256: bytes,
+        read: Callable[[Device], Sequence[str]] | None = None,
+    ) -> tuple[Device, list[Record | None]]:
+        """:meth:`authenticate`, reading ``read(device)`` with the nonce (one round trip)."""
+        device, records = self.registry.authenticate_reading(
+            auth, method=method, body_sha256=body_sha256, read=read
+        )
         if not self.limiter.allow(device.device_id):
             raise ResourceExhausted(
                 f"device {device.device_id}: more than "
                 f"{self.settings.server.device_requests_per_s:g} requests/s "
                 f"(burst {self.settings.server.device_burst}); slow down"
             )
-        return device
+        return device, records
+
+    def get_task_signed(self, auth: SignedAuth, *, body_sha256: bytes) -> TaskOffer | PaceOffer:
+        """:meth:`authenticate` a GetTask request, then :meth:`get_task`.
+
+        For a device whose record this replica has cached, the first reads of the task
+        (:meth:`~coordinator.admission.Admission.task_keys`) travel with the request's
+        nonce: a paced GetTask is one store round trip in all.
+        """
+
+        def keys(device: Device) -> list[str]:
+            cls = self._classes.get(device.device_class)
+            return [] if cls is None else self.admission.task_keys(device.device_id, cls.name)
+
+        device, records = self._authenticate_reading(
+            auth, method="GetTask", body_sha256=body_sha256, read=keys
+        )
+        name, _rank = self.device_class(device)
+        return self.admission.get_task(device, name, records=records)
+
+    def heartbeat_signed(
+        self, auth: SignedAuth, *, task_id: str, body_sha256: bytes
+    ) -> HeartbeatReply:
+        """:meth:`authenticate` a Heartbeat request, then :meth:`heartbeat`.
+
+        The head and the device's task travel with the request's nonce: a heartbeat of a
+        device that holds no task (or another one) is one store round trip in all.
+        """
+        device, records = self._authenticate_reading(
+            auth,
+            method="Heartbeat",
+            body_sha256=body_sha256,
+            read=lambda device: [HEAD_KEY, ASSIGN_PREFIX + device.device_id],
+        )
+        return self._heartbeat(device, task_id, records[0], records[1])
 
     def device_class(self, device: Device) -> tuple[str, int]:
         """Return the (name, rank) of the device's class."""
@@ -308,8 +355,16 @@ class FederationService:
         The head and the device's task are read in one round trip: a device that holds
         no task (or another one) is answered with that alone.
         """
+        head_record, assign_record = self.store.get_many(
+            [HEAD_KEY, ASSIGN_PREFIX + device.device_id]
+        )
+        return self._heartbeat(device, task_id, head_record, assign_record)
+
+    def _heartbeat(
+        self, device: Device, task_id: str, head_record: Record | None, assign_record: Record | None
+    ) -> HeartbeatReply:
+        """:meth:`heartbeat` given reads of the head and of the device's assignment."""
         assign_key = ASSIGN_PREFIX + device.device_id
-        head_record, assign_record = self.store.get_many([HEAD_KEY, assign_key])
         head = self.ledger.head_of(head_record)
         current = head.version if head else 0
         assignment = (

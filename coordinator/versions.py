@@ -111,6 +111,10 @@ class VersionInfo:
     rolled_back_to
         For a rollback made by the regression guard, the version whose adapter this
         one repeats; ``None`` for an ordinary version.
+    abandoned
+        Closed ranges ``(first, last)`` of versions the regression guard rolled back as
+        of this head (:attr:`coordinator.guard.GuardState.abandoned`): work trained on
+        them never counts, so none is handed out on them.
     """
 
     version: int
@@ -118,6 +122,11 @@ class VersionInfo:
     cohorts: tuple[str, ...]
     updates: int
     rolled_back_to: int | None = None
+    abandoned: tuple[tuple[int, int], ...] = ()
+
+    def is_abandoned(self, version: int) -> bool:
+        """Whether ``version`` lies in a range the guard rolled back (as of this head)."""
+        return any(first <= version <= last for first, last in self.abandoned)
 
 
 #: Tensor name under which a buffer entry carries its JSON metadata (weight, count).
@@ -176,6 +185,7 @@ def _head_info(data: bytes) -> VersionInfo:
         cohorts=tuple(obj["cohorts"]),
         updates=int(obj["updates"]),
         rolled_back_to=None if rolled_back_to is None else int(rolled_back_to),
+        abandoned=GuardState.from_json(obj.get("guard")).abandoned,
     )
 
 
@@ -287,10 +297,8 @@ class VersionLedger:
 
     def is_abandoned(self, version: int) -> bool:
         """Whether the regression guard rolled ``version`` back (work on it is dropped)."""
-        record = self._store.get(HEAD_KEY)
-        if record is None:
-            return False
-        return GuardState.from_json(json.loads(record.value).get("guard")).is_abandoned(version)
+        head = self.head()
+        return head is not None and head.is_abandoned(version)
 
     def adapter(self, info: VersionInfo) -> GlobalAdapter:
         """Return the adapter of version ``info`` (hash verified)."""
@@ -513,7 +521,9 @@ class VersionLedger:
             sorted(staleness.values()),
             norm,
         )
-        return VersionInfo(new_version, digest, tuple(cohorts), total_updates)
+        return VersionInfo(
+            new_version, digest, tuple(cohorts), total_updates, abandoned=guard.abandoned
+        )
 
     # ------------------------------------------------------------------ commit parts
 
@@ -609,4 +619,11 @@ class VersionLedger:
             state.best_version,
             reason,
         )
-        return VersionInfo(new_version, state.best_sha256, (), 0, rolled_back_to=state.best_version)
+        return VersionInfo(
+            new_version,
+            state.best_sha256,
+            (),
+            0,
+            rolled_back_to=state.best_version,
+            abandoned=state.abandoned,
+        )

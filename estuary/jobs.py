@@ -73,7 +73,7 @@ from typing import Any, Literal, Protocol, cast
 
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.proto.v1 import jobs_pb2
-from estuary.state.base import Store
+from estuary.state.base import Record, Store
 from estuary.state.blobs import BlobStore
 from estuary.state.keys import version_key
 
@@ -88,6 +88,8 @@ __all__ = [
     "LocalWorkerUnavailable",
     "RunDecision",
     "decode_job",
+    "done_key",
+    "done_of",
     "find_local_worker",
     "job_id_for",
     "job_kind",
@@ -400,18 +402,33 @@ def newest_done(store: Store, kind: Kind, *, device_class: str = "") -> tuple[in
         If ``kind`` is never superseded (``generate``) or ``build_artifacts`` is given
         no device class.
     """
+    key = done_key(kind, device_class=device_class)
+    return done_of(store.get(key), key=key)
+
+
+def done_key(kind: Kind, *, device_class: str = "") -> str:
+    """Return the ``jobdone/`` key :func:`newest_done` reads (to batch it with other reads).
+
+    Raises
+    ------
+    ValueError
+        As :func:`newest_done`.
+    """
     key = kind_key(kind, device_class=device_class)
     if key is None:
         raise ValueError(f"kind: {kind!r} jobs are never superseded and have no newest")
-    done_key = f"{DONE_PREFIX}{key}"
-    record = store.get(done_key)
+    return f"{DONE_PREFIX}{key}"
+
+
+def done_of(record: Record | None, *, key: str) -> tuple[int, str] | None:
+    """Return ``(version, job id)`` of a read of :func:`done_key` ``key``; None: no record."""
     if record is None:
         return None
-    version = _record_version(record.value, key=done_key)
+    version = _record_version(record.value, key=key)
     try:
         job_id = str(json.loads(record.value)["job_id"])
     except KeyError:
-        raise ValueError(f"{done_key}: no job_id in {record.value[:80]!r}") from None
+        raise ValueError(f"{key}: no job_id in {record.value[:80]!r}") from None
     return version, job_id
 
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from service_fixtures import R_MAX, make_settings
 from torch import nn
 
-from coordinator.service import FederationService
+from coordinator.service import FederationService, PaceOffer
 from estuary.adapters import AdapterConfig, GlobalAdapter
 from estuary.auth import raw_public_key, sign_request
 from estuary.clock import VirtualClock
@@ -88,3 +88,65 @@ def test_heartbeat_without_a_task_is_one_round_trip_after_authentication(
     reply = service.heartbeat(device, "no-such-task")
     assert reply.abandon and reply.current_version == 0
     assert store.calls == ["zadd_pruned", "get_many"]
+
+
+def test_a_paced_get_task_is_one_round_trip_after_authentication(
+    tmp_path: Path, base: nn.Module
+) -> None:
+    # Prepare: no worker runs, so no edge artifact exists: every GetTask is paced, which
+    # is what an idle fleet costs a replica.
+    service, store = _service(tmp_path, base)
+    key = Ed25519PrivateKey.generate()
+    token = service.registry.issue_token(device_class="laptop")
+    device = service.enroll(token, public_key=raw_public_key(key), device_class="laptop")
+    clock = service.clock
+
+    def signed() -> Any:
+        return sign_request(key, "GetTask", BODY, timestamp_ms=clock.time_ms())
+
+    service.get_task(service.authenticate(signed(), method="GetTask", body_sha256=BODY))
+    for _ in range(3):
+        clock.advance(1.0)
+        store.calls.clear()
+
+        # Execute
+        offer = service.get_task(service.authenticate(signed(), method="GetTask", body_sha256=BODY))
+
+        # Assert: the nonce write, then the device's task, the forming cohort, the head
+        # and the newest build read together.
+        assert isinstance(offer, PaceOffer) and "edge artifact" in offer.reason
+        assert store.calls == ["zadd_pruned", "get_many"]
+    assert device.device_id not in {m for f in service.cohorts.all_forming() for m in f.members}
+
+
+def test_signed_get_task_and_heartbeat_are_one_round_trip_each(
+    tmp_path: Path, base: nn.Module
+) -> None:
+    # Prepare: a known (cached) device of an idle fleet: no artifact, no task.
+    service, store = _service(tmp_path, base)
+    key = Ed25519PrivateKey.generate()
+    token = service.registry.issue_token(device_class="laptop")
+    service.enroll(token, public_key=raw_public_key(key), device_class="laptop")
+    clock = service.clock
+
+    def signed(method: str) -> Any:
+        return sign_request(key, method, BODY, timestamp_ms=clock.time_ms())
+
+    service.get_task_signed(signed("GetTask"), body_sha256=BODY)  # caches the device record
+    for _ in range(3):
+        clock.advance(1.0)
+        store.calls.clear()
+
+        # Execute
+        offer = service.get_task_signed(signed("GetTask"), body_sha256=BODY)
+        after_get_task = list(store.calls)
+        store.calls.clear()
+        reply = service.heartbeat_signed(
+            signed("Heartbeat"), task_id="no-such-task", body_sha256=BODY
+        )
+
+        # Assert: the reads travel with the nonce write.
+        assert isinstance(offer, PaceOffer) and "edge artifact" in offer.reason
+        assert after_get_task == ["zadd_pruned"]
+        assert reply.abandon and reply.current_version == 0
+        assert store.calls == ["zadd_pruned"]
