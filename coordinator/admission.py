@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -93,8 +93,10 @@ class Admission:
         tensors: list[tuple[str, int]],
         observer: ServiceObserver,
         clock: Clock = SYSTEM_CLOCK,
+        new_cohort_id: Callable[[], str] | None = None,
     ) -> None:
         self.settings = settings
+        self._new_cohort_id = new_cohort_id or (lambda: uuid.uuid4().hex)
         self._book = book
         self._ledger = ledger
         self._blobs = blobs
@@ -217,7 +219,7 @@ class Admission:
 
         def join(forming: FormingCohort | None) -> FormingCohort | None:
             if forming is None:
-                forming = FormingCohort(cohort_id=uuid.uuid4().hex, members=(), opened_at=now)
+                forming = FormingCohort(cohort_id=self._new_cohort_id(), members=(), opened_at=now)
             if device.device_id in forming.members or len(forming.members) >= cohort.max_size:
                 return None
             return forming.joined(

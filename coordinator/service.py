@@ -104,6 +104,10 @@ class FederationService:
         :class:`~estuary.clock.VirtualClock`).
     observer
         Told about commits, cohorts and uploads.
+    new_cohort_id
+        Names each new cohort; random (``uuid4().hex``) by default. A simulation passes a
+        seeded source so that a run is a function of its seed (some work is ordered by
+        cohort id).
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class FederationService:
         initial_adapter: GlobalAdapter,
         clock: Clock = SYSTEM_CLOCK,
         observer: ServiceObserver | None = None,
+        new_cohort_id: Callable[[], str] | None = None,
     ) -> None:
         if not isinstance(clock, Clock):
             raise ValueError(f"clock: must be an estuary.clock.Clock, got {type(clock).__name__}")
@@ -179,6 +184,7 @@ class FederationService:
             tensors=sorted((name, int(np.prod(b.shape))) for name, b in initial_adapter.b.items()),
             observer=self.observer,
             clock=clock,
+            new_cohort_id=new_cohort_id,
         )
         self.pacer = self.admission.pacer
         self.relay = SecAggRelay(

@@ -49,7 +49,7 @@ def test_an_available_command_is_offered() -> None:
 
 def test_every_role_command_is_registered_and_complete_in_the_dev_install() -> None:
     found = {c.name: c for c in discover()}
-    assert set(found) == {"edge", "coordinator", "worker", "simulate"}
+    assert set(found) == {"edge", "coordinator", "worker", "simulate", "simulate-fleet"}
     assert all(c.available for c in found.values()), {n: c.missing for n, c in found.items()}
     assert missing_for(["sim"]) == []
 

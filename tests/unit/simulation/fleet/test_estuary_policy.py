@@ -1,0 +1,82 @@
+"""The Estuary policy over the real service: deterministic, and its versions are exactly
+what the plain-ΔB ledger invariant of the federation tests demands."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import small_env
+
+from simulation.fleet.policies import EstuaryPolicy, FleetEnv
+from simulation.fleet.run import summarise
+from simulation.fleet.trace import load_trace
+
+ROOT = Path(__file__).resolve().parents[4]
+
+
+def _ledger_check() -> Any:
+    """``check_versions_against_ledger`` of the Redis federation test (loaded by path)."""
+    path = ROOT / "tests" / "integration" / "test_federation_redis.py"
+    spec = importlib.util.spec_from_file_location("federation_ledger_check", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetEnv]:
+    import json
+
+    trace = json.loads((ROOT / "deploy" / "traces" / "stragglers.json").read_text())
+    environment = small_env(
+        tmp_path_factory.mktemp("estuary"),
+        trace,
+        devices=12,
+        buffer_size=4,
+        target_staleness=2.0,
+        cohort_min=3,
+        cohort_max=3,
+        formation_s=2.0,
+        max_staleness=16,  # the ledger check's staleness policy
+        max_updates=16,
+        duration_s=3600.0,
+    )
+    assert load_trace("stragglers").name == "stragglers"
+    yield environment
+    environment.trainer.close()
+
+
+def test_same_seed_and_trace_give_the_same_log_and_figures(env: FleetEnv) -> None:
+    first = EstuaryPolicy(env).run()
+    second = EstuaryPolicy(env).run()
+    assert first.accepted >= 12
+    assert len(first.curve) >= 4  # several versions committed
+    assert first.log == second.log
+    assert first.curve == second.curve
+    a = summarise({"estuary": first})
+    b = summarise({"estuary": second})
+    for key in ("final_bits_per_byte", "bytes_up", "bytes_down", "staleness_histogram", "waits_s"):
+        assert a["policies"]["estuary"][key] == b["policies"]["estuary"][key]
+
+
+def test_versions_equal_the_plain_updates_of_their_cohorts(env: FleetEnv, tmp_path: Path) -> None:
+    check = _ledger_check()
+    assert env.config.server_lr == check.SERVER_LR
+    assert check.POLICY.a == env.config.staleness_a
+    policy = EstuaryPolicy(env, keep_updates=True)
+    rec = policy.run()
+    assert rec.accepted >= 12
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    shapes = {name: b.shape for name, b in env.adapter0.b.items()}  # (out, r_max)
+    for task_id, (weight, update) in policy.plain_updates.items():
+        # The same file the federation test's edge agents write before they upload.
+        shaped = {name: update[name].reshape(shapes[name]) for name in update}
+        np.savez(ledger / f"{task_id}.npz", __weight__=np.float64(weight), **shaped)
+    check.check_versions_against_ledger(policy.store, policy.blobs, ledger)
