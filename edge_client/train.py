@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -54,7 +55,7 @@ class TrainMetrics:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """ΔB per module (``(out, r_max)`` float32, zero beyond ``rank``) and metrics."""
+    """ΔB per module (``(out, r_max)`` float32, zero outside the trained columns), metrics."""
 
     delta_b: dict[str, npt.NDArray[np.float32]]
     metrics: TrainMetrics
@@ -100,6 +101,7 @@ def train_adapter(
     threads: int = 2,
     seed: int = 0,
     optimizer: Literal["adam", "sgd"] = "adam",
+    columns: Sequence[int] | None = None,
 ) -> TrainResult:
     """Train the rank-``rank`` part of ``adapter`` on ``base`` and return ΔB and metrics.
 
@@ -160,7 +162,7 @@ def train_adapter(
         sampler = WindowSampler(data, seq_len=seq_len, seed=seed)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    modules = attach_adapters(base, adapter, rank=rank)
+    modules = attach_adapters(base, adapter, rank=rank, columns=columns)
     try:
         params = [m.lora_delta for m in modules]
         opt: torch.optim.Optimizer = (

@@ -10,11 +10,13 @@ from estuary.adapters.lora import (
     LoRALinear,
     aggregate,
     attach_adapters,
+    coverage_scale,
     delta_b,
     derive_a,
     detach_adapters,
     mean_from_sum,
     merge_into_base,
+    owned_columns,
     weighted_sum,
 )
 from estuary.adapters.peft_export import export_peft
@@ -26,6 +28,7 @@ __all__ = [
     "LoRALinear",
     "aggregate",
     "attach_adapters",
+    "coverage_scale",
     "delta_b",
     "derive_a",
     "detach_adapters",
@@ -33,6 +36,7 @@ __all__ = [
     "get_adapter",
     "mean_from_sum",
     "merge_into_base",
+    "owned_columns",
     "put_adapter",
     "weighted_sum",
 ]

@@ -15,6 +15,22 @@ Because ``A`` is shared and fixed, ``ΔW_i = ΔB_i A`` is linear in ``ΔB_i`` an
 exactly, for any mix of ranks: aggregation is a plain (securely maskable) sum of ΔB.
 The LoRA scaling is 1 (PEFT ``lora_alpha = r = r_max``); ``A``'s orthonormal rows already
 give ``A x`` the magnitude of a standard LoRA initialisation.
+
+**Which columns a low rank trains.** With nested ranks (the default, the first ``r``
+columns) a mixed fleet learns slowly: column ``j`` only ever sees the clients whose rank
+exceeds ``j``, and a server that divides the sum by the number of updates moves it by
+that fraction of a step (``r_max`` 16, ranks 4/8/16 in equal shares: columns 8–15 at a
+third of a step, forever, and only from the rank-16 clients' data). *Rotating*
+ownership (:func:`owned_columns`) hands a rank-``r`` member a block of ``r`` columns
+that moves with the version and the member's index in its cohort, so every client's
+data reaches every column over time, and members of one cohort cover disjoint blocks.
+A member then trains a given column with frequency ``r / r_max``; :func:`coverage_scale`
+is the inverse-probability factor a server can put on a cohort's sum (one scalar per
+cohort: it knows its class's rank). The aggregate stays a plain sum of zero-padded ΔB.
+Measured (``bench/learning.py``, issue 15): with Adam clients that factor makes a
+column's step one member's sign-like update, far larger than a mean over members, and
+learning at server lr 1 got worse; rotation is opt-in (``columns=``), nested is the
+default.
 """
 
 from __future__ import annotations
@@ -102,6 +118,51 @@ def derive_a(*, seed: int, epoch: int, name: str, r_max: int, in_features: int) 
     q, r = np.linalg.qr(gaussian)  # q: (in, r_max) orthonormal columns
     q = q * np.sign(np.diag(r))[None, :]
     return np.ascontiguousarray(q.T, dtype=np.float32)
+
+
+def owned_columns(rank: int, r_max: int, *, version: int, member: int) -> tuple[int, ...]:
+    """Return the columns of ``B`` a rank-``rank`` member trains under rotating ownership.
+
+    A block of ``rank`` consecutive columns (modulo ``r_max``) starting at
+    ``((version + member) · rank) mod r_max``: members ``0, 1, …`` of one cohort (one
+    class, one version) get consecutive disjoint blocks, and the blocks move on by one
+    each version, so over ``r_max / rank`` versions (or members) every column is covered
+    equally often. ``rank == r_max`` owns every column. Server and client compute it from
+    what both know (the task's version and member index), so nothing extra is sent.
+
+    Raises
+    ------
+    ValueError
+        If ``rank`` is outside ``1..r_max`` or ``version`` / ``member`` is negative.
+    """
+    if r_max <= 0:
+        raise ValueError(f"r_max: must be positive, got {r_max}")
+    if not 1 <= rank <= r_max:
+        raise ValueError(f"rank: must be in 1..r_max={r_max}, got {rank}")
+    if version < 0:
+        raise ValueError(f"version: must be >= 0, got {version}")
+    if member < 0:
+        raise ValueError(f"member: must be >= 0, got {member}")
+    start = ((version + member) * rank) % r_max
+    return tuple(sorted((start + k) % r_max for k in range(rank)))
+
+
+def coverage_scale(rank: int, r_max: int) -> float:
+    """Return ``r_max / rank``: the server's factor on a rotating rank-``rank`` cohort's sum.
+
+    Under :func:`owned_columns` a rank-``rank`` member trains each column with frequency
+    ``rank / r_max``; scaling its cohort's sum by the inverse makes every column's
+    expected contribution that of a full-rank member (an inverse-probability weight).
+    Unbiased, but not a small step: see the module docstring for what it measured.
+
+    Raises
+    ------
+    ValueError
+        If ``rank`` is outside ``1..r_max``.
+    """
+    if not 1 <= rank <= r_max:
+        raise ValueError(f"rank: must be in 1..r_max={r_max}, got {rank}")
+    return r_max / rank
 
 
 def target_modules(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Linear | QuantLinear]:
@@ -284,51 +345,90 @@ class LoRALinear(nn.Module):
         ``(out, r_max)`` current global ``B`` (frozen starting point).
     rank
         Trained columns of ``B``, ``1 ≤ rank ≤ r_max``.
+    columns
+        Which columns of ``B`` train (``rank`` distinct indices below ``r_max``);
+        ``None``: the first ``rank`` (nested ranks).
     """
 
     lora_A: torch.Tensor
     lora_B0: torch.Tensor
+    lora_cols: torch.Tensor
 
-    def __init__(self, base: nn.Module, *, a: torch.Tensor, b0: torch.Tensor, rank: int) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        a: torch.Tensor,
+        b0: torch.Tensor,
+        rank: int,
+        columns: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         r_max = int(a.shape[0])
         if not 1 <= rank <= r_max:
             raise ValueError(f"rank: must be in 1..r_max={r_max}, got {rank}")
+        cols = tuple(range(rank)) if columns is None else _check_columns(columns, rank, r_max)
         self.base = base
         self.rank = rank
+        self.columns = cols
+        # A slice is a view; an index list copies: nested ranks keep the cheaper one.
+        self._nested = cols == tuple(range(rank))
         self.register_buffer("lora_A", a.detach().float().clone())
         self.register_buffer("lora_B0", b0.detach().float().clone())
+        # Not persistent: a state dict of an adapted model keeps the keys it always had.
+        self.register_buffer("lora_cols", torch.tensor(cols, dtype=torch.long), persistent=False)
         # The trainable ΔB columns start at zero: the adapted model equals the global one.
         self.lora_delta = nn.Parameter(torch.zeros(int(b0.shape[0]), rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``base(x) + x Aᵀ (B0 + [Δ | 0])ᵀ``."""
+        """Return ``base(x) + x Aᵀ (B0 + ΔB)ᵀ``, ΔB zero outside ``columns``."""
         h = nn.functional.linear(x, self.lora_A.to(x.dtype))  # (..., in) -> (..., r_max)
         y = cast(torch.Tensor, self.base(x)) + nn.functional.linear(h, self.lora_B0.to(x.dtype))
-        return y + nn.functional.linear(h[..., : self.rank], self.lora_delta.to(x.dtype))
+        # (..., r_max) -> (..., rank): the A-projections of the trained columns.
+        owned = h[..., : self.rank] if self._nested else h.index_select(-1, self.lora_cols)
+        return y + nn.functional.linear(owned, self.lora_delta.to(x.dtype))
 
     def padded_delta(self) -> FloatArray:
         """Return ΔB zero-padded to ``(out, r_max)`` as float32 numpy."""
         out, r_max = self.lora_B0.shape
         padded = np.zeros((int(out), int(r_max)), dtype=np.float32)
-        padded[:, : self.rank] = self.lora_delta.detach().cpu().numpy()
+        padded[:, list(self.columns)] = self.lora_delta.detach().cpu().numpy()
         return padded
 
 
-def attach_adapters(model: nn.Module, adapter: GlobalAdapter, *, rank: int) -> list[LoRALinear]:
+def _check_columns(columns: Sequence[int], rank: int, r_max: int) -> tuple[int, ...]:
+    cols = tuple(int(c) for c in columns)
+    if len(cols) != rank or len(set(cols)) != rank:
+        raise ValueError(f"columns: need {rank} distinct column indices, got {list(cols)}")
+    if any(not 0 <= c < r_max for c in cols):
+        raise ValueError(f"columns: indices must be in 0..{r_max - 1}, got {list(cols)}")
+    return cols
+
+
+def attach_adapters(
+    model: nn.Module,
+    adapter: GlobalAdapter,
+    *,
+    rank: int,
+    columns: Sequence[int] | None = None,
+) -> list[LoRALinear]:
     """Wrap every target module of ``model`` in a :class:`LoRALinear`, in place.
 
     Every base parameter is frozen; only the ``lora_delta`` parameters train. Any
-    adapters already attached are replaced.
+    adapters already attached are replaced. ``columns`` picks which ``rank`` columns of
+    ``B`` train (e.g. :func:`owned_columns`); ``None`` trains the first ``rank``.
 
     Raises
     ------
     ValueError
-        If ``rank`` is outside ``1..r_max`` or the model does not match the adapter.
+        If ``rank`` is outside ``1..r_max``, ``columns`` is not ``rank`` distinct
+        indices below ``r_max``, or the model does not match the adapter.
     """
     r_max = adapter.config.r_max
     if not 1 <= rank <= r_max:
         raise ValueError(f"rank: must be in 1..r_max={r_max}, got {rank}")
+    if columns is not None:
+        _check_columns(columns, rank, r_max)
     detach_adapters(model)
     modules = target_modules(model, adapter.config.targets)
     if set(modules) != set(adapter.shapes):
@@ -342,6 +442,7 @@ def attach_adapters(model: nn.Module, adapter: GlobalAdapter, *, rank: int) -> l
             a=torch.from_numpy(adapter.a(name)),
             b0=torch.from_numpy(adapter.b[name]),
             rank=rank,
+            columns=columns,
         )
         model.set_submodule(name, lora)
         wrapped.append(lora)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from edge_client.train import train_adapter
-from estuary.adapters import AdapterConfig, GlobalAdapter, LoRALinear
+from estuary.adapters import AdapterConfig, GlobalAdapter, LoRALinear, owned_columns
 from estuary.compress import compress_model
 from estuary.model.presets import build_preset
 
@@ -45,6 +45,23 @@ def test_training_is_deterministic_and_returns_zero_padded_delta(
     assert any(not np.array_equal(first.delta_b[n], other.delta_b[n]) for n in first.delta_b)
     assert first.metrics.tokens == 3 * 2 * 32 and first.metrics.steps == 3
     assert first.metrics.seconds > 0
+
+
+def test_owned_columns_train_in_place_of_the_first_rank(
+    base: nn.Module, adapter: GlobalAdapter
+) -> None:
+    # Rotating ownership: a rank-2 member trains columns (4, 5) of an r_max-8 B, and its
+    # ΔB is zero everywhere else (the first two columns included).
+    columns = owned_columns(2, 8, version=1, member=1)
+    assert columns == (4, 5)
+
+    result = train_adapter(
+        base, adapter, TEXT, rank=2, steps=2, batch_size=2, seq_len=32, threads=1, columns=columns
+    )
+
+    for value in result.delta_b.values():
+        assert np.abs(value[:, [4, 5]]).min() > 0
+        assert not np.delete(value, [4, 5], axis=1).any()
 
 
 def test_training_reduces_loss_and_leaves_base_untouched(

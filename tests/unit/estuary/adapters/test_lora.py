@@ -16,11 +16,13 @@ from estuary.adapters import (
     LoRALinear,
     aggregate,
     attach_adapters,
+    coverage_scale,
     delta_b,
     derive_a,
     detach_adapters,
     mean_from_sum,
     merge_into_base,
+    owned_columns,
     weighted_sum,
 )
 from estuary.compress import QuantLinear, compress_model
@@ -257,4 +259,125 @@ def test_detach_restores_the_original_modules(tiny: nn.Module, adapter: GlobalAd
     detach_adapters(model)
 
     assert model.get_submodule("model.layers.0.self_attn.v_proj") is original
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+# --------------------------------------------------------------- rotating column ownership
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    r_max=st.sampled_from([8, 16, 32]),
+    rank_share=st.integers(1, 32),
+    version=st.integers(0, 10_000),
+    member=st.integers(0, 64),
+)
+def test_owned_columns_are_rank_distinct_indices_below_r_max(
+    r_max: int, rank_share: int, version: int, member: int
+) -> None:
+    rank = 1 + (rank_share - 1) % r_max
+
+    cols = owned_columns(rank, r_max, version=version, member=member)
+
+    assert len(cols) == rank == len(set(cols))
+    assert all(0 <= c < r_max for c in cols)
+    assert cols == tuple(sorted(cols))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4, 8, 16])
+def test_members_of_one_cohort_cover_every_column_equally(rank: int) -> None:
+    # r_max / rank members of one class at one version partition B's columns, and one
+    # member over r_max / rank versions does too: every column is trained equally often.
+    blocks = R_MAX // rank
+    for version in (0, 1, 7):
+        members = [owned_columns(rank, R_MAX, version=version, member=m) for m in range(blocks)]
+        assert sorted(c for cols in members for c in cols) == list(range(R_MAX))
+    over_time = [owned_columns(rank, R_MAX, version=v, member=3) for v in range(blocks)]
+    assert sorted(c for cols in over_time for c in cols) == list(range(R_MAX))
+
+
+def test_rotating_ownership_moves_low_ranks_off_the_first_columns() -> None:
+    # The point of rotating: a rank-4 member does not train columns 0-3 forever.
+    seen = {c for v in range(4) for c in owned_columns(4, R_MAX, version=v, member=0)}
+
+    assert seen == set(range(R_MAX))
+    assert owned_columns(R_MAX, R_MAX, version=5, member=2) == tuple(range(R_MAX))
+
+
+def test_coverage_scale_makes_every_column_a_full_step_in_expectation() -> None:
+    # Horvitz-Thompson: a member trains a column with frequency r / r_max; scaled by
+    # r_max / r, the column's mean contribution over a rotation equals one update.
+    for rank in (4, 8, 16):
+        hits = np.zeros(R_MAX)
+        versions = R_MAX // rank
+        for v in range(versions):
+            hits[list(owned_columns(rank, R_MAX, version=v, member=0))] += coverage_scale(
+                rank, R_MAX
+            )
+        np.testing.assert_allclose(hits / versions, np.ones(R_MAX))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"rank": 0, "r_max": 16, "version": 0, "member": 0}, "rank"),
+        ({"rank": 17, "r_max": 16, "version": 0, "member": 0}, "rank"),
+        ({"rank": 4, "r_max": 16, "version": -1, "member": 0}, "version"),
+        ({"rank": 4, "r_max": 16, "version": 0, "member": -2}, "member"),
+    ],
+)
+def test_owned_columns_refuses_bad_input(kwargs: dict[str, int], field: str) -> None:
+    rank, r_max = kwargs.pop("rank"), kwargs.pop("r_max")
+    with pytest.raises(ValueError, match=field):
+        owned_columns(rank, r_max, **kwargs)
+
+
+def test_attached_columns_train_and_pad_into_their_own_places(
+    tiny: nn.Module, adapter: GlobalAdapter
+) -> None:
+    columns = (3, 9, 12, 15)
+    model = copy.deepcopy(tiny)
+    modules = attach_adapters(model, adapter, rank=4, columns=columns)
+    with torch.no_grad():
+        for m in modules:
+            m.lora_delta.copy_(torch.arange(1.0, 5.0).expand_as(m.lora_delta))
+
+    update = delta_b(model)
+
+    for value in update.values():
+        np.testing.assert_array_equal(value[:, list(columns)][0], [1.0, 2.0, 3.0, 4.0])
+        others = [c for c in range(R_MAX) if c not in columns]
+        assert np.all(value[:, others] == 0.0)
+
+
+def test_forward_with_owned_columns_equals_base_plus_updated_b_a(
+    tiny: nn.Module, adapter: GlobalAdapter
+) -> None:
+    # The trained ΔB of columns (1, 6, 11) must act through rows (1, 6, 11) of A: the
+    # forward pass equals the merged adapter B + padded ΔB applied the plain way.
+    columns = (1, 6, 11)
+    moved = adapter.apply_update(_random_update(adapter, R_MAX, seed=5))
+    model = copy.deepcopy(tiny)
+    modules = attach_adapters(model, moved, rank=3, columns=columns)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in modules:
+            m.lora_delta.normal_(0, 0.3)
+    name = "model.layers.0.self_attn.q_proj"
+    x = torch.randn(2, 5, 128)
+
+    got = model.get_submodule(name)(x)
+
+    after = moved.apply_update(delta_b(model))
+    expected = tiny.get_submodule(name)(x) + x @ torch.from_numpy(after.delta_w(name)).T
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("columns", [(0, 1, 2), (0, 1, 2, 2), (0, 1, 2, 16), (-1, 1, 2, 3)])
+def test_bad_columns_are_refused_naming_columns(
+    tiny: nn.Module, adapter: GlobalAdapter, columns: tuple[int, ...]
+) -> None:
+    model = copy.deepcopy(tiny)
+    with pytest.raises(ValueError, match="columns"):
+        attach_adapters(model, adapter, rank=4, columns=columns)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
