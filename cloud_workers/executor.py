@@ -11,12 +11,20 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from estuary.artifacts import ADAPTER_FILE, EdgeArtifactManifest
-from estuary.jobs import JobInputError, job_kind, update_version_record
+from estuary.jobs import (
+    JobInputError,
+    JobOutcome,
+    job_kind,
+    newest_done,
+    result_key,
+    update_version_record,
+)
 from estuary.proto.v1 import jobs_pb2
 from estuary.state.base import Store
 from estuary.state.blobs import BlobCorrupt, BlobNotFound, BlobStore
@@ -56,9 +64,10 @@ class ModelJobExecutor:
         :func:`estuary.model.evaluate.bits_per_byte`. A multi-stage group passes its
         pipelined evaluation here.
     onnx
-        Put the int8 ONNX export of each version into its edge artifacts (a few seconds
-        per version on the tiny preset, spent in an exporter process: see
-        :mod:`estuary.onnx_export`); False leaves it out.
+        Run ``export_onnx`` jobs: the int8 ONNX export of a version (a few seconds to
+        a minute per version on the tiny preset, spent in an exporter process: see
+        :mod:`estuary.onnx_export`), which later edge artifacts name for serving.
+        False: an ``export_onnx`` job exports nothing and artifacts carry no export.
     """
 
     def __init__(
@@ -88,6 +97,9 @@ class ModelJobExecutor:
         self.onnx = onnx
         self._compressed: dict[str, dict[str, str]] = {}
         self._onnx: tuple[str, dict[str, str]] = ("", {})
+        # A group builds artifacts on two threads (its stream loop and the artifact
+        # lane): the base of a scheme is compressed by one of them, once.
+        self._compress_lock = threading.Lock()
 
     # ---------------------------------------------------------------- inputs
 
@@ -160,6 +172,8 @@ class ModelJobExecutor:
             return self.merge(job)
         if kind == "build_artifacts":
             return self.build_artifacts(job)
+        if kind == "export_onnx":
+            return self.export_onnx(job)
         return self.generate(job)
 
     def evaluate(self, job: jobs_pb2.Job) -> dict[str, Any]:
@@ -195,6 +209,10 @@ class ModelJobExecutor:
 
     def _compressed_base(self, scheme: str) -> dict[str, str]:
         # The frozen base is the same for every version: compress it once per scheme.
+        with self._compress_lock:
+            return self._compressed_base_locked(scheme)
+
+    def _compressed_base_locked(self, scheme: str) -> dict[str, str]:
         if scheme not in self._compressed:
             from estuary.compress.quant import compress_model, save_compressed
 
@@ -233,13 +251,38 @@ class ModelJobExecutor:
             self._onnx = (digest, files)
         return dict(self._onnx[1])
 
+    def export_onnx(self, job: jobs_pb2.Job) -> dict[str, Any]:
+        """Export the version's merged model to int8 ONNX, for serving.
+
+        Output ``onnx``: file name → blob digest of the int8 graph with its
+        served-directory metadata (the fp32 graph the metadata also names is left out:
+        devices serve int8); empty when this executor was built with ``onnx=False``.
+        """
+        digest = self.adapter_digest(job)
+        return {"onnx": self._served_onnx(job, digest) if self.onnx else {}}
+
+    def newest_export(self) -> dict[str, str]:
+        """Return the files of the newest completed ``export_onnx`` job; empty if none."""
+        if not self.onnx:
+            return {}
+        done = newest_done(self.store, "export_onnx")
+        if done is None:
+            return {}
+        record = self.store.get(result_key(done[1]))
+        if record is None:  # the outcome was removed by retention after a newer one
+            return {}
+        files = JobOutcome.from_json(record.value).output.get("onnx") or {}
+        return {str(name): str(digest) for name, digest in dict(files).items()}
+
     def build_artifacts(self, job: jobs_pb2.Job) -> dict[str, Any]:
         """Edge artifact of a device class, by manifest: what a device trains and serves.
 
         ``files``: the compressed base (scheme per class) and the adapter, materialised
-        into one directory for training. ``onnx``: the int8 ONNX export of the merged
-        model with its served-directory metadata, for ``estuary edge infer`` (the fp32
-        graph the metadata also names is left out: devices serve int8).
+        into one directory for training. ``onnx``: the newest int8 ONNX export completed
+        so far (``export_onnx`` jobs; possibly of an older version), for
+        ``estuary edge infer``. Nothing here exports: once the base of the class's
+        scheme is compressed, a build is a manifest, so devices get every version as
+        soon as it is committed (see :mod:`estuary.jobs`, training artifacts run ahead).
         """
         device_class = job.build_artifacts.device_class
         if not device_class:
@@ -252,7 +295,7 @@ class ModelJobExecutor:
             device_class=device_class,
             scheme=scheme,
             files={**self._compressed_base(scheme), ADAPTER_FILE: digest},
-            onnx=self._served_onnx(job, digest) if self.onnx else {},
+            onnx=self.newest_export(),
         )
         return {"artifact_sha256": self.blobs.put_bytes(manifest.to_json()), "scheme": scheme}
 

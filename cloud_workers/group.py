@@ -10,6 +10,12 @@ Stage 0 of a group runs :class:`WorkerGroup`. The loop guarantees:
   submitted job of that kind key in its place, records that job's outcome, then records
   the delivered one as ``skipped``. So evaluations and each class's edge artifact keep up
   with a stream of versions however fast they come.
+- **Training artifacts never wait.** Devices train on their class's newest artifact, so
+  an artifact job stuck behind an evaluation or an ONNX export (tens of seconds each)
+  hands devices versions that are already several behind. A second thread, the
+  *artifact lane*, looks every :data:`ARTIFACT_POLL_S` for artifact jobs submitted but
+  not started (:func:`estuary.jobs.artifact_jobs_ahead`) and runs them at once under the
+  same supersede rule; their stream entries later find the outcome recorded.
 - **Heartbeats are job leases.** A background thread writes ``worker/<group>`` every
   ``heartbeat_s``, also while a job runs, and the record carries ``lease_s``
   (``reclaim_idle_s``): the promise "if I am silent this long, I am dead".
@@ -44,6 +50,8 @@ from estuary.jobs import (
     JobInputError,
     JobOutcome,
     Status,
+    artifact_classes,
+    artifact_jobs_ahead,
     decode_job,
     job_kind,
     job_to_run,
@@ -63,6 +71,13 @@ logger = logging.getLogger(__name__)
 #: How long one read waits for a new job. Short enough that the loop notices a stop
 #: request and runs its reclaim check promptly; long enough not to poll the store hot.
 READ_BLOCK_S = 0.5
+#: Seconds between the artifact lane's looks for new artifact jobs: versions come every
+#: several seconds at the fastest, so half a second adds little to what devices wait
+#: for, at one batched read of three small records per class.
+ARTIFACT_POLL_S = 0.5
+#: Seconds between the artifact lane's scans for device classes (a key scan; classes
+#: are configuration, so a new one is found within this long).
+CLASS_SCAN_S = 10.0
 
 
 @dataclass
@@ -118,6 +133,9 @@ class WorkerGroup:
     on_idle
         Called after every read that found no job (a multi-stage group keeps its
         followers' collectives alive with it).
+    artifacts_ahead
+        Run the artifact lane in :meth:`run` (see the module docstring); False takes
+        artifact jobs from the stream only, in order.
     clock
         Time of heartbeats, reclaim decisions, outcome stamps and idle exits. A
         :class:`~estuary.clock.VirtualClock` group is driven with :meth:`step` (and
@@ -138,6 +156,7 @@ class WorkerGroup:
         job_delay_s: float = 0.0,
         on_outcome: Callable[[JobOutcome], None] | None = None,
         on_idle: Callable[[], None] | None = None,
+        artifacts_ahead: bool = True,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not name:
@@ -161,9 +180,12 @@ class WorkerGroup:
         self.job_delay_s = job_delay_s
         self.on_outcome = on_outcome
         self.on_idle = on_idle
+        self.artifacts_ahead = artifacts_ahead
         self.clock = clock
         self.stats = GroupStats(started_at=clock.time())
         self._last_reclaim = 0.0
+        self._classes: list[str] = []
+        self._last_class_scan: float | None = None
         self._lock = threading.Lock()
         store.ensure_group(stream, consumer_group)
 
@@ -327,9 +349,10 @@ class WorkerGroup:
             if recorded.status == "done":
                 record_done(self.store, job)  # redo a raise lost with its runner
             self.store.ack(self.stream, self.consumer_group, entry.id)
-            if recorded.promoted_from is None:
+            if recorded.promoted_from is None and recorded.deliveries > 0:
                 # Completed before from this entry (its runner died between recording
-                # and acknowledging); a promoted run is the normal way, not a duplicate.
+                # and acknowledging); a promoted run, or one ahead of the stream
+                # (0 deliveries), is the normal way, not a duplicate.
                 with self._lock:
                     self.stats.duplicates += 1
             return None
@@ -382,10 +405,16 @@ class WorkerGroup:
         outcome_of: Callable[..., JobOutcome],
         *,
         promoted_from: str | None = None,
+        current: bool = True,
     ) -> JobOutcome:
-        """Run ``job``; return its outcome (``done`` or ``failed``), not yet recorded."""
-        with self._lock:
-            self.stats.current_job = job.job_id
+        """Run ``job``; return its outcome (``done`` or ``failed``), not yet recorded.
+
+        ``current``: report it as the group's current job (the stream loop's, not the
+        artifact lane's, which runs beside it).
+        """
+        if current:
+            with self._lock:
+                self.stats.current_job = job.job_id
         try:
             output = self.executor.execute(job)
             if self.job_delay_s:
@@ -401,8 +430,61 @@ class WorkerGroup:
             error = f"{type(exc).__name__}: {exc}"
             return outcome_of(job, "failed", error=error, promoted_from=promoted_from)
         finally:
-            with self._lock:
-                self.stats.current_job = None
+            if current:
+                with self._lock:
+                    self.stats.current_job = None
+
+    def step_artifacts(self) -> list[JobOutcome]:
+        """Run the artifact jobs submitted but not started, ahead of the stream.
+
+        The artifact lane's one look (:meth:`run` calls it every :data:`ARTIFACT_POLL_S`
+        on a thread of its own). Each job goes through
+        :func:`~estuary.jobs.job_to_run` first, so a version another group (or this
+        group's stream loop) started meanwhile is left to it. Returns the outcomes
+        recorded; each has ``deliveries`` 0: it ran before its stream entry was read.
+
+        Raises
+        ------
+        StoreError
+            The store failed; the jobs are still in the stream and run from there.
+        """
+        now = self.clock.monotonic()
+        if self._last_class_scan is None or now - self._last_class_scan >= CLASS_SCAN_S:
+            self._classes = artifact_classes(self.store)
+            self._last_class_scan = now
+        recorded: list[JobOutcome] = []
+        for ahead in artifact_jobs_ahead(self.store, self._classes):
+            job = job_to_run(self.store, ahead).run  # a newer one if submitted meanwhile
+            if job is None or self.store.get(result_key(job.job_id)) is not None:
+                continue  # a newer version was started elsewhere, or this one is done
+
+            def outcome_of(of: jobs_pb2.Job, status: Status, **extra: Any) -> JobOutcome:
+                return JobOutcome(
+                    job_id=of.job_id, kind=job_kind(of), version=of.version, status=status,
+                    group=self.name, committed_ms=of.created_ms, deliveries=0,
+                    finished_ms=self.clock.time_ms(), **extra,
+                )  # fmt: skip
+
+            outcome = self._execute(job, outcome_of, current=False)
+            created = self._record(outcome)
+            if outcome.status == "done":
+                record_done(self.store, job)
+            logger.info(
+                "group %s: %s %s (v%d) ahead of the stream",
+                self.name, outcome.status, job.job_id, job.version,
+            )  # fmt: skip
+            if created:
+                recorded.append(outcome)
+        return recorded
+
+    def _artifact_loop(self, stop: threading.Event) -> None:
+        while not self.clock.wait(stop, ARTIFACT_POLL_S):
+            try:
+                self.step_artifacts()
+            except StoreError as exc:  # an outage: the stream loop runs them later
+                logger.warning("group %s: artifact lane: %s", self.name, exc)
+            except Exception:  # a bug here must not stop the lane (or pass silently)
+                logger.exception("group %s: artifact lane failed", self.name)
 
     def step(self, *, block_s: float = READ_BLOCK_S) -> int:
         """Reclaim if due, then take one job and handle it; return entries handled."""
@@ -445,6 +527,13 @@ class WorkerGroup:
             daemon=True,
         )  # fmt: skip
         beat.start()
+        lane: threading.Thread | None = None
+        if self.artifacts_ahead:
+            lane = threading.Thread(
+                target=self._artifact_loop, args=(beat_stop,), name=f"artifacts-{self.name}",
+                daemon=True,
+            )  # fmt: skip
+            lane.start()
         idle_since = self.clock.monotonic()
         try:
             while not stop.is_set():
@@ -458,5 +547,10 @@ class WorkerGroup:
         finally:
             beat_stop.set()
             beat.join(timeout=self.heartbeat_s + 1.0)
+            if lane is not None:
+                # An artifact build is a manifest once the base is compressed; the first
+                # one compresses it (seconds). Not joined longer: it is a daemon thread,
+                # and its job is still in the stream if it did not finish.
+                lane.join(timeout=self.heartbeat_s + 1.0)
             self.heartbeat()
         return self.stats

@@ -1,4 +1,4 @@
-"""Queue the cloud jobs of a committed version: edge artifacts per device class, evaluation.
+"""Queue the cloud jobs of a committed version: edge artifacts per class, evaluation, export.
 
 Every replica that sees a version (start-up for version 0, the commit for later ones)
 may call :meth:`JobSubmitter.submit`; a ``jobs-submitted/<version>`` marker created with
@@ -7,7 +7,9 @@ insert-if-absent makes it once per version across replicas. Job ids are determin
 jobs again, and workers record one outcome per job id.
 
 Artifacts come first: devices wait for them before they can train on the version, and a
-worker group takes jobs in order.
+worker group takes jobs in order (and runs artifact jobs ahead of the stream besides:
+:mod:`estuary.jobs`). The ONNX export for serving comes last: later artifacts name the
+newest one completed.
 """
 
 from __future__ import annotations
@@ -74,14 +76,15 @@ class JobSubmitter:
             )
             for name in self._classes
         ]
-        jobs.append(
+        jobs += [
             make_job(
-                "evaluate",
+                kind,
                 version=info.version,
                 adapter_sha256=info.adapter_sha256,
                 clock=self._clock,
             )
-        )
+            for kind in ("evaluate", "export_onnx")
+        ]
         for job in jobs:
             submit_job(self._store, job)
             self._observer.event("job_submitted", job_id=job.job_id, version=info.version)

@@ -1,11 +1,11 @@
 """The edge agent: asks the coordinator for work and runs tasks, as ``edge.proto`` describes.
 
 One task, in order (the contract is the top comment of ``estuary/proto/v1/edge.proto``):
-GetTask (Pace → wait and ask again) → fetch the artifact manifest and the blobs it names
-that are not cached (resumable, SHA-256 verified) → AdvertiseKeys / ShareKeys →
-train locally (Heartbeat meanwhile) → share relay and staleness weight → masked upload
-→ unmasking → DONE. Any ABORTED, a refused request or a Heartbeat ABANDON drops the task
-and the agent asks for work again.
+GetTask (Pace → wait and ask again) → AdvertiseKeys / ShareKeys, while the artifact
+manifest and the blobs it names that are not cached are fetched (resumable, SHA-256
+verified) and loaded → train locally (Heartbeat meanwhile) → share relay and staleness
+weight → masked upload → unmasking → DONE. Any ABORTED, a refused request or a
+Heartbeat ABANDON drops the task and the agent asks for work again.
 
 :class:`EdgeAgent` is the composition and the run loop; each part lives in its module:
 
@@ -73,6 +73,26 @@ PACE_JITTER = 0.2
 #: transient nor an auth failure): a ceiling of 0.5 s × 2**4 = 8 s, long enough not to
 #: hammer a coordinator that refuses, short enough to notice when it stops refusing.
 _REFUSED_GET_TASK_ATTEMPT = 4
+
+
+async def _first_failure(*futures: asyncio.Future[Any]) -> None:
+    """Wait until all of ``futures`` are done or one fails; raise that failure.
+
+    The others are cancelled (and awaited) when one fails, so a task abandoned for its
+    download does not go on exchanging keys, and the other way round.
+    """
+    pending = set(futures)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+            for future in done:
+                future.result()  # raises the first failure
+    finally:
+        for future in pending:
+            future.cancel()
+        for future in pending:
+            with contextlib.suppress(BaseException):
+                await future
 
 
 class _Vanish(Exception):
@@ -421,14 +441,25 @@ class EdgeAgent:
             raise _Vanish(phase)
 
     async def _task_steps(self, task: edge_pb2.Task) -> dict[str, Any]:
-        base, adapter = await self._trainer.prepare_model(task)
-        self._held_version = int(task.version)
         exchange = SecAggExchange(self._rpc, task, identity=self._identity.key())
 
-        # Keys first: AdvertiseKeys, then the key broadcast and our encrypted shares.
+        # Keys first: AdvertiseKeys, then the key broadcast and our encrypted shares,
+        # while the artifact downloads and loads. The key stages have a deadline counted
+        # from the cohort's seal (seconds) and the first download of a base can take
+        # longer than that on a slow link or a busy device; waiting for it first made
+        # whole cohorts abort with no keys advertised. The upload deadline covers both.
         self._set_phase("keys")
-        self._maybe_vanish(task, "keys")
-        await exchange.exchange_keys()
+        preparing = asyncio.ensure_future(self._trainer.prepare_model(task))
+        try:
+            self._maybe_vanish(task, "keys")
+            await _first_failure(asyncio.ensure_future(exchange.exchange_keys()), preparing)
+            base, adapter = await preparing
+        finally:
+            if not preparing.done():
+                preparing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TaskAbandoned):
+                    await preparing
+        self._held_version = int(task.version)
 
         # Local training, heartbeating meanwhile.
         self._set_phase("training")

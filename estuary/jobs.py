@@ -11,8 +11,8 @@ faster group simply pulls more.
 
 Superseding: run the newest, never starve it
 --------------------------------------------
-Evaluations and merges of version *v* are superseded by any newer version, edge
-artifacts by a newer version *of the same device class* (the *kind key*,
+Evaluations, merges and ONNX exports of version *v* are superseded by any newer version,
+edge artifacts by a newer version *of the same device class* (the *kind key*,
 :func:`supersede_key`); ``generate`` is a person's request and never superseded. A group
 that is handed a job decides with :func:`job_to_run`:
 
@@ -39,6 +39,18 @@ evaluation of *v* or a newer one has finished within ``K + 1`` jobs of the commi
 job in progress, one run of each other kind key, and the evaluation (``generate``
 requests aside). The same bound holds for each device class's newest edge artifact,
 which is what the coordinator seals cohorts on.
+
+Training artifacts run ahead of the stream
+------------------------------------------
+Devices train on the newest edge artifact of their class, and every version they are
+behind is staleness their update carries. So a ``build_artifacts`` job is cheap by
+design (the compressed base is made once per scheme; a version adds only its adapter and
+a manifest) and never waits behind slow jobs: besides taking jobs from the stream in
+order, a group runs the newest submitted artifact job of each class as soon as it is
+queued (:func:`artifact_jobs_ahead`), under the same supersede rule, so its stream entry
+later finds the outcome recorded. The int8 ONNX export for serving, tens of seconds
+per version, is a job of its own (``export_onnx``); an artifact names the newest export
+completed when it was built, so serving lags a version or two and training never does.
 
 Record layout (besides the ``version/`` and ``worker/`` records of
 :mod:`estuary.state.keys`):
@@ -67,7 +79,7 @@ import base64
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, cast
 
@@ -87,6 +99,8 @@ __all__ = [
     "LocalWorkerFactory",
     "LocalWorkerUnavailable",
     "RunDecision",
+    "artifact_classes",
+    "artifact_jobs_ahead",
     "decode_job",
     "done_key",
     "done_of",
@@ -123,7 +137,7 @@ RESULT_PREFIX = "jobresult/"
 #: Stream field holding the serialised Job.
 JOB_FIELD = "job"
 
-Kind = Literal["evaluate", "build_artifacts", "merge", "generate"]
+Kind = Literal["evaluate", "build_artifacts", "merge", "generate", "export_onnx"]
 Status = Literal["done", "skipped", "failed"]
 
 
@@ -152,8 +166,8 @@ def job_kind(job: jobs_pb2.Job) -> Kind:
 def kind_key(kind: Kind, *, device_class: str = "") -> str | None:
     """Return the key under which newer versions supersede jobs of ``kind``, or ``None``.
 
-    Evaluations and merges are superseded by any newer version; artifacts by a newer
-    version for the same device class. ``generate`` is a person's request, never
+    Evaluations, merges and ONNX exports are superseded by any newer version; artifacts
+    by a newer version for the same device class. ``generate`` is a person's request, never
     superseded.
 
     Raises
@@ -239,6 +253,8 @@ def make_job(
         job.evaluate.SetInParent()
     elif kind == "merge":
         job.merge.SetInParent()
+    elif kind == "export_onnx":
+        job.export_onnx.SetInParent()
     elif kind == "build_artifacts":
         if not device_class:
             raise ValueError("device_class: build_artifacts needs a device class")
@@ -432,6 +448,45 @@ def done_of(record: Record | None, *, key: str) -> tuple[int, str] | None:
     return version, job_id
 
 
+def artifact_jobs_ahead(store: Store, device_classes: Sequence[str]) -> list[jobs_pb2.Job]:
+    """Return the artifact jobs a group may run ahead of the stream, one per class at most.
+
+    For each class of ``device_classes``, the newest submitted ``build_artifacts`` job,
+    unless a job of that version or a newer one has been started (some group runs it, or
+    ran it) or completed. Reads three records per class in one round trip; the caller
+    runs each through :func:`job_to_run`, which settles a race with another group.
+    """
+    keys: list[str] = []
+    for name in device_classes:
+        kind = kind_key("build_artifacts", device_class=name)
+        keys += [f"{LATEST_PREFIX}{kind}", f"{STARTED_PREFIX}{kind}", f"{DONE_PREFIX}{kind}"]
+    records = store.get_many(keys)
+    ahead: list[jobs_pb2.Job] = []
+    for i in range(0, len(keys), 3):
+        latest, started, done = records[i : i + 3]
+        if latest is None:
+            continue
+        encoded = json.loads(latest.value).get("job")
+        if not encoded:
+            continue  # a record from before records carried the job
+        newest = _record_version(latest.value, key=keys[i])
+        floor = max(
+            _record_version(None if started is None else started.value, key=keys[i + 1]),
+            _record_version(None if done is None else done.value, key=keys[i + 2]),
+        )
+        if newest > floor:
+            job = jobs_pb2.Job()
+            job.ParseFromString(base64.b64decode(encoded))
+            ahead.append(job)
+    return ahead
+
+
+def artifact_classes(store: Store) -> list[str]:
+    """Return the device classes that have had an artifact job submitted (a key scan)."""
+    prefix = f"{LATEST_PREFIX}build_artifacts/"
+    return sorted(key[len(prefix) :] for key in store.scan(prefix))
+
+
 def decode_job(fields: Mapping[str, bytes]) -> jobs_pb2.Job:
     """Parse a stream entry's fields into a :class:`Job`.
 
@@ -481,6 +536,7 @@ class JobOutcome:
     deliveries
         How many times the job had been delivered when this outcome was recorded (for a
         job run in an older job's place: that older job's deliveries).
+        0: it ran ahead of the stream (a group's artifact lane), before any delivery.
     promoted_from
         The id of the older job of the same kind key whose delivery ran this job ahead
         of its own stream entry; ``None`` when the job ran from its own entry.

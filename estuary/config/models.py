@@ -705,7 +705,8 @@ class EdgeSettings(RoleSettings):
     data_dir: Annotated[Path | None, UsesPath(PathUse.READ_FILE_OR_DIR, "training data")] = Field(
         default=None,
         description=(
-            "Private training data (folder of text files or a JSONL file). None: no training."
+            "Private training data (folder of text files, binary and hidden files skipped, "
+            "or a JSONL file). None: no training."
         ),
     )
     device_class: str = Field(default="laptop", description="Device class to enrol as.")

@@ -17,21 +17,52 @@ logger = logging.getLogger(__name__)
 DOCUMENT_SEPARATOR = b"\n\n"
 
 
+#: Leading bytes of a file searched for a NUL to tell binary from text, as git and grep
+#: do: compiled bytecode (``__pycache__/*.pyc`` beside every Python package), images and
+#: archives have one early; text in any byte encoding (UTF-8, Latin-1, …) has none.
+BINARY_SNIFF_BYTES = 8192
+
+
+def _is_binary(content: bytes) -> bool:
+    return b"\0" in content[:BINARY_SNIFF_BYTES]
+
+
 def _read_folder(folder: Path) -> bytes:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # Hidden files and everything under a hidden folder (.git, .venv) are not the user's
+    # texts. Binary files are skipped: a byte-level model trained on bytecode or images
+    # gets worse at text (a stdlib package folder is half .pyc by size).
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     if not files:
         raise ValueError(f"{folder}: data folder contains no files")
     parts: list[bytes] = []
+    binary: list[Path] = []
     for path in files:
         try:
             content = path.read_bytes()
         except OSError as exc:
             raise ValueError(f"{path}: cannot read data file: {exc}") from exc
-        if content:
+        if _is_binary(content):
+            binary.append(path)
+        elif content:
             parts.append(content)
+    if binary:
+        logger.info(
+            "skipped %d binary file(s) in %s (a NUL byte in the first %d bytes), e.g. %s",
+            len(binary),
+            folder,
+            BINARY_SNIFF_BYTES,
+            binary[0].relative_to(folder),
+        )
     if not parts:
-        raise ValueError(f"{folder}: every file in the data folder is empty")
-    logger.info("read %d files (%d non-empty) from %s", len(files), len(parts), folder)
+        what = "binary" if binary and len(binary) == len(files) else "empty or binary"
+        raise ValueError(f"{folder}: every file in the data folder is {what}")
+    logger.info(
+        "read %d text files (%d non-empty) from %s", len(files) - len(binary), len(parts), folder
+    )
     return DOCUMENT_SEPARATOR.join(parts)
 
 
@@ -64,7 +95,8 @@ def load_user_data(source: str | Path, *, field: str = "text") -> bytes:
     Parameters
     ----------
     source
-        A folder (every non-hidden file below it, sorted by path, read as bytes) or a
+        A folder (every text file below it outside hidden files and folders, sorted by
+        path, read as bytes; binary files such as ``__pycache__/*.pyc`` are skipped) or a
         ``.jsonl`` file with one JSON object per line carrying a string ``field``.
     field
         Name of the text field in JSONL records.

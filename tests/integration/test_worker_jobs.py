@@ -53,8 +53,10 @@ store = open_store(url)
 # No ONNX export: this test is about job delivery, and each export costs seconds.
 executor = ModelJobExecutor(store, blobs=BlobStore(blob_dir), base=build_preset("tiny", seed=0),
                             eval_windows=eval_windows(), onnx=False)
+# No artifact lane: this test counts what each group holds pending from the stream
+# (the lane is tested in tests/unit/cloud_workers/test_jobs.py).
 group = WorkerGroup(store, executor=executor, name=name, heartbeat_s=0.5, reclaim_idle_s=2.0,
-                    job_delay_s=float(delay))
+                    job_delay_s=float(delay), artifacts_ahead=False)
 group.run(threading.Event(), idle_exit_s=float(idle_exit))
 """
 

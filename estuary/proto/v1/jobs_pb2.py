@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from estuary.proto.v1 import common_pb2 as estuary_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65stuary/proto/v1/jobs.proto\x12\nestuary.v1\x1a\x1d\x65stuary/proto/v1/common.proto\"\r\n\x0b\x45valuateJob\")\n\x11\x42uildArtifactsJob\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\"\n\n\x08MergeJob\"5\n\x0bGenerateJob\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\"\xa3\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12$\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x13.estuary.v1.BlobRef\x12\x12\n\ncreated_ms\x18\x04 \x01(\x03\x12+\n\x08\x65valuate\x18\n \x01(\x0b\x32\x17.estuary.v1.EvaluateJobH\x00\x12\x38\n\x0f\x62uild_artifacts\x18\x0b \x01(\x0b\x32\x1d.estuary.v1.BuildArtifactsJobH\x00\x12%\n\x05merge\x18\x0c \x01(\x0b\x32\x14.estuary.v1.MergeJobH\x00\x12+\n\x08generate\x18\r \x01(\x0b\x32\x17.estuary.v1.GenerateJobH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65stuary/proto/v1/jobs.proto\x12\nestuary.v1\x1a\x1d\x65stuary/proto/v1/common.proto\"\r\n\x0b\x45valuateJob\")\n\x11\x42uildArtifactsJob\x12\x14\n\x0c\x64\x65vice_class\x18\x01 \x01(\t\"\n\n\x08MergeJob\"\x0f\n\rExportOnnxJob\"5\n\x0bGenerateJob\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\"\xd5\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12$\n\x07\x61\x64\x61pter\x18\x03 \x01(\x0b\x32\x13.estuary.v1.BlobRef\x12\x12\n\ncreated_ms\x18\x04 \x01(\x03\x12+\n\x08\x65valuate\x18\n \x01(\x0b\x32\x17.estuary.v1.EvaluateJobH\x00\x12\x38\n\x0f\x62uild_artifacts\x18\x0b \x01(\x0b\x32\x1d.estuary.v1.BuildArtifactsJobH\x00\x12%\n\x05merge\x18\x0c \x01(\x0b\x32\x14.estuary.v1.MergeJobH\x00\x12+\n\x08generate\x18\r \x01(\x0b\x32\x17.estuary.v1.GenerateJobH\x00\x12\x30\n\x0b\x65xport_onnx\x18\x0e \x01(\x0b\x32\x19.estuary.v1.ExportOnnxJobH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUILDARTIFACTSJOB']._serialized_end=130
   _globals['_MERGEJOB']._serialized_start=132
   _globals['_MERGEJOB']._serialized_end=142
-  _globals['_GENERATEJOB']._serialized_start=144
-  _globals['_GENERATEJOB']._serialized_end=197
-  _globals['_JOB']._serialized_start=200
-  _globals['_JOB']._serialized_end=491
+  _globals['_EXPORTONNXJOB']._serialized_start=144
+  _globals['_EXPORTONNXJOB']._serialized_end=159
+  _globals['_GENERATEJOB']._serialized_start=161
+  _globals['_GENERATEJOB']._serialized_end=214
+  _globals['_JOB']._serialized_start=217
+  _globals['_JOB']._serialized_end=558
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,10 @@ class MergeJob(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ExportOnnxJob(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GenerateJob(_message.Message):
     __slots__ = ("prompt", "max_new_tokens")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -29,7 +33,7 @@ class GenerateJob(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "version", "adapter", "created_ms", "evaluate", "build_artifacts", "merge", "generate")
+    __slots__ = ("job_id", "version", "adapter", "created_ms", "evaluate", "build_artifacts", "merge", "generate", "export_onnx")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +42,7 @@ class Job(_message.Message):
     BUILD_ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     MERGE_FIELD_NUMBER: _ClassVar[int]
     GENERATE_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_ONNX_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     version: int
     adapter: _common_pb2.BlobRef
@@ -46,4 +51,5 @@ class Job(_message.Message):
     build_artifacts: BuildArtifactsJob
     merge: MergeJob
     generate: GenerateJob
-    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., created_ms: _Optional[int] = ..., evaluate: _Optional[_Union[EvaluateJob, _Mapping]] = ..., build_artifacts: _Optional[_Union[BuildArtifactsJob, _Mapping]] = ..., merge: _Optional[_Union[MergeJob, _Mapping]] = ..., generate: _Optional[_Union[GenerateJob, _Mapping]] = ...) -> None: ...
+    export_onnx: ExportOnnxJob
+    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., adapter: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., created_ms: _Optional[int] = ..., evaluate: _Optional[_Union[EvaluateJob, _Mapping]] = ..., build_artifacts: _Optional[_Union[BuildArtifactsJob, _Mapping]] = ..., merge: _Optional[_Union[MergeJob, _Mapping]] = ..., generate: _Optional[_Union[GenerateJob, _Mapping]] = ..., export_onnx: _Optional[_Union[ExportOnnxJob, _Mapping]] = ...) -> None: ...

@@ -22,6 +22,7 @@ from estuary.jobs import (
     JobOutcome,
     decode_job,
     make_job,
+    newest_done,
     result_key,
     submit_job,
 )
@@ -119,8 +120,18 @@ def test_artifacts_and_merge_are_content_addressed_and_reproducible(
     manifest = json.loads(blobs.read(first["artifact_sha256"]))
     assert manifest["files"]["adapter.safetensors"] == digest
     assert set(manifest["files"]) >= {"config.json", "adapter.safetensors"}
-    # The served int8 ONNX export is part of the artifact and reproducible too.
-    assert set(manifest["onnx"]) == {"model.int8.onnx", "estuary_onnx.json", "config.json"}
+    # No export has completed yet: the training artifact does not wait for one.
+    assert "onnx" not in manifest
+    # The int8 ONNX export is a job of its own; once done, artifacts built after it
+    # name it for serving, and it is reproducible too.
+    group = WorkerGroup(store, executor=executor, name="g1", heartbeat_s=0.2, reclaim_idle_s=1.0)
+    submit_job(store, make_job("export_onnx", version=4))
+    assert group.step(block_s=0) == 1
+    exported = outcomes(store)[result_key("export_onnx-v4")].output["onnx"]
+    assert set(exported) == {"model.int8.onnx", "estuary_onnx.json", "config.json"}
+    assert fresh.execute(make_job("export_onnx", version=4)) == {"onnx": exported}
+    manifest = json.loads(blobs.read(fresh.execute(job)["artifact_sha256"]))
+    assert manifest["onnx"] == exported
     served = tmp_path / "served"
     served.mkdir()
     for name, blob in manifest["onnx"].items():
@@ -222,3 +233,68 @@ def test_constructor_validates_timing() -> None:
         WorkerGroup(
             open_store("memory://"), executor=Recording(), name="x", heartbeat_s=1, reclaim_idle_s=2
         )
+
+
+class Blocking(Recording):
+    """Records what ran; ``evaluate`` jobs wait until ``release`` is set (a slow job)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evaluating = threading.Event()
+        self.release = threading.Event()
+
+    def execute(self, job: Any) -> dict[str, Any]:
+        out = super().execute(job)
+        if job.WhichOneof("kind") == "evaluate":
+            self.evaluating.set()
+            assert self.release.wait(60), "the test never released the evaluation"
+        return out
+
+
+def test_artifact_jobs_run_ahead_of_a_slow_job_and_their_entries_do_not_rerun() -> None:
+    # Prepare: version 1's jobs; the stream loop is busy evaluating it (slow) when
+    # versions 2 and 3 are committed.
+    store = open_store("memory://")
+    executor = Blocking()
+    group = WorkerGroup(
+        store, executor=executor, name="g1", heartbeat_s=0.2, reclaim_idle_s=1.0,
+        clock=VirtualClock(start=1_800_000_000.0),
+    )  # fmt: skip
+    submit_job(store, make_job("evaluate", version=1))
+    submit_job(store, make_job("build_artifacts", version=1, device_class="phone"))
+    loop = threading.Thread(target=lambda: [group.step(block_s=0) for _ in range(8)])
+    loop.start()
+    assert executor.evaluating.wait(60)
+    for version in (2, 3):
+        submit_job(store, make_job("build_artifacts", version=version, device_class="phone"))
+        submit_job(store, make_job("evaluate", version=version))
+
+    # Execute: the artifact lane's look, while the evaluation of version 1 still runs.
+    ahead = group.step_artifacts()
+
+    # Assert: the newest artifact job ran ahead, once, and is the class's newest done.
+    assert [(o.job_id, o.status, o.deliveries) for o in ahead] == [
+        ("build_artifacts-phone-v3", "done", 0)
+    ]
+    assert executor.ran == ["evaluate-v1", "build_artifacts-phone-v3"]
+    assert newest_done(store, "build_artifacts", device_class="phone") == (
+        3,
+        "build_artifacts-phone-v3",
+    )
+    assert group.step_artifacts() == []  # nothing new: a second look runs nothing
+    executor.release.set()
+    loop.join(60)
+    assert not loop.is_alive()
+    # The stream loop skipped the older artifact entries and ran no artifact job again.
+    assert executor.ran == ["evaluate-v1", "build_artifacts-phone-v3", "evaluate-v3"]
+    got = {k.removeprefix("jobresult/"): o.status for k, o in outcomes(store).items()}
+    assert got == {
+        "evaluate-v1": "done",
+        "evaluate-v2": "skipped",
+        "evaluate-v3": "done",
+        "build_artifacts-phone-v1": "skipped",
+        "build_artifacts-phone-v2": "skipped",
+        "build_artifacts-phone-v3": "done",
+    }
+    assert store.pending(JOB_STREAM, CONSUMER_GROUP) == []
+    assert group.stats.duplicates == 0

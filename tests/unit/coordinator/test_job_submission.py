@@ -47,10 +47,11 @@ def test_jobs_are_queued_once_per_version_artifacts_first(tmp_path: Path) -> Non
         ("build_artifacts", "build_artifacts-phone-v3"),
         ("build_artifacts", "build_artifacts-laptop-v3"),
         ("evaluate", "evaluate-v3"),
+        ("export_onnx", "export_onnx-v3"),
     ]
     assert {j.created_ms for j in jobs} == {1_800_000_001_500}
     assert jobs[0].adapter.size_bytes == len(b"adapter bytes")
-    assert [kind for kind, _ in events.seen] == ["job_submitted"] * 3
+    assert [kind for kind, _ in events.seen] == ["job_submitted"] * 4
 
 
 def test_no_device_class_is_refused_by_name(tmp_path: Path) -> None:

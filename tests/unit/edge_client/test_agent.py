@@ -47,6 +47,9 @@ CHUNK = 64 * 1024
 W_DEVICE = 0.5
 W_OTHER = 1.0
 CLIP = 4.0  # exactly representable in float32, the proto's type
+#: Seconds a held FetchArtifact waits for the device's keys before refusing: reached only
+#: by an agent that downloads before advertising (the bug the hold test catches).
+HOLD_S = 20.0
 
 
 @dataclass
@@ -62,8 +65,9 @@ class Artifact:
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     """A real edge artifact of the tiny preset, built by the cloud worker's job code."""
     from cloud_workers.executor import ModelJobExecutor
+    from cloud_workers.group import WorkerGroup
     from estuary.adapters import AdapterConfig, GlobalAdapter, put_adapter
-    from estuary.jobs import make_job
+    from estuary.jobs import make_job, submit_job
     from estuary.model.presets import build_preset
     from estuary.state import open_store
     from estuary.state.blobs import BlobStore
@@ -78,6 +82,10 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Artifact:
     executor = ModelJobExecutor(
         store, blobs=blobs, base=base, eval_windows=torch.zeros((1, 9), dtype=torch.long)
     )
+    # The ONNX export is a job of its own; an artifact built after it names it.
+    group = WorkerGroup(store, executor=executor, name="g", heartbeat_s=1.0, reclaim_idle_s=5.0)
+    submit_job(store, make_job("export_onnx", version=1))
+    assert group.step(block_s=0) == 1
     out = executor.build_artifacts(make_job("build_artifacts", version=1, device_class="phone"))
     manifest_sha = out["artifact_sha256"]
     manifest = json.loads(blobs.read(manifest_sha))
@@ -190,6 +198,11 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
     heartbeat_action: int = edge_pb2.HeartbeatResponse.ACTION_CONTINUE
     clock: Clock = SYSTEM_CLOCK  # the agent's: signatures are checked against its time
     sent_stages: list[str] = field(default_factory=list)  # SendSecAgg stages, in order
+    # Hold every FetchArtifact until the device has advertised its keys (a link slower
+    # than the cohort's key deadline); refused after HOLD_S seconds without them.
+    hold_fetches_for_keys: bool = False
+    advertised: asyncio.Event | None = None
+    fetch_log: list[str] = field(default_factory=list)  # "keys" / "fetched", in order
 
     def methods(self) -> list[str]:
         return [m for m, _ in self.calls]
@@ -241,6 +254,13 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
 
     async def FetchArtifact(self, request: Any, context: Any) -> AsyncIterator[Any]:
         await self._auth("FetchArtifact", request, context)
+        if self.hold_fetches_for_keys:
+            try:
+                await asyncio.wait_for(self._advertised().wait(), HOLD_S)
+            except TimeoutError:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION, "held: no keys advertised meanwhile"
+                )
         data = self.artifact.blobs.get(request.sha256)
         if data is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such blob")
@@ -253,11 +273,20 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
             if request.sha256 in self.fail_fetch_once:
                 self.fail_fetch_once.discard(request.sha256)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost (scripted)")
+        self.fetch_log.append("fetched")
+
+    def _advertised(self) -> asyncio.Event:
+        if self.advertised is None:
+            self.advertised = asyncio.Event()  # made on the server's loop
+        return self.advertised
 
     async def SendSecAgg(self, request: Any, context: Any) -> Any:
         await self._auth("SendSecAgg", request, context)
         assert self.cohort is not None and request.cohort_id == self.task.cohort_id  # type: ignore[union-attr]
         self.sent_stages.append(edge_pb2.SecAggStage.Name(request.stage)[len("SECAGG_STAGE_") :])
+        if request.stage == S.SECAGG_STAGE_ADVERTISE_KEYS:
+            self.fetch_log.append("keys")
+            self._advertised().set()
         self.cohort.from_device(request.payload)
         return edge_pb2.SecAggAck(stage=stage_to_proto(self.cohort.server.stage))
 
@@ -388,6 +417,32 @@ def test_full_task_paced_resumed_fetch_and_exact_unmasked_sum(
     assert progress.bytes_up > 0 and progress.bytes_down > 0
 
 
+def test_keys_are_advertised_while_the_artifact_downloads(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    # Prepare: every download is held until the device advertises its keys, as when
+    # the first download of a base takes longer than the cohort's key deadline.
+    fake = Fake(artifact, script=["task"], task=make_task(artifact), hold_fetches_for_keys=True)
+    state = EdgeState(tmp_path / "edge")
+
+    async def scenario() -> str:
+        async with serving(fake) as target:
+            agent = await enrolled(state, target, heartbeat_s=0.05)
+            outcome = await agent.run_once()
+            await agent.close()
+            return outcome
+
+    # Execute
+    outcome = asyncio.run(scenario())
+
+    # Assert: the task completed; keys went out before any blob had arrived.
+    assert outcome == "done"
+    assert fake.fetch_log[0] == "keys" and fake.fetch_log.count("fetched") >= 3
+    assert fake.sent_stages[:2] == ["ADVERTISE_KEYS", "SHARE_KEYS"]
+    assert fake.cohort is not None and fake.cohort.server.result is not None
+    assert fake.cohort.server.result.survivors == (0, 1, 2)
+
+
 def test_unavailable_is_retried_with_backoff_and_fresh_signatures(
     artifact: Artifact, tmp_path: Path
 ) -> None:
@@ -500,9 +555,10 @@ def test_vanishing_at_training_sends_nothing_more(artifact: Artifact, tmp_path: 
 
     assert asyncio.run(scenario()) == "abandoned"
     methods = fake.methods()
-    # Keys were exchanged (two SendSecAgg), then silence.
+    # Keys were exchanged (two SendSecAgg) while the artifact downloaded, then silence.
     assert methods.count("SendSecAgg") == 2
-    assert methods[-1] == "SendSecAgg"
+    last_send = len(methods) - 1 - methods[::-1].index("SendSecAgg")
+    assert set(methods[last_send + 1 :]) <= {"FetchArtifact"}
     assert uploads == []
 
 

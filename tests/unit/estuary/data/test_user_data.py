@@ -66,3 +66,26 @@ def test_unsupported_file_type_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"x\.csv"):
         load_user_data(path)
+
+
+def test_binary_files_and_hidden_folders_are_skipped(tmp_path: Path) -> None:
+    # A Python package folder as installed: sources beside their compiled bytecode.
+    (tmp_path / "mod.py").write_text("def f():\n    return 1\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    (cache / "mod.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\x00\x00\x00\x00code\x00\xe3")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / "notes.txt").write_bytes("caf\xe9 latin-1, no NUL".encode("latin-1"))
+
+    data = load_user_data(tmp_path)
+
+    assert data == b"def f():\n    return 1\n\n\ncaf\xe9 latin-1, no NUL"
+    assert b"\x00" not in data
+
+
+def test_folder_of_only_binary_files_says_so(tmp_path: Path) -> None:
+    (tmp_path / "a.pyc").write_bytes(b"\x00\x01\x02")
+
+    with pytest.raises(ValueError, match=rf"{tmp_path}: every file in the data folder is binary"):
+        load_user_data(tmp_path)
