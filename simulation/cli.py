@@ -55,8 +55,14 @@ def simulate_command(
 
     Unless `model.path` names a base, the first run pretrains the preset base once,
     logging its progress, and caches it in `OUT/.cache` for later runs; `time_limit_s`
-    counts the federation only, never that pretraining. A run that commits fewer
-    versions than asked still writes its folder, then says why and exits 7 (incomplete).
+    counts the federation only, never that pretraining.
+
+    The federation's deadlines and `time_limit_s` run on a clock that slows down while
+    other processes hold the cores (measured twice a second from the kernel's scheduler
+    counters), so a busy machine takes longer instead of timing out. The summary says
+    how far along the learning curve the run got. A run that commits fewer versions than
+    asked still writes its folder, then says why and exits 7 (incomplete); one with no
+    version at all prints no score table.
     """
     from estuary.config import ConfigError, load_settings
     from estuary.config.models import SimulationSettings
@@ -123,6 +129,18 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    if summary["versions"] == 0:
+        # Every score would be the base's: no version to score, no client budget for
+        # the baselines. The shortfall (printed next) says why.
+        console.print(
+            f"{run_dir}: no version was committed; base (no adapter) "
+            f"{summary['initial']['union']:.4f} bits/byte, nothing to compare it with.",
+            markup=False,
+            highlight=False,
+        )
+        _print_totals(console, summary)
+        return
     table = Table(title=f"held-out bits/byte on the union of clients ({run_dir})")
     table.add_column("model")
     table.add_column("bits/byte", justify="right")
@@ -134,8 +152,14 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         f"federated (version {summary['versions']} of {summary['versions_target']})",
         f"{summary['final']['union']:.4f}",
     )
-    console = Console()
     console.print(table)
+    progress = summary.get("progress") or {}
+    if progress.get("text"):
+        console.print(progress["text"], markup=False, highlight=False)
+    _print_totals(console, summary)
+
+
+def _print_totals(console: Any, summary: dict[str, Any]) -> None:
     pretrain = summary["pretrain_wall_time_s"]
     console.print(
         f"updates accepted {summary['updates_accepted']}, rejected "
@@ -146,3 +170,12 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         markup=False,
         highlight=False,
     )
+    load = summary.get("machine_load") or {}
+    if load.get("adjusted") and load.get("mean_speed", 1.0) < 0.95:
+        console.print(
+            f"the machine was busy: the federation ran at {load['mean_speed']:.0%} of an idle "
+            f"machine's speed on average ({load['min_speed']:.0%} at worst), and its deadlines "
+            "were stretched to match",
+            markup=False,
+            highlight=False,
+        )

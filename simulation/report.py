@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -264,6 +265,15 @@ class Summary(_SummaryRequired, total=False):
     base_model
         Where the base came from: ``path`` (its Hugging Face directory) and ``source``
         (``"model.path"``, ``"cache"`` or ``"pretrained"``).
+    machine_load
+        How busy the machine was during the federation: ``adjusted`` (the run's clock
+        followed the load, :mod:`simulation.machine_clock`), ``federation_clock_s`` (the
+        federation's seconds on that clock), ``mean_speed`` and ``min_speed`` (clock
+        seconds per wall second: 1 on an idle machine).
+    curve
+        ``{"version", "wall_s", "union"}`` of each scored version, from version 0.
+    progress
+        How far along its curve the run got (:func:`progress_note`).
 
     Keys not listed here are written as given; readers must ignore those they do not
     know.
@@ -279,6 +289,9 @@ class Summary(_SummaryRequired, total=False):
     federation_wall_time_s: float
     pretrain_wall_time_s: float
     base_model: dict[str, str]
+    machine_load: dict[str, Any]
+    curve: list[dict[str, float]]
+    progress: dict[str, Any]
 
 
 #: Keys every summary must have.
@@ -334,6 +347,73 @@ def read_summary(path: str | Path) -> Summary:
     return summary
 
 
+# ------------------------------------------------------------------------ progress
+
+#: Points at the end of the curve over which the recent slope is measured: enough to
+#: average out the version-to-version noise of eight-update aggregates.
+SLOPE_POINTS = 8
+#: Bits/byte per version below which the curve counts as flat: over the 40-80 versions
+#: of a demo that would add up to less than the last digit shown.
+FLAT_SLOPE = 0.001
+
+
+def progress_note(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Return how far along its curve a run got, from its summary's ``curve`` and scores.
+
+    Parameters
+    ----------
+    summary
+        A summary with ``curve`` (``[{"version", "wall_s", "union"}, ...]`` from version
+        0), ``initial`` and optionally ``baselines``.
+
+    Returns
+    -------
+    dict
+        ``versions`` (the last scored), ``gain_over_base`` and, with baselines,
+        ``gain_over_local_only`` (bits/byte the final version is below each; negative:
+        above), ``slope_per_version`` (bits/byte gained per version over the last
+        :data:`SLOPE_POINTS` points; ``None`` with fewer than two), ``still_improving``
+        (slope above :data:`FLAT_SLOPE`), and ``text``: all of it in one sentence.
+    """
+    curve = list(summary.get("curve") or [])
+    base = float(summary["initial"]["union"])
+    final = float(curve[-1]["union"]) if curve else base
+    version = int(curve[-1]["version"]) if curve else 0
+    note: dict[str, Any] = {"versions": version, "gain_over_base": round(base - final, 4)}
+    baselines = summary.get("baselines") or {}
+    local = baselines.get("local_only")
+    if local is not None:
+        note["gain_over_local_only"] = round(float(local["union"]) - final, 4)
+    tail = curve[-SLOPE_POINTS:]
+    slope: float | None = None
+    if len(tail) >= 2 and tail[-1]["version"] > tail[0]["version"]:
+        slope = (float(tail[0]["union"]) - float(tail[-1]["union"])) / (
+            int(tail[-1]["version"]) - int(tail[0]["version"])
+        )
+    note["slope_per_version"] = None if slope is None else round(slope, 5)
+    note["still_improving"] = slope is not None and slope > FLAT_SLOPE
+    if version == 0:
+        note["text"] = "no version committed: the curve did not start"
+        return note
+    parts = [f"version {version}: {base - final:.3f} bits/byte below the base"]
+    if local is not None:
+        gain = float(local["union"]) - final
+        side = "below" if gain >= 0 else "above"
+        parts.append(f"{abs(gain):.3f} {side} local-only at equal client samples")
+    if slope is None:
+        parts.append("too few versions to tell the trend")
+    elif slope > FLAT_SLOPE:
+        parts.append(
+            f"still improving by {slope:.4f} bits/byte per version over the last "
+            f"{int(tail[-1]['version']) - int(tail[0]['version'])} versions: a longer run "
+            "(more versions) goes further"
+        )
+    else:
+        parts.append("the curve has flattened")
+    note["text"] = "; ".join(parts)
+    return note
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -363,6 +443,7 @@ def plot_bpb(
     baselines: Mapping[str, float],
     base: float,
     out_png: str | Path,
+    note: str | None = None,
 ) -> Path:
     """Plot union held-out bits/byte against wall time, with reference lines.
 
@@ -377,6 +458,8 @@ def plot_bpb(
         Union bits/byte of the base without adapter (version 0); a solid grey line.
     out_png
         Output file.
+    note
+        Optional line under the title (how far along the curve the run got).
 
     Raises
     ------
@@ -397,7 +480,10 @@ def plot_bpb(
         )
     axes.set_xlabel("wall time (s)")
     axes.set_ylabel("held-out bits/byte (union)")
-    axes.set_title("Held-out bits/byte of each committed version")
+    title = "Held-out bits/byte of each committed version"
+    if note:
+        title = "\n".join([title, *textwrap.wrap(note, 80)])
+    axes.set_title(title, fontsize="small" if note else None)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="best", fontsize="small")
     return _save(figure, out_png)
@@ -512,6 +598,7 @@ class LiveDisplay:
         self.devices_active = 0
         self.staleness: float | None = None
         self.union_bpb: float | None = None
+        self.speed: float | None = None
         self._elapsed_s: float | None = None
 
     @property
@@ -561,6 +648,7 @@ class LiveDisplay:
         staleness: float | None = None,
         union_bpb: float | None = None,
         elapsed_s: float | None = None,
+        speed: float | None = None,
     ) -> None:
         """Set the fields given (the others keep their values) and redraw.
 
@@ -578,6 +666,9 @@ class LiveDisplay:
             Union held-out bits/byte of the latest scored version.
         elapsed_s
             Seconds since the run started; by default, since the display was made.
+        speed
+            The federation clock's rate (1: an idle machine's speed; 0.25: deadlines
+            stretched fourfold because other processes hold the cores).
         """
         if version is not None:
             self.version = version
@@ -591,6 +682,8 @@ class LiveDisplay:
             self.union_bpb = union_bpb
         if elapsed_s is not None:
             self._elapsed_s = elapsed_s
+        if speed is not None:
+            self.speed = speed
         if not self.enabled or self._closed:
             return
         self._start_live()
@@ -606,10 +699,11 @@ class LiveDisplay:
         stages = " ".join(f"{k}={v}" for k, v in sorted(self.cohorts.items())) or "-"
         staleness = "-" if self.staleness is None else f"{self.staleness:.2f}"
         bpb = "-" if self.union_bpb is None else f"{self.union_bpb:.4f}"
+        speed = "" if self.speed is None else f" | speed {self.speed:.0%}"
         return (
             f"[simulate] versions {self.version}/{self.target_versions} | cohorts {stages} | "
             f"devices {self.devices_active} | staleness {staleness} | bits/byte {bpb} | "
-            f"{self.elapsed_s:.0f} s"
+            f"{self.elapsed_s:.0f} s{speed}"
         )
 
     def _print_line(self) -> None:
@@ -630,6 +724,8 @@ class LiveDisplay:
             "held-out bits/byte", "-" if self.union_bpb is None else f"{self.union_bpb:.4f}"
         )
         table.add_row("elapsed", f"{self.elapsed_s:.1f} s")
+        if self.speed is not None:
+            table.add_row("machine speed", f"{self.speed:.0%} (deadlines stretched to match)")
         bar = ProgressBar(
             total=self.target_versions, completed=min(self.version, self.target_versions)
         )

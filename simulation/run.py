@@ -27,6 +27,7 @@ import copy
 import json
 import logging
 import random
+import re
 import secrets
 import threading
 import time
@@ -43,7 +44,8 @@ from estuary.config.models import (
     SimulationSettings,
 )
 from estuary.data.stdlib import DEFAULT_CLIENT_PACKAGES
-from simulation.report import StalenessHistogram
+from simulation.machine_clock import ContentionProbe, DilatedClock, LoadGovernor, RateStats
+from simulation.report import StalenessHistogram, progress_note
 
 if TYPE_CHECKING:
     from torch import nn
@@ -98,6 +100,8 @@ class RunStats:
     rejected: int = 0
     accepted: int = 0
     cohorts: dict[str, int] = field(default_factory=dict)
+    #: Aborted cohorts by reason, numbers replaced by ``#`` so like reasons add up.
+    abort_reasons: dict[str, int] = field(default_factory=dict)
     staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
     #: Staleness of each member handed a weight, by cohort, until the cohort finishes.
     _assigned: dict[str, dict[int, int]] = field(default_factory=dict, repr=False)
@@ -133,6 +137,8 @@ class RunStats:
             self.cohorts[status] = self.cohorts.get(status, 0) + 1
             if status == "aborted":
                 self.dropouts += int(fields.get("size", 0))
+                reason = re.sub(r"\d+", "#", str(fields.get("reason") or "no reason given"))
+                self.abort_reasons[reason] = self.abort_reasons.get(reason, 0) + 1
 
 
 class _SimObserver:
@@ -296,6 +302,8 @@ class _Watch:
 
     final: Any
     points: list[tuple[float, float]]
+    #: The version scored at each point after the first (version 0).
+    versions_at: list[int] = field(default_factory=list)
     versions: int = 0
     stopped_by: str = "versions"
 
@@ -346,17 +354,39 @@ class Simulation:
     live
         Show the rich live display (a compact line per few seconds without a TTY).
     clock
-        Measures the run: the time limit, the wall times of the summary, the seconds
-        of the curve and the display. The federation itself (coordinator and agents
-        over real sockets) runs on the real clock.
+        The run's clock: ``time_limit_s`` counts on it. ``None`` (what the command
+        uses): a :class:`~simulation.machine_clock.DilatedClock` whose rate a
+        :class:`~simulation.machine_clock.LoadGovernor` sets from the load it measures
+        during the federation, shared with the federation (so its deadlines and the
+        limit stretch while other processes hold the cores), with the wall times of the
+        summary and the curve's seconds on the wall clock. A clock given (tests) measures
+        everything, wall times included.
+    federation_clock
+        What the coordinator, its local worker, the in-memory store and every agent read
+        when ``clock`` is given; default the wall clock. Ignored when ``clock`` is None.
     """
 
     def __init__(
-        self, settings: SimulationSettings, *, live: bool = True, clock: Clock = SYSTEM_CLOCK
+        self,
+        settings: SimulationSettings,
+        *,
+        live: bool = True,
+        clock: Clock | None = None,
+        federation_clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.live = live
-        self.clock = clock
+        self.governor: LoadGovernor | None = None
+        if clock is None:
+            dilated = DilatedClock(SYSTEM_CLOCK)
+            self.governor = LoadGovernor(dilated, ContentionProbe())
+            self.clock: Clock = dilated
+            self.wall: Clock = SYSTEM_CLOCK
+            self.federation_clock: Clock = dilated
+        else:
+            self.clock = self.wall = clock
+            self.federation_clock = SYSTEM_CLOCK if federation_clock is None else federation_clock
+        self.load = RateStats()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_id = f"{stamp}-s{settings.seed}-{secrets.token_hex(2)}"
         self.run_dir = settings.out_dir / self.run_id
@@ -370,42 +400,52 @@ class Simulation:
         """Set up, federate until the versions (or the time limit), tear down, report."""
         from simulation.report import LiveDisplay, MetricsLog
 
-        clock = self.clock
-        started = clock.monotonic()
+        wall = self.wall
+        started = wall.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=False)
         config_path = _write_config(self.settings, self.run_dir)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", clock=clock.monotonic)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", clock=wall.monotonic)
         try:
             setup = await self._setup(metrics)
             # The federation's clock starts here: pretraining the base (in the set-up)
             # is a one-off that neither the time limit nor the federation's time counts.
-            federation_started = clock.monotonic()
-            server = await self._start_coordinator(setup, metrics)
-            fleet = _Fleet()
+            federation_started = wall.monotonic()
+            if self.governor is not None:
+                self.governor.start()
             try:
-                await self._start_agents(setup, server, fleet)
-                metrics.event("setup", phase="agents", clients=len(fleet.agents))
-                display = LiveDisplay(
-                    enabled=self.live,
-                    target_versions=self.settings.versions,
-                    clock=clock.monotonic,
-                )
+                server = await self._start_coordinator(setup, metrics)
+                fleet = _Fleet()
                 try:
-                    watch = await self._watch(
-                        setup, server.service, fleet, display, federation_started
+                    await self._start_agents(setup, server, fleet)
+                    metrics.event("setup", phase="agents", clients=len(fleet.agents))
+                    display = LiveDisplay(
+                        enabled=self.live,
+                        target_versions=self.settings.versions,
+                        clock=wall.monotonic,
                     )
+                    try:
+                        watch = await self._watch(setup, server.service, fleet, display)
+                    finally:
+                        display.close()
                 finally:
-                    display.close()
+                    await fleet.stop()
+                    await server.stop(grace=1.0)
             finally:
-                await fleet.stop()
-                await server.stop(grace=1.0)
-            federation_s = clock.monotonic() - federation_started
+                if self.governor is not None:
+                    self.load = self.governor.stop()
+            federation_s = wall.monotonic() - federation_started
             summary = self._summary(setup, fleet, watch, config_path, federation_s)
-            if self.settings.baselines:
+            if self.settings.baselines and watch.versions == 0:
+                # No version: every client's budget is what it trained before the end,
+                # and nothing federated to compare with. Say so rather than print scores
+                # that all equal the base's.
+                summary["baselines"] = None
+            elif self.settings.baselines:
                 summary["baselines"] = await asyncio.to_thread(
                     self._baselines, setup, fleet.steps(self.settings.training.local_steps)
                 )
-            summary["wall_time_s"] = round(clock.monotonic() - started, 1)
+            summary["progress"] = progress_note(summary)
+            summary["wall_time_s"] = round(wall.monotonic() - started, 1)
             self._write_outputs(summary, watch.points)
             metrics.event("done", wall_time_s=summary["wall_time_s"])
         finally:
@@ -428,11 +468,19 @@ class Simulation:
         state = settings.state.model_copy(
             update={"key_prefix": f"{settings.state.key_prefix}sim:{self.run_id}:"}
         )
-        store = open_state_store(state)
+        if state.url == "memory://":
+            from estuary.state.memory import MemoryStore
+
+            # Leases, job idle times and stream ids on the federation's clock: on the
+            # wall clock a store would expire a lease the coordinator, slowed down with
+            # its clock on a busy machine, still renews in time by its own count.
+            store: Any = MemoryStore(clock=self.federation_clock.time)
+        else:
+            store = open_state_store(state)
         store.ping()  # a Redis URL that does not answer fails here, before any work
         metrics.event("setup", phase="base")
         base, base_info = load_or_pretrain_base(
-            settings, settings.out_dir / ".cache", clock=self.clock
+            settings, settings.out_dir / ".cache", clock=self.wall
         )
         metrics.event(
             "setup",
@@ -467,6 +515,8 @@ class Simulation:
 
     async def _start_coordinator(self, setup: _Setup, metrics: Any) -> Any:
         """Start the in-process coordinator with its local worker."""
+        from functools import partial
+
         from cloud_workers.local import local_worker
         from coordinator.server import CoordinatorServer
         from estuary.state.blobs import BlobStore
@@ -477,9 +527,12 @@ class Simulation:
             blobs=BlobStore(self.run_dir / "blobs", fsync=False),
             base=setup.base,
             observer=_SimObserver(metrics, self.stats),
-            # Artifacts carry the ONNX export, as deployed workers' do: it runs in an
-            # exporter process (estuary.onnx_export), clear of the agents training here.
-            local_worker=local_worker,
+            # Artifacts without the ONNX export: simulated devices train and never serve,
+            # and the export (tens of seconds per version in an exporter process) made
+            # each version's artifact lag several versions behind the head, so devices
+            # kept training on version 0 while versions committed.
+            local_worker=partial(local_worker, onnx=False, clock=self.federation_clock),
+            clock=self.federation_clock,
         )
         await server.start()
         return server
@@ -508,22 +561,22 @@ class Simulation:
                 max_backoff_s=5.0,
                 hooks=AgentHooks(drop=drop),
                 seed=settings.seed * 1000 + i,
+                clock=self.federation_clock,
             )
             token = server.service.registry.issue_token(device_class=device_class)
             await agent.enroll(token, device_class)
             fleet.add(client.name, agent)
         fleet.start()
 
-    async def _watch(
-        self, setup: _Setup, service: Any, fleet: _Fleet, display: Any, started: float
-    ) -> _Watch:
+    async def _watch(self, setup: _Setup, service: Any, fleet: _Fleet, display: Any) -> _Watch:
         """Score each new version until the target version or the time limit.
 
-        ``started`` is when the federation started (on :attr:`clock`): the time limit
-        and the curve's seconds count from there.
+        The time limit counts on the federation's :attr:`clock`, the curve's seconds on
+        the wall clock, both from now (the coordinator and the agents have started).
         """
         settings = self.settings
-        clock = self.clock
+        clock, wall = self.clock, self.wall
+        started, wall_started = clock.monotonic(), wall.monotonic()
         watch = _Watch(final=setup.initial, points=[(0.0, setup.initial.union)])
         while True:
             await clock.sleep_async(WATCH_INTERVAL_S)
@@ -536,7 +589,8 @@ class Simulation:
                 devices_active=snapshot["devices_active"],
                 staleness=self.stats.staleness.mean or 0.0,
                 union_bpb=watch.final.union,
-                elapsed_s=clock.monotonic() - started,
+                elapsed_s=wall.monotonic() - wall_started,
+                speed=getattr(clock, "rate", None),
             )
             if head is not None and version > watch.versions:
                 watch.versions = version
@@ -544,7 +598,8 @@ class Simulation:
                 watch.final = await asyncio.to_thread(
                     setup.held_out.score, setup.edge_base, adapter
                 )
-                watch.points.append((clock.monotonic() - started, watch.final.union))
+                watch.points.append((wall.monotonic() - wall_started, watch.final.union))
+                watch.versions_at.append(version)
                 setup.metrics.event(
                     "eval",
                     version=version,
@@ -592,29 +647,64 @@ class Simulation:
             "bytes_down_per_client": fleet.per_client(lambda a: a.bytes_down),
             "tasks_per_client": fleet.per_client(lambda a: a.tasks_done),
             "federation_wall_time_s": round(federation_s, 1),
+            "machine_load": self._load_json(),
+            "curve": [
+                {"version": v, "wall_s": round(t, 1), "union": u}
+                for v, (t, u) in zip([0, *watch.versions_at], watch.points, strict=True)
+            ],
             "pretrain_wall_time_s": round(setup.base_info.pretrain_s, 1),
             "base_model": {"path": str(setup.base_info.path), "source": setup.base_info.source},
+        }
+
+    def _load_json(self) -> dict[str, Any]:
+        """How busy the machine was during the federation (see :mod:`simulation.machine_clock`)."""
+        load = self.load
+        return {
+            "adjusted": self.governor is not None,
+            "federation_clock_s": round(load.clock_s, 1),
+            "mean_speed": round(load.mean_rate, 3),
+            "min_speed": round(load.min_rate, 3),
         }
 
     def _shortfall(self, watch: _Watch) -> str | None:
         """Say why the run committed fewer versions than asked; None if it did not.
 
         The watch loop stops short of the target only at the time limit (an agent that
-        fails raises instead), so the reason is always the limit; what the federation got
-        done by then tells the user which knob to turn.
+        fails raises instead), so the limit is always what stopped it; what the federation
+        got done by then (and why cohorts aborted, the usual cause of no version at all)
+        tells the user which knob to turn.
         """
         settings = self.settings
         if watch.versions >= settings.versions:
             return None
         stats = self.stats
         finished = ", ".join(f"{n} {s}" for s, n in sorted(stats.cohorts.items())) or "none"
+        load = self.load
+        speed = (
+            f" The machine ran the federation at {load.mean_rate:.0%} of an idle machine's "
+            f"speed on average ({load.min_rate:.0%} at worst): its clock stretched the "
+            "deadlines by as much."
+            if self.governor is not None and load.samples
+            else ""
+        )
+        aborts = "; ".join(
+            f"{n}× {reason}"
+            for reason, n in sorted(stats.abort_reasons.items(), key=lambda kv: -kv[1])
+        )
+        why = f" Cohorts aborted: {aborts}." if aborts else ""
+        headline = (
+            "no version was committed, so there is nothing federated to compare"
+            if watch.versions == 0
+            else f"committed {watch.versions} of {settings.versions} versions"
+        )
         return (
-            f"committed {watch.versions} of {settings.versions} versions: the time limit "
-            f"(time_limit_s = {settings.time_limit_s:g} s of federation; pretraining the base "
-            f"is not counted) ran out. Updates accepted: {stats.accepted} (a version needs "
+            f"{headline}: the time limit (time_limit_s = {settings.time_limit_s:g} s of "
+            f"federation on the run's clock; pretraining the base is not counted) ran out. "
+            f"Updates accepted: {stats.accepted} (a version needs "
             f"aggregation.buffer_size = {settings.aggregation.buffer_size}); cohorts finished: "
-            f"{finished}; dropouts: {stats.dropouts}; updates rejected: {stats.rejected}. "
-            "Raise time_limit_s or lower versions; metrics.jsonl has every event."
+            f"{finished}; dropouts: {stats.dropouts}; updates rejected: {stats.rejected}."
+            f"{why}{speed} Raise time_limit_s (or the cohort deadlines) or lower versions; "
+            "metrics.jsonl has every event."
         )
 
     def _baselines(self, setup: _Setup, steps: dict[str, int]) -> dict[str, Any]:
@@ -660,13 +750,14 @@ class Simulation:
         baselines = {
             name: float(summary["baselines"][name]["union"])
             for name in ("local_only", "centralized")
-            if "baselines" in summary
+            if summary.get("baselines")
         }
         plot_bpb(
             points,
             baselines=baselines,
             base=float(summary["initial"]["union"]),
             out_png=self.run_dir / "bits_per_byte.png",
+            note=summary["progress"]["text"],
         )
         plot_staleness(
             summary["staleness_histogram"],

@@ -20,6 +20,7 @@ from simulation.report import (
     Summary,
     plot_bpb,
     plot_staleness,
+    progress_note,
     read_events,
     read_summary,
     staleness_figure,
@@ -328,3 +329,63 @@ def test_live_display_checks_arguments() -> None:
         LiveDisplay(target_versions=0)
     with pytest.raises(ValueError, match="min_interval_s"):
         LiveDisplay(target_versions=1, min_interval_s=-1)
+
+
+# ------------------------------------------------------------------------ progress
+
+
+def _curve(unions: list[float]) -> list[dict[str, float]]:
+    return [{"version": v, "wall_s": 10.0 * v, "union": u} for v, u in enumerate(unions)]
+
+
+def test_progress_says_how_far_below_local_only_and_whether_still_improving() -> None:
+    unions = [3.2 - 0.01 * v for v in range(41)]  # 0.01 bits/byte per version, steadily
+    summary = {
+        "initial": {"union": 3.2},
+        "curve": _curve(unions),
+        "baselines": {"local_only": {"union": 2.95}},
+    }
+
+    note = progress_note(summary)
+
+    assert note["versions"] == 40
+    assert note["gain_over_base"] == pytest.approx(0.4)
+    assert note["gain_over_local_only"] == pytest.approx(0.15)
+    assert note["slope_per_version"] == pytest.approx(0.01)
+    assert note["still_improving"] is True
+    assert note["text"].startswith(
+        "version 40: 0.400 bits/byte below the base; 0.150 below local-only at equal client "
+        "samples; still improving by 0.0100 bits/byte per version"
+    )
+
+
+def test_progress_of_a_flat_curve_behind_local_only() -> None:
+    summary = {
+        "initial": {"union": 3.0},
+        "curve": _curve([3.0, 2.95, *[2.9] * 10]),
+        "baselines": {"local_only": {"union": 2.8}},
+    }
+
+    note = progress_note(summary)
+
+    assert note["gain_over_local_only"] == pytest.approx(-0.1)
+    assert note["still_improving"] is False
+    assert "0.100 above local-only" in note["text"] and "flattened" in note["text"]
+
+
+def test_progress_without_a_version() -> None:
+    note = progress_note({"initial": {"union": 3.0}, "curve": _curve([3.0]), "baselines": None})
+
+    assert note["versions"] == 0 and note["slope_per_version"] is None
+    assert note["text"] == "no version committed: the curve did not start"
+
+
+def test_plot_bpb_with_a_note_writes_a_png(tmp_path: Path) -> None:
+    out = plot_bpb(
+        [(0.0, 3.0), (5.0, 2.9)],
+        baselines={"local_only": 2.95},
+        base=3.0,
+        out_png=tmp_path / "bpb.png",
+        note="version 1: 0.100 bits/byte below the base; " * 4,
+    )
+    assert out.read_bytes().startswith(b"\x89PNG")

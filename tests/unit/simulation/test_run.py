@@ -149,12 +149,18 @@ def test_a_short_run_says_why_and_exits_incomplete(
     assert int(ExitCode.INCOMPLETE) == 7
     assert summary["versions"] == 0 and summary["versions_target"] == 1
     reason = summary["shortfall"]
-    assert reason.startswith("committed 0 of 1 versions: the time limit (time_limit_s = 20 s")
+    assert reason.startswith(
+        "no version was committed, so there is nothing federated to compare: the time limit "
+        "(time_limit_s = 20 s"
+    )
     assert "pretraining the base is not counted" in reason
     assert f"Updates accepted: {summary['updates_accepted']} (a version needs" in reason
     assert f"aggregation.buffer_size = {BUFFER})" in reason
     out, err = capsys.readouterr()
-    assert "federated (version 0 of 1)" in out
+    # No table of scores that would all equal the base's: the run says there is none.
+    assert "federated (version" not in out and "local-only" not in out
+    assert "no version was committed" in " ".join(out.split())
+    assert summary["progress"]["text"] == "no version committed: the curve did not start"
     assert "one-off pretraining of the base 5000.0 s" in " ".join(out.split())
     assert reason.split(":")[0] in " ".join(err.split())
 

@@ -112,3 +112,27 @@ def test_histogram_total_is_always_the_accepted_count(
 
     assert stats.staleness.total == stats.accepted
     assert stats.staleness.as_dict() == dict(sorted(expected.items()))
+
+
+def test_aborted_cohorts_are_counted_by_reason(tmp_path: Path) -> None:
+    observer, stats, metrics = _observer(tmp_path)
+    for cohort_id, answered in (("a", 1), ("b", 2)):
+        observer.event(
+            "cohort_finished",
+            cohort_id=cohort_id,
+            status="aborted",
+            size=8,
+            survivors=0,
+            reason=f"{answered} clients answered ADVERTISE_KEYS, threshold 6",
+        )
+    observer.event("cohort_finished", cohort_id="c", status="aborted", size=4, survivors=0)
+    observer.event(
+        "cohort_finished", cohort_id="d", status="completed", size=4, survivors=4, reason=""
+    )
+    metrics.close()
+
+    # Like reasons add up whatever their numbers; a reason missing is said to be missing.
+    assert stats.abort_reasons == {
+        "# clients answered ADVERTISE_KEYS, threshold #": 2,
+        "no reason given": 1,
+    }
