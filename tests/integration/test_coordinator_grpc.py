@@ -764,7 +764,8 @@ def test_groups_mode_leaves_cloud_jobs_to_worker_groups(base: Any, tmp_path: Pat
         device = Device(edge_pb2_grpc.EdgeServiceStub(channel(thread.address)))
         device.enroll(thread.server.service.registry.issue_token(), "laptop")
         time.sleep(1.0)  # a local worker, had one been started, would have taken jobs by now
-        jobs = len(thread.server.service.settings.device_classes) + 1  # artifacts, evaluate
+        # Per class its artifacts, then the evaluation and the ONNX export for serving.
+        jobs = len(thread.server.service.settings.device_classes) + 2
         assert store.stream_length(JOB_STREAM) == jobs
         assert store.scan(RESULT_PREFIX) == {}
         assert store.pending(JOB_STREAM, CONSUMER_GROUP) == []
