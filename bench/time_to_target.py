@@ -86,8 +86,8 @@ def scale_check(devices: int, updates: int, *, seed: int, workers: int) -> dict[
         seq_len=16,
         eval_windows=1,
         buffer_size=100,
-        # Pacer cap 600: members in key exchange and unmasking count against the cap
-        # too, and at a cap of 500 only 460 trained at once.
+        # Pacer cap 600: members of forming cohorts and in key exchange count against
+        # the cap too (members waiting to unmask do not), so a cap of 500 trains fewer.
         target_staleness=6.0,
         cohort_min=10,
         cohort_max=20,

@@ -2,11 +2,14 @@
 
 GetTask admits the device into the forming cohort of its class (answering Pace until the
 cohort is sealed), then returns the Task. The pacer (:mod:`coordinator.pacing`) decides
-whether there is room; a cohort is sealed once it has ``max_size`` devices, or
-``min_size`` devices for ``formation_s`` seconds. Sealing deletes the forming record with
-a versioned delete, so of two replicas sealing the same cohort exactly one writes the
-sealed :class:`~coordinator.cohorts.CohortRecord`, the members' assignments and the
-entry in the active set.
+whether there is room (it counts the devices admitted whose update is still to come:
+members of forming cohorts and members not yet past the share relay, see
+:meth:`~coordinator.cohort_book.CohortBook.training_devices`); a cohort is sealed once it
+has ``max_size`` devices, or ``min_size`` devices for ``formation_s`` seconds, or
+``min_size`` devices while the pacer is at its cap (no one else can join). Sealing
+deletes the forming record with a versioned delete, so of two replicas sealing the same
+cohort exactly one writes the sealed :class:`~coordinator.cohorts.CohortRecord`, the
+members' assignments and the entry in the active set.
 
 Work is only handed out if it can count. A cohort trains on the newest edge artifact
 built for its class, and an update more than ``aggregation.max_staleness`` versions
@@ -156,7 +159,7 @@ class Admission:
             return self._pace(self.pacer.retry_after_min_s * 2, self._no_artifact(device_class))
         decision = decide(
             self.pacer,
-            active=self._book.active_devices(),
+            active=self._book.training_devices(),
             expected_task_s=self._classes[device_class].expected_task_s,
             fastest_task_s=self._fastest,
         )
@@ -209,6 +212,7 @@ class Admission:
         def add(record: CohortRecord) -> CohortRecord | None:
             return None if record.is_abandoned(index) else record.with_abandoned(index)
 
+        self._book.stop_training(cohort_id, index)
         if self._book.update(cohort_id, add) is not None:
             log.info("cohort %s: member %d abandoned its task", cohort_id, index)
             self._observer.event("member_abandoned", cohort_id=cohort_id, member=index)
@@ -226,7 +230,11 @@ class Admission:
                 device.device_id, identity_key=device.public_key, min_size=cohort.min_size, now=now
             )
 
-        self._book.update_forming(device_class, join)
+        joined = self._book.update_forming(device_class, join)
+        if joined is not None and device.device_id in joined.members:
+            # Its index in the forming cohort is its member index once sealed.
+            index = joined.members.index(device.device_id)
+            self._book.start_training(joined.cohort_id, index, now=now)
 
     def _wait_for_seal(self, device: Device, device_class: str) -> TaskOffer | PaceOffer:
         self.maybe_seal(device_class)
@@ -247,8 +255,12 @@ class Admission:
     # ------------------------------------------------------------------ sealing
 
     def seal_ready(self) -> None:
-        """Seal every forming cohort that is ready (the tick's first step)."""
-        for device_class in self._book.forming_classes():
+        """Seal every forming cohort that is ready (the tick's first step).
+
+        Reads the forming cohort of each configured class (one read each), not a scan of
+        the store's keys: a scan costs as much as the whole keyspace, devices included.
+        """
+        for device_class in self._classes:
             self.maybe_seal(device_class)
 
     def maybe_seal(self, device_class: str) -> str | None:
@@ -262,7 +274,7 @@ class Admission:
         now = self._clock.time()
         full_at = now if forming.full_at is None else forming.full_at
         ready = n >= cohort.max_size or (
-            n >= cohort.min_size and now - full_at >= cohort.formation_s
+            n >= cohort.min_size and (now - full_at >= cohort.formation_s or self._pacer_full())
         )
         if not ready:
             return None
@@ -321,6 +333,15 @@ class Admission:
             "cohort_sealed", cohort_id=cohort_id, device_class=device_class, size=n, version=version
         )
         return cohort_id
+
+    def _pacer_full(self) -> bool:
+        """Whether the pacer admits no one now: a forming cohort can gain no member.
+
+        ``formation_s`` keeps a cohort that has ``min_size`` devices open for more; while
+        the concurrency cap is reached no device is admitted, so the wait would only hold
+        its members idle (and their pacer slots unused): it is sealed at once instead.
+        """
+        return self._book.training_devices() >= self.pacer.max_concurrency
 
     # ------------------------------------------------------------------ tasks
 

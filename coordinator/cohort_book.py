@@ -9,6 +9,12 @@ Key layout (the records are :mod:`coordinator.cohorts`' typed records):
   insert-if-absent and changed only by compare-and-set (:meth:`CohortBook.update`).
 - ``assign/<device>``: the :class:`~coordinator.cohorts.Assignment` a device holds.
 - ``cohorts-active``: sorted set of sealed, unfinished cohort ids (score: sealed at).
+- ``cohorts-training``: sorted set of the admitted members whose update is still to come,
+  as ``<cohort>/<member index>`` (score: admitted at): added when a device joins a forming
+  cohort (its index there is its index in the sealed cohort), removed when its staleness
+  weight is fixed or refused (it has trained and is about to upload), when it abandons
+  its task, and, for every member, when its cohort is folded in. Its size is what the
+  pacer caps (:meth:`CohortBook.training_devices`): one O(1) read, not a scan.
 - ``seen/<cohort>/<member>``: when a member last showed it is alive (heartbeat, share
   relay), as Unix seconds from the injected clock; the tick's silence rule reads it.
 
@@ -39,10 +45,20 @@ from estuary.state.errors import VersionConflict
 from estuary.state.keys import FORMING_PREFIX, cohort_key
 from secure_agg import Server
 
-__all__ = ["ACTIVE_COHORTS", "ASSIGN_PREFIX", "FORMING_PREFIX", "SEEN_PREFIX", "CohortBook"]
+__all__ = [
+    "ACTIVE_COHORTS",
+    "ASSIGN_PREFIX",
+    "FORMING_PREFIX",
+    "SEEN_PREFIX",
+    "TRAINING_MEMBERS",
+    "CohortBook",
+]
 
 ASSIGN_PREFIX = "assign/"
 ACTIVE_COHORTS = "cohorts-active"
+TRAINING_MEMBERS = "cohorts-training"
+#: Parsed cohort records kept per replica (cleared when full: finished cohorts go).
+_PARSED_MAX = 4096
 SEEN_PREFIX = "seen/"
 
 
@@ -56,6 +72,10 @@ def _forming_key(device_class: str) -> str:
 
 def _seen_key(cohort_id: str, index: int) -> str:
     return f"{SEEN_PREFIX}{cohort_id}/{index}"
+
+
+def _member(cohort_id: str, index: int) -> str:
+    return f"{cohort_id}/{index}"
 
 
 class CohortBook:
@@ -73,15 +93,31 @@ class CohortBook:
         self.store = store
         self.clock = clock
         self._cohorts: dict[str, ReplicatedCohort] = {}
+        self._parsed: dict[str, tuple[bytes, CohortRecord]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ sealed cohorts
 
     def record(self, cohort_id: str) -> CohortRecord | None:
-        """Return the sealed cohort ``cohort_id``, or None if there is none."""
+        """Return the sealed cohort ``cohort_id``, or None if there is none.
+
+        The record is read every time; it is parsed only when its bytes changed since
+        this replica last parsed it (every poll, upload and heartbeat of a member reads
+        it, and a record with its members' identity keys takes milliseconds to parse).
+        """
         key = cohort_key(cohort_id)
         rec = self.store.get(key)
-        return None if rec is None else CohortRecord.from_json(rec.value, where=key)
+        if rec is None:
+            return None
+        cached = self._parsed.get(cohort_id)
+        if cached is not None and cached[0] == rec.value:
+            return cached[1]
+        record = CohortRecord.from_json(rec.value, where=key)
+        with self._lock:
+            if len(self._parsed) >= _PARSED_MAX:  # cohorts another replica finished
+                self._parsed.clear()
+            self._parsed[cohort_id] = (rec.value, record)
+        return record
 
     def create(self, record: CohortRecord) -> bool:
         """Store a newly sealed cohort; False if its id is taken (nothing written)."""
@@ -127,6 +163,7 @@ class CohortBook:
         """Drop the cached state of a finished cohort."""
         with self._lock:
             self._cohorts.pop(cohort_id, None)
+            self._parsed.pop(cohort_id, None)
 
     def membership(self, device: Device, cohort_id: str) -> tuple[CohortRecord, int]:
         """Return the cohort record and the device's member index, or refuse.
@@ -188,8 +225,11 @@ class CohortBook:
 
     def update_forming(
         self, device_class: str, change: Callable[[FormingCohort | None], FormingCohort | None]
-    ) -> None:
-        """Apply ``change`` to the forming cohort of ``device_class`` with compare-and-set."""
+    ) -> FormingCohort | None:
+        """Apply ``change`` to the forming cohort of ``device_class`` with compare-and-set.
+
+        Return the stored result, or None when ``change`` left the record as it was.
+        """
         key = _forming_key(device_class)
 
         def apply(current: bytes | None) -> bytes | None:
@@ -197,7 +237,8 @@ class CohortBook:
             changed = change(forming)
             return None if changed is None else changed.to_json()
 
-        self.store.update(key, apply)
+        stored = self.store.update(key, apply)
+        return None if stored is None else FormingCohort.from_json(stored, where=key)
 
     def seal_forming(self, device_class: str, *, expected_version: int) -> bool:
         """Delete the forming cohort if unchanged since read: the seal; False if lost."""
@@ -284,8 +325,32 @@ class CohortBook:
 
     # ------------------------------------------------------------------ counting
 
+    def start_training(self, cohort_id: str, index: int, *, now: float) -> None:
+        """Count member ``index`` of a (forming) cohort as training, from ``now``."""
+        self.store.zadd(TRAINING_MEMBERS, {_member(cohort_id, index): now})
+
+    def stop_training(self, cohort_id: str, *indices: int) -> None:
+        """Stop counting these members as training (repeats are harmless)."""
+        if indices:
+            self.store.zrem(TRAINING_MEMBERS, *(_member(cohort_id, i) for i in indices))
+
+    def training_devices(self) -> int:
+        """Devices admitted whose update is still to come: what the pacer caps.
+
+        Members of forming cohorts, and members of sealed cohorts whose staleness weight
+        is not yet fixed (they have not trained, or not asked for the share relay) and who
+        have not abandoned their task. A member that already has its weight is waiting for
+        its cohort to unmask: it trains nothing and its staleness is settled, so it takes
+        no pacer slot. One store call (a sorted set's size), however many cohorts run.
+        """
+        return self.store.zcard(TRAINING_MEMBERS)
+
     def active_devices(self) -> int:
-        """Devices admitted and not finished: in forming cohorts and active cohorts."""
+        """Devices admitted and not finished: in forming cohorts and active cohorts.
+
+        A scan of every forming and active cohort, for metrics; the pacer reads
+        :meth:`training_devices`.
+        """
         count = sum(len(forming.members) for forming in self.all_forming())
         for cohort_id in self.active_ids():
             record = self.record(cohort_id)

@@ -155,6 +155,8 @@ class SecAggRelay:
                     f"(limit {self._policy.max_staleness})"
                 )
                 reason = str(exc)
+        # Trained, about to upload or refused: either way no longer training.
+        self._book.stop_training(record.cohort_id, index)
         if refusal:
             key = (record.cohort_id, index)
             if key not in self._rejected:  # a refused member may poll again: count it once

@@ -252,6 +252,7 @@ class Ticker:
                 survivors=len(result.survivors) if result is not None else 0,
                 reason=cohort.abort_reason or "",
             )
+        self._book.stop_training(cohort_id, *range(record.size))
         for index, device_id in enumerate(record.members):
             self._book.clear_assignment(device_id, cohort_id)
             self._book.clear_seen(cohort_id, index)

@@ -274,7 +274,8 @@ class CohortSettings(Section):
         ge=0,
         description=(
             "Seconds a cohort that has min_size devices stays open for more before it is "
-            "sealed (it is sealed at once when it reaches max_size)."
+            "sealed (it is sealed at once when it reaches max_size, or while the pacer is "
+            "at its concurrency cap and so admits no one who could join)."
         ),
     )
     silence_s: float = Field(

@@ -64,16 +64,21 @@ class FleetConfig:
     staleness_a: float = 0.5
     max_staleness: int = 20
     target_staleness: float = 3.0
-    retry_after_s: float = 5.0
+    # The timings below are the product's defaults (pacing.retry_after_min_s,
+    # cohort.formation_s, cohort.silence_s, the edge agent's heartbeat): the simulator
+    # measures the system as shipped. Longer ones cost Estuary seconds per task where a
+    # task trains for seconds (issue 13: a 5 s poll while the cohort seals, 10 s of
+    # formation, 60 s to notice a silent member).
+    retry_after_s: float = 1.0
     idle_checkin_s: float = 120.0
     cohort_min: int = 5
     cohort_max: int = 10
-    formation_s: float = 10.0
+    formation_s: float = 5.0
     threshold_fraction: float = 0.6
     deadline_s: float = 900.0
     key_timeout_s: float = 60.0
-    silence_s: float = 60.0
-    heartbeat_s: float = 20.0
+    silence_s: float = 30.0
+    heartbeat_s: float = 5.0
     clip_norm: float = 1.0
     tick_s: float = 1.0
     sync_clients: int = 20

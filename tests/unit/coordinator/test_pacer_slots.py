@@ -1,0 +1,247 @@
+"""What the pacer counts, and when a forming cohort stops waiting for more members.
+
+The pacer caps the devices whose update is still to come (``K × target_staleness``). A
+member whose staleness weight is fixed at the share relay has trained: waiting for its
+cohort to unmask, it holds no slot. While the cap is reached nobody can join a forming
+cohort, so one that has ``min_size`` members is sealed without waiting ``formation_s``.
+The count is one store call, however many cohorts run (issue 13: a full scan of every
+forming and active cohort on each GetTask cost 308 ms per update at 10 000 devices).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from service_fixtures import Fed, tasks_for
+from test_request_round_trips import CountingStore
+from torch import nn
+
+from coordinator.service import PaceOffer, TaskOffer
+from secure_agg import Stage
+
+COHORT = {
+    "min_size": 3,
+    "max_size": 3,
+    "threshold_fraction": 0.6,
+    "formation_s": 0.0,
+    "deadline_s": 600.0,
+    "key_timeout_s": 60.0,
+    "bits": 32,
+    "clip_norm": 1.0,
+}
+
+
+def _to_share_relay(fed: Fed, offers: list[TaskOffer], devices: list[Any]) -> dict[int, Any]:
+    """Exchange keys in one cohort; return each member's client, by member index."""
+    service = fed.service
+    cohort_id = offers[0].cohort_id
+    by_index = {o.member_index: d for o, d in zip(offers, devices, strict=True)}
+    clients = {o.member_index: fed.client(o, by_index[o.member_index]) for o in offers}
+    for i, client in clients.items():
+        service.send_secagg(
+            by_index[i], cohort_id, Stage.ADVERTISE_KEYS, client.advertise().encode()
+        )
+    for i, client in clients.items():
+        reply = service.poll_secagg(by_index[i], cohort_id, Stage.ADVERTISE_KEYS)
+        assert reply is not None and reply.stage is Stage.SHARE_KEYS
+        out = client.handle(reply.payload)
+        assert out is not None
+        service.send_secagg(by_index[i], cohort_id, Stage.SHARE_KEYS, out.encode())
+    return by_index
+
+
+def test_a_member_past_the_share_relay_frees_its_pacer_slot(tmp_path: Any, base: nn.Module) -> None:
+    # Prepare: cap 3 (K = 3, target staleness 1): one cohort of 3 fills it.
+    fed = Fed(
+        tmp_path,
+        base,
+        pacing={"target_staleness": 1.0, "retry_after_min_s": 0.5},
+        cohort=COHORT,
+    )
+    assert fed.service.pacer.max_concurrency == 3
+    devices = [fed.device("laptop") for _ in range(3)]
+    offers = tasks_for(fed, devices)
+    by_index = _to_share_relay(fed, offers, devices)
+    late = fed.device("laptop")
+    paced = fed.service.get_task(late)
+    assert isinstance(paced, PaceOffer) and "cap 3" in paced.reason
+    assert fed.service.cohorts.training_devices() == 3
+
+    # Execute: member 0 trained and asks for the share relay (its weight is fixed now).
+    reply = fed.service.poll_secagg(by_index[0], offers[0].cohort_id, Stage.SHARE_KEYS)
+    assert reply is not None and reply.stage is Stage.MASKED_INPUT and reply.weight > 0
+
+    # Assert: its slot is free while its cohort still runs; the next device is admitted.
+    assert fed.service.cohort_stage(offers[0].cohort_id) is Stage.MASKED_INPUT
+    assert fed.service.cohorts.training_devices() == 2
+    admitted = fed.service.get_task(late)
+    assert isinstance(admitted, PaceOffer) and "waiting for the cohort to fill" in admitted.reason
+    assert late.device_id in fed.service.cohorts.forming("laptop")[0].members  # type: ignore[index]
+    assert fed.service.cohorts.training_devices() == 3
+
+
+def test_finishing_or_abandoning_a_task_frees_its_slot(tmp_path: Any, base: nn.Module) -> None:
+    fed = Fed(
+        tmp_path,
+        base,
+        pacing={"target_staleness": 2.0, "retry_after_min_s": 0.5},
+        cohort=COHORT,
+    )
+    devices = [fed.device("laptop") for _ in range(3)]
+    offers = tasks_for(fed, devices)
+    _to_share_relay(fed, offers, devices)
+    assert fed.service.cohorts.training_devices() == 3
+
+    # A member that asks for new work mid-task abandons it: its slot goes, a new one
+    # (in a forming cohort) comes.
+    again = fed.service.get_task(devices[1])
+    assert isinstance(again, PaceOffer)
+    assert fed.service.cohorts.training_devices() == 3
+    # The others are silent; the upload deadline aborts the cohort and the tick folds it
+    # in: every one of its members' slots goes, the re-admitted device's stays.
+    fed.clock.advance(601.0)
+    fed.service.tick()
+    fed.service.tick()
+    assert fed.service.cohort_stage(offers[0].cohort_id) is Stage.ABORTED
+    assert fed.service.cohorts.training_devices() == 1
+    assert fed.service.cohorts.active_devices() == 1
+
+
+def test_a_cohort_at_min_size_is_sealed_at_once_while_the_pacer_is_full(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    # Prepare: cap 3, cohorts of 3 to 5 that would stay open 1000 s for more members.
+    cohort = {**COHORT, "max_size": 5, "formation_s": 1000.0}
+    fed = Fed(
+        tmp_path, base, pacing={"target_staleness": 1.0, "retry_after_min_s": 0.5}, cohort=cohort
+    )
+    devices = [fed.device("laptop") for _ in range(3)]
+
+    # Execute: three devices fill the pacer; nobody else can be admitted.
+    first = [fed.service.get_task(d) for d in devices]
+    offers = [fed.service.get_task(d) for d in devices]
+
+    # Assert: sealed with 3 members, no 1000 s wait (no virtual time passed at all).
+    assert all(isinstance(o, PaceOffer) for o in first[:2])
+    assert all(isinstance(o, TaskOffer) for o in offers), offers
+    assert len({o.cohort_id for o in offers if isinstance(o, TaskOffer)}) == 1
+    assert fed.service.cohorts.forming("laptop") is None
+
+
+def test_below_the_cap_a_cohort_waits_formation_s_for_more(tmp_path: Any, base: nn.Module) -> None:
+    cohort = {**COHORT, "max_size": 5, "formation_s": 1000.0}
+    fed = Fed(
+        tmp_path, base, pacing={"target_staleness": 4.0, "retry_after_min_s": 0.5}, cohort=cohort
+    )
+    devices = [fed.device("laptop") for _ in range(3)]
+    for d in devices:
+        fed.service.get_task(d)
+    fed.service.tick()
+    assert all(isinstance(fed.service.get_task(d), PaceOffer) for d in devices)
+    fed.clock.advance(1000.0)
+    fed.service.tick()
+    assert all(isinstance(fed.service.get_task(d), TaskOffer) for d in devices)
+
+
+def test_a_deferred_get_task_costs_the_same_store_calls_however_many_cohorts_run(
+    tmp_path: Any, base: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: cap 3; four cohorts whose members all passed the share relay (waiting to
+    # unmask, no slot held), then a fifth that fills the cap, then a device to defer.
+    import service_fixtures
+
+    monkeypatch.setattr(service_fixtures, "MemoryStore", CountingStore)
+    fed = Fed(
+        tmp_path,
+        base,
+        pacing={"target_staleness": 1.0, "retry_after_min_s": 0.5},
+        cohort=COHORT,
+    )
+    store = fed.store
+    assert isinstance(store, CountingStore)
+    late = fed.device("laptop")
+    calls = []
+    for n in range(5):
+        devices = [fed.device("laptop") for _ in range(3)]
+        offers = tasks_for(fed, devices)
+        by_index = _to_share_relay(fed, offers, devices)
+        if n < 4:
+            for device in by_index.values():
+                reply = fed.service.poll_secagg(device, offers[0].cohort_id, Stage.SHARE_KEYS)
+                assert reply is not None and reply.stage is Stage.MASKED_INPUT
+        else:
+            fed.service.get_task(late)  # the first deferred call may fill a cache
+        store.calls.clear()
+
+        # Execute
+        offer = fed.service.get_task(late) if n == 4 else None
+        calls.append(list(store.calls))
+
+    # Assert: deferred at the cap with 5 cohorts running; the count is one call, no scan.
+    assert len(fed.service.cohorts.active_ids()) == 5
+    assert isinstance(offer, PaceOffer) and "3 devices training, cap 3" in offer.reason, offer
+    assert calls[-1] == ["get_many", "zcard"]
+
+
+def test_a_tick_seals_without_scanning_the_store(
+    tmp_path: Any, base: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A scan walks the whole keyspace (every device's records on Redis); the tick reads
+    # the forming cohort of each configured class instead.
+    import service_fixtures
+
+    monkeypatch.setattr(service_fixtures, "MemoryStore", CountingStore)
+    fed = Fed(tmp_path, base, cohort={**COHORT, "formation_s": 5.0})
+    store = fed.store
+    assert isinstance(store, CountingStore)
+    devices = [fed.device("phone") for _ in range(3)]
+    for d in devices:
+        fed.service.get_task(d)
+    fed.service.tick()  # retention's first sweep, if due, is not what is measured
+    fed.clock.advance(5.0)
+    store.calls.clear()
+
+    fed.service.tick()
+
+    # One scan is left: the ledger's read of its buffer entries (try_commit), not sealing.
+    before_commit = store.calls[: store.calls.index("renew_lease")]
+    assert "scan" not in before_commit, " ".join(store.calls)
+    assert store.calls.count("scan") == 1, " ".join(store.calls)
+    assert fed.service.cohorts.forming("phone") is None  # sealed by this tick
+    assert all(isinstance(fed.service.get_task(d), TaskOffer) for d in devices)
+
+
+def test_an_unchanged_cohort_record_is_not_parsed_again(
+    tmp_path: Any, base: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every poll, upload and heartbeat reads the cohort record; parsing it (identity keys
+    # of every member) was a large part of the coordinator's cost per update.
+    from coordinator.cohorts import CohortRecord
+
+    fed = Fed(tmp_path, base, cohort=COHORT)
+    devices = [fed.device("laptop") for _ in range(3)]
+    offers = tasks_for(fed, devices)
+    cohort_id = offers[0].cohort_id
+    fed.service.cohort_stage(cohort_id)
+    original = CohortRecord.from_json.__func__  # type: ignore[attr-defined]
+    parsed: list[str] = []
+
+    def counting(cls: type[CohortRecord], raw: bytes, *, where: str = "") -> CohortRecord:
+        parsed.append(where)
+        return original(cls, raw, where=where)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(CohortRecord, "from_json", classmethod(counting))
+
+    for _ in range(5):
+        assert fed.service.cohort_stage(cohort_id) is Stage.ADVERTISE_KEYS
+        fed.service.heartbeat(devices[0], offers[0].task_id)
+    assert parsed == []
+
+    # A changed record is parsed afresh, once.
+    fed.service.cohorts.update(cohort_id, lambda r: r.with_abandoned(1))
+    parsed.clear()
+    record = fed.service.cohorts.record(cohort_id)
+    assert record is not None and record.abandoned == (1,)
+    assert fed.service.cohorts.record(cohort_id) is record
+    assert len(parsed) == 1

@@ -1,0 +1,20 @@
+"""The simulator runs the system as shipped: its timing defaults are the product's."""
+
+from __future__ import annotations
+
+from edge_client.training import HEARTBEAT_S
+from estuary.config.models import CohortSettings, PacingSettings
+from simulation.fleet.policies import FleetConfig
+
+
+def test_the_simulator_uses_the_products_timing_defaults() -> None:
+    # A member waiting for its cohort to seal polls at pacing.retry_after_min_s; a cohort
+    # at min_size waits formation_s; a silent member is noticed after silence_s; agents
+    # heartbeat every HEARTBEAT_S while training. Each second more costs Estuary per task
+    # where a task trains for seconds (issue 13).
+    config, cohort = FleetConfig(), CohortSettings()
+    assert config.retry_after_s == PacingSettings().retry_after_min_s
+    assert config.formation_s == cohort.formation_s
+    assert config.silence_s == cohort.silence_s
+    assert config.key_timeout_s == cohort.key_timeout_s
+    assert config.heartbeat_s == HEARTBEAT_S
