@@ -599,7 +599,12 @@ def test_rate_limit_is_resource_exhausted_per_device(base: Any, tmp_path: Path) 
     thread = _small_server(
         base,
         tmp_path,
-        server={"listen": "127.0.0.1:0", "device_requests_per_s": 0.5, "device_burst": 2},
+        server={
+            "listen": "127.0.0.1:0",
+            "metrics_port": 0,  # never the default 9464, which a real replica may hold
+            "device_requests_per_s": 0.5,
+            "device_burst": 2,
+        },
     )
     try:
         stub = edge_pb2_grpc.EdgeServiceStub(channel(thread.address))
@@ -654,7 +659,7 @@ def test_plaintext_health_port_serves_health_only(base: Any, tmp_path: Path) -> 
         base,
         tmp_path,
         store=store,
-        server={"listen": "127.0.0.1:0", "health_listen": "127.0.0.1:0"},
+        server={"listen": "127.0.0.1:0", "health_listen": "127.0.0.1:0", "metrics_port": 0},
     )
     try:
         port = thread.server.health_port
