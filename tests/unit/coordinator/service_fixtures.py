@@ -141,3 +141,24 @@ def tasks_for(fed: Fed, devices: list[Device]) -> list[TaskOffer]:
         offers = [fed.service.get_task(d) for d in devices]
     assert all(isinstance(o, TaskOffer) for o in offers), offers
     return [o for o in offers if isinstance(o, TaskOffer)]
+
+
+def exchange_keys(fed: Fed, offers: list[TaskOffer], devices: list[Device]) -> dict[int, Device]:
+    """Run one cohort's key exchange (advertise, share keys); return its devices by index."""
+    from secure_agg import Stage
+
+    service = fed.service
+    cohort_id = offers[0].cohort_id
+    by_index = {o.member_index: d for o, d in zip(offers, devices, strict=True)}
+    clients = {o.member_index: fed.client(o, by_index[o.member_index]) for o in offers}
+    for i, client in clients.items():
+        service.send_secagg(
+            by_index[i], cohort_id, Stage.ADVERTISE_KEYS, client.advertise().encode()
+        )
+    for i, client in clients.items():
+        reply = service.poll_secagg(by_index[i], cohort_id, Stage.ADVERTISE_KEYS)
+        assert reply is not None and reply.stage is Stage.SHARE_KEYS
+        out = client.handle(reply.payload)
+        assert out is not None
+        service.send_secagg(by_index[i], cohort_id, Stage.SHARE_KEYS, out.encode())
+    return by_index

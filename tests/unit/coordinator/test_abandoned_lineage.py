@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from service_fixtures import Fed, tasks_for
+from service_fixtures import Fed, exchange_keys, tasks_for
 
 from coordinator.cohorts import CohortRecord
 from coordinator.service import PaceOffer, TaskOffer
 from coordinator.versions import VersionInfo
 from estuary.jobs import newest_done, update_version_record
 from estuary.state.keys import version_key
-from secure_agg import Client, Stage
+from secure_agg import Stage
 
 GUARD = {
     "aggregation": {
@@ -134,25 +134,12 @@ def test_the_share_relay_refuses_to_weight_work_on_an_abandoned_version(
     offers = tasks_for(fed, devices)
     assert {o.version for o in offers} == {3}
     cohort_id = offers[0].cohort_id
-    by_index = {o.member_index: d for o, d in zip(offers, devices, strict=True)}
-    clients: dict[int, Client] = {
-        o.member_index: fed.client(o, by_index[o.member_index]) for o in offers
-    }
-    for i, client in clients.items():
-        service.send_secagg(
-            by_index[i], cohort_id, Stage.ADVERTISE_KEYS, client.advertise().encode()
-        )
-    for i, client in clients.items():
-        reply = service.poll_secagg(by_index[i], cohort_id, Stage.ADVERTISE_KEYS)
-        assert reply is not None and reply.stage is Stage.SHARE_KEYS
-        out = client.handle(reply.payload)
-        assert out is not None
-        service.send_secagg(by_index[i], cohort_id, Stage.SHARE_KEYS, out.encode())
+    by_index = exchange_keys(fed, offers, devices)
     roll_back(fed)
     rejected = service.counters.updates_rejected
 
     # Execute: each member, trained, asks for the share relay (where its weight is fixed).
-    replies = [service.poll_secagg(by_index[i], cohort_id, Stage.SHARE_KEYS) for i in clients]
+    replies = [service.poll_secagg(by_index[i], cohort_id, Stage.SHARE_KEYS) for i in by_index]
 
     # Assert: refused (staleness 1 would have weighted it), counted once per member.
     for reply in replies:
@@ -160,4 +147,4 @@ def test_the_share_relay_refuses_to_weight_work_on_an_abandoned_version(
         assert "abandoned" in reply.abort_reason
         assert reply.weight == 0.0
     assert service.poll_secagg(by_index[0], cohort_id, Stage.SHARE_KEYS).stage is Stage.ABORTED  # type: ignore[union-attr]
-    assert service.counters.updates_rejected == rejected + len(clients)
+    assert service.counters.updates_rejected == rejected + len(by_index)

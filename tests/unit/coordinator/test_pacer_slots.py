@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from service_fixtures import Fed, tasks_for
+from service_fixtures import Fed, exchange_keys, tasks_for
 from test_request_round_trips import CountingStore
 from torch import nn
 
@@ -32,25 +32,6 @@ COHORT = {
 }
 
 
-def _to_share_relay(fed: Fed, offers: list[TaskOffer], devices: list[Any]) -> dict[int, Any]:
-    """Exchange keys in one cohort; return each member's client, by member index."""
-    service = fed.service
-    cohort_id = offers[0].cohort_id
-    by_index = {o.member_index: d for o, d in zip(offers, devices, strict=True)}
-    clients = {o.member_index: fed.client(o, by_index[o.member_index]) for o in offers}
-    for i, client in clients.items():
-        service.send_secagg(
-            by_index[i], cohort_id, Stage.ADVERTISE_KEYS, client.advertise().encode()
-        )
-    for i, client in clients.items():
-        reply = service.poll_secagg(by_index[i], cohort_id, Stage.ADVERTISE_KEYS)
-        assert reply is not None and reply.stage is Stage.SHARE_KEYS
-        out = client.handle(reply.payload)
-        assert out is not None
-        service.send_secagg(by_index[i], cohort_id, Stage.SHARE_KEYS, out.encode())
-    return by_index
-
-
 def test_a_member_past_the_share_relay_frees_its_pacer_slot(tmp_path: Any, base: nn.Module) -> None:
     # Prepare: cap 3 (K = 3, target staleness 1): one cohort of 3 fills it.
     fed = Fed(
@@ -62,7 +43,7 @@ def test_a_member_past_the_share_relay_frees_its_pacer_slot(tmp_path: Any, base:
     assert fed.service.pacer.max_concurrency == 3
     devices = [fed.device("laptop") for _ in range(3)]
     offers = tasks_for(fed, devices)
-    by_index = _to_share_relay(fed, offers, devices)
+    by_index = exchange_keys(fed, offers, devices)
     late = fed.device("laptop")
     paced = fed.service.get_task(late)
     assert isinstance(paced, PaceOffer) and "cap 3" in paced.reason
@@ -90,7 +71,7 @@ def test_finishing_or_abandoning_a_task_frees_its_slot(tmp_path: Any, base: nn.M
     )
     devices = [fed.device("laptop") for _ in range(3)]
     offers = tasks_for(fed, devices)
-    _to_share_relay(fed, offers, devices)
+    exchange_keys(fed, offers, devices)
     assert fed.service.cohorts.training_devices() == 3
 
     # A member that asks for new work mid-task abandons it: its slot goes, a new one
@@ -165,7 +146,7 @@ def test_a_deferred_get_task_costs_the_same_store_calls_however_many_cohorts_run
     for n in range(5):
         devices = [fed.device("laptop") for _ in range(3)]
         offers = tasks_for(fed, devices)
-        by_index = _to_share_relay(fed, offers, devices)
+        by_index = exchange_keys(fed, offers, devices)
         if n < 4:
             for device in by_index.values():
                 reply = fed.service.poll_secagg(device, offers[0].cohort_id, Stage.SHARE_KEYS)
