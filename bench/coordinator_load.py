@@ -19,6 +19,11 @@ next request, so the offered rate is an upper bound), alternating signed GetTask
 Heartbeat (for a task it does not hold: answered ABANDON). The requests come from
 ``--clients`` processes, each with its own event loop and channels.
 
+``--server null`` replaces the replica (and Redis) with a gRPC server in its own process that
+answers every call at once with an empty reply: no signature check, no store, no logic. It is
+the floor of this machine's gRPC stack under the same generator, so a replica's figures can be
+read against what no Python gRPC server could beat here.
+
 Latency is measured from sending a request to its reply. Prints one JSON object with
 ``--json``, else a short summary: ``devices``, ``offered_rps``, ``achieved_rps``,
 ``p50_s``, ``p99_s``, ``errors`` (count by status code), ``cpu_percent`` and
@@ -187,8 +192,10 @@ def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path) -> None
     raise SystemExit(f"coordinator not SERVING within {START_TIMEOUT_S:.0f}s")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process (Linux /proc); 0 for no process."""
+    if pid is None:
+        return 0.0
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
@@ -199,6 +206,48 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+# --------------------------------------------------------------------------- null server
+
+
+class _NullEdge(edge_pb2_grpc.EdgeServiceServicer):
+    """Answers Enroll, GetTask and Heartbeat at once with empty replies."""
+
+    async def Enroll(self, request: Any, context: Any) -> Any:
+        return edge_pb2.EnrollResponse()
+
+    async def GetTask(self, request: Any, context: Any) -> Any:
+        return edge_pb2.GetTaskResponse()
+
+    async def Heartbeat(self, request: Any, context: Any) -> Any:
+        return edge_pb2.HeartbeatResponse()
+
+
+async def _serve_null(port: int) -> None:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from estuary.transport import server_options
+
+    server = grpc.aio.server(options=server_options())
+    edge_pb2_grpc.add_EdgeServiceServicer_to_server(_NullEdge(), server)  # type: ignore[no-untyped-call]
+    checker = health.aio.HealthServicer()
+    await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def start_null_server(port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--serve-null", str(port)],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 # --------------------------------------------------------------------------- client process
@@ -332,10 +381,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from estuary.state import open_store
 
     tmp = Path(tempfile.mkdtemp(prefix="coordinator-load-", dir=args.tmp_dir))
-    redis_proc, redis_port = start_redis(tmp / "redis", args.appendfsync)
+    null = args.server == "null"
+    redis_proc: subprocess.Popen[bytes] | None = None
     coordinator: subprocess.Popen[bytes] | None = None
     try:
         port = free_port()
+        if null:
+            log = tmp / "null-server.log"
+            coordinator = start_null_server(port, log)
+            address = f"127.0.0.1:{port}"
+            wait_serving(address, coordinator, log)
+            tokens = ["token"] * args.devices
+            return _measure(args, address, coordinator, None, tokens)
+        redis_proc, redis_port = start_redis(tmp / "redis", args.appendfsync)
         config = tmp / "coordinator.toml"
         write_config(
             config,
@@ -355,90 +413,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             registry.issue_token(device_class=DEVICE_CLASS, ttl_s=3600) for _ in range(args.devices)
         ]
         store.close()
-        keys = [
-            Ed25519PrivateKey.generate().private_bytes(
-                Encoding.Raw, PrivateFormat.Raw, NoEncryption()
-            )
-            for _ in range(args.devices)
-        ]
-
-        ctx = multiprocessing.get_context("spawn")
-        results = ctx.Queue()
-        clients = max(1, min(args.clients, args.devices))
-        readies = [ctx.Event() for _ in range(clients)]
-        go = ctx.Event()
-        start = ctx.Value("d", 0.0)
-        params = {
-            "rate": args.rate,
-            "warmup_s": args.warmup,
-            "duration_s": args.duration,
-        }
-        procs = []
-        for c in range(clients):
-            proc = ctx.Process(
-                target=client_main,
-                args=(
-                    address,
-                    keys[c::clients],
-                    tokens[c::clients],
-                    params,
-                    readies[c],
-                    go,
-                    start,
-                    results,
-                ),
-                daemon=True,
-            )
-            proc.start()
-            procs.append(proc)
-        for ev in readies:
-            if not ev.wait(timeout=args.setup_s):
-                raise SystemExit(
-                    f"enrolment of {args.devices} devices took longer than --setup-s {args.setup_s}"
-                )
-        start_at = time.time() + 0.5
-        start.value = start_at
-        go.set()
-        # Measure the coordinator (and Redis) over the measured window only.
-        time.sleep(max(0.0, start_at + args.warmup - time.time()))
-        load_before = os.getloadavg()
-        c0, r0, t0 = cpu_seconds(coordinator.pid), cpu_seconds(redis_proc.pid), time.monotonic()
-        time.sleep(args.duration)
-        c1, r1, t1 = cpu_seconds(coordinator.pid), cpu_seconds(redis_proc.pid), time.monotonic()
-        rss = rss_bytes(coordinator.pid)
-        load_after = os.getloadavg()
-        outs = [results.get(timeout=args.duration + 120) for _ in procs]
-        for proc in procs:
-            proc.join(timeout=10)
-        latencies = sorted(x for o in outs for x in o["latencies"])
-        errors: Counter[str] = Counter()
-        for o in outs:
-            errors.update(o["errors"])
-        answered = len(latencies)
-        return {
-            "devices": args.devices,
-            "rate_per_device": args.rate,
-            "offered_rps": args.devices * args.rate,
-            "achieved_rps": round(answered / args.duration, 1),
-            "ok_rps": round((answered - sum(errors.values())) / args.duration, 1),
-            "p50_s": round(percentile(latencies, 0.50), 4),
-            "p90_s": round(percentile(latencies, 0.90), 4),
-            "p99_s": round(percentile(latencies, 0.99), 4),
-            "max_s": round(latencies[-1], 4) if latencies else None,
-            "errors": dict(errors),
-            "late_requests": sum(o["late"] for o in outs),
-            "cpu_percent": round(100 * (c1 - c0) / (t1 - t0), 1),
-            "cpu_ms_per_request": round(1000 * (c1 - c0) / answered, 3) if answered else None,
-            "rss_bytes": rss,
-            "redis_cpu_percent": round(100 * (r1 - r0) / (t1 - t0), 1),
-            "client_cpu_s": round(sum(o["cpu_s"] for o in outs), 1),
-            "clients": clients,
-            "handler_threads": args.handler_threads,
-            "appendfsync": args.appendfsync,
-            "duration_s": args.duration,
-            "cores": os.cpu_count(),
-            "loadavg_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        }
+        return _measure(args, address, coordinator, redis_proc, tokens)
     finally:
         if coordinator is not None and coordinator.poll() is None:
             coordinator.send_signal(signal.SIGTERM)
@@ -446,15 +421,110 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 coordinator.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 coordinator.kill()
-        redis_proc.terminate()
-        try:
-            redis_proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            redis_proc.kill()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            try:
+                redis_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                redis_proc.kill()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"kept {tmp}", file=sys.stderr)
+
+
+def _measure(
+    args: argparse.Namespace,
+    address: str,
+    coordinator: subprocess.Popen[bytes],
+    redis_proc: subprocess.Popen[bytes] | None,
+    tokens: list[str],
+) -> dict[str, Any]:
+    """Enrol the devices, poll for the warm-up and the measured window, and report."""
+    keys = [
+        Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        for _ in range(args.devices)
+    ]
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    clients = max(1, min(args.clients, args.devices))
+    readies = [ctx.Event() for _ in range(clients)]
+    go = ctx.Event()
+    start = ctx.Value("d", 0.0)
+    params = {
+        "rate": args.rate,
+        "warmup_s": args.warmup,
+        "duration_s": args.duration,
+    }
+    procs = []
+    for c in range(clients):
+        proc = ctx.Process(
+            target=client_main,
+            args=(
+                address,
+                keys[c::clients],
+                tokens[c::clients],
+                params,
+                readies[c],
+                go,
+                start,
+                results,
+            ),
+            daemon=True,
+        )
+        proc.start()
+        procs.append(proc)
+    for ev in readies:
+        if not ev.wait(timeout=args.setup_s):
+            raise SystemExit(
+                f"enrolment of {args.devices} devices took longer than --setup-s {args.setup_s}"
+            )
+    start_at = time.time() + 0.5
+    start.value = start_at
+    go.set()
+    # Measure the coordinator (and Redis) over the measured window only.
+    time.sleep(max(0.0, start_at + args.warmup - time.time()))
+    load_before = os.getloadavg()
+    redis_pid = None if redis_proc is None else redis_proc.pid
+    c0, r0, t0 = cpu_seconds(coordinator.pid), cpu_seconds(redis_pid), time.monotonic()
+    time.sleep(args.duration)
+    c1, r1, t1 = cpu_seconds(coordinator.pid), cpu_seconds(redis_pid), time.monotonic()
+    rss = rss_bytes(coordinator.pid)
+    load_after = os.getloadavg()
+    outs = [results.get(timeout=args.duration + 120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=10)
+    latencies = sorted(x for o in outs for x in o["latencies"])
+    errors: Counter[str] = Counter()
+    for o in outs:
+        errors.update(o["errors"])
+    answered = len(latencies)
+    return {
+        "server": args.server,
+        "devices": args.devices,
+        "rate_per_device": args.rate,
+        "offered_rps": args.devices * args.rate,
+        "achieved_rps": round(answered / args.duration, 1),
+        "ok_rps": round((answered - sum(errors.values())) / args.duration, 1),
+        "p50_s": round(percentile(latencies, 0.50), 4),
+        "p90_s": round(percentile(latencies, 0.90), 4),
+        "p99_s": round(percentile(latencies, 0.99), 4),
+        "max_s": round(latencies[-1], 4) if latencies else None,
+        "errors": dict(errors),
+        "late_requests": sum(o["late"] for o in outs),
+        "cpu_percent": round(100 * (c1 - c0) / (t1 - t0), 1),
+        "cpu_ms_per_request": round(1000 * (c1 - c0) / answered, 3) if answered else None,
+        "rss_bytes": rss,
+        "redis_cpu_percent": round(100 * (r1 - r0) / (t1 - t0), 1),
+        "client_cpu_s": round(sum(o["cpu_s"] for o in outs), 1),
+        "clients": clients,
+        "handler_threads": args.handler_threads,
+        "appendfsync": args.appendfsync,
+        "duration_s": args.duration,
+        "cores": os.cpu_count(),
+        "loadavg_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+    }
 
 
 def main() -> None:
@@ -483,7 +553,17 @@ def main() -> None:
         "--tmp-dir", default=None, help="where the temporary directory goes (its disk is Redis's)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--server",
+        choices=["replica", "null"],
+        default="replica",
+        help="replica: a coordinator with Redis (default); null: an empty gRPC server, the floor",
+    )
+    parser.add_argument("--serve-null", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_null is not None:
+        asyncio.run(_serve_null(args.serve_null))
+        return
     if args.devices < 1:
         parser.error("--devices: must be >= 1")
     if not args.rate > 0:
