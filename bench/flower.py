@@ -35,9 +35,13 @@ clients (standard-library packages, the scarce regime), the same pretrained base
 same ranks (device classes round-robin), local steps, learning rate and batch, and the
 same sample budget: Flower runs as many rounds as Estuary needed client tasks, divided
 by the number of clients. Both are scored on the same held-out windows (the union
-bits/byte of ``estuary simulate``). Reported per arm: ``final_bits_per_byte``, the curve
-(per round / version: bits/byte, client updates so far, seconds), ``wall_s``,
-``bytes_up_per_client`` and ``client_updates``.
+bits/byte of ``estuary simulate``). Both arms run ``--learning-repeats`` times, repeat k on
+data seed ``seed + k`` (the clients' data slices and training order), the same for both.
+Reported per arm: ``final_bits_per_byte`` (mean over repeats, and ``_sd``), the mean curve
+(per round / version: bits/byte ± sd at each count of client updates every repeat reached),
+``wall_s``, ``bytes_up_per_client``, ``client_updates`` and every repeat under ``runs``;
+``at_equal_updates`` sets the mean curves side by side and says whether Estuary's is at or
+below Flower's at every shared count (``estuary_at_least_flower``).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ MODULUS_BITS = 32
 
 LEARNING_CLIENTS = 8
 LEARNING_VERSIONS = 6
+LEARNING_REPEATS = 3
 
 
 def progress(message: str) -> None:
@@ -493,7 +498,66 @@ def run_flower_fedavg(
     }
 
 
-def learning_part(*, clients: int, versions: int, work: Path) -> dict[str, Any]:
+def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± sd of the runs' bits/byte at each count of client updates all runs reached."""
+    by_updates: dict[int, list[float]] = {}
+    for run in runs:
+        for point in run["curve"]:
+            if point["client_updates"] is not None:
+                by_updates.setdefault(int(point["client_updates"]), []).append(
+                    float(point["bits_per_byte"])
+                )
+    return [
+        {
+            "client_updates": u,
+            "bits_per_byte": float(np.mean(v)),
+            "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+            "runs": len(v),
+        }
+        for u, v in sorted(by_updates.items())
+        if len(v) == len(runs)
+    ]
+
+
+def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm over its runs: means of the scalar figures, the mean curve, every run."""
+    finals = [r["final_bits_per_byte"] for r in runs]
+    return {
+        "final_bits_per_byte": float(np.mean(finals)),
+        "final_bits_per_byte_sd": float(np.std(finals, ddof=1)) if len(runs) > 1 else 0.0,
+        "initial_bits_per_byte": float(runs[0]["initial_bits_per_byte"]),
+        "client_updates": int(np.mean([r["client_updates"] for r in runs])),
+        "wall_s": float(np.mean([r["wall_s"] for r in runs])),
+        "bytes_up_per_client": float(np.mean([r["bytes_up_per_client"] for r in runs])),
+        "curve": _mean_curve(runs),
+        "runs": runs,
+    }
+
+
+def compare_curves(estuary: list[dict[str, Any]], flower: list[dict[str, Any]]) -> dict[str, Any]:
+    """Both mean curves at the client-update counts where both have a point."""
+    flower_at = {p["client_updates"]: p for p in flower}
+    points = [
+        {
+            "client_updates": p["client_updates"],
+            "estuary": p["bits_per_byte"],
+            "flower_fedavg": flower_at[p["client_updates"]]["bits_per_byte"],
+            "estuary_minus_flower": p["bits_per_byte"]
+            - flower_at[p["client_updates"]]["bits_per_byte"],
+        }
+        for p in estuary
+        if p["client_updates"] in flower_at and p["client_updates"] > 0
+    ]
+    return {
+        "points": points,
+        # At every shared count of client updates, Estuary's mean is at or below Flower's.
+        "estuary_at_least_flower": bool(points)
+        and all(p["estuary_minus_flower"] <= 0 for p in points),
+        "max_estuary_minus_flower": max((p["estuary_minus_flower"] for p in points), default=None),
+    }
+
+
+def learning_part(*, clients: int, versions: int, repeats: int, work: Path) -> dict[str, Any]:
     from estuary.config.loader import load_settings
     from simulation.run import load_or_pretrain_base, select_packages
 
@@ -511,19 +575,33 @@ def learning_part(*, clients: int, versions: int, work: Path) -> dict[str, Any]:
     )
     load_or_pretrain_base(sim, sim.out_dir / ".cache")  # pretrain once, outside both timings
     base_dir = next((sim.out_dir / ".cache").glob("base-*"))
-    progress(f"learning: estuary simulate, {clients} clients, {versions} versions")
-    estuary = run_estuary_learning(sim)
-    rounds = max(1, round(estuary["client_updates"] / clients))
-    progress(f"learning: flower fedavg, {clients} clients, {rounds} rounds")
-    flower = run_flower_fedavg(
-        sim,
-        base_dir=base_dir,
-        packages=select_packages(clients),
-        rounds=rounds,
-        out_dir=work / "flower-versions",
-    )
+    estuary_runs: list[dict[str, Any]] = []
+    flower_runs: list[dict[str, Any]] = []
+    for k in range(repeats):
+        # Each repeat: another seed for the clients' data slices and their training order,
+        # the same for both arms.
+        run_sim = type(sim).model_validate({**sim.model_dump(), "seed": sim.seed + k})
+        progress(
+            f"learning {k + 1}/{repeats}: estuary simulate, {clients} clients, "
+            f"{versions} versions, seed {run_sim.seed}"
+        )
+        estuary = run_estuary_learning(run_sim)
+        rounds = max(1, round(estuary["client_updates"] / clients))
+        progress(f"learning {k + 1}/{repeats}: flower fedavg, {clients} clients, {rounds} rounds")
+        flower = run_flower_fedavg(
+            run_sim,
+            base_dir=base_dir,
+            packages=select_packages(clients),
+            rounds=rounds,
+            out_dir=work / f"flower-versions-{k}",
+        )
+        estuary["seed"] = flower["seed"] = run_sim.seed
+        estuary_runs.append(estuary)
+        flower_runs.append(flower)
+    est, flw = _summarise(estuary_runs), _summarise(flower_runs)
     return {
         "clients": clients,
+        "repeats": repeats,
         "ranks": [c.rank for c in sim.device_classes],
         "local_steps": sim.training.local_steps,
         "learning_rate": sim.training.learning_rate,
@@ -534,8 +612,9 @@ def learning_part(*, clients: int, versions: int, work: Path) -> dict[str, Any]:
         "samples_per_update": sim.training.local_steps
         * sim.training.batch_size
         * sim.training.seq_len,
-        "flower_fedavg": flower,
-        "estuary": estuary,
+        "flower_fedavg": flw,
+        "estuary": est,
+        "at_equal_updates": compare_curves(est["curve"], flw["curve"]),
     }
 
 
@@ -570,10 +649,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--learning-clients", type=int, default=LEARNING_CLIENTS)
     parser.add_argument("--learning-versions", type=int, default=LEARNING_VERSIONS)
+    parser.add_argument(
+        "--learning-repeats",
+        type=int,
+        default=LEARNING_REPEATS,
+        help="learning runs per arm, each on another data seed; means and sd are reported",
+    )
     parser.add_argument("--work", type=Path, help="where runs go (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print compact JSON")
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if args.learning_repeats < 1:
+        parser.error(f"--learning-repeats: must be >= 1, got {args.learning_repeats}")
     if not parts <= {"secagg", "learning"}:
         parser.error(f"--parts: unknown {sorted(parts - {'secagg', 'learning'})}")
     logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every stage at INFO
@@ -590,7 +677,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="flower-bench-") as tmp:
             work = args.work or Path(tmp)
             report["learning"] = learning_part(
-                clients=args.learning_clients, versions=args.learning_versions, work=work
+                clients=args.learning_clients,
+                versions=args.learning_versions,
+                repeats=args.learning_repeats,
+                work=work,
             )
     report["seconds"] = time.perf_counter() - started
     print(json.dumps(report, sort_keys=True, indent=None if args.json else 2))
