@@ -74,6 +74,7 @@ def test_heartbeat_without_a_task_is_one_round_trip_after_authentication(
     token = service.registry.issue_token(device_class="laptop")
     service.enroll(token, public_key=raw_public_key(key), device_class="laptop")
     clock = service.clock
+    assert isinstance(clock, VirtualClock)
     service.authenticate(
         sign_request(key, "Heartbeat", BODY, timestamp_ms=clock.time_ms()),
         method="Heartbeat",
@@ -100,6 +101,7 @@ def test_a_paced_get_task_is_one_round_trip_after_authentication(
     token = service.registry.issue_token(device_class="laptop")
     device = service.enroll(token, public_key=raw_public_key(key), device_class="laptop")
     clock = service.clock
+    assert isinstance(clock, VirtualClock)
 
     def signed() -> Any:
         return sign_request(key, "GetTask", BODY, timestamp_ms=clock.time_ms())
@@ -128,6 +130,7 @@ def test_signed_get_task_and_heartbeat_are_one_round_trip_each(
     token = service.registry.issue_token(device_class="laptop")
     service.enroll(token, public_key=raw_public_key(key), device_class="laptop")
     clock = service.clock
+    assert isinstance(clock, VirtualClock)
 
     def signed(method: str) -> Any:
         return sign_request(key, method, BODY, timestamp_ms=clock.time_ms())
