@@ -95,6 +95,10 @@ class Client:
         Ed25519 identity key (active mode only), supplied by the caller's enrolment.
     peer_identities
         Enrolled identity public keys of the cohort, by client id (active mode only).
+    verified
+        A memo of signatures that verified, shared with the other clients of this process (a
+        simulator running whole cohorts), so a signature every member checks is verified once.
+        None, as on a device: every signature is verified.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class Client:
         config: SessionConfig,
         identity: Ed25519PrivateKey | None = None,
         peer_identities: Mapping[int, Ed25519PublicKey] | None = None,
+        verified: crypto.VerifiedSignatures | None = None,
     ) -> None:
         if not 0 <= client_id < 2**32:
             raise ValueError(f"client_id must be a uint32, got {client_id}")
@@ -115,6 +120,7 @@ class Client:
         self.config = config
         self._identity = identity
         self._peers = dict(peer_identities or {})
+        self._verified = verified
         self.stage = Stage.ADVERTISE_KEYS
         self._c_sk: X25519PrivateKey | None = None
         self._s_sk: X25519PrivateKey | None = None
@@ -214,11 +220,15 @@ class Client:
             )
             seeds.append((seed, 1 if self.client_id < peer else -1))
         bits = self.config.fixed_point.bits
-        packed = []
-        for name, _length in self.config.tensors:
-            ring = to_ring(quantised[name], bits=bits)
-            crypto.add_masks(ring, seeds, name=name)
-            packed.append((name, pack(reduce_ring(ring, bits=bits), bits=bits)))
+        layout = self.config.layout
+        ring = np.empty(layout.total, dtype=np.uint32)  # every tensor, end to end in name order
+        views = layout.split(ring)
+        for name, view in views.items():
+            view[:] = to_ring(quantised[name].reshape(-1), bits=bits)
+        crypto.add_masks(ring, seeds, layout=layout)  # one mask stream per seed
+        packed = [
+            (name, pack(reduce_ring(view, bits=bits), bits=bits)) for name, view in views.items()
+        ]
         self.stage = Stage.CONSISTENCY_CHECK if self.config.active else Stage.UNMASKING
         logger.debug("client %d sent its masked input", self.client_id)
         return MaskedInput(session=self._session, sender=self.client_id, tensors=tuple(packed))
@@ -264,7 +274,7 @@ class Client:
             if entry.client in keys:
                 raise InvalidKeyBroadcast(f"client {entry.client} listed twice")
             for key in (entry.c_pk, entry.s_pk):
-                crypto.check_x25519_public(key)  # also for non-neighbours: nothing honest sends it
+                crypto.check_x25519_encoding(key)  # small order: see below
                 if key in seen:
                     raise InvalidKeyBroadcast("the same public key appears twice")
                 seen.add(key)
@@ -273,7 +283,13 @@ class Client:
                 if public is None:
                     raise InvalidKeyBroadcast(f"client {entry.client} has no enrolled identity")
                 payload = crypto.advertise_payload(cfg.cohort, entry.client, entry.c_pk, entry.s_pk)
-                crypto.verify_signature(public, entry.signature, payload, client=entry.client)
+                crypto.verify_signature(
+                    public,
+                    entry.signature,
+                    payload,
+                    client=entry.client,
+                    verified=self._verified,
+                )
             keys[entry.client] = (entry.c_pk, entry.s_pk)
         if keys.get(self.client_id) != (self._c_pk, self._s_pk):
             raise InvalidKeyBroadcast("our own keys are missing or altered")
@@ -282,6 +298,12 @@ class Client:
         )
         neighbours = harary_neighbours(list(keys), k=cfg.neighbours, session=session)
         mine = neighbours[self.client_id]
+        # Small-order keys are refused for non-neighbours too (nothing honest sends one); the
+        # neighbours' keys are refused by the agreements below, which see the all-zero secret,
+        # so probing them as well would only double the X25519 work.
+        for peer in sorted(keys.keys() - mine - {self.client_id}):
+            crypto.check_x25519_public(keys[peer][0])
+            crypto.check_x25519_public(keys[peer][1])
         assert self._c_sk is not None and self._s_sk is not None
         channel = {v: crypto.agree(self._c_sk, keys[v][0]) for v in sorted(mine)}
         # Computed (and low-order s-keys refused) now, before anything is sent.
@@ -458,7 +480,9 @@ class Client:
             public = self._peers.get(client)
             if public is None:
                 raise InvalidSignature(f"client {client} has no enrolled identity")
-            crypto.verify_signature(public, signature, payload, client=client)
+            crypto.verify_signature(
+                public, signature, payload, client=client, verified=self._verified
+            )
             signers.add(client)
         if len(signers) < self.config.threshold:
             raise InvalidSignature(

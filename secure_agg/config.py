@@ -12,6 +12,7 @@ from secure_agg.constants import (
     MIN_COHORT_SIZE,
     PROTOCOL_VERSION,
 )
+from secure_agg.crypto import MaskLayout, mask_layout
 from secure_agg.numerics import FixedPoint
 
 _MAX_ID = 2**32 - 1
@@ -54,6 +55,7 @@ class SessionConfig:
     neighbours: int | None = None
     active: bool = False
     _params: bytes = field(init=False, repr=False, compare=False)
+    _layout: MaskLayout = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.cohort) <= MAX_COHORT_ID_BYTES:
@@ -96,6 +98,7 @@ class SessionConfig:
         object.__setattr__(self, "tensors", tensors)
         self.fixed_point.check_capacity(self.cohort_size)
         object.__setattr__(self, "_params", self._encode_params())
+        object.__setattr__(self, "_layout", mask_layout(tensors))
 
     @property
     def share_holders(self) -> int:
@@ -107,6 +110,11 @@ class SessionConfig:
         if self.neighbours is None or self.neighbours >= self.cohort_size - 1:
             return self.cohort_size
         return self.neighbours + 1
+
+    @property
+    def layout(self) -> MaskLayout:
+        """Where each tensor's mask lies in a seed's one mask stream (tensors in name order)."""
+        return self._layout
 
     @property
     def params(self) -> bytes:

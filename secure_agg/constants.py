@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from typing import Final
 
-PROTOCOL_VERSION: Final[int] = 1
-"""Wire and key-derivation version; bumped on any incompatible change."""
+PROTOCOL_VERSION: Final[int] = 2
+"""Wire and key-derivation version; bumped on any incompatible change. It opens every encoded
+message (a peer of another version is refused with ``MalformedMessage``) and is hashed into the
+session id through the parameters.
+
+- 1: one AES-CTR mask stream per (seed, tensor), counter block hashed from name and length.
+- 2: one AES-CTR mask stream per seed; tensors are slices of it in name order
+  (:class:`secure_agg.crypto.MaskLayout`)."""
 
 WIRE_MAGIC: Final[bytes] = b"SA"
 """Two bytes that open every encoded message, so that a stray payload fails fast."""
@@ -25,6 +31,12 @@ key under different bytes."""
 
 ED25519_SIGNATURE_BYTES: Final[int] = 64
 """Size of an Ed25519 signature (RFC 8032)."""
+
+VERIFIED_SIGNATURES_CAPACITY: Final[int] = 4096
+"""Default size of a :class:`~secure_agg.crypto.VerifiedSignatures` memo. An entry is 128 bytes of
+key (about 250 with the dictionary's overhead), so a full memo is about 1 MB; a signature is
+checked by every member within one stage, so 4096 holds every advertisement and consistency
+signature of ~100 cohorts of 20 in flight at once, and a miss only costs a verification."""
 
 SEED_BYTES: Final[int] = 32
 """Self-mask seed size: the full 256-bit AES key, never folded to fewer bits."""
@@ -98,7 +110,7 @@ LABEL_SESSION: Final[bytes] = b"estuary/secagg/v1/session-id"
 LABEL_PARAMS: Final[bytes] = b"estuary/secagg/v1/params"
 LABEL_CHANNEL_KEY: Final[bytes] = b"estuary/secagg/v1/channel-key"
 LABEL_MASK_SEED: Final[bytes] = b"estuary/secagg/v1/pairwise-mask-seed"
-LABEL_MASK_NONCE: Final[bytes] = b"estuary/secagg/v1/mask-nonce"
+LABEL_MASK_STREAM: Final[bytes] = b"estuary/secagg/v2/mask-stream"
 LABEL_COMMITMENT: Final[bytes] = b"estuary/secagg/v1/seed-commitment"
 LABEL_GRAPH: Final[bytes] = b"estuary/secagg/v1/graph"
 LABEL_SIG_ADVERTISE: Final[bytes] = b"estuary/secagg/v1/sig/advertise"

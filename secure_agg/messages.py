@@ -442,7 +442,10 @@ def decode(data: bytes) -> Message:
     if magic != WIRE_MAGIC:
         raise MalformedMessage("not a secure aggregation message")
     if version != PROTOCOL_VERSION:
-        raise MalformedMessage(f"unsupported protocol version {version}")
+        raise MalformedMessage(
+            f"secure aggregation protocol version {version}, this build speaks only "
+            f"{PROTOCOL_VERSION}: client and coordinator must run the same protocol version"
+        )
     cls = _DECODERS.get(kind)
     if cls is None:
         raise MalformedMessage(f"unknown message type {kind}")

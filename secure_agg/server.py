@@ -170,9 +170,10 @@ class Server:
         self._share_keys: dict[int, ShareKeys] = {}
         self._u2: tuple[int, ...] = ()
         self._masked: dict[int, MaskedInput] = {}
-        self._sums: dict[str, npt.NDArray[np.uint32]] = {
-            name: np.zeros(length, dtype=np.uint32) for name, length in config.tensors
-        }
+        self._flat_sum = np.zeros(config.layout.total, dtype=np.uint32)
+        """Σ of the accepted masked inputs, every tensor end to end as the mask layout says."""
+        self._sums: dict[str, npt.NDArray[np.uint32]] = config.layout.split(self._flat_sum)
+        """Per-tensor views of ``_flat_sum``."""
         self._u3: tuple[int, ...] = ()
         self._dropped: tuple[int, ...] = ()
         """U2 minus U3, ascending: the clients whose mask keys are reconstructed."""
@@ -603,9 +604,8 @@ class Server:
         scale = 2.0**-self.config.fixed_point.frac_bits
         integer: dict[str, npt.NDArray[np.int64]] = {}
         floats: dict[str, npt.NDArray[np.float64]] = {}
-        for name, _length in self.config.tensors:
-            total = self._sums[name]
-            crypto.add_masks(total, masks, name=name)
+        crypto.add_masks(self._flat_sum, masks, layout=self.config.layout)
+        for name, total in self._sums.items():
             integer[name] = from_ring(reduce_ring(total, bits=bits), bits=bits)
             floats[name] = integer[name].astype(np.float64) * scale
         self.result = AggregationResult(
@@ -704,6 +704,7 @@ class Server:
         self.stage = Stage.ABORTED
         self._outbox = []
         self._sums = {}
+        self._flat_sum = np.zeros(0, dtype=np.uint32)
         logger.warning("cohort aborted: %s", reason)
         raise CohortAborted(reason)
 

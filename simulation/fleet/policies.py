@@ -283,8 +283,12 @@ class EstuaryPolicy(Policy):
         from estuary.auth import raw_public_key
         from estuary.state.blobs import BlobStore
         from estuary.state.memory import MemoryStore
+        from secure_agg.crypto import VerifiedSignatures
 
         self.keep_updates = keep_updates
+        # Every member of a cohort checks the same signatures (key broadcast, unmask request);
+        # the members share this process, so each distinct signature is verified once.
+        self.verified_signatures = VerifiedSignatures()
         self.settings = estuary_settings(env)
         self.store = MemoryStore(clock=self.clock.time)
         blob_dir = env.workdir / "estuary-blobs"
@@ -421,6 +425,7 @@ class EstuaryPolicy(Policy):
             config=offer.session,
             identity=self.identities[index] if offer.session.active else None,
             peer_identities=peers,
+            verified=self.verified_signatures if offer.session.active else None,
         )
         task = _Task(
             index=index,

@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from secure_agg import Client, FixedPoint, Server, SessionConfig, Stage
+from secure_agg import Client, FixedPoint, Server, SessionConfig, Stage, crypto
 from secure_agg.client import SINGLE_TENSOR
 from secure_agg.messages import Message, decode
 from secure_agg.numerics import quantize
@@ -52,6 +52,7 @@ class Harness:
         active: bool = False,
         neighbours: int | None = None,
         seed: int = 0,
+        verified: crypto.VerifiedSignatures | None = None,
     ) -> None:
         self.fixed_point = FixedPoint.for_cohort(n, bits=bits, clip=1.0)
         self.config = SessionConfig(
@@ -73,6 +74,7 @@ class Harness:
                 config=self.config,
                 identity=self.identities[i] if active else None,
                 peer_identities=self.publics,
+                verified=verified,
             )
             for i in range(n)
         ]

@@ -6,10 +6,10 @@ import dataclasses
 from collections.abc import Callable
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from secagg_harness import Harness
 
-from secure_agg import ClientAborted, Stage
+from secure_agg import ClientAborted, Stage, crypto
 from secure_agg.errors import (
     DuplicateMessage,
     InsufficientParticipants,
@@ -20,7 +20,11 @@ from secure_agg.errors import (
     SessionMismatch,
     UnknownClient,
 )
+from secure_agg.graph import harary_neighbours
 from secure_agg.messages import AdvertiseKeys, KeyBroadcast, KeyEntry
+
+_LOW_ORDER_8 = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
+"""A point of order 8 on Curve25519 (canonical encoding, so only the small-order check fails)."""
 
 
 def _fresh_key() -> bytes:
@@ -82,12 +86,65 @@ def test_duplicate_public_keys(harness: Callable[..., Harness]) -> None:
     _refused(h, _tamper(b, 2, s_pk=b.entries[1].s_pk), InvalidKeyBroadcast)
 
 
-@pytest.mark.parametrize("point", [bytes(32), (1).to_bytes(32, "little")])
-def test_low_order_point(harness: Callable[..., Harness], point: bytes) -> None:
+@pytest.mark.parametrize("slot", ["c_pk", "s_pk"])
+@pytest.mark.parametrize("point", [bytes(32), (1).to_bytes(32, "little"), _LOW_ORDER_8])
+def test_low_order_point(harness: Callable[..., Harness], point: bytes, slot: str) -> None:
     h = harness(n=5, t=3)
     b = h.step_advertise()[0]
     assert isinstance(b, KeyBroadcast)
-    _refused(h, _tamper(b, 1, c_pk=point), InvalidPublicKey)
+    _refused(h, _tamper(b, 1, **{slot: point}), InvalidPublicKey)
+
+
+def _count_probes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    probed: list[bytes] = []
+    real = crypto.check_x25519_public
+
+    def counting(data: bytes) -> X25519PublicKey:
+        probed.append(data)
+        return real(data)
+
+    monkeypatch.setattr(crypto, "check_x25519_public", counting)
+    return probed
+
+
+def test_a_client_probes_no_key_it_agrees_with(
+    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Complete graph: every peer is a neighbour, so the agreements refuse small order and an
+    # extra X25519 probe per key would double the client's X25519 work.
+    h = harness(n=5, t=3)
+    b = h.step_advertise()[0]
+    probed = _count_probes(monkeypatch)
+    assert h.clients[0].handle(b.encode()) is not None
+    assert probed == []
+
+
+@pytest.mark.parametrize("slot", ["c_pk", "s_pk"])
+def test_secagg_plus_client_refuses_a_low_order_key_of_a_non_neighbour(
+    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch, slot: str
+) -> None:
+    # Prepare: n = 9, k = 2; pick a peer that is not client 0's neighbour once its key is bad
+    # (the graph hashes every key, the bad one included).
+    h = harness(n=9, t=2, neighbours=2)
+    b = h.step_advertise()[0]
+    assert isinstance(b, KeyBroadcast)
+    cfg = h.config
+    for peer in range(1, 9):
+        bad = _tamper(b, peer, **{slot: _LOW_ORDER_8})
+        keys = [(e.client, e.c_pk, e.s_pk) for e in bad.entries]
+        session = crypto.session_id(cfg.cohort, cfg.params, keys)
+        if peer not in harary_neighbours(list(range(9)), k=2, session=session)[0]:
+            break
+    else:
+        pytest.fail("every peer was a neighbour of client 0")
+    # An honest broadcast: only the six non-neighbours' keys are probed, two each.
+    honest = Harness(n=9, t=2, neighbours=2)
+    broadcast = honest.step_advertise()[0]
+    probed = _count_probes(monkeypatch)
+    assert honest.clients[0].handle(broadcast.encode()) is not None
+    assert len(probed) == 2 * (9 - 1 - 2)
+    # Execute / Assert: the bad non-neighbour key is refused before anything is sent.
+    _refused(h, bad, InvalidPublicKey)
 
 
 def test_more_keys_than_the_cohort(harness: Callable[..., Harness]) -> None:

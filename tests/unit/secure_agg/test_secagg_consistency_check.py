@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 from secagg_harness import Harness
 
-from secure_agg import Stage
+from secure_agg import Stage, crypto
 from secure_agg.errors import InconsistentUnmaskRequest, InvalidSignature
 from secure_agg.messages import (
     ConsistencyRequest,
@@ -74,3 +74,44 @@ def test_server_drops_a_bad_consistency_signature(harness: Callable[..., Harness
         h.server.handle(i, replies[i].encode())  # type: ignore[union-attr]
     requests = {o.recipient: o.message for o in h.server.drain()}
     assert sorted(requests) == [0, 1, 2, 4]
+
+
+class _CountingMemo(crypto.VerifiedSignatures):
+    """A memo that counts its lookups and hits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups = 0
+        self.hits = 0
+
+    def seen(self, key: bytes) -> bool:
+        hit = super().seen(key)
+        self.lookups += 1
+        self.hits += hit
+        return hit
+
+
+def test_a_shared_memo_verifies_each_signature_once_and_still_refuses_a_forgery(
+    harness: Callable[..., Harness],
+) -> None:
+    # Prepare: five clients of one process share a memo of verified signatures.
+    memo = _CountingMemo()
+    h = harness(n=5, t=4, active=True, verified=memo)
+    requests = _to_unmask(h)
+    # Each client checked the 5 advertisements: 25 lookups, 5 verifications.
+    assert (memo.lookups, memo.hits, len(memo)) == (25, 20, 5)
+    # Execute: clients 1..4 accept the genuine unmask request, client 0 gets a forgery of a
+    # signature the memo already holds the genuine version of.
+    for i in (1, 2, 3, 4):
+        h.clients[i].handle(requests[i])
+    assert (memo.lookups, memo.hits, len(memo)) == (45, 35, 10)
+    client, signature = requests[0].signatures[1]
+    forged = (client, bytes([signature[0] ^ 1]) + signature[1:])
+    bad = dataclasses.replace(
+        requests[0], signatures=(requests[0].signatures[0], forged, *requests[0].signatures[2:])
+    )
+    # Assert: refused and not remembered.
+    with pytest.raises(InvalidSignature):
+        h.clients[0].handle(bad)
+    assert h.clients[0].stage is Stage.ABORTED
+    assert len(memo) == 10

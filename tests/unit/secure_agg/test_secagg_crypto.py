@@ -9,12 +9,13 @@ import struct
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from secure_agg import crypto
-from secure_agg.constants import LABEL_CHANNEL_KEY, LABEL_MASK_SEED
-from secure_agg.errors import DecryptionFailed, InvalidPublicKey
+from secure_agg.constants import LABEL_CHANNEL_KEY, LABEL_MASK_SEED, LABEL_MASK_STREAM
+from secure_agg.errors import DecryptionFailed, InvalidPublicKey, InvalidSignature
 
 KEY = bytes(range(32))
 SHARED = bytes(range(100, 132))
@@ -28,23 +29,27 @@ def _hkdf_sha256(ikm: bytes, salt: bytes, info: bytes) -> bytes:
 
 
 def test_mask_generator_known_answer() -> None:
-    # Prepare: the stream is AES-256-CTR(key = seed) from the name/length counter block.
-    nonce = crypto.mask_nonce("layer.0.B", 8)
+    # Prepare: the stream is AES-256-CTR(key = seed) from the layout's counter block.
+    layout = crypto.mask_layout([("layer.0.B", 8)])
     # Execute
-    stream = crypto.mask_stream(KEY, name="layer.0.B", length=8)
+    stream = crypto.mask_stream(KEY, layout=layout)
     # Assert: frozen vector, and an independent computation with AES-ECB on counter blocks.
-    assert nonce.hex() == "3fa6e7a77b89908d4592828c1ba7a394"
+    assert layout.nonce.hex() == "91f09113ccb3c029aeccb4c0a47ca03d"
     assert stream.tolist() == [
-        2053469055,
-        2559243784,
-        2426693768,
-        1877348706,
-        107322765,
-        3387451102,
-        2685023618,
-        3659873273,
+        633312858,
+        1248864691,
+        3751080093,
+        4100631315,
+        2103625969,
+        324174937,
+        2801242659,
+        1594637116,
     ]
-    counter = int.from_bytes(nonce, "big")
+    name = b"layer.0.B"
+    layout_hash = LABEL_MASK_STREAM + struct.pack("<I", 1)
+    layout_hash += struct.pack("<I", len(name)) + name + struct.pack("<Q", 8)
+    assert layout.nonce == hashlib.sha256(layout_hash).digest()[:16]
+    counter = int.from_bytes(layout.nonce, "big")
     blocks = b"".join(((counter + i) % 2**128).to_bytes(16, "big") for i in range(2))
     ecb = Cipher(algorithms.AES(KEY), modes.ECB()).encryptor().update(blocks)
     assert stream.tolist() == list(struct.unpack("<8I", ecb))
@@ -74,28 +79,22 @@ def test_pairwise_seed_is_symmetric_and_bound_to_the_session() -> None:
     )
 
 
-def test_masks_differ_per_tensor_name_and_length() -> None:
-    first = crypto.mask_stream(KEY, name="a", length=64)
-    assert not np.array_equal(first, crypto.mask_stream(KEY, name="b", length=64))
-    assert not np.array_equal(first[:32], crypto.mask_stream(KEY, name="a", length=32))
-
-
 def test_chunked_accumulation_equals_whole_streams() -> None:
     # Prepare: longer than one chunk, mixed signs.
-    length = 70_001
+    layout = crypto.mask_layout([("t", 70_001)])
     seeds = [(os.urandom(32), 1), (os.urandom(32), -1), (os.urandom(32), 1)]
-    expected = np.zeros(length, dtype=np.uint64)
+    expected = np.zeros(layout.total, dtype=np.uint64)
     for seed, sign in seeds:
         whole = np.frombuffer(
-            Cipher(algorithms.AES(seed), modes.CTR(crypto.mask_nonce("t", length)))
+            Cipher(algorithms.AES(seed), modes.CTR(layout.nonce))
             .encryptor()
-            .update(bytes(4 * length)),
+            .update(bytes(4 * layout.total)),
             dtype="<u4",
         ).astype(np.uint64)
         expected = (expected + (whole if sign > 0 else 2**32 - whole)) % 2**32
-    acc = np.zeros(length, dtype=np.uint32)
+    acc = np.zeros(layout.total, dtype=np.uint32)
     # Execute
-    crypto.add_masks(acc, seeds, name="t")
+    crypto.add_masks(acc, seeds, layout=layout)
     # Assert
     assert np.array_equal(acc.astype(np.uint64), expected)
 
@@ -139,3 +138,38 @@ def test_session_id_is_order_free_and_binds_every_key() -> None:
     assert crypto.session_id(b"cohort", b"params", altered) != sid
     assert crypto.session_id(b"cohort", b"other", keys) != sid
     assert crypto.session_id(b"cohort2", b"params", keys) != sid
+
+
+def test_signature_memo_remembers_only_what_verified_and_binds_every_byte() -> None:
+    # Prepare
+    identity, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    public = identity.public_key()
+    signature = identity.sign(b"payload")
+    memo = crypto.VerifiedSignatures()
+    # Execute: a good signature is remembered ...
+    crypto.verify_signature(public, signature, b"payload", client=1, verified=memo)
+    assert len(memo) == 1
+    assert memo.seen(crypto.VerifiedSignatures.key(public, signature, b"payload"))
+    # ... and changing any of key, signature or payload still fails, and is not remembered.
+    forged = bytes([signature[0] ^ 1]) + signature[1:]
+    for args in (
+        (other.public_key(), signature, b"payload"),
+        (public, forged, b"payload"),
+        (public, signature, b"payloae"),
+    ):
+        with pytest.raises(InvalidSignature):
+            crypto.verify_signature(*args, client=1, verified=memo)
+        with pytest.raises(InvalidSignature):  # a failure is never cached either
+            crypto.verify_signature(*args, client=1, verified=memo)
+    assert len(memo) == 1
+
+
+def test_signature_memo_drops_the_least_recently_used() -> None:
+    memo = crypto.VerifiedSignatures(capacity=2)
+    memo.add(b"a")
+    memo.add(b"b")
+    assert memo.seen(b"a")  # "b" is now the least recently used
+    memo.add(b"c")
+    assert (memo.seen(b"a"), memo.seen(b"b"), memo.seen(b"c")) == (True, False, True)
+    with pytest.raises(ValueError, match="capacity"):
+        crypto.VerifiedSignatures(capacity=0)
