@@ -78,15 +78,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # learning_arms beside
 import learning_arms as arms
 
 CLIENTS = ("email", "asyncio", "json", "xml", "unittest", "http", "logging", "multiprocessing")
-#: Variant name -> (ranks cycled over the clients, column rule of learning_arms.RULES).
-#: ``mixed_ranks`` is the rule Estuary uses today (nested ranks); the rotating rules are
-#: the candidates of issue 15 item 2, measured against it.
-VARIANTS: dict[str, tuple[tuple[int, ...], str]] = {
-    "all_rank_16": ((16,), "nested"),
-    "mixed_ranks": ((4, 8, 16), "nested"),
-    "mixed_ranks_rotating": ((4, 8, 16), "rotating"),
-    "mixed_ranks_rotating_plain": ((4, 8, 16), "rotating_plain"),
-    "mixed_ranks_rotating_ratio": ((4, 8, 16), "rotating_ratio"),
+#: Variant name -> (ranks cycled over the clients, column rule of learning_arms.RULES,
+#: rank learning-rate power: a rank-r client trains at lr · (16 / r)^power, as
+#: ``training.rank_lr_power`` makes the coordinator hand out). ``mixed_ranks`` is what
+#: Estuary does today (nested ranks, power 1); ``mixed_ranks_flat_lr`` every rank at lr
+#: (before issue 15's rank-scaled rate); the rotating rules are earlier candidates.
+VARIANTS: dict[str, tuple[tuple[int, ...], str, float]] = {
+    "all_rank_16": ((16,), "nested", 1.0),
+    "mixed_ranks": ((4, 8, 16), "nested", 1.0),
+    "mixed_ranks_flat_lr": ((4, 8, 16), "nested", 0.0),
+    "mixed_ranks_rotating": ((4, 8, 16), "rotating", 0.0),
+    "mixed_ranks_rotating_plain": ((4, 8, 16), "rotating_plain", 0.0),
+    "mixed_ranks_rotating_ratio": ((4, 8, 16), "rotating_ratio", 0.0),
 }
 
 
@@ -184,11 +187,11 @@ def run_task(settings: Settings, task: Task) -> arms.Run:
     elif task.arm == "centralized":
         curve = _centralized(settings, edge, splits, lr=config["lr"], seed=task.seed, score=score)
     else:
-        ranks, rule = VARIANTS[task.arm]
+        ranks, rule, lr_power = VARIANTS[task.arm]
         curve = arms.train_federated(
             edge,
             splits,
-            arms.FedConfig(ranks, rule, settings.local_steps),
+            arms.FedConfig(ranks, rule, settings.local_steps, lr_power=lr_power),
             rounds=task.rounds,
             lr=config["lr"],
             server_lr=config["server_lr"],
@@ -393,6 +396,7 @@ def report(
         variants[name] = {
             "ranks": list(VARIANTS[name][0]),
             "column_rule": VARIANTS[name][1],
+            "rank_lr_power": VARIANTS[name][2],
             "chosen": chosen[name].config,
             "tuning_val_min": {json.dumps(r.config): min(r.curve.val) for r in tuning[name]},
             "curves": {

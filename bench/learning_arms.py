@@ -33,6 +33,7 @@ from estuary.adapters import (
     detach_adapters,
     mean_from_sum,
     owned_columns,
+    rank_learning_rate,
     weighted_sum,
 )
 from estuary.data import ClientData, stdlib_clients
@@ -349,6 +350,7 @@ class FedConfig:
     ranks: tuple[int, ...]
     rule: str  # "nested": first r columns; "rotating": owned_columns + coverage_scale
     local_steps: int
+    lr_power: float = 0.0  # a rank-r client trains at lr · (R_MAX / r)^lr_power
 
 
 def train_federated(
@@ -401,7 +403,7 @@ def train_federated(
                 client.train,
                 rank=ranks[i],
                 steps=variant.local_steps,
-                lr=lr,
+                lr=rank_learning_rate(lr, rank=ranks[i], r_max=R_MAX, power=variant.lr_power),
                 batch_size=BATCH,
                 seq_len=SEQ_LEN,
                 threads=torch.get_num_threads(),

@@ -52,6 +52,7 @@ from coordinator.enrolment import Device
 from coordinator.outcomes import PaceOffer, ServiceObserver, TaskOffer
 from coordinator.pacing import Admit, PacerConfig, decide
 from coordinator.versions import VersionInfo, VersionLedger
+from estuary.adapters import rank_learning_rate
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import CoordinatorSettings
 from estuary.jobs import JobOutcome, done_key, done_of, job_id_for, result_key
@@ -356,7 +357,12 @@ class Admission:
             artifact_size=record.artifact.size,
             rank=record.rank,
             local_steps=training.local_steps,
-            learning_rate=training.learning_rate,
+            learning_rate=rank_learning_rate(
+                training.learning_rate,
+                rank=record.rank,
+                r_max=self.settings.model.r_max,
+                power=training.rank_lr_power,
+            ),
             grad_clip_norm=training.grad_clip_norm,
             batch_size=training.batch_size,
             seq_len=training.seq_len,

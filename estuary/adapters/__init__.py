@@ -17,6 +17,7 @@ from estuary.adapters.lora import (
     mean_from_sum,
     merge_into_base,
     owned_columns,
+    rank_learning_rate,
     weighted_sum,
 )
 from estuary.adapters.peft_export import export_peft
@@ -38,5 +39,6 @@ __all__ = [
     "merge_into_base",
     "owned_columns",
     "put_adapter",
+    "rank_learning_rate",
     "weighted_sum",
 ]

@@ -366,7 +366,19 @@ class TrainingSettings(Section):
     """Local training that a task asks of a device."""
 
     local_steps: int = Field(default=20, ge=1, description="Optimizer steps per task.")
-    learning_rate: float = Field(default=3e-3, gt=0, description="Local Adam learning rate.")
+    learning_rate: float = Field(
+        default=3e-3, gt=0, description="Local Adam learning rate of a full-rank (r_max) device."
+    )
+    rank_lr_power: float = Field(
+        default=1.0,
+        ge=0,
+        le=2,
+        description=(
+            "A rank-r device trains at learning_rate · (r_max / r)^rank_lr_power: fewer "
+            "trained columns, larger steps, so mixed-rank fleets learn nearly as fast per "
+            "version as full-rank ones. 0: every rank at learning_rate."
+        ),
+    )
     batch_size: int = Field(default=8, ge=1, description="Sequences per step.")
     seq_len: int = Field(default=128, ge=8, description="Tokens per sequence.")
     grad_clip_norm: float = Field(

@@ -55,6 +55,7 @@ class FleetConfig:
     max_updates: int = 500
     local_steps: int = 2
     learning_rate: float = 1e-2
+    rank_lr_power: float = 1.0  # the product's training.rank_lr_power, for every policy
     batch_size: int = 4
     seq_len: int = 32
     grad_clip_norm: float = 1.0
@@ -95,6 +96,8 @@ class FleetConfig:
                      "silence_s", "key_timeout_s", "retry_after_s", "idle_checkin_s"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.rank_lr_power <= 2:
+            raise ValueError(f"rank_lr_power: must be in [0, 2], got {self.rank_lr_power}")
         if self.cohort_min < 3 or self.cohort_max < self.cohort_min:
             raise ValueError(
                 f"cohort_min/cohort_max: need 3 <= cohort_min <= cohort_max, got "
@@ -140,6 +143,8 @@ class FleetEnv:
 
     def request(self, spec: DeviceSpec, adapter: Any, task: int) -> TrainRequest:
         """Return the training request of ``spec``'s update seeded ``task`` on ``adapter``."""
+        from estuary.adapters import rank_learning_rate
+
         cfg = self.config
         client, start, length = data_slice(
             spec.index,
@@ -153,7 +158,12 @@ class FleetEnv:
             length=length,
             rank=spec.rank,
             steps=cfg.local_steps,
-            lr=cfg.learning_rate,
+            lr=rank_learning_rate(
+                cfg.learning_rate,
+                rank=spec.rank,
+                r_max=cfg.r_max,
+                power=cfg.rank_lr_power,
+            ),
             grad_clip_norm=cfg.grad_clip_norm,
             batch_size=cfg.batch_size,
             seq_len=cfg.seq_len,
@@ -781,6 +791,7 @@ def estuary_settings(env: FleetEnv) -> Any:
             training={
                 "local_steps": cfg.local_steps,
                 "learning_rate": cfg.learning_rate,
+                "rank_lr_power": cfg.rank_lr_power,
                 "batch_size": cfg.batch_size,
                 "seq_len": cfg.seq_len,
                 "grad_clip_norm": cfg.grad_clip_norm,

@@ -36,7 +36,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from edge_client.train import train_adapter
-from estuary.adapters.lora import AdapterConfig, GlobalAdapter
+from estuary.adapters.lora import AdapterConfig, GlobalAdapter, rank_learning_rate
 from estuary.data.stdlib import ClientData, stdlib_client
 from estuary.data.user import load_user_data
 from simulation.flower import protocol
@@ -169,7 +169,12 @@ def train(msg: Message, context: Context, settings: FlowerSettings) -> Message:
         node.data.train,
         rank=node.rank,
         steps=settings.local_steps,
-        lr=settings.learning_rate,
+        lr=rank_learning_rate(
+            settings.learning_rate,
+            rank=node.rank,
+            r_max=settings.r_max,
+            power=settings.rank_lr_power,
+        ),
         grad_clip_norm=settings.grad_clip_norm,
         batch_size=settings.batch_size,
         seq_len=settings.seq_len,

@@ -60,7 +60,11 @@ class FlowerSettings:
     local_steps
         [``local-steps``] Optimizer steps per client per round.
     learning_rate
-        [``learning-rate``] Client learning rate of ΔB.
+        [``learning-rate``] Client learning rate of ΔB at rank ``r_max``.
+    rank_lr_power
+        [``rank-lr-power``] A rank-``r`` node trains at ``learning-rate · (r_max / r)^power``
+        (:func:`estuary.adapters.rank_learning_rate`, as the coordinator hands out); 0: every
+        rank at ``learning-rate``.
     batch_size, seq_len
         [``batch-size``, ``seq-len``] Windows per step and bytes per window.
     grad_clip_norm
@@ -107,6 +111,7 @@ class FlowerSettings:
     ranks: tuple[int, ...] = (4, 8, 16)
     local_steps: int = 10
     learning_rate: float = 0.01
+    rank_lr_power: float = 1.0
     batch_size: int = 8
     seq_len: int = 128
     grad_clip_norm: float = 10.0
@@ -142,6 +147,8 @@ class FlowerSettings:
         }.items():
             if not (number > 0 and math.isfinite(number)):
                 raise ValueError(f"{key}: must be a positive number, got {number}")
+        if not (0 <= self.rank_lr_power <= 2 and math.isfinite(self.rank_lr_power)):
+            raise ValueError(f"rank-lr-power: must be in [0, 2], got {self.rank_lr_power}")
         if not 0 < self.fraction_train <= 1:
             raise ValueError(f"fraction-train: must be in (0, 1], got {self.fraction_train}")
         if not 0 <= self.fraction_evaluate <= 1:
@@ -225,6 +232,7 @@ _INT_FIELDS = {
 }
 _FLOAT_FIELDS = {
     "learning_rate",
+    "rank_lr_power",
     "grad_clip_norm",
     "server_lr",
     "fraction_train",

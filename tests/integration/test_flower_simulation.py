@@ -25,7 +25,7 @@ pytest.importorskip("ray", reason="flwr[simulation] (Ray) is not installed")
 from flwr.simulation import run_simulation
 
 from edge_client.train import train_adapter
-from estuary.adapters import AdapterConfig, GlobalAdapter, merge_into_base
+from estuary.adapters import AdapterConfig, GlobalAdapter, merge_into_base, rank_learning_rate
 from estuary.compress import compress_model
 from estuary.model.loading import load_model
 from estuary.model.presets import build_preset
@@ -132,7 +132,13 @@ def test_four_nodes_two_rounds_aggregate_to_the_weighted_mean(tmp_path: Path) ->
         node.data.train,
         rank=node.rank,
         steps=settings.local_steps,
-        lr=settings.learning_rate,
+        # At the node's rank-scaled rate (training.rank_lr_power, as the coordinator's).
+        lr=rank_learning_rate(
+            settings.learning_rate,
+            rank=node.rank,
+            r_max=settings.r_max,
+            power=settings.rank_lr_power,
+        ),
         grad_clip_norm=settings.grad_clip_norm,
         batch_size=settings.batch_size,
         seq_len=settings.seq_len,

@@ -23,6 +23,7 @@ from estuary.adapters import (
     mean_from_sum,
     merge_into_base,
     owned_columns,
+    rank_learning_rate,
     weighted_sum,
 )
 from estuary.compress import QuantLinear, compress_model
@@ -381,3 +382,33 @@ def test_bad_columns_are_refused_naming_columns(
     with pytest.raises(ValueError, match="columns"):
         attach_adapters(model, adapter, rank=4, columns=columns)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@given(
+    lr=st.floats(1e-6, 1.0),
+    r_max=st.integers(1, 64),
+    data=st.data(),
+    power=st.floats(0.0, 2.0),
+)
+def test_rank_learning_rate_scales_by_the_missing_columns(
+    lr: float, r_max: int, data: st.DataObject, power: float
+) -> None:
+    rank = data.draw(st.integers(1, r_max))
+    got = rank_learning_rate(lr, rank=rank, r_max=r_max, power=power)
+    assert got == pytest.approx(lr * (r_max / rank) ** power)
+    # A full-rank client and power 0 keep lr; a lower rank never trains slower.
+    assert rank_learning_rate(lr, rank=r_max, r_max=r_max, power=power) == pytest.approx(lr)
+    assert rank_learning_rate(lr, rank=rank, r_max=r_max, power=0.0) == pytest.approx(lr)
+    if rank > 1:
+        assert rank_learning_rate(lr, rank=rank - 1, r_max=r_max, power=power) >= got
+
+
+@pytest.mark.parametrize(
+    ("lr", "rank", "power", "field"),
+    [(0.01, 0, 1.0, "rank"), (0.01, 17, 1.0, "rank"), (0.0, 4, 1.0, "lr"), (0.01, 4, -1, "power")],
+)
+def test_rank_learning_rate_refuses_bad_input(
+    lr: float, rank: int, power: float, field: str
+) -> None:
+    with pytest.raises(ValueError, match=field):
+        rank_learning_rate(lr, rank=rank, r_max=R_MAX, power=power)

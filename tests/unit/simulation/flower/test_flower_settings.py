@@ -19,6 +19,7 @@ def test_run_config_round_trips_and_defaults_hold() -> None:
         scheme="nf4",
         ranks=(2, 8),
         learning_rate=0.02,
+        rank_lr_power=0.5,
         out_dir=Path("out"),
         stdlib_packages=("json", "email"),
     )
@@ -38,6 +39,8 @@ def test_run_config_round_trips_and_defaults_hold() -> None:
         ({"num-server-rounds": 0}, "num-server-rounds: must be positive"),
         ({"learning-rate": "fast"}, "learning-rate: expected a number"),
         ({"learning-rate": -1.0}, "learning-rate: must be a positive number"),
+        ({"rank-lr-power": 3.0}, "rank-lr-power: must be in"),
+        ({"rank-lr-power": -0.5}, "rank-lr-power: must be in"),
         ({"ranks": "4,x"}, "ranks: expected comma-separated integers"),
         ({"ranks": "4,32", "r-max": 16}, r"ranks: \[32\] outside 1..r-max=16"),
         ({"scheme": "int4"}, "scheme: must be one of"),
