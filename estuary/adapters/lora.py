@@ -30,7 +30,8 @@ cohort: it knows its class's rank). The aggregate stays a plain sum of zero-padd
 Measured (``bench/learning.py``, issue 15): with Adam clients that factor makes a
 column's step one member's sign-like update, far larger than a mean over members, and
 learning at server lr 1 got worse; rotation is opt-in (``columns=``), nested is the
-default.
+default. What did help: a rank-``r`` client training at ``lr · r_max / r``
+(:func:`rank_learning_rate`, ``training.rank_lr_power``), which the coordinator hands out.
 """
 
 from __future__ import annotations
