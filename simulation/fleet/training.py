@@ -198,11 +198,6 @@ class PoolTrainer:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-#: Seconds a Ray connection or a local Ray start may take. A local start forks a GCS, a
-#: raylet and workers; on a loaded 2-core machine that has taken over a minute.
-RAY_START_TIMEOUT_S = 300.0
-
-
 class RayTrainer:
     """Training tasks on a Ray cluster; the context goes to the object store once.
 
@@ -243,8 +238,13 @@ class RayTrainer:
         return self._remote.remote(self._context, request)
 
     def result(self, handle: Any) -> TrainOutcome:
-        """Wait for and return the outcome of ``handle``."""
-        outcome: TrainOutcome = self._ray.get(handle, timeout=RAY_START_TIMEOUT_S)
+        """Wait for and return the outcome of ``handle``.
+
+        No deadline, as the local pool's: the first results wait for Ray's workers to
+        start, which on a loaded machine took past any fixed limit (over 300 s under four
+        busy loops on 2 cores); a worker or node that dies makes Ray raise by itself.
+        """
+        outcome: TrainOutcome = self._ray.get(handle)
         return outcome
 
     def close(self) -> None:
