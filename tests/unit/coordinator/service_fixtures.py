@@ -143,8 +143,10 @@ def tasks_for(fed: Fed, devices: list[Device]) -> list[TaskOffer]:
     return [o for o in offers if isinstance(o, TaskOffer)]
 
 
-def exchange_keys(fed: Fed, offers: list[TaskOffer], devices: list[Device]) -> dict[int, Device]:
-    """Run one cohort's key exchange (advertise, share keys); return its devices by index."""
+def exchange_keys(
+    fed: Fed, offers: list[TaskOffer], devices: list[Device]
+) -> tuple[dict[int, Device], dict[int, Client]]:
+    """Run one cohort's key exchange (advertise, share keys); devices and clients by index."""
     from secure_agg import Stage
 
     service = fed.service
@@ -161,4 +163,4 @@ def exchange_keys(fed: Fed, offers: list[TaskOffer], devices: list[Device]) -> d
         out = client.handle(reply.payload)
         assert out is not None
         service.send_secagg(by_index[i], cohort_id, Stage.SHARE_KEYS, out.encode())
-    return by_index
+    return by_index, clients

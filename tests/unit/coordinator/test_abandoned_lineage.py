@@ -134,7 +134,7 @@ def test_the_share_relay_refuses_to_weight_work_on_an_abandoned_version(
     offers = tasks_for(fed, devices)
     assert {o.version for o in offers} == {3}
     cohort_id = offers[0].cohort_id
-    by_index = exchange_keys(fed, offers, devices)
+    by_index, _ = exchange_keys(fed, offers, devices)
     roll_back(fed)
     rejected = service.counters.updates_rejected
 

@@ -32,18 +32,26 @@ COHORT = {
 }
 
 
-def test_a_member_past_the_share_relay_frees_its_pacer_slot(tmp_path: Any, base: nn.Module) -> None:
-    # Prepare: cap 3 (K = 3, target staleness 1): one cohort of 3 fills it.
+def _one_cohort_past_keys(
+    tmp_path: Any, base: nn.Module, *, target_staleness: float
+) -> tuple[Fed, list[TaskOffer], dict[int, Any]]:
+    """A federation (K = 3) whose one cohort of 3 laptops has exchanged keys."""
     fed = Fed(
         tmp_path,
         base,
-        pacing={"target_staleness": 1.0, "retry_after_min_s": 0.5},
+        pacing={"target_staleness": target_staleness, "retry_after_min_s": 0.5},
         cohort=COHORT,
     )
-    assert fed.service.pacer.max_concurrency == 3
     devices = [fed.device("laptop") for _ in range(3)]
     offers = tasks_for(fed, devices)
-    by_index = exchange_keys(fed, offers, devices)
+    by_index, _ = exchange_keys(fed, offers, devices)
+    return fed, offers, by_index
+
+
+def test_a_member_past_the_share_relay_frees_its_pacer_slot(tmp_path: Any, base: nn.Module) -> None:
+    # Prepare: cap 3 (K = 3, target staleness 1): one cohort of 3 fills it.
+    fed, offers, by_index = _one_cohort_past_keys(tmp_path, base, target_staleness=1.0)
+    assert fed.service.pacer.max_concurrency == 3
     late = fed.device("laptop")
     paced = fed.service.get_task(late)
     assert isinstance(paced, PaceOffer) and "cap 3" in paced.reason
@@ -63,20 +71,12 @@ def test_a_member_past_the_share_relay_frees_its_pacer_slot(tmp_path: Any, base:
 
 
 def test_finishing_or_abandoning_a_task_frees_its_slot(tmp_path: Any, base: nn.Module) -> None:
-    fed = Fed(
-        tmp_path,
-        base,
-        pacing={"target_staleness": 2.0, "retry_after_min_s": 0.5},
-        cohort=COHORT,
-    )
-    devices = [fed.device("laptop") for _ in range(3)]
-    offers = tasks_for(fed, devices)
-    exchange_keys(fed, offers, devices)
+    fed, offers, by_index = _one_cohort_past_keys(tmp_path, base, target_staleness=2.0)
     assert fed.service.cohorts.training_devices() == 3
 
     # A member that asks for new work mid-task abandons it: its slot goes, a new one
     # (in a forming cohort) comes.
-    again = fed.service.get_task(devices[1])
+    again = fed.service.get_task(by_index[1])
     assert isinstance(again, PaceOffer)
     assert fed.service.cohorts.training_devices() == 3
     # The others are silent; the upload deadline aborts the cohort and the tick folds it
@@ -146,7 +146,7 @@ def test_a_deferred_get_task_costs_the_same_store_calls_however_many_cohorts_run
     for n in range(5):
         devices = [fed.device("laptop") for _ in range(3)]
         offers = tasks_for(fed, devices)
-        by_index = exchange_keys(fed, offers, devices)
+        by_index, _ = exchange_keys(fed, offers, devices)
         if n < 4:
             for device in by_index.values():
                 reply = fed.service.poll_secagg(device, offers[0].cohort_id, Stage.SHARE_KEYS)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from service_fixtures import R_MAX, Fed, tasks_for
+from service_fixtures import R_MAX, Fed, exchange_keys, tasks_for
 
 from coordinator.enrolment import Device
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -36,18 +36,7 @@ def run_cohort(
     offers = tasks_for(fed, devices)
     cohort_id = offers[0].cohort_id
     assert {o.cohort_id for o in offers} == {cohort_id}
-    by_index = {o.member_index: d for o, d in zip(offers, devices, strict=True)}
-    clients = {o.member_index: fed.client(o, by_index[o.member_index]) for o in offers}
-    for i, client in clients.items():
-        service.send_secagg(
-            by_index[i], cohort_id, Stage.ADVERTISE_KEYS, client.advertise().encode()
-        )
-    for i, client in clients.items():
-        reply = service.poll_secagg(by_index[i], cohort_id, Stage.ADVERTISE_KEYS)
-        assert reply is not None and reply.stage is Stage.SHARE_KEYS
-        out = client.handle(reply.payload)
-        assert out is not None
-        service.send_secagg(by_index[i], cohort_id, Stage.SHARE_KEYS, out.encode())
+    by_index, clients = exchange_keys(fed, offers, devices)
     shapes = {
         n: (s[0], R_MAX)
         for n, s in GlobalAdapter.for_model(
