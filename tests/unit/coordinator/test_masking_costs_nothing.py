@@ -38,15 +38,19 @@ WEIGHTS = [StalenessPolicy().weight(s) for s in (0, 1, 0, 2)]
 
 
 def _client_data() -> list[bytes]:
-    """Four non-IID clients: four different Python source files of this repository."""
-    root = Path(__file__).resolve().parents[3]
-    files = [
-        "coordinator/versions.py",
-        "coordinator/staleness.py",
-        "estuary/clock.py",
-        "coordinator/guard.py",
-    ]
-    return [(root / f).read_bytes() for f in files]
+    """Four non-IID clients: text over four different vocabularies, fixed by seed.
+
+    Generated, not read from this repository's files: an edit to such a file changed the
+    data, and with it how far rounding differences compounded.
+    """
+    clients = []
+    for i in range(CLIENTS):
+        rng = np.random.default_rng(1000 + i)
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))[rng.permutation(26)[:10]]
+        vocabulary = ["".join(rng.choice(letters, size=rng.integers(2, 8))) for _ in range(60)]
+        words = rng.choice(vocabulary, size=1500, p=rng.dirichlet(np.ones(60)))
+        clients.append(" ".join(words).encode())
+    return clients
 
 
 def _masked_sum(
