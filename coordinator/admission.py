@@ -144,9 +144,9 @@ class Admission:
             raise ValueError(
                 f"records: expected {len(keys)} reads of task_keys, got {len(records)}"
             )
-        assign_rec, forming_rec, head_rec, done_rec = records
-        assignment, forming = self._book.parse_admission(
-            device.device_id, device_class, assign_rec, forming_rec
+        assign_rec, forming_rec, trained_rec, head_rec, done_rec = records
+        assignment, forming, trained = self._book.parse_admission(
+            device.device_id, device_class, assign_rec, forming_rec, trained_rec
         )
         head = VersionLedger.head_of(head_rec)
         if assignment is not None:
@@ -156,8 +156,20 @@ class Admission:
         if forming is not None and device.device_id in forming[0].members:
             return self._wait_for_seal(device, device_class)
         build_key = done_key("build_artifacts", device_class=device_class)
-        if self._artifact_at(device_class, head, done_of(done_rec, key=build_key)) is None:
+        artifact = self._artifact_at(device_class, head, done_of(done_rec, key=build_key))
+        if artifact is None:
             return self._pace(self.pacer.retry_after_min_s * 2, self._no_artifact(device_class))
+        if (
+            trained is not None
+            and head is not None
+            and trained >= artifact[0]
+            and self._next_version_under_way(head, artifact[0])
+        ):
+            return self._pace(
+                self.pacer.retry_after_min_s,
+                f"already trained on version {artifact[0]}; waiting for the next, under way",
+                "next_version",
+            )
         decision = decide(
             self.pacer,
             active=self._book.training_devices(),
@@ -173,8 +185,9 @@ class Admission:
     def task_keys(device_id: str, device_class: str) -> list[str]:
         """Return the keys :meth:`get_task` reads first, in one round trip.
 
-        In order: the device's task, the forming cohort of its class, the head and the
-        class's newest completed artifact build (its ``jobdone/`` record).
+        In order: the device's task, the forming cohort of its class, the version the
+        device last trained on, the head and the class's newest completed artifact build
+        (its ``jobdone/`` record).
         """
         return [
             *CohortBook.admission_keys(device_id, device_class),
@@ -182,9 +195,33 @@ class Admission:
             done_key("build_artifacts", device_class=device_class),
         ]
 
-    def _pace(self, seconds: float, reason: str) -> PaceOffer:
+    def _next_version_under_way(self, head: VersionInfo, artifact_version: int) -> bool:
+        """Whether a version newer than ``artifact_version`` is committed or under way.
+
+        ``pacing.one_task_per_version``: a device whose last task trained on the
+        newest artifact's version would train on it again: from the same weights on the
+        same data, arriving stale and over-weighting the fastest devices. It waits
+        instead while the next version is certain to come: committed and its artifact
+        being built (for at most ``cohort.deadline_s`` after the commit, in case the
+        build never lands), or made by the buffered updates plus those still to come
+        from sealed cohorts. When neither holds (too few devices, dropouts) it trains
+        again, or a small federation could stall. A few reads, made only for such a
+        device.
+        """
+        if not self.settings.pacing.one_task_per_version:
+            return False
+        if head.version > artifact_version:
+            committed = self._ledger.committed_at(head.version)
+            return (
+                committed is not None
+                and self._clock.time() - committed < self.settings.cohort.deadline_s
+            )
+        coming = self._ledger.buffered_updates() + self._book.in_flight_updates()
+        return coming >= self.pacer.buffer_size
+
+    def _pace(self, seconds: float, reason: str, mechanism: str = "pacing") -> PaceOffer:
         self._observer.event("paced", retry_after_s=seconds, reason=reason)
-        return PaceOffer(seconds, reason)
+        return PaceOffer(seconds, reason, mechanism)
 
     def _resume(
         self, device: Device, assignment: Assignment, head: VersionInfo | None
@@ -246,11 +283,15 @@ class Admission:
                 return self.offer(record, assignment.member_index)
         forming = self._book.forming(device_class)
         members = len(forming[0].members) if forming else 0
+        # Admitted either way: it is a member of the forming cohort and comes back soon.
         if members >= self.settings.cohort.min_size and self.artifact_for(device_class) is None:
-            return self._pace(self.pacer.retry_after_min_s, self._no_artifact(device_class))
+            return self._pace(
+                self.pacer.retry_after_min_s, self._no_artifact(device_class), "cohort_formation"
+            )
         return self._pace(
             self.pacer.retry_after_min_s,
             f"waiting for the cohort to fill ({members}/{self.settings.cohort.min_size})",
+            "cohort_formation",
         )
 
     # ------------------------------------------------------------------ sealing
@@ -326,6 +367,7 @@ class Admission:
                 device_id,
                 Assignment(cohort_id=cohort_id, member_index=index, task_id=record.task_id(index)),
             )
+            self._book.record_trained(device_id, version)
         self._book.activate(cohort_id, sealed_at=now)
         log.info(
             "sealed cohort %s: %d %s devices on version %d", cohort_id, n, device_class, version

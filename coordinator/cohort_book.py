@@ -17,6 +17,9 @@ Key layout (the records are :mod:`coordinator.cohorts`' typed records):
   pacer caps (:meth:`CohortBook.training_devices`): one O(1) read, not a scan.
 - ``seen/<cohort>/<member>``: when a member last showed it is alive (heartbeat, share
   relay), as Unix seconds from the injected clock; the tick's silence rule reads it.
+- ``trained/<device>``: the version of the last task the device was given (decimal),
+  written when its cohort is sealed; admission reads it so that a device does not train
+  twice on one version while the next is already under way.
 
 :class:`CohortBook` is the only code that reads or writes these keys. It also keeps the
 :class:`~coordinator.cohort_log.ReplicatedCohort` of every cohort this replica has
@@ -50,6 +53,7 @@ __all__ = [
     "ASSIGN_PREFIX",
     "FORMING_PREFIX",
     "SEEN_PREFIX",
+    "TRAINED_PREFIX",
     "TRAINING_MEMBERS",
     "CohortBook",
 ]
@@ -60,6 +64,7 @@ TRAINING_MEMBERS = "cohorts-training"
 #: Parsed cohort records kept per replica (cleared when full: finished cohorts go).
 _PARSED_MAX = 4096
 SEEN_PREFIX = "seen/"
+TRAINED_PREFIX = "trained/"
 
 
 def _assign_key(device_id: str) -> str:
@@ -68,6 +73,10 @@ def _assign_key(device_id: str) -> str:
 
 def _forming_key(device_class: str) -> str:
     return f"{FORMING_PREFIX}{device_class}"
+
+
+def _trained_key(device_id: str) -> str:
+    return f"{TRAINED_PREFIX}{device_id}"
 
 
 def _seen_key(cohort_id: str, index: int) -> str:
@@ -251,23 +260,37 @@ class CohortBook:
 
     @staticmethod
     def admission_keys(device_id: str, device_class: str) -> list[str]:
-        """Keys of a device's task and of its class's forming cohort, in that order.
+        """Keys of a device's task, its class's forming cohort, its last task's version.
 
-        GetTask's hot path reads them with others in one store round trip (with the
+        In that order. GetTask's hot path reads them with others in one store round trip (with the
         request's nonce, :mod:`coordinator.admission`) and parses the records with
         :meth:`parse_admission`.
         """
-        return [_assign_key(device_id), _forming_key(device_class)]
+        return [_assign_key(device_id), _forming_key(device_class), _trained_key(device_id)]
 
     @staticmethod
     def parse_admission(
-        device_id: str, device_class: str, assign_rec: Record | None, forming_rec: Record | None
-    ) -> tuple[Assignment | None, tuple[FormingCohort, int] | None]:
-        """Parse reads of :meth:`admission_keys`: (assignment, (forming, its version)).
+        device_id: str,
+        device_class: str,
+        assign_rec: Record | None,
+        forming_rec: Record | None,
+        trained_rec: Record | None,
+    ) -> tuple[Assignment | None, tuple[FormingCohort, int] | None, int | None]:
+        """Parse reads of :meth:`admission_keys`.
 
-        Either is None where its record is absent.
+        Returns (assignment, (forming, its record version), version last trained on); each
+        is None where its record is absent.
         """
         assign_key, forming_key = _assign_key(device_id), _forming_key(device_class)
+        trained: int | None = None
+        if trained_rec is not None:
+            try:
+                trained = int(trained_rec.value)
+            except ValueError:
+                raise MalformedRecord(
+                    f"{_trained_key(device_id)}: expected a version number, "
+                    f"got {trained_rec.value[:40]!r}"
+                ) from None
         assignment = (
             None if assign_rec is None else Assignment.from_json(assign_rec.value, where=assign_key)
         )
@@ -279,7 +302,7 @@ class CohortBook:
                 forming_rec.version,
             )
         )
-        return assignment, forming
+        return assignment, forming, trained
 
     # ------------------------------------------------------------------ assignments
 
@@ -301,6 +324,10 @@ class CohortBook:
             # A conflict means it was reassigned meanwhile: the new task stays.
             with contextlib.suppress(VersionConflict):
                 self.store.delete(key, expected_version=rec.version)
+
+    def record_trained(self, device_id: str, version: int) -> None:
+        """Record that ``device_id`` was given a task on ``version``."""
+        self.store.put(_trained_key(device_id), str(version).encode())
 
     # ------------------------------------------------------------------ liveness
 
@@ -345,15 +372,24 @@ class CohortBook:
         """
         return self.store.zcard(TRAINING_MEMBERS)
 
+    def in_flight_updates(self) -> int:
+        """Count the updates still to come from sealed, unfinished cohorts.
+
+        Their members less the ones that abandoned their task (a dropout that is not yet
+        known counts).
+        """
+        count = 0
+        for cohort_id in self.active_ids():
+            record = self.record(cohort_id)
+            if record is not None and record.active:
+                count += record.size - len(record.abandoned)
+        return count
+
     def active_devices(self) -> int:
         """Devices admitted and not finished: in forming cohorts and active cohorts.
 
         A scan of every forming and active cohort, for metrics; the pacer reads
         :meth:`training_devices`.
         """
-        count = sum(len(forming.members) for forming in self.all_forming())
-        for cohort_id in self.active_ids():
-            record = self.record(cohort_id)
-            if record is not None:
-                count += record.size - len(record.abandoned)
-        return count
+        forming = sum(len(forming.members) for forming in self.all_forming())
+        return forming + self.in_flight_updates()

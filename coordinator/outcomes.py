@@ -50,10 +50,19 @@ class TaskOffer:
 
 @dataclass(frozen=True)
 class PaceOffer:
-    """Come back after ``retry_after_s`` seconds."""
+    """Come back after ``retry_after_s`` seconds.
+
+    ``mechanism`` says what the device waits for, for whoever accounts waiting time (the
+    fleet simulator): ``"cohort_formation"`` (admitted, its cohort is not sealed yet),
+    ``"next_version"`` (it already trained on the newest version and the next one is
+    under way), ``"pacing"`` (deferred: the concurrency cap, no artifact yet, a class too
+    slow for the deadline). The first two expect the device back after exactly
+    ``retry_after_s``; a deferred device may come back later.
+    """
 
     retry_after_s: float
     reason: str
+    mechanism: str = "pacing"
 
 
 @dataclass(frozen=True)

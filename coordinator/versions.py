@@ -313,6 +313,20 @@ class VersionLedger:
             self._shapes[info.adapter_sha256] = shapes
         return shapes
 
+    def committed_at(self, version: int) -> float | None:
+        """Unix seconds when ``version`` was committed; None if its record is gone."""
+        rec = self._store.get(version_key(version))
+        if rec is None:
+            return None
+        where = version_key(version)
+        try:
+            value = json.loads(rec.value)["committed_at"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{where}: no readable committed_at") from None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"{where}: committed_at must be a number, got {value!r}")
+        return float(value)
+
     def buffered_updates(self) -> int:
         """Return how many client updates wait in the buffer (leftovers excluded)."""
         head = self.head()

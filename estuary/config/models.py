@@ -222,6 +222,15 @@ class PacingSettings(Section):
     retry_after_max_s: float = Field(
         default=300.0, gt=0, description="Longest retry-after told to a device, in seconds."
     )
+    one_task_per_version: bool = Field(
+        default=True,
+        description=(
+            "A device whose last task trained on the newest version waits for the next "
+            "one while the buffered updates and those under way fill it (a second update "
+            "from the same weights on the same data arrives stale and over-weights fast "
+            "devices); false: it trains again at once."
+        ),
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> PacingSettings:

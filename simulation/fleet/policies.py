@@ -408,10 +408,13 @@ class EstuaryPolicy(Policy):
             return
         offer = self.service.get_task(self.devices[index])
         if isinstance(offer, PaceOffer):
-            if "cohort" in offer.reason:  # admitted, waiting for the cohort to seal
-                mechanism, delay = "cohort_formation", offer.retry_after_s
+            mechanism = offer.mechanism
+            if mechanism in ("cohort_formation", "next_version"):
+                # Admitted and waiting for its cohort to seal, or awake after a task and
+                # waiting for the version under way: it comes back when told.
+                delay = offer.retry_after_s
             else:  # deferred: an idle device checks in again at its next opportunity
-                mechanism, delay = "pacing", max(offer.retry_after_s, self.cfg.idle_checkin_s)
+                delay = max(offer.retry_after_s, self.cfg.idle_checkin_s)
             self.rec.wait(mechanism, delay)
             self.q.after(delay, lambda: self.checkin(index))
             return

@@ -1,0 +1,108 @@
+"""A device does not train twice on one version while the next one is under way.
+
+Found in issue 14's side-by-side with Flower (8 devices, two classes of 4, K = 8): the
+class that finished first was re-admitted on the version its own update was still
+waiting to enter, trained again from the same weights on the same data, and arrived
+one version stale (weight 0.71) in every other version. ``pacing.one_task_per_version``
+holds such a device while the buffered updates and those still to come make the next
+version, and lets it train again when they cannot, so a small federation never stalls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from service_fixtures import Fed, tasks_for
+from test_service import run_cohort
+from torch import nn
+
+from coordinator.service import PaceOffer, TaskOffer
+from secure_agg import Stage
+
+AGGREGATION = {"buffer_size": 6, "staleness": "polynomial", "staleness_a": 0.5}
+
+
+def _two_classes_one_done(
+    tmp_path: Any, base: nn.Module, **pacing: Any
+) -> tuple[Fed, list[Any], list[Any], list[TaskOffer]]:
+    """K = 6: phones (3) sealed on version 0 and training; laptops (3) done on version 0."""
+    fed = Fed(
+        tmp_path,
+        base,
+        aggregation=AGGREGATION,
+        pacing={"target_staleness": 4.0, "retry_after_min_s": 0.5, **pacing},
+    )
+    laptops = [fed.device("laptop") for _ in range(3)]
+    phones = [fed.device("phone") for _ in range(3)]
+    phone_offers = tasks_for(fed, phones)
+    assert {o.version for o in phone_offers} == {0}
+    run_cohort(fed, laptops, rng=np.random.default_rng(3))
+    head = fed.service.ledger.head()
+    assert head is not None and head.version == 0  # 3 of 6 updates buffered
+    assert fed.service.ledger.buffered_updates() == 3
+    return fed, laptops, phones, phone_offers
+
+
+def test_a_device_waits_for_the_version_its_peers_are_making(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    fed, laptops, phones, _ = _two_classes_one_done(tmp_path, base)
+
+    # The laptops ask again: 3 buffered + 3 phones under way make version 1.
+    for device in laptops:
+        paced = fed.service.get_task(device)
+        assert isinstance(paced, PaceOffer), paced
+        assert "already trained on version 0" in paced.reason
+    assert fed.service.cohorts.forming("laptop") is None  # nobody joined a cohort
+
+    # The phones finish: version 1. While its artifact is being built the laptops still
+    # wait (version 0's artifact is the newest); once it is built they train on it.
+    run_cohort(fed, phones, rng=np.random.default_rng(4))
+    head = fed.service.ledger.head()
+    assert head is not None and head.version == 1
+    paced = fed.service.get_task(laptops[0])
+    assert isinstance(paced, PaceOffer) and "already trained on version 0" in paced.reason
+    fed.run_jobs()
+    offers = tasks_for(fed, laptops)
+    assert {o.version for o in offers} == {1}
+    # Every update that entered a version was fresh.
+    assert fed.service.counters.staleness == {0: 6}
+
+
+def test_it_trains_again_when_the_work_under_way_cannot_make_the_next_version(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    fed, laptops, phones, phone_offers = _two_classes_one_done(tmp_path, base)
+    assert isinstance(fed.service.get_task(laptops[0]), PaceOffer)
+
+    # One phone restarts and abandons its task: 3 buffered + 2 to come < 6. Waiting
+    # would stall the federation, so the laptops train on version 0 again.
+    offer, phone = phone_offers[0], phones[0]
+    advert = fed.client(offer, phone).advertise().encode()
+    fed.service.send_secagg(phone, offer.cohort_id, Stage.ADVERTISE_KEYS, advert)
+    again = fed.service.get_task(phone)  # it lost its keys: the task is abandoned
+    assert isinstance(again, PaceOffer) and "already trained" not in again.reason
+    offers = tasks_for(fed, laptops)
+    assert {o.version for o in offers} == {0}
+
+
+def test_the_wait_for_a_committed_versions_artifact_is_bounded(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    fed, laptops, phones, _ = _two_classes_one_done(tmp_path, base)
+    run_cohort(fed, phones, rng=np.random.default_rng(4))
+    head = fed.service.ledger.head()
+    assert head is not None and head.version == 1
+    # Version 1's build never runs (no worker takes it): the laptops wait for it at most
+    # cohort.deadline_s after the commit, then train on version 0's artifact again.
+    assert isinstance(fed.service.get_task(laptops[0]), PaceOffer)
+    fed.clock.advance(fed.settings.cohort.deadline_s)
+    offers = tasks_for(fed, laptops)
+    assert {o.version for o in offers} == {0}
+
+
+def test_switched_off_a_device_trains_again_at_once(tmp_path: Any, base: nn.Module) -> None:
+    fed, laptops, _, _ = _two_classes_one_done(tmp_path, base, one_task_per_version=False)
+    offers = tasks_for(fed, laptops)
+    assert {o.version for o in offers} == {0}
