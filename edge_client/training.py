@@ -29,6 +29,7 @@ from edge_client.rpc import EdgeRpc
 from edge_client.state import EdgeState
 from estuary.artifacts import ADAPTER_FILE
 from estuary.clock import Clock
+from estuary.data.windows import window_seed
 from estuary.proto.v1 import edge_pb2
 
 if TYPE_CHECKING:
@@ -79,7 +80,9 @@ class TaskTrainer:
     threads
         torch threads for training, ≥ 1.
     seed
-        The agent's seed (see :func:`task_seed`).
+        The agent's seed: a seeded agent draws its training windows by version
+        (:func:`estuary.data.windows.window_seed`), an unseeded one by task id
+        (:func:`task_seed`).
     clock
         Times the Heartbeats.
     heartbeat_s
@@ -113,6 +116,16 @@ class TaskTrainer:
         self._model: _Model | None = None
         self._resolved: bytes | Path | None = None
         self._running: asyncio.Future[Any] | None = None
+        self._tasks_on: dict[int, int] = {}
+
+    def _window_seed(self, task: edge_pb2.Task) -> int:
+        """Return the training windows' seed: by version if seeded, else by task id."""
+        if self.seed is None:
+            return task_seed(None, task, "train")
+        version = int(task.version)
+        nth = self._tasks_on.get(version, 0)
+        self._tasks_on[version] = nth + 1
+        return window_seed(self.seed, version, nth)
 
     async def wait_idle(self) -> None:
         """Wait for a training run still in progress (of an abandoned task) to finish."""
@@ -209,7 +222,7 @@ class TaskTrainer:
                 batch_size=int(task.batch_size),
                 seq_len=int(task.seq_len),
                 threads=self.threads,
-                seed=task_seed(self.seed, task, "train"),
+                seed=self._window_seed(task),
             )
         )
         self._running = future

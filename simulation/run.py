@@ -44,6 +44,7 @@ from estuary.config.models import (
     SimulationSettings,
 )
 from estuary.data.stdlib import DEFAULT_CLIENT_PACKAGES
+from estuary.data.windows import client_seed
 from simulation.machine_clock import ContentionProbe, DilatedClock, LoadGovernor, RateStats
 from simulation.report import StalenessHistogram, progress_note
 
@@ -560,7 +561,7 @@ class Simulation:
                 threads=1,
                 max_backoff_s=5.0,
                 hooks=AgentHooks(drop=drop),
-                seed=settings.seed * 1000 + i,
+                seed=client_seed(settings.seed, i),
                 clock=self.federation_clock,
             )
             token = server.service.registry.issue_token(device_class=device_class)

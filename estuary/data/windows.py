@@ -7,11 +7,38 @@ data itself may be a memory-mapped file).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import torch
+
+
+def client_seed(run_seed: int, index: int) -> int:
+    """Return the seed of client ``index`` (from 0) of a simulation seeded ``run_seed``.
+
+    ``estuary simulate`` seeds its agents with it and the Flower ClientApp its partitions,
+    so that a client draws the same training windows in both (see :func:`window_seed`).
+    """
+    if index < 0:
+        raise ValueError(f"index: must be >= 0, got {index}")
+    return run_seed * 1000 + index
+
+
+def window_seed(seed: int, version: int, nth: int = 0) -> int:
+    """Return the window-sampling seed of a seeded client's ``nth`` task on ``version``.
+
+    A function of the client's ``seed`` and the version it trains from, not of the task's
+    random id: two systems running the same clients on the same versions (``estuary
+    simulate`` and Flower's FedAvg, ``bench/flower.py``) train on the same batches, so
+    the difference between their curves is the systems', not sampling noise. ``nth``
+    counts the client's earlier tasks on the same version: a second task draws others.
+    """
+    if version < 0 or nth < 0:
+        raise ValueError(f"version, nth: must be >= 0, got {version}, {nth}")
+    material = f"{seed}/train/v{version}/{nth}".encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:4], "big")
 
 
 def _as_array(data: bytes | npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:

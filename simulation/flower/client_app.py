@@ -39,6 +39,7 @@ from edge_client.train import train_adapter
 from estuary.adapters.lora import AdapterConfig, GlobalAdapter, rank_learning_rate
 from estuary.data.stdlib import ClientData, stdlib_client
 from estuary.data.user import load_user_data
+from estuary.data.windows import client_seed, window_seed
 from simulation.flower import protocol
 from simulation.flower.settings import FlowerSettings, Preset, Scheme
 
@@ -51,11 +52,17 @@ EVAL_WINDOWS = 8
 
 @dataclass(frozen=True)
 class NodeSetup:
-    """What one node trains with: its name, rank and data."""
+    """What one node trains with: its name, rank, data and window seed.
+
+    ``seed``: a simulation partition ``i`` has ``estuary simulate``'s seed of client ``i``
+    (:func:`~estuary.data.windows.client_seed` of ``data-seed``); a node with its own data
+    one derived from ``data-seed`` and its name.
+    """
 
     name: str
     rank: int
     data: ClientData
+    seed: int
 
 
 def _int_entry(config: dict[str, object], key: str) -> int | None:
@@ -87,6 +94,8 @@ def node_setup(settings: FlowerSettings, node_config: dict[str, object]) -> Node
         data = ClientData(name=name, train=load_user_data(str(data_path)), heldout=heldout)
         if rank is None:
             rank = settings.ranks[0]
+        key = int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
+        seed = int(np.random.SeedSequence([settings.data_seed, key]).generate_state(1)[0])
     else:
         partition = _int_entry(node_config, "partition-id")
         if partition is None:
@@ -104,11 +113,12 @@ def node_setup(settings: FlowerSettings, node_config: dict[str, object]) -> Node
             packages[partition], max_train_bytes=settings.max_train_bytes, seed=settings.data_seed
         )
         name = data.name
+        seed = client_seed(settings.data_seed, partition)
         if rank is None:
             rank = settings.rank_of_partition(partition)
     if not 1 <= rank <= settings.r_max:
         raise ValueError(f"rank: {rank} outside 1..r-max={settings.r_max}")
-    return NodeSetup(name=name, rank=rank, data=data)
+    return NodeSetup(name=name, rank=rank, data=data, seed=seed)
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,10 +147,13 @@ def _template(
     return GlobalAdapter.for_model(compressed_base(base, preset, scheme), config)
 
 
-def _seed(settings: FlowerSettings, server_round: int, name: str) -> int:
-    """Window-sampling seed of one node in one round: a function of run, round and node."""
-    key = int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
-    return int(np.random.SeedSequence([settings.data_seed, server_round, key]).generate_state(1)[0])
+def _seed(server_round: int, node: NodeSetup) -> int:
+    """Window-sampling seed of one node in one round.
+
+    Round ``r`` trains from the model of ``r − 1`` aggregations, which ``estuary
+    simulate`` calls version ``r − 1``: the same client draws the same windows in both.
+    """
+    return window_seed(node.seed, max(0, server_round - 1))
 
 
 def _global_adapter(settings: FlowerSettings, msg: Message) -> tuple[GlobalAdapter, ConfigRecord]:
@@ -179,7 +192,7 @@ def train(msg: Message, context: Context, settings: FlowerSettings) -> Message:
         batch_size=settings.batch_size,
         seq_len=settings.seq_len,
         threads=settings.client_threads,
-        seed=_seed(settings, server_round, node.name),
+        seed=_seed(server_round, node),
         optimizer=settings.optimizer,
     )
     if config.get(protocol.REPLY_KEY) == protocol.REPLY_DELTA:

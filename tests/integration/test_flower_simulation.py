@@ -143,7 +143,7 @@ def test_four_nodes_two_rounds_aggregate_to_the_weighted_mean(tmp_path: Path) ->
         batch_size=settings.batch_size,
         seq_len=settings.seq_len,
         threads=settings.client_threads,
-        seed=_seed(settings, 1, node.name),
+        seed=_seed(1, node),
     )
     for name, value in again.delta_b.items():
         np.testing.assert_allclose(rounds[0].updates[0].delta_b[name], value, atol=1e-6)

@@ -45,6 +45,12 @@ def test_compare_curves_needs_estuary_at_or_below_flower_everywhere() -> None:
     out = flower.compare_curves(worse_once, flw)
     assert out["estuary_at_least_flower"] is False
     assert out["max_estuary_minus_flower"] == pytest.approx(0.05)
+    # Within secure aggregation's fixed-point rounding it still counts; beyond, not.
+    rounded = [dict(p) for p in better]
+    rounded[1]["bits_per_byte"] = 2.9 + flower.ROUNDING_TOLERANCE / 2
+    assert flower.compare_curves(rounded, flw)["estuary_at_least_flower"] is True
+    rounded[1]["bits_per_byte"] = 2.9 + flower.ROUNDING_TOLERANCE * 2
+    assert flower.compare_curves(rounded, flw)["estuary_at_least_flower"] is False
     # Nothing in common: no claim.
     assert (
         flower.compare_curves([{"client_updates": 5, "bits_per_byte": 1.0}], flw)[

@@ -24,6 +24,7 @@ from edge_client.state import EdgeState
 from edge_client.training import TaskTrainer, task_seed
 from estuary.auth import raw_public_key, request_body_sha256, signed_auth_from, verify_request
 from estuary.clock import VirtualClock
+from estuary.data.windows import client_seed, window_seed
 from estuary.proto.v1 import edge_pb2
 
 KEY = Ed25519PrivateKey.generate()
@@ -118,7 +119,8 @@ def test_heartbeats_every_interval_of_the_clock_until_told_to_abandon(
         )
     assert len(calls) == 1
     assert calls[0]["rank"] == 2 and calls[0]["steps"] == 3 and calls[0]["threads"] == 1
-    assert calls[0]["seed"] == task_seed(11, TASK, "train")
+    # A seeded agent draws its windows by version (the first task on version 0).
+    assert calls[0]["seed"] == window_seed(11, TASK.version, 0)
 
 
 def test_training_result_is_returned_and_waits_are_heartbeat_intervals(
@@ -169,6 +171,16 @@ def test_task_seed_depends_on_seed_purpose_and_task() -> None:
 
     assert len(seeds) == 5 and all(0 <= s < 2**32 for s in seeds)
     assert task_seed(None, TASK, "train") == task_seed(None, TASK, "train")
+
+
+def test_window_seed_depends_on_seed_version_and_task_count_only() -> None:
+    seeds = {window_seed(s, v, n) for s in (11, 12) for v in (0, 1, 7) for n in (0, 1)}
+    assert len(seeds) == 12 and all(0 <= s < 2**32 for s in seeds)
+    # Not on anything random (a task id): two runs, or two systems, draw the same windows.
+    assert window_seed(11, 3) == window_seed(11, 3, 0)
+    assert client_seed(5, 2) != client_seed(5, 3) != client_seed(6, 2)
+    with pytest.raises(ValueError, match="version"):
+        window_seed(11, -1)
 
 
 @pytest.mark.parametrize(
