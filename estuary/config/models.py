@@ -223,12 +223,13 @@ class PacingSettings(Section):
         default=300.0, gt=0, description="Longest retry-after told to a device, in seconds."
     )
     one_task_per_version: bool = Field(
-        default=True,
+        default=False,
         description=(
             "A device whose last task trained on the newest version waits for the next "
             "one while the buffered updates and those under way fill it (a second update "
             "from the same weights on the same data arrives stale and over-weights fast "
-            "devices); false: it trains again at once."
+            "devices). For federations whose devices all train at once (estuary simulate "
+            "turns it on); in a large fleet the slot it frees goes to a slower device."
         ),
     )
 
@@ -798,7 +799,11 @@ class SimulationSettings(RoleSettings):
     state: StateSettings = Field(default_factory=StateSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     aggregation: AggregationSettings = Field(default_factory=AggregationSettings)
-    pacing: PacingSettings = Field(default_factory=PacingSettings)
+    # Every simulated device trains at once: one task per version keeps each version
+    # built from every client once, on the newest version (as a synchronous round is).
+    pacing: PacingSettings = Field(
+        default_factory=lambda: PacingSettings(one_task_per_version=True)
+    )
     cohort: CohortSettings = Field(default_factory=_sim_cohort)
     training: TrainingSettings = Field(default_factory=_sim_training)
     time_limit_s: float = Field(
