@@ -4,7 +4,7 @@ Unmasked cohort sums ``(Σ w ΔB, Σ w, n)`` enter a buffer in the store, each w
 version its cohort trained on. When the buffer holds at least ``K`` client updates,
 one replica (the holder of the ``aggregator`` lease) makes version ``v+1``::
 
-    step    = η · Σ_c d_c · (Σ_{i∈c} w_i ΔB_i) / N,     N = Σ_c n_c
+    step    = η · Σ_c d_c · (Σ_{i∈c} w_i ΔB_i) / K
     d_c     = min(1, f*(v − t_c) · n_c / Σ_{i∈c} w_i)
     B_{v+1} = B_v + clip(step, max_step_norm)
 
@@ -17,8 +17,16 @@ Why this form and not ``Σ w ΔB / Σ w``:
   a full step in the direction of an 8-versions-old gradient. That delayed feedback
   oscillates with growing amplitude (x_{v+1} = x_v − g·x_{v−s} is unstable for
   g > 2 sin(π / (2(2s+1))), 0.18 at s = 8), which is how ‖B‖ grew without bound in
-  issue 15. Dividing by the update count ``N`` makes a stale update move B by
-  ``f(s)`` times as much as a fresh one.
+  issue 15. Dividing by a count of updates makes a stale update move B by ``f(s)``
+  times as much as a fresh one.
+- That count is ``K``, not the ``N = Σ_c n_c ≥ K`` updates a version holds: cohorts
+  arrive whole, so a version holds anything from ``K`` to ``K`` plus one cohort, and
+  dividing by ``N`` made each update of a version of 18 worth 10/18 of one in a version
+  of 10. With ``K`` every update moves B by the same ``η · d · w ΔB / K`` however the
+  updates group into versions (FedBuff's ``Σ / K``; in the fleet simulator's 500-device
+  run, 391 updates to reach the target instead of 456, as many as plain FedBuff's
+  380). A synchronous round, one mean step whatever it holds, is ``step_divisor =
+  "updates"`` (÷ N; the simulator's FedAvg baseline).
 - The weights ``w_i`` were fixed when each member finished training, against the
   head of that moment; more versions may be committed before its cohort's sum is
   folded in. ``d_c`` re-prices the cohort at the staleness it actually lands with
@@ -59,6 +67,7 @@ import logging
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from safetensors.numpy import load as load_tensors
@@ -235,6 +244,10 @@ class VersionLedger:
     guard_tolerance_bpb
         Regression guard: a scored version more than this many bits/byte above the best
         so far is rolled back (:mod:`coordinator.guard`); ``None``: no guard.
+    step_divisor
+        ``"buffer"``: the step divides the discounted sum by ``K`` (every update counts
+        the same, the coordinator's rule); ``"updates"``: by the ``N`` updates the
+        version holds (one mean step per version, as a synchronous round).
     """
 
     def __init__(
@@ -250,7 +263,10 @@ class VersionLedger:
         staleness: StalenessPolicy | None = None,
         max_step_norm: float | None = None,
         guard_tolerance_bpb: float | None = None,
+        step_divisor: Literal["buffer", "updates"] = "buffer",
     ) -> None:
+        if step_divisor not in ("buffer", "updates"):
+            raise ValueError(f"step_divisor: 'buffer' or 'updates', got {step_divisor!r}")
         if max_step_norm is not None and not (max_step_norm > 0 and np.isfinite(max_step_norm)):
             raise ValueError(f"max_step_norm: must be a finite number > 0, got {max_step_norm}")
         if guard_tolerance_bpb is not None and not (
@@ -277,6 +293,7 @@ class VersionLedger:
         self._policy = staleness if staleness is not None else StalenessPolicy()
         self._max_step = max_step_norm
         self._tolerance = guard_tolerance_bpb
+        self._per_update = step_divisor == "buffer"
         self._lease: Lease | None = None
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
 
@@ -501,7 +518,8 @@ class VersionLedger:
             discount = min(1.0, self._policy.commit_weight(s) * updates / weight_total)
             for name in summed:
                 summed[name] += discount * tensors[name].astype(np.float64)
-        step = {name: self._lr * total / total_updates for name, total in summed.items()}
+        divisor = self._k if self._per_update else total_updates
+        step = {name: self._lr * total / divisor for name, total in summed.items()}
         norm = _step_norm(step)
         if self._max_step is not None and norm > self._max_step:
             log.info("step norm %.4g clipped to %.4g", norm, self._max_step)

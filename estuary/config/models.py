@@ -150,7 +150,7 @@ class AggregationSettings(Section):
         default=8, ge=1, description="K: client updates buffered before a new version is made."
     )
     server_lr: float = Field(
-        default=1.0, gt=0, le=10, description="η_server: B ← B + η · ΣwΔB / Σw (dimensionless)."
+        default=1.0, gt=0, le=10, description="η_server: B ← B + η · Σ d·wΔB / K (dimensionless)."
     )
     staleness: Literal["constant", "polynomial", "hinge"] = Field(
         default="polynomial",

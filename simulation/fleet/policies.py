@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -803,7 +803,9 @@ def estuary_settings(env: FleetEnv) -> Any:
     )
 
 
-def _ledger(policy: Policy, buffer_size: int) -> Any:
+def _ledger(
+    policy: Policy, buffer_size: int, *, step_divisor: Literal["buffer", "updates"] = "buffer"
+) -> Any:
     from coordinator.staleness import StalenessPolicy
     from coordinator.versions import VersionLedger
     from estuary.state.blobs import BlobStore
@@ -824,6 +826,7 @@ def _ledger(policy: Policy, buffer_size: int) -> Any:
         lease_ttl_s=30.0,
         clock=policy.clock,
         staleness=staleness,
+        step_divisor=step_divisor,
     )
     return ledger, staleness
 
@@ -973,7 +976,8 @@ class SyncFedAvgPolicy(Policy):
 
     def __init__(self, env: FleetEnv) -> None:
         super().__init__(env)
-        self.ledger, _ = _ledger(self, 1)
+        # Every round commits whatever it gathered, as one mean step (FedAvg).
+        self.ledger, _ = _ledger(self, 1, step_divisor="updates")
         self.round = 0
         self.select_rng = np.random.default_rng([self.cfg.seed, 0x5C])
         self.adapter: Any = None

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -35,12 +36,14 @@ def _ledger(
     k: int = 4,
     lr: float = 1.0,
     clock: VirtualClock | None = None,
+    step_divisor: Literal["buffer", "updates"] = "buffer",
 ) -> VersionLedger:
     return VersionLedger(
         store,
         blobs=BlobStore(tmp_path / "blobs"),
         holder=holder,
         buffer_size=k,
+        step_divisor=step_divisor,
         server_lr=lr,
         lease_ttl_s=10.0,
         clock=clock or VirtualClock(),
@@ -198,12 +201,20 @@ def test_bad_sums_are_refused_and_nothing_is_stored(
     sizes=st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=8),
     k=st.integers(min_value=1, max_value=6),
     seed=st.integers(min_value=0, max_value=2**16),
+    divisor=st.sampled_from(["buffer", "updates"]),
 )
 def test_versions_strictly_increase_and_match_reference(
-    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], k: int, seed: int
+    tmp_path_factory: pytest.TempPathFactory,
+    sizes: list[int],
+    k: int,
+    seed: int,
+    divisor: Literal["buffer", "updates"],
 ) -> None:
+    # Fresh sums (staleness 0, discount 1): each version is its predecessor plus the
+    # buffered sum over K (every update counts the same however cohorts group), or over
+    # the N ≥ K updates it holds (one mean step, a synchronous round's rule).
     rng = np.random.default_rng(seed)
-    ledger = _ledger(MemoryStore(), tmp_path_factory.mktemp("v"), k=k, lr=1.0)
+    ledger = _ledger(MemoryStore(), tmp_path_factory.mktemp("v"), k=k, lr=1.0, step_divisor=divisor)
     initial = _global(rng)
     reference = initial.b
     ledger.initialise(initial)
@@ -220,7 +231,9 @@ def test_versions_strictly_increase_and_match_reference(
         if pending_n >= k:
             assert info is not None and info.version == last + 1
             reference = {
-                name: (reference[name] + pending_sum[name] / pending_n).astype(np.float32)
+                name: (
+                    reference[name] + pending_sum[name] / (k if divisor == "buffer" else pending_n)
+                ).astype(np.float32)
                 for name in SHAPES
             }
             got = ledger.adapter(info).b
