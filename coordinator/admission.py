@@ -367,7 +367,8 @@ class Admission:
                 device_id,
                 Assignment(cohort_id=cohort_id, member_index=index, task_id=record.task_id(index)),
             )
-            self._book.record_trained(device_id, version)
+            if self.settings.pacing.one_task_per_version:
+                self._book.record_trained(device_id, version)
         self._book.activate(cohort_id, sealed_at=now)
         log.info(
             "sealed cohort %s: %d %s devices on version %d", cohort_id, n, device_class, version

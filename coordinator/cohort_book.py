@@ -18,8 +18,9 @@ Key layout (the records are :mod:`coordinator.cohorts`' typed records):
 - ``seen/<cohort>/<member>``: when a member last showed it is alive (heartbeat, share
   relay), as Unix seconds from the injected clock; the tick's silence rule reads it.
 - ``trained/<device>``: the version of the last task the device was given (decimal),
-  written when its cohort is sealed; admission reads it so that a device does not train
-  twice on one version while the next is already under way.
+  written when its cohort is sealed (with ``pacing.one_task_per_version``); admission
+  reads it so that a device does not train twice on one version while the next is
+  already under way.
 
 :class:`CohortBook` is the only code that reads or writes these keys. It also keeps the
 :class:`~coordinator.cohort_log.ReplicatedCohort` of every cohort this replica has

@@ -33,6 +33,8 @@ per-class and singleton   ``forming/<class>``, ``joblatest/``, ``jobstarted/``,
 records                   ``jobdone/`` (one per kind key), ``head/version``,
                           ``federation/settings``: one each, never growing.
 ``device/<id>``           Kept: one per enrolled device (the fleet, not time).
+``trained/<device>``      Kept: one per device that trained (the fleet, not time), written
+                          only with ``pacing.one_task_per_version``.
 ========================  ==============================================================
 
 A sweep runs every ``retention.interval_s`` from the tick of every replica. Every delete
