@@ -166,6 +166,7 @@ class FederationService:
             staleness=self.policy,
             max_step_norm=agg.max_step_norm or None,
             guard_tolerance_bpb=agg.guard_tolerance_bpb if agg.guard else None,
+            step_divisor=agg.step_divisor,
         )
         self._initial = initial_adapter
         self.cohorts = CohortBook(store, clock=clock)

@@ -150,7 +150,10 @@ class AggregationSettings(Section):
         default=8, ge=1, description="K: client updates buffered before a new version is made."
     )
     server_lr: float = Field(
-        default=1.0, gt=0, le=10, description="η_server: B ← B + η · Σ d·wΔB / K (dimensionless)."
+        default=1.0,
+        gt=0,
+        le=10,
+        description="η_server: B ← B + η · Σ d·wΔB / N (or / K, step_divisor); dimensionless.",
     )
     staleness: Literal["constant", "polynomial", "hinge"] = Field(
         default="polynomial",
@@ -167,6 +170,16 @@ class AggregationSettings(Section):
         default=16,
         ge=0,
         description="Updates more than this many versions stale are refused. 0: only current.",
+    )
+    step_divisor: Literal["updates", "buffer"] = Field(
+        default="updates",
+        description=(
+            "What a version's discounted sum is divided by: 'updates', the N >= K updates "
+            "it holds (one mean step per version); 'buffer', K (every update moves B as "
+            "much however cohorts group into versions, but a version of 2K updates takes a "
+            "double step: in estuary simulate, K = 8 with 10 % dropouts, the held-out score "
+            "swung by up to 0.24 bits/byte and the guard rolled back twice)."
+        ),
     )
     max_step_norm: float = Field(
         default=5.0,

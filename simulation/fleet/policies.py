@@ -804,7 +804,7 @@ def estuary_settings(env: FleetEnv) -> Any:
 
 
 def _ledger(
-    policy: Policy, buffer_size: int, *, step_divisor: Literal["buffer", "updates"] = "buffer"
+    policy: Policy, buffer_size: int, *, step_divisor: Literal["updates", "buffer"] = "updates"
 ) -> Any:
     from coordinator.staleness import StalenessPolicy
     from coordinator.versions import VersionLedger
@@ -977,7 +977,7 @@ class SyncFedAvgPolicy(Policy):
     def __init__(self, env: FleetEnv) -> None:
         super().__init__(env)
         # Every round commits whatever it gathered, as one mean step (FedAvg).
-        self.ledger, _ = _ledger(self, 1, step_divisor="updates")
+        self.ledger, _ = _ledger(self, 1)
         self.round = 0
         self.select_rng = np.random.default_rng([self.cfg.seed, 0x5C])
         self.adapter: Any = None

@@ -159,6 +159,25 @@ def test_dropout_after_keys_still_commits_survivors(tmp_path: Any, base: Any) ->
         np.testing.assert_allclose(v1.b[name], v0.b[name] + plain[name] / weights, atol=1e-5)
 
 
+@pytest.mark.parametrize(("divisor", "by"), [("updates", 3.0), ("buffer", 2.0)])
+def test_a_version_of_more_than_k_updates_steps_by_the_configured_divisor(
+    tmp_path: Any, base: Any, divisor: str, by: float
+) -> None:
+    # K = 2, one cohort of 3: the version holds 3 updates. "updates": their mean;
+    # "buffer": their sum over K (each update counts as in a version of exactly K).
+    aggregation = {"buffer_size": 2, "staleness": "polynomial", "step_divisor": divisor}
+    fed = Fed(tmp_path, base, aggregation=aggregation)
+    devices = [fed.device("laptop") for _ in range(3)]
+    v0 = fed.service.ledger.adapter(fed.service.ledger.head())  # type: ignore[arg-type]
+    plain, weights = run_cohort(fed, devices, rng=np.random.default_rng(5))
+    assert weights == 3.0
+    head = fed.service.ledger.head()
+    assert head is not None and head.version == 1 and head.updates == 3
+    v1 = fed.service.ledger.adapter(head)
+    for name in plain:
+        np.testing.assert_allclose(v1.b[name], v0.b[name] + plain[name] / by, atol=1e-5)
+
+
 def test_pace_until_cohort_is_full_then_same_task_again(tmp_path: Any, base: Any) -> None:
     fed = Fed(tmp_path, base)
     a, b, c = (fed.device("laptop") for _ in range(3))

@@ -68,7 +68,6 @@ def test_same_seed_and_trace_give_the_same_log_and_figures(env: FleetEnv) -> Non
 def test_versions_equal_the_plain_updates_of_their_cohorts(env: FleetEnv, tmp_path: Path) -> None:
     check = _ledger_check()
     assert env.config.server_lr == check.SERVER_LR
-    assert env.config.buffer_size == check.BUFFER_SIZE
     assert check.POLICY.a == env.config.staleness_a
     policy = EstuaryPolicy(env, keep_updates=True)
     rec = policy.run()
