@@ -24,7 +24,7 @@ Why this form and not ``Σ w ΔB / Σ w``:
   whole, so a version holds anything from ``K`` to ``K`` plus one cohort, and each
   update of a version of 18 is worth 10/18 of one in a version of 10: the fleet
   simulator's 500-device run needed 456 updates to reach its target where plain FedBuff
-  (exactly K per version) needed 380. ``"buffer"`` divides by ``K`` (FedBuff's
+  (exactly K per version) needed 370. ``"buffer"`` divides by ``K`` (FedBuff's
   ``Σ / K``): every update moves B as much however updates group, 391 updates there,
   but a version of 2K updates takes a double step, and in ``estuary simulate`` (K = 8,
   cohorts of 8, 10 % dropouts: versions of 13-15) the held-out score swung by up to
@@ -295,7 +295,7 @@ class VersionLedger:
         self._policy = staleness if staleness is not None else StalenessPolicy()
         self._max_step = max_step_norm
         self._tolerance = guard_tolerance_bpb
-        self._per_update = step_divisor == "buffer"
+        self._divide_by_k = step_divisor == "buffer"
         self._lease: Lease | None = None
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
 
@@ -520,7 +520,7 @@ class VersionLedger:
             discount = min(1.0, self._policy.commit_weight(s) * updates / weight_total)
             for name in summed:
                 summed[name] += discount * tensors[name].astype(np.float64)
-        divisor = self._k if self._per_update else total_updates
+        divisor = self._k if self._divide_by_k else total_updates
         step = {name: self._lr * total / divisor for name, total in summed.items()}
         norm = _step_norm(step)
         if self._max_step is not None and norm > self._max_step:
