@@ -21,8 +21,8 @@ def client_seed(run_seed: int, index: int) -> int:
     ``estuary simulate`` seeds its agents with it and the Flower ClientApp its partitions,
     so that a client draws the same training windows in both (see :func:`window_seed`).
     """
-    if index < 0:
-        raise ValueError(f"index: must be >= 0, got {index}")
+    if not 0 <= index < 1000:  # beyond, two runs' clients would share seeds
+        raise ValueError(f"index: must be in [0, 1000), got {index}")
     return run_seed * 1000 + index
 
 

@@ -181,6 +181,8 @@ def test_window_seed_depends_on_seed_version_and_task_count_only() -> None:
     assert client_seed(5, 2) != client_seed(5, 3) != client_seed(6, 2)
     with pytest.raises(ValueError, match="version"):
         window_seed(11, -1)
+    with pytest.raises(ValueError, match="index"):
+        client_seed(0, 1000)  # would be client 0 of run 1
 
 
 @pytest.mark.parametrize(
