@@ -49,7 +49,7 @@ from coordinator.cohorts import (
     neighbours_for,
 )
 from coordinator.enrolment import Device
-from coordinator.outcomes import PaceOffer, ServiceObserver, TaskOffer
+from coordinator.outcomes import PaceMechanism, PaceOffer, ServiceObserver, TaskOffer
 from coordinator.pacing import Admit, PacerConfig, decide
 from coordinator.versions import VersionInfo, VersionLedger
 from estuary.adapters import rank_learning_rate
@@ -219,7 +219,7 @@ class Admission:
         coming = self._ledger.buffered_updates() + self._book.in_flight_updates()
         return coming >= self.pacer.buffer_size
 
-    def _pace(self, seconds: float, reason: str, mechanism: str = "pacing") -> PaceOffer:
+    def _pace(self, seconds: float, reason: str, mechanism: PaceMechanism = "pacing") -> PaceOffer:
         self._observer.event("paced", retry_after_s=seconds, reason=reason)
         return PaceOffer(seconds, reason, mechanism)
 

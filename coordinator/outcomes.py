@@ -10,7 +10,7 @@ set of counters.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from secure_agg import SessionConfig, Stage
 
@@ -48,6 +48,10 @@ class TaskOffer:
     """Active-adversary sessions: every member's Ed25519 identity public key, by index."""
 
 
+#: What a paced device waits for (:attr:`PaceOffer.mechanism`).
+PaceMechanism = Literal["cohort_formation", "next_version", "pacing"]
+
+
 @dataclass(frozen=True)
 class PaceOffer:
     """Come back after ``retry_after_s`` seconds.
@@ -62,7 +66,7 @@ class PaceOffer:
 
     retry_after_s: float
     reason: str
-    mechanism: str = "pacing"
+    mechanism: PaceMechanism = "pacing"
 
 
 @dataclass(frozen=True)

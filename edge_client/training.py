@@ -29,7 +29,7 @@ from edge_client.rpc import EdgeRpc
 from edge_client.state import EdgeState
 from estuary.artifacts import ADAPTER_FILE
 from estuary.clock import Clock
-from estuary.data.windows import window_seed
+from estuary.data.windows import derive_seed, window_seed
 from estuary.proto.v1 import edge_pb2
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def task_seed(seed: int | None, task: edge_pb2.Task, purpose: str) -> int:
     same task still draw the same windows.
     """
     material = f"{seed if seed is not None else ''}/{purpose}/{task.task_id}"
-    return int.from_bytes(hashlib.sha256(material.encode()).digest()[:4], "big")
+    return derive_seed(material)
 
 
 @dataclass

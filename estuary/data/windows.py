@@ -15,6 +15,11 @@ import numpy.typing as npt
 import torch
 
 
+def derive_seed(material: str) -> int:
+    """Return a 32-bit seed derived from ``material`` (the first 4 bytes of its SHA-256)."""
+    return int.from_bytes(hashlib.sha256(material.encode()).digest()[:4], "big")
+
+
 def client_seed(run_seed: int, index: int) -> int:
     """Return the seed of client ``index`` (from 0) of a simulation seeded ``run_seed``.
 
@@ -37,8 +42,7 @@ def window_seed(seed: int, version: int, nth: int = 0) -> int:
     """
     if version < 0 or nth < 0:
         raise ValueError(f"version, nth: must be >= 0, got {version}, {nth}")
-    material = f"{seed}/train/v{version}/{nth}".encode()
-    return int.from_bytes(hashlib.sha256(material).digest()[:4], "big")
+    return derive_seed(f"{seed}/train/v{version}/{nth}")
 
 
 def _as_array(data: bytes | npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -803,9 +803,7 @@ def estuary_settings(env: FleetEnv) -> Any:
     )
 
 
-def _ledger(
-    policy: Policy, buffer_size: int, *, step_divisor: Literal["updates", "buffer"] = "updates"
-) -> Any:
+def _ledger(policy: Policy, buffer_size: int) -> Any:
     from coordinator.staleness import StalenessPolicy
     from coordinator.versions import VersionLedger
     from estuary.state.blobs import BlobStore
@@ -826,7 +824,6 @@ def _ledger(
         lease_ttl_s=30.0,
         clock=policy.clock,
         staleness=staleness,
-        step_divisor=step_divisor,
     )
     return ledger, staleness
 

@@ -102,7 +102,8 @@ def test_the_wait_for_a_committed_versions_artifact_is_bounded(
     assert head is not None and head.version == 1
     # Version 1's build never runs (no worker takes it): the laptops wait for it at most
     # cohort.deadline_s after the commit, then train on version 0's artifact again.
-    assert isinstance(fed.service.get_task(laptops[0]), PaceOffer)
+    paced = fed.service.get_task(laptops[0])
+    assert isinstance(paced, PaceOffer) and paced.mechanism == "next_version", paced
     fed.clock.advance(fed.settings.cohort.deadline_s)
     offers = tasks_for(fed, laptops)
     assert {o.version for o in offers} == {0}
