@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.estuary-installed
-SRC    := estuary coordinator edge_client cloud_workers secure_agg simulation
+SRC    := estuary coordinator edge_client cloud_workers secure_agg simulation bench
 
 .PHONY: test lint typecheck pytest extras deploy-smoke demo proto redis-server clean
 

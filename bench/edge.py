@@ -133,7 +133,7 @@ def main() -> None:
     else:
         fp32 = pretrained_preset(args.preset, steps=args.pretrain_steps, seed=0)
         source = f"{args.preset} pretrained {args.pretrain_steps} steps"
-    fp32.eval()
+    fp32.eval()  # type: ignore[no-untyped-call]
     int8 = compress_model(copy.deepcopy(fp32), scheme="int8")
     nf4 = compress_model(copy.deepcopy(fp32), scheme="nf4")
     windows = heldout_windows(128, args.eval_windows)
@@ -193,7 +193,7 @@ def main() -> None:
             fp32_onnx = export_onnx(fp32, Path(tmp) / "served", example_batch=2)
             int8_onnx = quantize_int8(fp32_onnx, fp32_onnx.with_name(INT8_FILENAME))
             torch_dir = Path(tmp) / "torch"
-            fp32.save_pretrained(str(torch_dir))  # type: ignore[operator]
+            fp32.save_pretrained(str(torch_dir))
             eager = isolated_latency("torch", torch_dir, args.threads)
             latency["torch_fp32_eager"] = eager
             latency["ort_int8"] = isolated_latency("ort", Path(int8_onnx), args.threads)
@@ -201,7 +201,7 @@ def main() -> None:
             latency["speedup_ort_int8_vs_torch"] = eager / latency["ort_int8"]
             ort_int8 = OrtLM(int8_onnx, threads=args.threads)
             ort_fp32 = OrtLM(fp32_onnx, threads=args.threads)
-            sizes_onnx = {
+            sizes_onnx: dict[str, float] = {
                 "onnx_fp32": fp32_onnx.stat().st_size,
                 "onnx_int8": Path(int8_onnx).stat().st_size,
                 "torch_fp32_state": sizes["fp32"],

@@ -162,7 +162,7 @@ class _Parties:
         from flwr.client import ClientApp, NumPyClient
         from flwr.client.mod import secaggplus_mod
 
-        class Synthetic(NumPyClient):  # type: ignore[misc]
+        class Synthetic(NumPyClient):
             def __init__(self, update: np.ndarray) -> None:
                 self.update = update
 
@@ -194,7 +194,7 @@ class _Parties:
 
     def deliver(self, messages: Iterable[Any]) -> list[Any]:
         from flwr.common.serde import message_from_proto, message_to_proto
-        from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
+        from flwr.proto.message_pb2 import Message as ProtoMessage
 
         stage = self.calls
         self.calls += 1
@@ -238,7 +238,7 @@ def run_flower_secagg(inputs: list[np.ndarray], dropped: set[int]) -> dict[str, 
     n, m = len(inputs), inputs[0].size
     parties = _Parties(inputs, dropped)
 
-    class LocalGrid(Grid):  # type: ignore[misc]
+    class LocalGrid(Grid):
         def set_run(self, run: Any) -> None:
             pass
 
@@ -448,7 +448,7 @@ def run_flower_fedavg(
     held_out = HeldOut(
         clients, seq_len=training.seq_len, max_windows_per_client=EVAL_WINDOWS_PER_CLIENT
     )
-    edge_base = compress_model(load_model(base_dir).float(), scheme="int8")
+    edge_base = compress_model(load_model(base_dir).float(), scheme="int8")  # type: ignore[no-untyped-call]
     zero = GlobalAdapter.for_model(
         edge_base, AdapterConfig(r_max=sim.model.r_max, seed=sim.model.adapter_seed)
     )
@@ -575,13 +575,15 @@ def compare_curves(estuary: list[dict[str, Any]], flower: list[dict[str, Any]]) 
 
 def learning_part(*, clients: int, versions: int, repeats: int, work: Path) -> dict[str, Any]:
     from estuary.config.loader import load_settings
+    from estuary.config.models import SimulationSettings
     from simulation.run import load_or_pretrain_base, select_packages
 
     root = Path(__file__).resolve().parents[1]
-    sim = load_settings("simulation", root / "deploy/config/simulation.toml")
-    sim = type(sim).model_validate(
+    loaded = load_settings("simulation", root / "deploy/config/simulation.toml")
+    assert isinstance(loaded, SimulationSettings)
+    sim = SimulationSettings.model_validate(
         {
-            **sim.model_dump(),
+            **loaded.model_dump(),
             "clients": clients,
             "versions": versions,
             "dropout": 0.0,  # the secagg part measures dropouts; here both arms see all
