@@ -51,7 +51,7 @@ from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.pki import DeviceCA, PKIError, verify_csr_proof
 from estuary.state.base import Record, Store
 from estuary.state.errors import VersionConflict
-from estuary.state.keys import device_key
+from estuary.state.keys import NONCE_PREFIX, device_key
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ DEVICE_CACHE_TTL_S = 30.0
 DEVICE_CACHE_SIZE = 100_000
 #: Sorted set of token record keys scored by expiry (Unix seconds): the retention index.
 TOKEN_EXPIRY_SET = "enrol-token-expiry"
-NONCE_PREFIX = "nonces/"
 
 #: Token length in bytes of randomness (URL-safe base64 in the token string): 256 bits,
 #: far beyond guessing even with no rate limit on Enroll.

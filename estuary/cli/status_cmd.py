@@ -86,7 +86,9 @@ def status(
     versions: Annotated[bool, _flag("versions", "every version with its commit date")] = False,
     cohorts: Annotated[bool, _flag("cohorts", "every cohort with its stage and outcome")] = False,
     workers: Annotated[bool, _flag("workers", "every worker group's last heartbeat")] = False,
-    devices: Annotated[bool, _flag("devices", "every enrolled device")] = False,
+    devices: Annotated[
+        bool, _flag("devices", "every enrolled device (last seen: its newest request)")
+    ] = False,
     show_all: Annotated[
         bool, typer.Option("--all", help="Also list versions, cohorts, workers and devices.")
     ] = False,

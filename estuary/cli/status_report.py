@@ -27,6 +27,7 @@ from estuary.state.keys import (
     DEVICE_PREFIX,
     FORMING_PREFIX,
     HEAD_KEY,
+    NONCE_PREFIX,
     VERSION_PREFIX,
     WORKER_PREFIX,
 )
@@ -89,6 +90,13 @@ def collect_records(store: Store) -> dict[str, Any]:
     for section, prefix in SECTIONS.items():
         records = store.scan(prefix)
         result[section] = [_decode(key, prefix, rec.value) for key, rec in sorted(records.items())]
+    # When each device last made a signed request: the newest nonce it used (one
+    # pipelined read); a device record only says when the device enrolled.
+    devices = result["devices"]
+    newest = store.zmax_many([NONCE_PREFIX + d["id"] for d in devices])
+    for device, ms in zip(devices, newest, strict=True):
+        if ms is not None and "error" not in device:
+            device["last_request_at"] = ms / 1000.0
     for name, key in (("head", HEAD_KEY), ("federation", FEDERATION_KEY)):
         rec = store.get(key)
         if rec is None:
@@ -348,6 +356,18 @@ def _readable(
     return out
 
 
+def _last_seen(recorded: float | None, last_request: float | None, *, now: float) -> float | None:
+    """Return the newer of a device record's ``last_seen`` and its newest request's timestamp.
+
+    The timestamp is the device's clock (within the coordinator's allowed skew): one
+    ahead of ``now`` reads as ``now``.
+    """
+    if last_request is None:
+        return recorded
+    seen = min(last_request, now)
+    return seen if recorded is None else max(recorded, seen)
+
+
 def build_report(records: Mapping[str, Any], *, now: float) -> StatusReport:
     """Summarise what :func:`collect_records` returned, with ages measured from ``now``."""
     problems: list[str] = []
@@ -392,7 +412,7 @@ def build_report(records: Mapping[str, Any], *, now: float) -> StatusReport:
             device_id=ident,
             device_class=r.str_("device_class"),
             enrolled_at=r.float_("enrolled_at"),
-            last_seen=r.float_("last_seen"),
+            last_seen=_last_seen(r.float_("last_seen"), r.float_("last_request_at"), now=now),
             revoked=r.bool_("revoked"),
         )
         for ident, r in _readable(records.get("devices", []), DEVICE_PREFIX, problems)

@@ -569,6 +569,18 @@ class Store(ABC):
         """Return the number of members (0 for an unknown set)."""
         return self._zcard(check_name(name, parameter="name"))
 
+    def zmax_many(self, names: Sequence[str]) -> list[float | None]:
+        """Return the highest score of each set, in order (``None`` for an empty one).
+
+        For reports over many sets (``estuary status`` reads when each device was last
+        seen from its nonce set): a networked backend MUST read them in one round trip.
+        An empty ``names`` returns ``[]``.
+        """
+        if isinstance(names, str):
+            raise ValueError("names must be a sequence of set names, not one str")
+        checked = [check_name(name, parameter="names[]") for name in names]
+        return self._zmax_many(checked) if checked else []
+
     def zadd_pruned(
         self,
         name: str,
@@ -633,6 +645,10 @@ class Store(ABC):
     @abstractmethod
     def _zcard(self, name: str) -> int:
         """Implement :meth:`zcard`."""
+
+    @abstractmethod
+    def _zmax_many(self, names: list[str]) -> list[float | None]:
+        """Implement :meth:`zmax_many`; ``names`` is never empty."""
 
     # ------------------------------------------------------------------ job streams
 

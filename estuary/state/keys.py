@@ -24,8 +24,15 @@ COHORT_PREFIX = "cohort/"
 WORKER_PREFIX = "worker/"
 
 #: ``device/<device_id>`` → enrolled devices: ``device_class``, ``enrolled_at``,
-#: ``revoked``, ``last_seen``.
+#: ``revoked``, ``last_seen`` (written at enrolment; ``estuary status`` shows the newer
+#: of it and the device's newest request, from :data:`NONCE_PREFIX`).
 DEVICE_PREFIX = "device/"
+
+#: ``nonces/<device_id>`` → sorted set of the nonces of a device's signed requests, scored
+#: by the request's timestamp (Unix ms, the device's clock, within the allowed skew of
+#: the coordinator's). Written by every authenticated request (replay protection), pruned
+#: to the skew window on each: its highest score is when the device last made a request.
+NONCE_PREFIX = "nonces/"
 
 
 #: ``forming/<class>`` → the cohort of a device class that is gathering devices (written

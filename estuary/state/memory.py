@@ -266,6 +266,10 @@ class MemoryStore(Store):
         with self._lock:
             return len(self._zsets.get(name, {}))
 
+    def _zmax_many(self, names: list[str]) -> list[float | None]:
+        with self._lock:
+            return [max(self._zsets[n].values()) if self._zsets.get(n) else None for n in names]
+
     def _zadd_pruned(
         self, name: str, members: dict[str, float], *, prune_max_score: float, read: list[str]
     ) -> tuple[int, list[Record | None]]:

@@ -667,6 +667,14 @@ class RedisStore(Store):
     def _zcard(self, name: str) -> int:
         return int(self._command("zcard", "ZCARD", self._k("z", name), idempotent=True))
 
+    def _zmax_many(self, names: list[str]) -> list[float | None]:
+        # One pipelined round trip: each set's top member with its score, or nothing.
+        replies = self._pipeline(
+            "zmax_many",
+            [("ZRANGE", self._k("z", name), -1, -1, "WITHSCORES") for name in names],
+        )
+        return [_pairs(reply)[0][1] if reply else None for reply in replies]
+
     def _zadd_pruned(
         self, name: str, members: dict[str, float], *, prune_max_score: float, read: list[str]
     ) -> tuple[int, list[Record | None]]:

@@ -341,6 +341,19 @@ def test_zadd_pruned_prunes_then_adds_then_reads(store: Store) -> None:
         store.zadd_pruned("nonces", {"m": 1.0}, prune_max_score=0.0, read="epoch")
 
 
+def test_zmax_many_reads_each_sets_highest_score(store: Store) -> None:
+    store.zadd("seen-a", {"n1": 5.0, "n2": 7.5, "n3": -1.0})
+    store.zadd("seen-b", {"only": 2.0})
+    store.zadd("seen-c", {"gone": 1.0})
+    store.zrem("seen-c", "gone")
+    assert store.zmax_many(["seen-a", "missing", "seen-b", "seen-c"]) == [7.5, None, 2.0, None]
+    store.zadd("seen-a", {"n1": 9.25})  # a member's score raised
+    assert store.zmax_many(["seen-a"]) == [9.25]
+    assert store.zmax_many([]) == []
+    with pytest.raises(ValueError, match="names"):
+        store.zmax_many("seen-a")
+
+
 def test_sorted_set_ordering(store: Store) -> None:
     assert store.zadd("pace", {"b": 2.0, "a": 2.0, "c": 1.5, "é": 2.0, "z": -math.inf}) == 5
     assert store.zadd("pace", {"c": 3.0, "d": 0.25}) == 1  # c is updated, not new

@@ -384,3 +384,35 @@ def test_requests_are_refused_exactly_after_their_device_is_revoked(
         else:
             got = replicas[replica].authenticate(auth, method="GetTask", body_sha256=BODY)
             assert got.device_id == auth.device_id and not got.revoked
+
+
+def test_status_shows_when_a_device_last_made_a_request(clock: VirtualClock) -> None:
+    """``estuary status`` reads a device's last request from its nonces, not its enrolment."""
+    from estuary.cli.status_report import build_report, collect_records
+
+    store = MemoryStore(clock=clock.time)
+    registry = DeviceRegistry(store, device_classes=["phone"], clock=clock)
+    enrolled_at = clock.time()
+    active, silent = _enrolled(registry), _enrolled(registry)
+    clock.advance(100.0)
+    registry.authenticate(_sign(active, clock), method="GetTask", body_sha256=BODY)
+    clock.advance(40.0)
+    requested_at = clock.time()
+    registry.authenticate(_sign(active, clock, "Heartbeat"), method="Heartbeat", body_sha256=BODY)
+    clock.advance(5.0)
+    report = build_report(collect_records(store), now=clock.time())
+    seen = {d.device_id: d.last_seen for d in report.devices}
+    by_key = {raw_public_key(k): k for k in (active, silent)}
+    ids = {by_key[registry.get(i).public_key]: i for i in seen}  # type: ignore[union-attr]
+    assert seen[ids[active]] == pytest.approx(requested_at)
+    assert seen[ids[silent]] == pytest.approx(enrolled_at)
+    # A device clock ahead of the coordinator's (within the allowed skew) is not "in
+    # the future": it reads as now.
+    ahead = requested_at + 50.0
+    registry.authenticate(
+        sign_request(active, "GetTask", BODY, timestamp_ms=int(ahead * 1000)),
+        method="GetTask",
+        body_sha256=BODY,
+    )
+    report = build_report(collect_records(store), now=clock.time())
+    assert {d.device_id: d.last_seen for d in report.devices}[ids[active]] == clock.time()
