@@ -268,7 +268,7 @@ class MemoryStore(Store):
 
     def _zmax_many(self, names: list[str]) -> list[float | None]:
         with self._lock:
-            return [max(self._zsets[n].values()) if self._zsets.get(n) else None for n in names]
+            return [max(z.values()) if (z := self._zsets.get(n)) else None for n in names]
 
     def _zadd_pruned(
         self, name: str, members: dict[str, float], *, prune_max_score: float, read: list[str]

@@ -393,7 +393,14 @@ def test_status_shows_when_a_device_last_made_a_request(clock: VirtualClock) -> 
     store = MemoryStore(clock=clock.time)
     registry = DeviceRegistry(store, device_classes=["phone"], clock=clock)
     enrolled_at = clock.time()
-    active, silent = _enrolled(registry), _enrolled(registry)
+    ids: dict[Ed25519PrivateKey, str] = {}
+    for _ in range(2):
+        key = Ed25519PrivateKey.generate()
+        token = registry.issue_token()
+        ids[key] = registry.enroll(
+            token, public_key=raw_public_key(key), device_class="phone"
+        ).device_id
+    active, silent = ids
     clock.advance(100.0)
     registry.authenticate(_sign(active, clock), method="GetTask", body_sha256=BODY)
     clock.advance(40.0)
@@ -402,8 +409,6 @@ def test_status_shows_when_a_device_last_made_a_request(clock: VirtualClock) -> 
     clock.advance(5.0)
     report = build_report(collect_records(store), now=clock.time())
     seen = {d.device_id: d.last_seen for d in report.devices}
-    by_key = {raw_public_key(k): k for k in (active, silent)}
-    ids = {by_key[registry.get(i).public_key]: i for i in seen}  # type: ignore[union-attr]
     assert seen[ids[active]] == pytest.approx(requested_at)
     assert seen[ids[silent]] == pytest.approx(enrolled_at)
     # A device clock ahead of the coordinator's (within the allowed skew) is not "in
