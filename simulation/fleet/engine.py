@@ -77,11 +77,21 @@ class Overhead:
     training_wait_s: float = 0.0
     evaluation_s: float = 0.0
     cloud_jobs_s: float = 0.0
-    secagg_s: float = 0.0
+    #: Inside the coordinator service (admission, relay, secure-aggregation server,
+    #: ledger, ticks): the system under simulation.
+    service_s: float = 0.0
+    #: The devices' own secure-aggregation work (key generation and agreement, share
+    #: encryption, clipping and masking): device compute, like training, that the
+    #: simulator performs for real in its one process.
+    device_secagg_s: float = 0.0
 
     def core_s(self) -> float:
         """Wall time that was neither training, evaluation nor cloud jobs."""
         return self.total_s - self.training_wait_s - self.evaluation_s - self.cloud_jobs_s
+
+    def simulator_s(self) -> float:
+        """:meth:`core_s` less the devices' own secure-aggregation work (device compute)."""
+        return self.core_s() - self.device_secagg_s
 
 
 @dataclass

@@ -190,10 +190,11 @@ def summarise(
                 "training_wait": ov.training_wait_s,
                 "evaluation": ov.evaluation_s,
                 "cloud_jobs": ov.cloud_jobs_s,
-                "secagg_and_service": ov.secagg_s,
+                "service": ov.service_s,
+                "device_secagg": ov.device_secagg_s,
             },
             "overhead_ms_per_update": 1000 * ov.core_s() / trained,
-            "overhead_ms_per_update_excl_secagg": 1000 * (ov.core_s() - ov.secagg_s) / trained,
+            "overhead_ms_per_update_excl_device_secagg": 1000 * ov.simulator_s() / trained,
         }
     pol = out["policies"]
     est = pol.get("estuary", {}).get("time_to_target_s")

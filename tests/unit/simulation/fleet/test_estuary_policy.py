@@ -63,6 +63,14 @@ def test_same_seed_and_trace_give_the_same_log_and_figures(env: FleetEnv) -> Non
     b = summarise({"estuary": second})
     for key in ("final_bits_per_byte", "bytes_up", "bytes_down", "staleness_histogram", "waits_s"):
         assert a["policies"]["estuary"][key] == b["policies"]["estuary"][key]
+    # The overhead split: the service and the devices' own crypto are both timed, apart,
+    # inside the core (never inside training, evaluation or cloud-job time).
+    ov = first.overhead
+    assert ov.service_s > 0 and ov.device_secagg_s > 0
+    assert ov.service_s + ov.device_secagg_s <= ov.core_s()
+    assert ov.simulator_s() == pytest.approx(ov.core_s() - ov.device_secagg_s)
+    wall = a["policies"]["estuary"]["wall_s"]
+    assert wall["service"] == ov.service_s and wall["device_secagg"] == ov.device_secagg_s
 
 
 def test_versions_equal_the_plain_updates_of_their_cohorts(env: FleetEnv, tmp_path: Path) -> None:
