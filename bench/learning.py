@@ -18,11 +18,13 @@ Arms, all scored on the same windows (union = token-weighted over all clients' w
 
 - ``federated`` per variant: synchronous rounds of every client, ``--local-steps`` Adam
   steps each, the server adds ``η · Σ w s ΔB / Σ w`` with optional server momentum β.
-  Variants: ``all_rank_16``; ``mixed_ranks`` (ranks 4/8/16 cycled over the clients,
-  nested: a rank-r client trains the first r columns, as Estuary does today); optional
-  candidates with rotating column ownership (:func:`estuary.adapters.owned_columns`):
-  ``mixed_ranks_rotating`` (sums × ``r_max / r``), ``…_rotating_plain`` (plain mean),
-  ``…_rotating_ratio`` (each column over the weight of the clients that trained it).
+  Variants: ``all_rank_16``; ``mixed_ranks`` (ranks 4/8/16 cycled over the clients, as
+  Estuary trains them by default: a rank-r client trains the block of r columns
+  :func:`estuary.adapters.trained_columns` gives it, moving on each round, under the
+  plain mean); optional: ``mixed_ranks_nested`` (the first r columns, the rule before),
+  ``mixed_ranks_flat_lr`` (nested, every rank at lr), and earlier candidates
+  ``mixed_ranks_rotating`` (sums × ``r_max / r``), ``…_rotating_plain`` (= ``mixed_ranks``
+  with power 0), ``…_rotating_ratio`` (each column over the weight that trained it).
 - ``local_only``: every client trains its own rank-16 adapter for as many steps as it
   takes in the federation, early-stopped on its **own** validation windows.
 - ``centralized``: one rank-16 adapter on the pooled training bytes, early-stopped on
@@ -85,14 +87,17 @@ CLIENTS = ("email", "asyncio", "json", "xml", "unittest", "http", "logging", "mu
 #: Variant name -> (ranks cycled over the clients, column rule of learning_arms.RULES,
 #: rank learning-rate power: a rank-r client trains at lr · (16 / r)^power, as
 #: ``training.rank_lr_power`` makes the coordinator hand out). ``mixed_ranks`` is what
-#: Estuary does today (nested ranks, power 1); ``mixed_ranks_flat_lr`` every rank at lr
-#: (before issue 15's rank-scaled rate); the rotating rules are earlier candidates.
+#: Estuary does by default (rotating columns under the plain mean, power 1:
+#: ``training.column_rule = "rotating"``); ``mixed_ranks_nested`` the ``nested`` rule (the
+#: default before); ``mixed_ranks_flat_lr`` nested with every rank at lr (before issue
+#: 15's rank-scaled rate); the other rotating rules are earlier candidates.
 VARIANTS: dict[str, tuple[tuple[int, ...], str, float]] = {
     "all_rank_16": ((16,), "nested", 1.0),
-    "mixed_ranks": ((4, 8, 16), "nested", 1.0),
+    "mixed_ranks": ((4, 8, 16), "rotating_plain", 1.0),
+    "mixed_ranks_nested": ((4, 8, 16), "nested", 1.0),
     "mixed_ranks_flat_lr": ((4, 8, 16), "nested", 0.0),
     "mixed_ranks_rotating": ((4, 8, 16), "rotating", 0.0),
-    "mixed_ranks_rotating_plain": ((4, 8, 16), "rotating_plain", 0.0),
+    "mixed_ranks_rotating_plain": ((4, 8, 16), "rotating_plain", 0.0),  # power 0
     "mixed_ranks_rotating_ratio": ((4, 8, 16), "rotating_ratio", 0.0),
 }
 

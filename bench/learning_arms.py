@@ -34,6 +34,7 @@ from estuary.adapters import (
     mean_from_sum,
     owned_columns,
     rank_learning_rate,
+    trained_columns,
     weighted_sum,
 )
 from estuary.data import ClientData, stdlib_clients
@@ -397,6 +398,12 @@ def train_federated(
                 if rotating
                 else None
             )
+            if variant.rule == "rotating_plain":
+                # The product's rule (training.column_rule = "rotating"), as the coordinator
+                # hands it out: full-rank members train every column.
+                columns = trained_columns(
+                    "rotating", ranks[i], R_MAX, version=round_ - 1, member=members[i]
+                )
             result = train_adapter(
                 base,
                 adapter,

@@ -52,7 +52,7 @@ from coordinator.enrolment import Device
 from coordinator.outcomes import PaceMechanism, PaceOffer, ServiceObserver, TaskOffer
 from coordinator.pacing import Admit, PacerConfig, decide
 from coordinator.versions import VersionInfo, VersionLedger
-from estuary.adapters import rank_learning_rate
+from estuary.adapters import rank_learning_rate, trained_columns
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import CoordinatorSettings
 from estuary.jobs import JobOutcome, done_key, done_of, job_id_for, result_key
@@ -413,6 +413,14 @@ class Admission:
             member_index=index,
             session=record.session_config(),
             identity_keys=record.identity_keys,
+            columns=trained_columns(
+                training.column_rule,
+                record.rank,
+                self.settings.model.r_max,
+                version=record.version,
+                member=index,
+            )
+            or (),
         )
 
     def _counts(self, record: CohortRecord, head: VersionInfo | None) -> bool:

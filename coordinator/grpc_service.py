@@ -627,6 +627,7 @@ def _task(offer: TaskOffer) -> edge_pb2.Task:
         deadline_ms=offer.deadline_ms,
         member_index=offer.member_index,
         secagg=session_to_proto(offer.session, identity_keys=offer.identity_keys),
+        columns=offer.columns,
     )
 
 

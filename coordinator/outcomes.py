@@ -46,6 +46,8 @@ class TaskOffer:
     session: SessionConfig
     identity_keys: tuple[bytes, ...] = ()
     """Active-adversary sessions: every member's Ed25519 identity public key, by index."""
+    columns: tuple[int, ...] = ()
+    """Columns of ``B`` the member trains (``training.column_rule``); empty: the first ``rank``."""
 
 
 #: What a paced device waits for (:attr:`PaceOffer.mechanism`).

@@ -223,6 +223,7 @@ class TaskTrainer:
                 seq_len=int(task.seq_len),
                 threads=self.threads,
                 seed=self._window_seed(task),
+                columns=list(task.columns) or None,
             )
         )
         self._running = future

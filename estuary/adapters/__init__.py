@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from estuary.adapters.blobs import get_adapter, put_adapter
 from estuary.adapters.lora import (
+    COLUMN_RULES,
     DEFAULT_TARGETS,
     AdapterConfig,
     GlobalAdapter,
@@ -18,11 +19,13 @@ from estuary.adapters.lora import (
     merge_into_base,
     owned_columns,
     rank_learning_rate,
+    trained_columns,
     weighted_sum,
 )
 from estuary.adapters.peft_export import export_peft
 
 __all__ = [
+    "COLUMN_RULES",
     "DEFAULT_TARGETS",
     "AdapterConfig",
     "GlobalAdapter",
@@ -40,5 +43,6 @@ __all__ = [
     "owned_columns",
     "put_adapter",
     "rank_learning_rate",
+    "trained_columns",
     "weighted_sum",
 ]

@@ -29,9 +29,12 @@ is the inverse-probability factor a server can put on a cohort's sum (one scalar
 cohort: it knows its class's rank). The aggregate stays a plain sum of zero-padded ΔB.
 Measured (``bench/learning.py``, issue 15): with Adam clients that factor makes a
 column's step one member's sign-like update, far larger than a mean over members, and
-learning at server lr 1 got worse; rotation is opt-in (``columns=``), nested is the
-default. What did help: a rank-``r`` client training at ``lr · r_max / r``
-(:func:`rank_learning_rate`, ``training.rank_lr_power``), which the coordinator hands out.
+learning at server lr 1 got worse. What helped: a rank-``r`` client training at
+``lr · r_max / r`` (:func:`rank_learning_rate`, ``training.rank_lr_power``), and with it
+rotation under the *plain* mean (no coverage factor): ranks 4/8/16 at 64 rounds closed
+about 80 % of the local-only → centralized gap against 55 % nested, so rotation is the
+default rule (``training.column_rule``, :func:`trained_columns`); the coordinator hands
+each task its columns.
 """
 
 from __future__ import annotations
@@ -146,6 +149,33 @@ def owned_columns(rank: int, r_max: int, *, version: int, member: int) -> tuple[
         raise ValueError(f"member: must be >= 0, got {member}")
     start = ((version + member) * rank) % r_max
     return tuple(sorted((start + k) % r_max for k in range(rank)))
+
+
+#: How a rank-``r`` device picks its ``r`` columns of ``B`` (``training.column_rule``).
+COLUMN_RULES: tuple[str, ...] = ("rotating", "nested")
+
+
+def trained_columns(
+    rule: str, rank: int, r_max: int, *, version: int, member: int
+) -> tuple[int, ...] | None:
+    """Return the columns a rank-``rank`` device trains under ``rule``; None: the first ``rank``.
+
+    ``"rotating"``: :func:`owned_columns` of the version it trains from and its index
+    among the devices of its rank (its member index in a cohort of one class);
+    ``"nested"``, or a full-rank device under either rule: None (every column, or the
+    first ``rank``). The server needs nothing of this: the update is a zero-padded
+    ``ΔB`` whichever columns it fills, and the plain mean of the sums stays exact.
+
+    Raises
+    ------
+    ValueError
+        If ``rule`` is not one of :data:`COLUMN_RULES`, or as :func:`owned_columns`.
+    """
+    if rule not in COLUMN_RULES:
+        raise ValueError(f"column rule: one of {list(COLUMN_RULES)}, got {rule!r}")
+    if rule == "nested" or rank == r_max:
+        return None
+    return owned_columns(rank, r_max, version=version, member=member)
 
 
 def coverage_scale(rank: int, r_max: int) -> float:

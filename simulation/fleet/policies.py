@@ -56,6 +56,7 @@ class FleetConfig:
     local_steps: int = 2
     learning_rate: float = 1e-2
     rank_lr_power: float = 1.0  # the product's training.rank_lr_power, for every policy
+    column_rule: str = "rotating"  # the product's training.column_rule, for every policy
     batch_size: int = 4
     seq_len: int = 32
     grad_clip_norm: float = 1.0
@@ -96,6 +97,8 @@ class FleetConfig:
                      "silence_s", "key_timeout_s", "retry_after_s", "idle_checkin_s"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.column_rule not in ("rotating", "nested"):
+            raise ValueError(f"column_rule: 'rotating' or 'nested', got {self.column_rule!r}")
         if not 0 <= self.rank_lr_power <= 2:
             raise ValueError(f"rank_lr_power: must be in [0, 2], got {self.rank_lr_power}")
         if self.cohort_min < 3 or self.cohort_max < self.cohort_min:
@@ -141,8 +144,13 @@ class FleetEnv:
         size = self.artifact_bytes[spec.device_class]
         return size + (self.base_bytes[spec.device_class] if first else 0)
 
-    def request(self, spec: DeviceSpec, adapter: Any, task: int) -> TrainRequest:
-        """Return the training request of ``spec``'s update seeded ``task`` on ``adapter``."""
+    def request(
+        self, spec: DeviceSpec, adapter: Any, task: int, *, columns: tuple[int, ...] | None
+    ) -> TrainRequest:
+        """Return the training request of ``spec``'s update seeded ``task`` on ``adapter``.
+
+        ``columns``: of ``B``, as the task hands them out (None: the first ``rank``).
+        """
         from estuary.adapters import rank_learning_rate
 
         cfg = self.config
@@ -169,6 +177,20 @@ class FleetEnv:
             seq_len=cfg.seq_len,
             seed=cfg.task_seed(spec.index, task),
             adapter=adapter,
+            columns=columns,
+        )
+
+    def columns(self, spec: DeviceSpec, *, version: int, member: int) -> tuple[int, ...] | None:
+        """Columns a policy without the coordinator gives ``spec`` (``column_rule``).
+
+        ``member`` stands in for a cohort member index: the device's index (FedBuff) or
+        its position among a round's selected devices (synchronous FedAvg).
+        """
+        from estuary.adapters import trained_columns
+
+        cfg = self.config
+        return trained_columns(
+            cfg.column_rule, spec.rank, cfg.r_max, version=version, member=member
         )
 
     def plain_bytes(self, rank: int) -> int:
@@ -619,7 +641,8 @@ class EstuaryPolicy(Policy):
             return
         adapter = self.adapters[task.version]
         with Stopwatch(self.rec.overhead, "training_wait_s"):
-            task.handle = self.env.trainer.submit(self.env.request(spec, adapter, task.seed))
+            request = self.env.request(spec, adapter, task.seed, columns=task.offer.columns or None)
+            task.handle = self.env.trainer.submit(request)
         task.train_s = train_s
         self._heartbeat(task, end)
 
@@ -796,6 +819,7 @@ def estuary_settings(env: FleetEnv) -> Any:
                 "local_steps": cfg.local_steps,
                 "learning_rate": cfg.learning_rate,
                 "rank_lr_power": cfg.rank_lr_power,
+                "column_rule": cfg.column_rule,
                 "batch_size": cfg.batch_size,
                 "seq_len": cfg.seq_len,
                 "grad_clip_norm": cfg.grad_clip_norm,
@@ -920,7 +944,9 @@ class FedBuffPolicy(Policy):
             self.q.at(drop, dropped)
             return
         with Stopwatch(self.rec.overhead, "training_wait_s"):
-            handle = self.env.trainer.submit(self.env.request(spec, self.adapters[version], seed))
+            columns = self.env.columns(spec, version=version, member=spec.index)
+            request = self.env.request(spec, self.adapters[version], seed, columns=columns)
+            handle = self.env.trainer.submit(request)
 
         def trained() -> None:
             self.training_now -= 1
@@ -1061,9 +1087,9 @@ class SyncFedAvgPolicy(Policy):
             for _, pos, _ in survivors:
                 st = selected[pos]
                 seed = self.cfg.task_seed(st.spec.index, self.task_counts[st.spec.index])
-                handles.append(
-                    self.env.trainer.submit(self.env.request(st.spec, self.adapter, seed))
-                )
+                columns = self.env.columns(st.spec, version=self.round - 1, member=pos)
+                request = self.env.request(st.spec, self.adapter, seed, columns=columns)
+                handles.append(self.env.trainer.submit(request))
             outcomes = [self.env.trainer.result(h) for h in handles]
         updates = [_clipped(cfg, o.delta_b) for o in outcomes]
         # One secure-aggregation session over the selected devices that were still there

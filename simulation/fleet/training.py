@@ -73,6 +73,7 @@ class TrainRequest:
     seq_len: int
     seed: int
     adapter: GlobalAdapter
+    columns: tuple[int, ...] | None = None  # columns of B trained; None: the first `rank`
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ def run_request(context: TrainContext, request: TrainRequest) -> TrainOutcome:
         seq_len=request.seq_len,
         threads=1,  # one thread: results are bit-identical across backends and machines
         seed=request.seed,
+        columns=request.columns,
     )
     return TrainOutcome(delta_b=result.delta_b, loss_last=result.metrics.loss_last)
 

@@ -1,8 +1,8 @@
-"""Estuary's Flower ClientApp: a nested-rank LoRA adapter trained on the compressed base.
+"""Estuary's Flower ClientApp: a LoRA adapter of the node's rank trained on the compressed base.
 
 Each node holds the base compressed as on an Estuary device (``int8`` or ``nf4`` weights,
-dequantised on the fly in the backward pass) and trains the first ``rank`` columns of
-``B`` of the shared adapter with Estuary's edge trainer
+dequantised on the fly in the backward pass) and trains ``rank`` columns of ``B`` of the
+shared adapter (``column-rule``: a block that moves on each round, or the first ``rank``) with Estuary's edge trainer
 (:func:`edge_client.train.train_adapter`) on its own data, then replies ``ΔB``
 zero-padded to ``r_max`` (or ``B + ΔB`` to a stock Flower strategy; see
 :mod:`simulation.flower.protocol`).
@@ -36,7 +36,12 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from edge_client.train import train_adapter
-from estuary.adapters.lora import AdapterConfig, GlobalAdapter, rank_learning_rate
+from estuary.adapters.lora import (
+    AdapterConfig,
+    GlobalAdapter,
+    rank_learning_rate,
+    trained_columns,
+)
 from estuary.data.stdlib import ClientData, stdlib_client
 from estuary.data.user import load_user_data
 from estuary.data.windows import client_seed, window_seed
@@ -63,6 +68,7 @@ class NodeSetup:
     rank: int
     data: ClientData
     seed: int
+    member: int  # stands in for a cohort member index (rotating columns): its partition
 
 
 def _int_entry(config: dict[str, object], key: str) -> int | None:
@@ -96,6 +102,7 @@ def node_setup(settings: FlowerSettings, node_config: dict[str, object]) -> Node
             rank = settings.ranks[0]
         key = int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little")
         seed = int(np.random.SeedSequence([settings.data_seed, key]).generate_state(1)[0])
+        member = seed % 65536
     else:
         partition = _int_entry(node_config, "partition-id")
         if partition is None:
@@ -114,11 +121,12 @@ def node_setup(settings: FlowerSettings, node_config: dict[str, object]) -> Node
         )
         name = data.name
         seed = client_seed(settings.data_seed, partition)
+        member = partition
         if rank is None:
             rank = settings.rank_of_partition(partition)
     if not 1 <= rank <= settings.r_max:
         raise ValueError(f"rank: {rank} outside 1..r-max={settings.r_max}")
-    return NodeSetup(name=name, rank=rank, data=data, seed=seed)
+    return NodeSetup(name=name, rank=rank, data=data, seed=seed, member=member)
 
 
 @functools.lru_cache(maxsize=64)
@@ -194,6 +202,13 @@ def train(msg: Message, context: Context, settings: FlowerSettings) -> Message:
         threads=settings.client_threads,
         seed=_seed(server_round, node),
         optimizer=settings.optimizer,
+        columns=trained_columns(
+            settings.column_rule,
+            node.rank,
+            settings.r_max,
+            version=max(0, server_round - 1),
+            member=node.member,
+        ),
     )
     if config.get(protocol.REPLY_KEY) == protocol.REPLY_DELTA:
         payload = result.delta_b

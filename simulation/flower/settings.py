@@ -28,6 +28,7 @@ Scheme = Literal["int8", "nf4"]
 Preset = Literal["tiny", "small"]
 WriteModel = Literal["final", "every", "never"]
 Optimizer = Literal["adam", "sgd"]
+ColumnRule = Literal["rotating", "nested"]
 
 #: What a run-config value may be (Flower's ``UserConfigValue``).
 ConfigValue = bool | int | float | str | bytes
@@ -65,6 +66,11 @@ class FlowerSettings:
         [``rank-lr-power``] A rank-``r`` node trains at ``learning-rate · (r_max / r)^power``
         (:func:`estuary.adapters.rank_learning_rate`, as the coordinator hands out); 0: every
         rank at ``learning-rate``.
+    column_rule
+        [``column-rule``] Which ``rank`` columns of ``B`` a node trains
+        (:func:`estuary.adapters.trained_columns`, as the coordinator's
+        ``training.column_rule``): ``rotating`` (a block that moves on each round and with
+        the node's partition) or ``nested`` (the first ``rank``).
     batch_size, seq_len
         [``batch-size``, ``seq-len``] Windows per step and bytes per window.
     grad_clip_norm
@@ -112,6 +118,7 @@ class FlowerSettings:
     local_steps: int = 10
     learning_rate: float = 0.01
     rank_lr_power: float = 1.0
+    column_rule: ColumnRule = "rotating"
     batch_size: int = 8
     seq_len: int = 128
     grad_clip_norm: float = 10.0
@@ -168,6 +175,7 @@ class FlowerSettings:
             ("scheme", self.scheme, get_args(Scheme)),
             ("write-model", self.write_model, get_args(WriteModel)),
             ("optimizer", self.optimizer, get_args(Optimizer)),
+            ("column-rule", self.column_rule, get_args(ColumnRule)),
             ("preset", self.preset, get_args(Preset)),
         )
         for key, choice, allowed in choices:
