@@ -2,10 +2,10 @@
 
 Each node holds the base compressed as on an Estuary device (``int8`` or ``nf4`` weights,
 dequantised on the fly in the backward pass) and trains ``rank`` columns of ``B`` of the
-shared adapter (``column-rule``: a block that moves on each round, or the first ``rank``) with Estuary's edge trainer
-(:func:`edge_client.train.train_adapter`) on its own data, then replies ``ΔB``
-zero-padded to ``r_max`` (or ``B + ΔB`` to a stock Flower strategy; see
-:mod:`simulation.flower.protocol`).
+shared adapter (``column-rule``: a block that moves on each round, or the first ``rank``)
+with Estuary's edge trainer (:func:`edge_client.train.train_adapter`) on its own data,
+then replies ``ΔB`` zero-padded to ``r_max`` (or ``B + ΔB`` to a stock Flower strategy;
+see :mod:`simulation.flower.protocol`).
 
 What a node brings comes from its ``node_config`` (``flower-supernode --node-config``):
 

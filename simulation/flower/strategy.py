@@ -1,7 +1,8 @@
 """Estuary's Flower strategy: exact aggregation of mixed-rank LoRA updates (message API).
 
-Every client trains the first ``r`` columns of ``B`` against the *same* frozen, nested
-``A`` (derived from a seed, never sent) and replies ``ΔB`` zero-padded to ``r_max``. Because
+Every client trains ``r`` columns of ``B`` (the first ``r``, or a block that rotates:
+``column-rule``) against the *same* frozen ``A`` (derived from a seed, never sent) and
+replies ``ΔB`` zero-padded to ``r_max``. Because
 ``A`` is shared and fixed, ``ΔW_i = ΔB_i A`` is linear in ``ΔB_i``, so
 
     Σ w_i ΔB_i A / Σ w_i  =  (Σ w_i ΔB_i / Σ w_i) · A
@@ -15,8 +16,8 @@ is *not* the average of ``B·A``.
 :class:`NestedLoRA` is Flower's :class:`~flwr.serverapp.strategy.FedAvg` (its sampling,
 configuration and evaluation) with that aggregation: it keeps the global adapter, sends
 its ``B`` with the adapter's identity and ``estuary.reply = "delta"``, checks every reply
-(module names and shapes, finite values, a weight, a rank in ``1..r_max`` and nothing
-trained beyond it) and drops a malformed one with a warning rather than let it into the
+(module names and shapes, finite values, a weight, a rank in ``1..r_max`` and no more
+columns trained than the rank) and drops a malformed one with a warning rather than let it into the
 sum, and writes every new version (:mod:`simulation.flower.versions`).
 """
 
@@ -81,7 +82,7 @@ class RoundAggregate:
 
 
 class NestedLoRA(FedAvg):
-    """FedAvg whose aggregation is Estuary's exact rule for mixed-rank nested LoRA.
+    """FedAvg whose aggregation is Estuary's exact rule for mixed-rank LoRA.
 
     Parameters
     ----------
@@ -188,8 +189,8 @@ class NestedLoRA(FedAvg):
         ValueError
             If the reply has not exactly one ArrayRecord and one MetricRecord, its arrays
             differ in names or shapes from ``B``, a value is not finite, the weight is
-            missing or negative, the rank is outside ``1..r_max``, or a column at or
-            beyond the rank is non-zero (the message says which).
+            missing or negative, the rank is outside ``1..r_max``, or more columns are
+            non-zero than the rank trains (the message says which).
         """
         content = msg.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
@@ -210,15 +211,18 @@ class NestedLoRA(FedAvg):
         rank = metrics.get(protocol.RANK_KEY)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
             raise ValueError(f"{protocol.RANK_KEY}: must be an integer in 1..{r_max}, got {rank!r}")
+        trained = np.zeros(r_max, dtype=bool)
         for name, value in delta.items():
             expected = (adapter.shapes[name][0], r_max)
             if value.shape != expected:
                 raise ValueError(f"{name}: shape {value.shape}, expected {expected}")
             if not np.all(np.isfinite(value)):
                 raise ValueError(f"{name}: non-finite values")
-            if np.any(value[:, rank:]):
-                # Nested ranks: a rank-r client owns the first r columns only.
-                raise ValueError(f"{name}: non-zero columns beyond its rank {rank}")
+            trained |= np.any(value != 0, axis=0)
+        if trained.sum() > rank:
+            # A rank-r client trains r columns (the first r, or its rotating block).
+            columns = np.flatnonzero(trained).tolist()
+            raise ValueError(f"{len(columns)} columns trained {columns}, beyond its rank {rank}")
         return ClientUpdate(
             node_id=msg.metadata.src_node_id, weight=float(weight), rank=rank, delta_b=delta
         )

@@ -25,7 +25,13 @@ pytest.importorskip("ray", reason="flwr[simulation] (Ray) is not installed")
 from flwr.simulation import run_simulation
 
 from edge_client.train import train_adapter
-from estuary.adapters import AdapterConfig, GlobalAdapter, merge_into_base, rank_learning_rate
+from estuary.adapters import (
+    AdapterConfig,
+    GlobalAdapter,
+    merge_into_base,
+    rank_learning_rate,
+    trained_columns,
+)
 from estuary.compress import compress_model
 from estuary.model.loading import load_model
 from estuary.model.presets import build_preset
@@ -114,10 +120,19 @@ def test_four_nodes_two_rounds_aggregate_to_the_weighted_mean(tmp_path: Path) ->
             unweighted = aggregate.previous.b[name] + stack.mean(axis=0)
             assert np.abs(unweighted - expected).max() > 1e-6  # the weights did matter
         for update in aggregate.updates:
-            trained = np.concatenate([d[:, : update.rank].ravel() for d in update.delta_b.values()])
+            # Rotating columns (the default rule): the node's block for this round.
+            cols = trained_columns(
+                "rotating",
+                update.rank,
+                4,
+                version=aggregate.server_round - 1,
+                member=by_weight[update.weight].member,
+            )
+            owned = list(cols) if cols is not None else list(range(4))
+            trained = np.concatenate([d[:, owned].ravel() for d in update.delta_b.values()])
             assert np.abs(trained).max() > 0, "a node sent an empty update"
-            if update.rank == 2:
-                assert not any(np.any(d[:, 2:]) for d in update.delta_b.values())
+            others = [c for c in range(4) if c not in owned]
+            assert not any(np.any(d[:, others]) for d in update.delta_b.values())
     first, second = rounds[0].adapter.b, rounds[1].adapter.b
     assert any(not np.array_equal(first[n], second[n]) for n in first)
 
@@ -144,6 +159,7 @@ def test_four_nodes_two_rounds_aggregate_to_the_weighted_mean(tmp_path: Path) ->
         seq_len=settings.seq_len,
         threads=settings.client_threads,
         seed=_seed(1, node),
+        columns=trained_columns("rotating", node.rank, 4, version=0, member=node.member),
     )
     for name, value in again.delta_b.items():
         np.testing.assert_allclose(rounds[0].updates[0].delta_b[name], value, atol=1e-6)

@@ -206,3 +206,42 @@ def test_constructor_names_the_bad_argument(
 
     with pytest.raises(ValueError, match=f"^{field}:"):
         TaskTrainer(state, **args)
+
+
+@pytest.mark.parametrize(("columns", "expected"), [([], None), ([2, 3], [2, 3])])
+def test_the_task_columns_reach_training(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    columns: list[int],
+    expected: list[int] | None,
+) -> None:
+    # An empty list is the nested rule (the first `rank` columns); a block is trained as given.
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(edge_client.train, "train_adapter", lambda *a, **k: calls.append(k))
+    task = edge_pb2.Task()
+    task.CopyFrom(TASK)
+    task.columns.extend(columns)
+    trainer = trainer_for(tmp_path, RecordingClock(), Stub(VirtualClock(), []))
+
+    asyncio.run(trainer.train(task, base=object(), adapter=object()))  # type: ignore[arg-type]
+
+    assert calls[0]["columns"] == expected
+
+
+def test_columns_training_refuses_abandon_the_task(tmp_path: Path) -> None:
+    # A coordinator handing out columns the rank cannot train (a duplicate): the real
+    # trainer refuses them before any step, and the agent gives the task up.
+    from estuary.adapters import AdapterConfig, GlobalAdapter
+    from estuary.model.presets import build_preset
+
+    base = build_preset("tiny", seed=0)
+    adapter = GlobalAdapter.for_model(base, AdapterConfig(r_max=4))
+    task = edge_pb2.Task()
+    task.CopyFrom(TASK)
+    task.learning_rate = 0.01
+    task.grad_clip_norm = 1.0
+    task.columns.extend([1, 1])
+    trainer = trainer_for(tmp_path, RecordingClock(), Stub(VirtualClock(), []), data=b"x" * 4096)
+
+    with pytest.raises(TaskAbandoned, match="columns: need 2 distinct column indices"):
+        asyncio.run(trainer.train(task, base=base, adapter=adapter))

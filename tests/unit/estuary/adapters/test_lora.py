@@ -24,6 +24,7 @@ from estuary.adapters import (
     merge_into_base,
     owned_columns,
     rank_learning_rate,
+    trained_columns,
     weighted_sum,
 )
 from estuary.compress import QuantLinear, compress_model
@@ -295,6 +296,32 @@ def test_members_of_one_cohort_cover_every_column_equally(rank: int) -> None:
         assert sorted(c for cols in members for c in cols) == list(range(R_MAX))
     over_time = [owned_columns(rank, R_MAX, version=v, member=3) for v in range(blocks)]
     assert sorted(c for cols in over_time for c in cols) == list(range(R_MAX))
+
+
+@given(
+    r_max=st.sampled_from([1, 2, 4, 8, 16, 64]),
+    rank_share=st.integers(1, 64),
+    version=st.integers(0, 10_000),
+    member=st.integers(0, 64),
+)
+def test_trained_columns_rotate_below_full_rank_and_nest_otherwise(
+    r_max: int, rank_share: int, version: int, member: int
+) -> None:
+    rank = 1 + (rank_share - 1) % r_max
+
+    rotating = trained_columns("rotating", rank, r_max, version=version, member=member)
+    nested = trained_columns("nested", rank, r_max, version=version, member=member)
+
+    assert nested is None  # the first `rank` columns
+    if rank == r_max:
+        assert rotating is None  # every column, whichever rule
+    else:
+        assert rotating == owned_columns(rank, r_max, version=version, member=member)
+
+
+def test_an_unknown_column_rule_is_named() -> None:
+    with pytest.raises(ValueError, match="column rule: one of \\['rotating', 'nested'\\], got 'x'"):
+        trained_columns("x", 2, 4, version=0, member=0)
 
 
 def test_rotating_ownership_moves_low_ranks_off_the_first_columns() -> None:

@@ -45,6 +45,7 @@ def test_run_config_round_trips_and_defaults_hold() -> None:
         ({"ranks": "4,32", "r-max": 16}, r"ranks: \[32\] outside 1..r-max=16"),
         ({"scheme": "int4"}, "scheme: must be one of"),
         ({"write-model": "sometimes"}, "write-model: must be one of"),
+        ({"column-rule": "diagonal"}, "column-rule: must be one of"),
         ({"fraction-train": 0.0}, "fraction-train"),
         ({"fraction-evaluate": 1.5}, "fraction-evaluate"),
         ({"out-dir": ""}, "out-dir: must name a directory"),

@@ -157,6 +157,20 @@ def test_bad_weight_or_rank_is_refused(weight: object, rank: object, reason: str
         strategy.read_update(reply(5, delta(2, 1), weight=weight, rank=rank))
 
 
+def test_a_rotating_block_is_accepted_and_one_column_too_many_is_not() -> None:
+    # A rank-2 node under the rotating rule trains a block such as columns 2-3; the
+    # strategy holds it to two columns in all, wherever they are, across every module.
+    strategy = NestedLoRA(make_adapter())
+    block = {n: np.roll(v, 2, axis=1) for n, v in delta(2, 1).items()}
+
+    update = strategy.read_update(reply(5, block, weight=1.0, rank=2))
+
+    assert all(np.array_equal(update.delta_b[n], block[n]) for n in block)
+    spread = {n: np.roll(v, i, axis=1) for i, (n, v) in enumerate(delta(2, 1).items())}
+    with pytest.raises(ValueError, match=r"3 columns trained \[0, 1, 2\], beyond its rank 2"):
+        strategy.read_update(reply(5, spread, weight=1.0, rank=2))
+
+
 def test_failed_replies_and_nothing_left_keep_the_version() -> None:
     adapter = make_adapter()
     strategy = NestedLoRA(adapter)
