@@ -32,7 +32,6 @@ from estuary.adapters import (
     coverage_scale,
     detach_adapters,
     mean_from_sum,
-    owned_columns,
     rank_learning_rate,
     trained_columns,
     weighted_sum,
@@ -392,18 +391,15 @@ def train_federated(
         updates, weights = [], []
         column_weight = np.zeros(R_MAX)
         for i, client in enumerate(splits.clients):
-            rotating = variant.rule != "nested"
-            columns = (
-                owned_columns(ranks[i], R_MAX, version=round_ - 1, member=members[i])
-                if rotating
-                else None
+            # Every rotating rule takes its block as the coordinator hands it out
+            # (training.column_rule = "rotating"); full-rank members train every column.
+            columns = trained_columns(
+                "nested" if variant.rule == "nested" else "rotating",
+                ranks[i],
+                R_MAX,
+                version=round_ - 1,
+                member=members[i],
             )
-            if variant.rule == "rotating_plain":
-                # The product's rule (training.column_rule = "rotating"), as the coordinator
-                # hands it out: full-rank members train every column.
-                columns = trained_columns(
-                    "rotating", ranks[i], R_MAX, version=round_ - 1, member=members[i]
-                )
             result = train_adapter(
                 base,
                 adapter,

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from estuary.adapters import COLUMN_RULES, rank_learning_rate, trained_columns
 from estuary.clock import VirtualClock
 from simulation.fleet.engine import DeviceState, EventQueue, Recorder, Stopwatch
 from simulation.fleet.trace import DeviceSpec, DeviceTrace
@@ -97,8 +98,8 @@ class FleetConfig:
                      "silence_s", "key_timeout_s", "retry_after_s", "idle_checkin_s"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.column_rule not in ("rotating", "nested"):
-            raise ValueError(f"column_rule: 'rotating' or 'nested', got {self.column_rule!r}")
+        if self.column_rule not in COLUMN_RULES:
+            raise ValueError(f"column_rule: one of {list(COLUMN_RULES)}, got {self.column_rule!r}")
         if not 0 <= self.rank_lr_power <= 2:
             raise ValueError(f"rank_lr_power: must be in [0, 2], got {self.rank_lr_power}")
         if self.cohort_min < 3 or self.cohort_max < self.cohort_min:
@@ -151,8 +152,6 @@ class FleetEnv:
 
         ``columns``: of ``B``, as the task hands them out (None: the first ``rank``).
         """
-        from estuary.adapters import rank_learning_rate
-
         cfg = self.config
         client, start, length = data_slice(
             spec.index,
@@ -186,8 +185,6 @@ class FleetEnv:
         ``member`` stands in for a cohort member index: the device's index (FedBuff) or
         its position among a round's selected devices (synchronous FedAvg).
         """
-        from estuary.adapters import trained_columns
-
         cfg = self.config
         return trained_columns(
             cfg.column_rule, spec.rank, cfg.r_max, version=version, member=member

@@ -2,8 +2,8 @@
 
 Every client trains ``r`` columns of ``B`` (the first ``r``, or a block that rotates:
 ``column-rule``) against the *same* frozen ``A`` (derived from a seed, never sent) and
-replies ``ΔB`` zero-padded to ``r_max``. Because
-``A`` is shared and fixed, ``ΔW_i = ΔB_i A`` is linear in ``ΔB_i``, so
+replies ``ΔB`` zero-padded to ``r_max``. Because ``A`` is shared and fixed,
+``ΔW_i = ΔB_i A`` is linear in ``ΔB_i``, so
 
     Σ w_i ΔB_i A / Σ w_i  =  (Σ w_i ΔB_i / Σ w_i) · A
 
@@ -17,8 +17,8 @@ is *not* the average of ``B·A``.
 configuration and evaluation) with that aggregation: it keeps the global adapter, sends
 its ``B`` with the adapter's identity and ``estuary.reply = "delta"``, checks every reply
 (module names and shapes, finite values, a weight, a rank in ``1..r_max`` and no more
-columns trained than the rank) and drops a malformed one with a warning rather than let it into the
-sum, and writes every new version (:mod:`simulation.flower.versions`).
+columns trained than the rank) and drops a malformed one with a warning rather than let it
+into the sum, and writes every new version (:mod:`simulation.flower.versions`).
 """
 
 from __future__ import annotations
