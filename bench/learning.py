@@ -109,6 +109,7 @@ class Settings:
     base_dir: str
     rounds: int = 64
     local_steps: int = 5
+    warmup_steps: int = 0  # every arm's optimizer warms up over its first steps
     seeds: int = 3
     scarce_bytes: int = 8192
     lrs: tuple[float, ...] = (3e-3, 1e-2, 2e-2, 3e-2)
@@ -191,6 +192,7 @@ def run_task(settings: Settings, task: Task) -> arms.Run:
             seed=task.seed,
             checkpoints=settings.local_points,
             patience=settings.patience,
+            warmup_steps=settings.warmup_steps,
         )
         extra = stopped
     elif task.arm == "centralized":
@@ -200,7 +202,13 @@ def run_task(settings: Settings, task: Task) -> arms.Run:
         curve = arms.train_federated(
             edge,
             splits,
-            arms.FedConfig(ranks, rule, settings.local_steps, lr_power=lr_power),
+            arms.FedConfig(
+                ranks,
+                rule,
+                settings.local_steps,
+                lr_power=lr_power,
+                warmup_steps=settings.warmup_steps,
+            ),
             rounds=task.rounds,
             lr=config["lr"],
             server_lr=config["server_lr"],
@@ -229,7 +237,13 @@ def _centralized(
     )
     zero = GlobalAdapter.for_model(edge, AdapterConfig(r_max=arms.R_MAX))
     learner = arms._Learner(
-        edge, zero, pooled_training_data(splits.clients), rank=arms.R_MAX, lr=lr, seed=seed
+        edge,
+        zero,
+        pooled_training_data(splits.clients),
+        rank=arms.R_MAX,
+        lr=lr,
+        seed=seed,
+        warmup_steps=settings.warmup_steps,
     )
     curve = arms.Curve()
     done, best, since = 0, float("inf"), 0
@@ -525,6 +539,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=64)
     parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=Settings.warmup_steps,
+        help="linear lr warm-up of every arm's optimizer (training.warmup_steps)",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--scarce-bytes", type=int, default=8192, help="training bytes per client")
     parser.add_argument("--lrs", default="3e-3,1e-2,2e-2,3e-2", help="lr grid of every arm")
@@ -567,6 +587,7 @@ def main(argv: list[str] | None = None) -> None:
         base_dir=str(base_dir),
         rounds=args.rounds,
         local_steps=args.local_steps,
+        warmup_steps=args.warmup_steps,
         seeds=args.seeds,
         scarce_bytes=args.scarce_bytes,
         lrs=_floats(args.lrs),
@@ -601,6 +622,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     if settings.test_windows <= 16:
         parser.error("--test-windows: must exceed 16 windows per client")
+    if settings.warmup_steps < 0:
+        parser.error(f"--warmup-steps: must be >= 0, got {settings.warmup_steps}")
     if settings.seeds < 1 or settings.rounds < 1 or not settings.lrs:
         parser.error("--seeds, --rounds and --lrs need at least one")
     _setup(settings)

@@ -208,7 +208,8 @@ class _Learner:
 
     The loop of :func:`edge_client.train.train_adapter` (attach, Adam on ΔB, global
     gradient clip), kept running across evaluation points so that a curve costs one
-    run, not one run per point.
+    run, not one run per point. Its one optimizer warms up once, over the run's first
+    ``warmup_steps`` steps, as a task's fresh optimizer does.
     """
 
     def __init__(
@@ -220,12 +221,15 @@ class _Learner:
         rank: int,
         lr: float,
         seed: int,
+        warmup_steps: int = 0,
     ) -> None:
         self.base = base
         self.adapter = adapter
         self.sampler = WindowSampler(data, seq_len=SEQ_LEN, seed=seed)
         self.rank = rank
         self.lr = lr
+        self.warmup_steps = warmup_steps
+        self.done = 0
         self.delta = {n: np.zeros_like(b) for n, b in adapter.b.items()}
         self.state: dict[str, Any] | None = None
 
@@ -241,6 +245,10 @@ class _Learner:
                 opt.load_state_dict(self.state)
             self.base.train()
             for _ in range(steps):
+                if self.warmup_steps:
+                    for group in opt.param_groups:
+                        group["lr"] = self.lr * min(1.0, (self.done + 1) / self.warmup_steps)
+                self.done += 1
                 loss = lm_loss(self.base, self.sampler.batch(BATCH))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
@@ -265,10 +273,11 @@ def train_single(
     checkpoints: Sequence[int],
     score: Callable[[GlobalAdapter], tuple[float, float]],
     rank: int = R_MAX,
+    warmup_steps: int = 0,
 ) -> Curve:
     """Train one rank-``rank`` adapter on ``data``; ``(val, test)`` at every checkpoint."""
     zero = GlobalAdapter.for_model(base, AdapterConfig(r_max=R_MAX))
-    learner = _Learner(base, zero, data, rank=rank, lr=lr, seed=seed)
+    learner = _Learner(base, zero, data, rank=rank, lr=lr, seed=seed, warmup_steps=warmup_steps)
     curve = Curve()
     done = 0
     for point in checkpoints:
@@ -288,6 +297,7 @@ def train_local_only(
     seed: int,
     checkpoints: Sequence[int],
     patience: int,
+    warmup_steps: int = 0,
 ) -> tuple[Curve, dict[str, Any]]:
     """Every client trains alone; each early-stops on its **own** validation windows.
 
@@ -304,7 +314,15 @@ def train_local_only(
     test_per: dict[str, list[float]] = {n: [] for n in names}
     for i, client in enumerate(splits.clients):
         zero = GlobalAdapter.for_model(base, AdapterConfig(r_max=R_MAX))
-        learner = _Learner(base, zero, client.train, rank=R_MAX, lr=lr, seed=seed * 1000 + i)
+        learner = _Learner(
+            base,
+            zero,
+            client.train,
+            rank=R_MAX,
+            lr=lr,
+            seed=seed * 1000 + i,
+            warmup_steps=warmup_steps,
+        )
         own_val, own_test = splits.own(i)
         done, since = 0, 0
         vals, tests = val_per[client.name], test_per[client.name]
@@ -351,6 +369,7 @@ class FedConfig:
     rule: str  # "nested": first r columns; "rotating": owned_columns + coverage_scale
     local_steps: int
     lr_power: float = 0.0  # a rank-r client trains at lr · (R_MAX / r)^lr_power
+    warmup_steps: int = 0  # linear lr warm-up over each task's first steps (train_adapter)
 
 
 def train_federated(
@@ -412,6 +431,7 @@ def train_federated(
                 threads=torch.get_num_threads(),
                 seed=seed * 1_000_003 + 10_000 * round_ + i,
                 columns=columns,
+                warmup_steps=variant.warmup_steps,
             )
             scale = coverage_scale(ranks[i], R_MAX) if variant.rule == "rotating" else 1.0
             updates.append({n: scale * d for n, d in result.delta_b.items()})

@@ -421,6 +421,7 @@ class Admission:
                 member=index,
             )
             or (),
+            warmup_steps=training.warmup_steps,
         )
 
     def _counts(self, record: CohortRecord, head: VersionInfo | None) -> bool:

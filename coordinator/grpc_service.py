@@ -628,6 +628,7 @@ def _task(offer: TaskOffer) -> edge_pb2.Task:
         member_index=offer.member_index,
         secagg=session_to_proto(offer.session, identity_keys=offer.identity_keys),
         columns=offer.columns,
+        warmup_steps=offer.warmup_steps,
     )
 
 

@@ -48,6 +48,8 @@ class TaskOffer:
     """Active-adversary sessions: every member's Ed25519 identity public key, by index."""
     columns: tuple[int, ...] = ()
     """Columns of ``B`` the member trains (``training.column_rule``); empty: the first ``rank``."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps (``training.warmup_steps``); 0: none."""
 
 
 #: What a paced device waits for (:attr:`PaceOffer.mechanism`).

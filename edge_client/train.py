@@ -70,6 +70,7 @@ def _check_args(
     batch_size: int,
     seq_len: int,
     threads: int,
+    warmup_steps: int = 0,
 ) -> None:
     if steps <= 0:
         raise ValueError(f"steps: must be positive, got {steps}")
@@ -85,6 +86,8 @@ def _check_args(
         raise ValueError(f"threads: must be positive, got {threads}")
     if rank <= 0:
         raise ValueError(f"rank: must be positive, got {rank}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps: must be 0 or more, got {warmup_steps}")
 
 
 def train_adapter(
@@ -102,6 +105,7 @@ def train_adapter(
     seed: int = 0,
     optimizer: Literal["adam", "sgd"] = "adam",
     columns: Sequence[int] | None = None,
+    warmup_steps: int = 0,
 ) -> TrainResult:
     """Train the rank-``rank`` part of ``adapter`` on ``base`` and return ΔB and metrics.
 
@@ -137,6 +141,15 @@ def train_adapter(
         Adam's first updates are sign-like (every coordinate moves by ≈ ``lr``), so an
         average over clients is noisy; SGD updates are proportional to the gradient and
         average like a larger batch, which suits a server-side adaptive optimizer.
+    columns
+        Columns of ``B`` to train (``rank`` distinct indices below ``r_max``); None: the
+        first ``rank``.
+    warmup_steps
+        Linear learning-rate warm-up: step ``k`` (from 0) runs at
+        ``lr · min(1, (k + 1) / warmup_steps)``; 0: ``lr`` from the first step. Every task
+        starts a fresh optimizer, and Adam's first steps move every coordinate by about
+        ``lr`` whatever the gradient's size (sign-like), so without a warm-up a few-step
+        task's update is mostly noise of size ``lr``.
 
     Raises
     ------
@@ -151,6 +164,7 @@ def train_adapter(
         batch_size=batch_size,
         seq_len=seq_len,
         threads=threads,
+        warmup_steps=warmup_steps,
     )
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer: must be 'adam' or 'sgd', got {optimizer!r}")
@@ -173,7 +187,10 @@ def train_adapter(
         losses: list[float] = []
         base.train()
         start = time.perf_counter()
-        for _ in range(steps):
+        for step in range(steps):
+            if warmup_steps:
+                for group in opt.param_groups:
+                    group["lr"] = lr * min(1.0, (step + 1) / warmup_steps)
             batch = sampler.batch(batch_size)  # (batch, seq_len + 1)
             loss = lm_loss(base, batch)
             opt.zero_grad(set_to_none=True)

@@ -224,6 +224,7 @@ class TaskTrainer:
                 threads=self.threads,
                 seed=self._window_seed(task),
                 columns=list(task.columns) or None,
+                warmup_steps=int(task.warmup_steps),
             )
         )
         self._running = future

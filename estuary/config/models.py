@@ -414,6 +414,17 @@ class TrainingSettings(Section):
             "~80 % of the local-only → centralized gap at 64 rounds, nested ~55 %."
         ),
     )
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Linear learning-rate warm-up over a task's first steps: step k (from 0) runs "
+            "at the device's rate · min(1, (k + 1) / warmup_steps). Every task starts a "
+            "fresh Adam, whose first steps move every coordinate by about the rate "
+            "(sign-like); a warm-up keeps short tasks' updates from being mostly that "
+            "noise. 0: no warm-up."
+        ),
+    )
     batch_size: int = Field(default=8, ge=1, description="Sequences per step.")
     seq_len: int = Field(default=128, ge=8, description="Tokens per sequence.")
     grad_clip_norm: float = Field(

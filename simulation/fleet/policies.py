@@ -58,6 +58,7 @@ class FleetConfig:
     learning_rate: float = 1e-2
     rank_lr_power: float = 1.0  # the product's training.rank_lr_power, for every policy
     column_rule: str = "rotating"  # the product's training.column_rule, for every policy
+    warmup_steps: int = 0  # the product's training.warmup_steps, for every policy
     batch_size: int = 4
     seq_len: int = 32
     grad_clip_norm: float = 1.0
@@ -100,6 +101,8 @@ class FleetConfig:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.column_rule not in COLUMN_RULES:
             raise ValueError(f"column_rule: one of {list(COLUMN_RULES)}, got {self.column_rule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.rank_lr_power <= 2:
             raise ValueError(f"rank_lr_power: must be in [0, 2], got {self.rank_lr_power}")
         if self.cohort_min < 3 or self.cohort_max < self.cohort_min:
@@ -177,6 +180,7 @@ class FleetEnv:
             seed=cfg.task_seed(spec.index, task),
             adapter=adapter,
             columns=columns,
+            warmup_steps=cfg.warmup_steps,
         )
 
     def columns(self, spec: DeviceSpec, *, version: int, member: int) -> tuple[int, ...] | None:
@@ -817,6 +821,7 @@ def estuary_settings(env: FleetEnv) -> Any:
                 "learning_rate": cfg.learning_rate,
                 "rank_lr_power": cfg.rank_lr_power,
                 "column_rule": cfg.column_rule,
+                "warmup_steps": cfg.warmup_steps,
                 "batch_size": cfg.batch_size,
                 "seq_len": cfg.seq_len,
                 "grad_clip_norm": cfg.grad_clip_norm,

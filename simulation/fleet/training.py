@@ -74,6 +74,7 @@ class TrainRequest:
     seed: int
     adapter: GlobalAdapter
     columns: tuple[int, ...] | None = None  # columns of B trained; None: the first `rank`
+    warmup_steps: int = 0  # linear lr warm-up steps (training.warmup_steps)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ def run_request(context: TrainContext, request: TrainRequest) -> TrainOutcome:
         threads=1,  # one thread: results are bit-identical across backends and machines
         seed=request.seed,
         columns=request.columns,
+        warmup_steps=request.warmup_steps,
     )
     return TrainOutcome(delta_b=result.delta_b, loss_last=result.metrics.loss_last)
 

@@ -209,6 +209,7 @@ def train(msg: Message, context: Context, settings: FlowerSettings) -> Message:
             version=max(0, server_round - 1),
             member=node.member,
         ),
+        warmup_steps=settings.warmup_steps,
     )
     if config.get(protocol.REPLY_KEY) == protocol.REPLY_DELTA:
         payload = result.delta_b

@@ -71,6 +71,9 @@ class FlowerSettings:
         (:func:`estuary.adapters.trained_columns`, as the coordinator's
         ``training.column_rule``): ``rotating`` (a block that moves on each round and with
         the node's partition) or ``nested`` (the first ``rank``).
+    warmup_steps
+        [``warmup-steps``] Linear learning-rate warm-up over a round's first local steps,
+        as the coordinator's ``training.warmup_steps``; 0: none.
     batch_size, seq_len
         [``batch-size``, ``seq-len``] Windows per step and bytes per window.
     grad_clip_norm
@@ -119,6 +122,7 @@ class FlowerSettings:
     learning_rate: float = 0.01
     rank_lr_power: float = 1.0
     column_rule: ColumnRule = "rotating"
+    warmup_steps: int = 0
     batch_size: int = 8
     seq_len: int = 128
     grad_clip_norm: float = 10.0
@@ -162,6 +166,8 @@ class FlowerSettings:
             raise ValueError(f"fraction-evaluate: must be in [0, 1], got {self.fraction_evaluate}")
         if self.adapter_seed < 0 or self.data_seed < 0:
             raise ValueError("adapter-seed, data-seed: must be >= 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup-steps: must be >= 0, got {self.warmup_steps}")
         if self.max_train_bytes < 0:
             raise ValueError(f"max-train-bytes: must be >= 0, got {self.max_train_bytes}")
         if not self.ranks:
@@ -231,6 +237,7 @@ _INT_FIELDS = {
     "r_max",
     "adapter_seed",
     "local_steps",
+    "warmup_steps",
     "batch_size",
     "seq_len",
     "client_threads",

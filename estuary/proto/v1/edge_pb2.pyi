@@ -120,7 +120,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "cohort_id", "version", "artifact", "rank", "local_steps", "learning_rate", "grad_clip_norm", "batch_size", "seq_len", "deadline_ms", "member_index", "secagg", "columns")
+    __slots__ = ("task_id", "cohort_id", "version", "artifact", "rank", "local_steps", "learning_rate", "grad_clip_norm", "batch_size", "seq_len", "deadline_ms", "member_index", "secagg", "columns", "warmup_steps")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     COHORT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class Task(_message.Message):
     MEMBER_INDEX_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     cohort_id: str
     version: int
@@ -149,7 +150,8 @@ class Task(_message.Message):
     member_index: int
     secagg: SecAggParams
     columns: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, task_id: _Optional[str] = ..., cohort_id: _Optional[str] = ..., version: _Optional[int] = ..., artifact: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., member_index: _Optional[int] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ..., columns: _Optional[_Iterable[int]] = ...) -> None: ...
+    warmup_steps: int
+    def __init__(self, task_id: _Optional[str] = ..., cohort_id: _Optional[str] = ..., version: _Optional[int] = ..., artifact: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., member_index: _Optional[int] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ..., columns: _Optional[_Iterable[int]] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
     __slots__ = ("task", "pace")

@@ -1,4 +1,4 @@
-"""Tasks carry the columns of B their member trains (training.column_rule)."""
+"""Tasks carry the columns of B their member trains (training.column_rule) and the warm-up."""
 
 from __future__ import annotations
 
@@ -50,3 +50,33 @@ def test_an_unknown_rule_is_refused_by_name() -> None:
 
     with pytest.raises(ValidationError, match="column_rule"):
         TrainingSettings(column_rule="diagonal")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_tasks_carry_the_warmup(tmp_path: Path, base: nn.Module, warmup: int) -> None:
+    fed = Fed(tmp_path, base, training={**TRAINING, "warmup_steps": warmup})
+
+    offers = tasks_for(fed, [fed.device("laptop") for _ in range(3)])
+
+    assert [o.warmup_steps for o in offers] == [warmup] * 3
+
+
+def test_a_negative_warmup_is_refused_by_name() -> None:
+    from pydantic import ValidationError
+
+    from estuary.config.models import TrainingSettings
+
+    with pytest.raises(ValidationError, match="warmup_steps"):
+        TrainingSettings(warmup_steps=-1)
+
+
+def test_the_grpc_task_carries_columns_and_warmup(tmp_path: Path, base: nn.Module) -> None:
+    from coordinator.grpc_service import _task
+
+    fed = Fed(tmp_path, base, training={**TRAINING, "warmup_steps": 3})
+    offer = tasks_for(fed, [fed.device("phone") for _ in range(3)])[1]
+
+    task = _task(offer)
+
+    assert list(task.columns) == list(offer.columns) and len(task.columns) == 2
+    assert task.warmup_steps == 3

@@ -228,6 +228,22 @@ def test_the_task_columns_reach_training(
     assert calls[0]["columns"] == expected
 
 
+@pytest.mark.parametrize("warmup", [0, 5])
+def test_the_task_warmup_reaches_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warmup: int
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(edge_client.train, "train_adapter", lambda *a, **k: calls.append(k))
+    task = edge_pb2.Task()
+    task.CopyFrom(TASK)
+    task.warmup_steps = warmup
+    trainer = trainer_for(tmp_path, RecordingClock(), Stub(VirtualClock(), []))
+
+    asyncio.run(trainer.train(task, base=object(), adapter=object()))  # type: ignore[arg-type]
+
+    assert calls[0]["warmup_steps"] == warmup
+
+
 def test_columns_training_refuses_abandon_the_task(tmp_path: Path) -> None:
     # A coordinator handing out columns the rank cannot train (a duplicate): the real
     # trainer refuses them before any step, and the agent gives the task up.

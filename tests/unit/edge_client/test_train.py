@@ -140,3 +140,39 @@ def test_edge_trainer_imports_no_redis_or_prometheus() -> None:
     )
 
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.parametrize("warmup", [2, 4])
+def test_one_warmed_up_step_is_a_step_at_the_ramped_rate(
+    base: nn.Module, adapter: GlobalAdapter, warmup: int
+) -> None:
+    # Step 0 of a warm-up over W steps runs at lr / W: bit for bit the step of a run at
+    # lr / W without warm-up (Adam's first step moves by the rate whatever the gradient).
+    kwargs = {"rank": 4, "steps": 1, "batch_size": 2, "seq_len": 32, "threads": 1, "seed": 3}
+
+    warmed = train_adapter(base, adapter, TEXT, lr=1e-2, warmup_steps=warmup, **kwargs)  # type: ignore[arg-type]
+    ramped = train_adapter(base, adapter, TEXT, lr=1e-2 / warmup, **kwargs)  # type: ignore[arg-type]
+    plain = train_adapter(base, adapter, TEXT, lr=1e-2, **kwargs)  # type: ignore[arg-type]
+
+    for name, value in warmed.delta_b.items():
+        np.testing.assert_array_equal(value, ramped.delta_b[name])
+        # Adam's first step is ~lr in every trained coordinate: W times smaller here.
+        ratio = np.abs(value[:, :4]).max() / np.abs(plain.delta_b[name][:, :4]).max()
+        assert ratio == pytest.approx(1 / warmup, rel=1e-3)
+
+
+def test_a_one_step_warmup_is_no_warmup(base: nn.Module, adapter: GlobalAdapter) -> None:
+    kwargs = {"rank": 4, "steps": 3, "batch_size": 2, "seq_len": 32, "threads": 1, "seed": 3}
+
+    one = train_adapter(base, adapter, TEXT, warmup_steps=1, **kwargs)  # type: ignore[arg-type]
+    none = train_adapter(base, adapter, TEXT, **kwargs)  # type: ignore[arg-type]
+    longer = train_adapter(base, adapter, TEXT, warmup_steps=3, **kwargs)  # type: ignore[arg-type]
+
+    for name, value in one.delta_b.items():
+        np.testing.assert_array_equal(value, none.delta_b[name])
+    assert any(not np.array_equal(longer.delta_b[n], none.delta_b[n]) for n in none.delta_b)
+
+
+def test_a_negative_warmup_is_refused_by_name(base: nn.Module, adapter: GlobalAdapter) -> None:
+    with pytest.raises(ValueError, match="warmup_steps: must be 0 or more, got -1"):
+        train_adapter(base, adapter, TEXT, rank=2, steps=1, warmup_steps=-1)

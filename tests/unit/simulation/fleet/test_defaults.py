@@ -18,3 +18,20 @@ def test_the_simulator_uses_the_products_timing_defaults() -> None:
     assert config.silence_s == cohort.silence_s
     assert config.key_timeout_s == cohort.key_timeout_s
     assert config.heartbeat_s == HEARTBEAT_S
+
+
+def test_the_simulator_trains_as_the_product_does() -> None:
+    # Every policy trains with the product's rank-rate power, column rule and warm-up.
+    from estuary.config.models import TrainingSettings
+
+    config, training = FleetConfig(), TrainingSettings()
+    assert config.rank_lr_power == training.rank_lr_power
+    assert config.column_rule == training.column_rule
+    assert config.warmup_steps == training.warmup_steps
+
+
+def test_a_negative_warmup_is_refused_by_name() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="warmup_steps: must be >= 0, got -2"):
+        FleetConfig(warmup_steps=-2)
