@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from estuary.state import FencingError, LeaseLost, MemoryStore
 
@@ -70,3 +75,46 @@ def test_constructor_validates_arguments() -> None:
         MemoryStore(clock=42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="name"):
         MemoryStore(7)  # type: ignore[arg-type]
+
+
+_MEMBERS = st.sampled_from(["a", "b", "é", "z", "aa", "n1", "n2", "\u00ff", "\u0100"])
+_SCORES = st.one_of(
+    st.floats(allow_nan=False, min_value=-1e6, max_value=1e6),
+    st.sampled_from([0.0, -0.0, 1, 2.0, math.inf, -math.inf]),
+)
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.dictionaries(_MEMBERS, _SCORES, min_size=1, max_size=4)),
+        st.tuples(st.just("rem"), st.lists(_MEMBERS, min_size=1, max_size=3)),
+    ),
+    max_size=30,
+)
+
+
+@given(ops=_OPS, bounds=st.tuples(_SCORES, _SCORES), limit=st.none() | st.integers(0, 5))
+@settings(max_examples=200, deadline=None)
+def test_sorted_sets_agree_with_a_scan_and_sort(
+    ops: list[tuple[str, Any]], bounds: tuple[float, float], limit: int | None
+) -> None:
+    # The indexed sorted set against the plain model: member -> score, ranges by a scan
+    # sorted by (score, UTF-8 member) as Redis orders them; the counts zadd / zrem return.
+    store, model = MemoryStore(), {}
+    for op, arg in ops:
+        if op == "add":
+            new = sum(1 for m in arg if m not in model)
+            assert store.zadd("z", arg) == new
+            model.update(arg)
+        else:
+            gone = sum(1 for m in set(arg) if m in model)
+            assert store.zrem("z", *arg) == gone
+            for m in arg:
+                model.pop(m, None)
+    lo, hi = min(bounds), max(bounds)
+    expected = sorted(
+        ((m, s) for m, s in model.items() if lo <= s <= hi),
+        key=lambda item: (item[1], item[0].encode("utf-8")),
+    )
+    got = store.zrange_by_score("z", min_score=lo, max_score=hi, limit=limit)
+    assert got == (expected if limit is None else expected[:limit])
+    assert store.zcard("z") == len(model)
+    assert store.zmax_many(["z"]) == [max(model.values()) if model else None]
