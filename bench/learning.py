@@ -109,7 +109,7 @@ class Settings:
     base_dir: str
     rounds: int = 64
     local_steps: int = 5
-    warmup_steps: int = 0  # every arm's optimizer warms up over its first steps
+    warmup_steps: int = 5  # training.warmup_steps: every arm's optimizer warms up
     seeds: int = 3
     scarce_bytes: int = 8192
     lrs: tuple[float, ...] = (3e-3, 1e-2, 2e-2, 3e-2)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_client.train import warmup_factor
 from estuary.adapters import (
     AdapterConfig,
     GlobalAdapter,
@@ -245,9 +246,12 @@ class _Learner:
                 opt.load_state_dict(self.state)
             self.base.train()
             for _ in range(steps):
-                if self.warmup_steps:
+                if self.warmup_steps > 1:  # once, over the run's first steps
+                    ramp = warmup_factor(
+                        self.done, warmup_steps=self.warmup_steps, steps=self.warmup_steps
+                    )
                     for group in opt.param_groups:
-                        group["lr"] = self.lr * min(1.0, (self.done + 1) / self.warmup_steps)
+                        group["lr"] = self.lr * ramp
                 self.done += 1
                 loss = lm_loss(self.base, self.sampler.batch(BATCH))
                 opt.zero_grad(set_to_none=True)

@@ -90,6 +90,17 @@ def _check_args(
         raise ValueError(f"warmup_steps: must be 0 or more, got {warmup_steps}")
 
 
+def warmup_factor(step: int, *, warmup_steps: int, steps: int) -> float:
+    """Fraction of the rate at local step ``step`` (from 0) of a ``steps``-step task.
+
+    A linear ramp over the first ``min(warmup_steps, steps)`` steps: ``(step + 1) / w``,
+    then 1. The ramp never outlasts the task, so every task ends at its full rate;
+    ``warmup_steps`` 0 (or 1) is no warm-up.
+    """
+    w = min(warmup_steps, steps)
+    return 1.0 if w <= 1 else min(1.0, (step + 1) / w)
+
+
 def train_adapter(
     base: nn.Module,
     adapter: GlobalAdapter,
@@ -146,10 +157,11 @@ def train_adapter(
         first ``rank``.
     warmup_steps
         Linear learning-rate warm-up: step ``k`` (from 0) runs at
-        ``lr · min(1, (k + 1) / warmup_steps)``; 0: ``lr`` from the first step. Every task
-        starts a fresh optimizer, and Adam's first steps move every coordinate by about
-        ``lr`` whatever the gradient's size (sign-like), so without a warm-up a few-step
-        task's update is mostly noise of size ``lr``.
+        ``lr · min(1, (k + 1) / w)``, ``w = min(warmup_steps, steps)``
+        (:func:`warmup_factor`); 0: ``lr`` from the first step. Every task starts a fresh
+        optimizer, and Adam's first steps move every coordinate by about ``lr`` whatever
+        the gradient's size (sign-like), so without a warm-up a few-step task's update is
+        mostly noise of size ``lr``.
 
     Raises
     ------
@@ -188,9 +200,9 @@ def train_adapter(
         base.train()
         start = time.perf_counter()
         for step in range(steps):
-            if warmup_steps:
+            if warmup_steps > 1:
                 for group in opt.param_groups:
-                    group["lr"] = lr * min(1.0, (step + 1) / warmup_steps)
+                    group["lr"] = lr * warmup_factor(step, warmup_steps=warmup_steps, steps=steps)
             batch = sampler.batch(batch_size)  # (batch, seq_len + 1)
             loss = lm_loss(base, batch)
             opt.zero_grad(set_to_none=True)

@@ -59,6 +59,7 @@ def local_only(
     seed: int,
     held_out: HeldOut,
     progress: ProgressFn | None = None,
+    warmup_steps: int = 0,
 ) -> Scores:
     """Train one adapter per client on its own data; score each on its own held-out data.
 
@@ -80,8 +81,8 @@ def local_only(
         federation, so both see the same number of samples.
     ranks
         Trained rank per client name (its device class's rank).
-    lr, batch_size, seq_len, threads
-        As in :func:`edge_client.train.train_adapter`.
+    lr, batch_size, seq_len, threads, warmup_steps
+        As in :func:`edge_client.train.train_adapter` (the warm-up once, at the start).
     seed
         Base seed of window sampling.
     held_out
@@ -118,6 +119,7 @@ def local_only(
                 batch_size=batch_size,
                 seq_len=seq_len,
                 threads=threads,
+                warmup_steps=warmup_steps,
                 seed=seed + i,
             )
             adapters[client.name] = adapter0.apply_update(result.delta_b)
@@ -149,6 +151,7 @@ def centralized(
     threads: int,
     seed: int,
     held_out: HeldOut,
+    warmup_steps: int = 0,
 ) -> Scores:
     """Train one adapter on the pooled training data and score it on every client.
 
@@ -166,8 +169,8 @@ def centralized(
         adapter sees as many samples as all clients together. 0 keeps ``adapter0``.
     rank
         Trained rank, normally ``r_max``.
-    lr, batch_size, seq_len, threads
-        As in :func:`edge_client.train.train_adapter`.
+    lr, batch_size, seq_len, threads, warmup_steps
+        As in :func:`edge_client.train.train_adapter` (the warm-up once, at the start).
     seed
         Seed of window sampling.
     held_out
@@ -194,6 +197,7 @@ def centralized(
             seq_len=seq_len,
             threads=threads,
             seed=seed,
+            warmup_steps=warmup_steps,
         )
         adapter = adapter0.apply_update(result.delta_b)
     return held_out.score(base, adapter, threads=threads)

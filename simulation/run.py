@@ -721,6 +721,7 @@ class Simulation:
             "lr": settings.training.learning_rate,
             "batch_size": settings.training.batch_size,
             "seq_len": settings.training.seq_len,
+            "warmup_steps": settings.training.warmup_steps,
             "threads": 2,
             "seed": settings.seed,
             "held_out": setup.held_out,

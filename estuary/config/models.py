@@ -415,14 +415,16 @@ class TrainingSettings(Section):
         ),
     )
     warmup_steps: int = Field(
-        default=0,
+        default=5,
         ge=0,
         description=(
             "Linear learning-rate warm-up over a task's first steps: step k (from 0) runs "
-            "at the device's rate · min(1, (k + 1) / warmup_steps). Every task starts a "
+            "at the device's rate · min(1, (k + 1) / w), w = min(warmup_steps, "
+            "local_steps), so a task always ends at its full rate. Every task starts a "
             "fresh Adam, whose first steps move every coordinate by about the rate "
             "(sign-like); a warm-up keeps short tasks' updates from being mostly that "
-            "noise. 0: no warm-up."
+            "noise (bench/learning.py, 5-step tasks: mixed ranks 4/8/16 at 64 rounds "
+            "2.624 bits/byte with 5 warm-up steps, 2.651 without). 0: no warm-up."
         ),
     )
     batch_size: int = Field(default=8, ge=1, description="Sequences per step.")

@@ -58,7 +58,7 @@ class FleetConfig:
     learning_rate: float = 1e-2
     rank_lr_power: float = 1.0  # the product's training.rank_lr_power, for every policy
     column_rule: str = "rotating"  # the product's training.column_rule, for every policy
-    warmup_steps: int = 0  # the product's training.warmup_steps, for every policy
+    warmup_steps: int = 5  # the product's training.warmup_steps, for every policy
     batch_size: int = 4
     seq_len: int = 32
     grad_clip_norm: float = 1.0

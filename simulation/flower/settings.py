@@ -122,7 +122,7 @@ class FlowerSettings:
     learning_rate: float = 0.01
     rank_lr_power: float = 1.0
     column_rule: ColumnRule = "rotating"
-    warmup_steps: int = 0
+    warmup_steps: int = 5
     batch_size: int = 8
     seq_len: int = 128
     grad_clip_norm: float = 10.0
