@@ -160,6 +160,7 @@ def test_four_nodes_two_rounds_aggregate_to_the_weighted_mean(tmp_path: Path) ->
         threads=settings.client_threads,
         seed=_seed(1, node),
         columns=trained_columns("rotating", node.rank, 4, version=0, member=node.member),
+        warmup_steps=settings.warmup_steps,  # the app's default, as training.warmup_steps
     )
     for name, value in again.delta_b.items():
         np.testing.assert_allclose(rounds[0].updates[0].delta_b[name], value, atol=1e-6)
