@@ -32,6 +32,10 @@ Arms, all scored on the same windows (union = token-weighted over all clients' w
   equal *samples* (× clients), and run to convergence (until ``--patience`` checkpoints
   bring no validation gain, or ``--central-max-steps``): the **ceiling**.
 
+Every arm's optimizer ramps its rate linearly over its first ``--warmup-steps`` steps
+(the product's ``training.warmup_steps``): each federated task, and the local-only and
+centralized learners once, at the start of their single run.
+
 Tuning: every arm gets the same client/learner learning-rate grid ``--lrs``; federated
 arms also ``--server-lrs`` × ``--momentums``. Every grid point runs on seed 0 (the
 federated ones for ``--tune-rounds`` rounds), the choice reads **validation only**
@@ -78,10 +82,14 @@ from typing import Any
 import torch
 
 from estuary.adapters import AdapterConfig, GlobalAdapter
+from estuary.config.models import TrainingSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # learning_arms beside us
 
 import learning_arms as arms
+
+#: The product's ``training.warmup_steps``: the bench trains as Estuary does.
+PRODUCT_WARMUP_STEPS: int = TrainingSettings().warmup_steps
 
 CLIENTS = ("email", "asyncio", "json", "xml", "unittest", "http", "logging", "multiprocessing")
 #: Variant name -> (ranks cycled over the clients, column rule of learning_arms.RULES,
@@ -109,7 +117,7 @@ class Settings:
     base_dir: str
     rounds: int = 64
     local_steps: int = 5
-    warmup_steps: int = 5  # training.warmup_steps: every arm's optimizer warms up
+    warmup_steps: int = PRODUCT_WARMUP_STEPS  # every arm's optimizer warms up
     seeds: int = 3
     scarce_bytes: int = 8192
     lrs: tuple[float, ...] = (3e-3, 1e-2, 2e-2, 3e-2)

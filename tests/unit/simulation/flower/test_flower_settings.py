@@ -97,3 +97,14 @@ def test_a_node_config_that_cannot_work_is_refused(
 def test_missing_data_path_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere"):
         node_setup(FlowerSettings(), {"data-path": str(tmp_path / "nowhere")})
+
+
+def test_a_node_trains_as_the_coordinator_hands_out_by_default() -> None:
+    # The app's training rules are the product's defaults (training.*), so a Flower
+    # federation and an Estuary one train alike unless told otherwise.
+    from estuary.config.models import TrainingSettings
+
+    settings, training = FlowerSettings(), TrainingSettings()
+    assert settings.rank_lr_power == training.rank_lr_power
+    assert settings.column_rule == training.column_rule
+    assert settings.warmup_steps == training.warmup_steps
