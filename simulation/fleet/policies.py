@@ -84,7 +84,11 @@ class FleetConfig:
     silence_s: float = 30.0
     heartbeat_s: float = 5.0
     clip_norm: float = 1.0
-    tick_s: float = 1.0
+    # The coordinator server's TICK_INTERVAL_S: sealing, stage deadlines, folding finished
+    # cohorts in and commits happen at ticks, so a coarser tick than the product's delays
+    # every cohort (at 1 s, Estuary reached the 2000-device target at 147 s of virtual
+    # time; at 0.25 s, 121 s).
+    tick_s: float = 0.25
     sync_clients: int = 20
     sync_over_selection: float = 0.3
     sync_deadline_s: float = 600.0

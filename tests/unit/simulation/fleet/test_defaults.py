@@ -10,9 +10,13 @@ from simulation.fleet.policies import FleetConfig
 def test_the_simulator_uses_the_products_timing_defaults() -> None:
     # A member waiting for its cohort to seal polls at pacing.retry_after_min_s; a cohort
     # at min_size waits formation_s; a silent member is noticed after silence_s; agents
-    # heartbeat every HEARTBEAT_S while training. Each second more costs Estuary per task
-    # where a task trains for seconds (issue 13).
+    # heartbeat every HEARTBEAT_S while training; the service's periodic work (seal,
+    # deadlines, fold in, commit) runs every TICK_INTERVAL_S. Each second more costs
+    # Estuary per task where a task trains for seconds (issue 13).
+    from coordinator.server import TICK_INTERVAL_S
+
     config, cohort = FleetConfig(), CohortSettings()
+    assert config.tick_s == TICK_INTERVAL_S
     assert config.retry_after_s == PacingSettings().retry_after_min_s
     assert config.formation_s == cohort.formation_s
     assert config.silence_s == cohort.silence_s
