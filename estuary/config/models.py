@@ -236,13 +236,13 @@ class PacingSettings(Section):
         default=300.0, gt=0, description="Longest retry-after told to a device, in seconds."
     )
     one_task_per_version: bool = Field(
-        default=False,
+        default=True,
         description=(
             "A device whose last task trained on the newest version waits for the next "
             "one while the buffered updates and those under way fill it (a second update "
             "from the same weights on the same data arrives stale and over-weights fast "
-            "devices). For federations whose devices all train at once (estuary simulate "
-            "turns it on); in a large fleet the slot it frees goes to a slower device."
+            "devices). When the work under way cannot make the next version it trains "
+            "again. False: a device may train again on the version it just trained on."
         ),
     )
 
@@ -837,11 +837,10 @@ class SimulationSettings(RoleSettings):
     state: StateSettings = Field(default_factory=StateSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     aggregation: AggregationSettings = Field(default_factory=AggregationSettings)
-    # Every simulated device trains at once: one task per version keeps each version
-    # built from every client once, on the newest version (as a synchronous round is).
-    pacing: PacingSettings = Field(
-        default_factory=lambda: PacingSettings(one_task_per_version=True)
-    )
+    # Every simulated device trains at once: one task per version (the default) keeps
+    # each version built from every client once, on the newest version (as a synchronous
+    # round is).
+    pacing: PacingSettings = Field(default_factory=PacingSettings)
     cohort: CohortSettings = Field(default_factory=_sim_cohort)
     training: TrainingSettings = Field(default_factory=_sim_training)
     time_limit_s: float = Field(
