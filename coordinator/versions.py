@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ from estuary.state.base import Lease, Record, Store
 from estuary.state.blobs import BlobStore
 from estuary.state.errors import FencingError, LeaseLost, VersionConflict
 from estuary.state.keys import (
+    BUFFER_COUNTS,
     BUFFER_PREFIX,
     HEAD_KEY,
     buffer_key,
@@ -347,14 +349,17 @@ class VersionLedger:
         return float(value)
 
     def buffered_updates(self) -> int:
-        """Return how many client updates wait in the buffer (leftovers excluded)."""
+        """Return how many client updates wait in the buffer (leftovers excluded).
+
+        Two reads (the head and :data:`~estuary.state.keys.BUFFER_COUNTS`), whatever the
+        store holds, not a scan: the admission asks on a device's request. A hint for
+        pacing and metrics: a sum buffered by a replica that crashed before noting its
+        count is missing from it until the next commit attempt notes it.
+        """
         head = self.head()
         done = set(head.cohorts) if head else set()
-        return sum(
-            _entry_meta(rec.value)[1]
-            for key, rec in self._store.scan(BUFFER_PREFIX).items()
-            if key[len(BUFFER_PREFIX) :] not in done
-        )
+        counts = self._store.zrange_by_score(BUFFER_COUNTS, min_score=-math.inf, max_score=math.inf)
+        return sum(int(n) for cohort_id, n in counts if cohort_id not in done)
 
     # ------------------------------------------------------------------ writing
 
@@ -442,13 +447,34 @@ class VersionLedger:
         self._store.put(buffer_seen_key(cohort_id), b"1")
         if not created:
             log.info("cohort %s already buffered; not counted again", cohort_id)
-        return created
+            return False
+        self._store.zadd(BUFFER_COUNTS, {cohort_id: float(updates)})
+        return True
 
     def _retire(self, cohort_ids: list[str]) -> None:
-        """Mark folded-in cohorts as seen, then drop their buffer entries."""
+        """Mark folded-in cohorts as seen, then drop their buffer entries and counts."""
         for cohort_id in cohort_ids:
             self._store.put(buffer_seen_key(cohort_id), b"1")
             self._store.delete(buffer_key(cohort_id))
+        if cohort_ids:
+            self._store.zrem(BUFFER_COUNTS, *cohort_ids)
+
+    def _note_counts(self, entries: Mapping[str, Record]) -> None:
+        """Make :data:`BUFFER_COUNTS` match the buffered entries just read.
+
+        Repairs what a crash between an entry and its count left, or a count written by
+        a replica whose entry this read missed (it is noted again at the next attempt).
+        """
+        want = {cohort_id: float(_entry_meta(rec.value)[1]) for cohort_id, rec in entries.items()}
+        have = dict(
+            self._store.zrange_by_score(BUFFER_COUNTS, min_score=-math.inf, max_score=math.inf)
+        )
+        extra = [cohort_id for cohort_id in have if cohort_id not in want]
+        if extra:
+            self._store.zrem(BUFFER_COUNTS, *extra)
+        missing = {c: n for c, n in want.items() if have.get(c) != n}
+        if missing:
+            self._store.zadd(BUFFER_COUNTS, missing)
 
     def _ensure_lease(self) -> Lease | None:
         if self._lease is not None:
@@ -499,6 +525,7 @@ class VersionLedger:
         self._retire(leftovers)
         for cohort_id in leftovers:
             del entries[cohort_id]
+        self._note_counts(entries)
         if self._tolerance is not None:
             verdict = self._review(guard, head)
             if verdict.regressed is not None:

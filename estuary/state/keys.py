@@ -90,6 +90,14 @@ def buffer_key(cohort_id: str) -> str:
     return f"{BUFFER_PREFIX}{cohort_id}"
 
 
+#: ``buffer-counts`` (sorted set) → each buffered cohort's id, scored by the client updates
+#: in its sum: how many updates wait, in one read instead of a scan of the keyspace (the
+#: admission asks on every request of a device that trained on the newest version). A
+#: hint: written after the entry, dropped when the entry is folded in or dropped, and made
+#: to match the entries again by every commit attempt, which reads the entries themselves.
+BUFFER_COUNTS = "buffer-counts"
+
+
 #: ``buffer-seen/<cohort_id>`` → marker that a cohort's sum was accepted, so a cohort
 #: result delivered again after its version was committed is still refused. Removed with
 #: the cohort's record and log (:mod:`coordinator.retention`), ``retention.grace_s`` after
