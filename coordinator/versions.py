@@ -60,6 +60,11 @@ Durability and exactly-once, step by step:
 3. Buffer entries folded into a version are marked seen and deleted after the head
    moves. A crash in between leaves them behind; the next commit first drops every
    entry named in the head's ``cohorts`` list, so they are never counted again.
+4. Reading the entries is a scan of the store's keyspace (on Redis, of every key), so
+   ``try_commit`` reads them only when the count of buffered updates
+   (:data:`~estuary.state.keys.BUFFER_COUNTS`, written after each entry) reaches ``K``,
+   or when its last read is ``BUFFER_REREAD_S`` old: a sum whose count a crash lost is
+   folded in at most that much later, never lost.
 """
 
 from __future__ import annotations
@@ -94,6 +99,10 @@ from estuary.state.keys import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Seconds between full reads of the buffer while its count stays below ``K`` (step 4
+#: of the module docstring): the longest a sum whose count a crash lost waits.
+BUFFER_REREAD_S = 5.0
 
 #: Lease guarding the version commit. Its TTL is long enough for one commit (reading
 #: the buffer and writing one adapter blob: well under a second for adapters of a few
@@ -300,6 +309,7 @@ class VersionLedger:
         self._divide_by_k = step_divisor == "buffer"
         self._lease: Lease | None = None
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._read_at: float | None = None  # this replica's last full read of the buffer
 
     # ------------------------------------------------------------------ reading
 
@@ -354,9 +364,12 @@ class VersionLedger:
         Two reads (the head and :data:`~estuary.state.keys.BUFFER_COUNTS`), whatever the
         store holds, not a scan: the admission asks on a device's request. A hint for
         pacing and metrics: a sum buffered by a replica that crashed before noting its
-        count is missing from it until the next commit attempt notes it.
+        count is missing from it until the next full read of the buffer notes it (at most
+        ``BUFFER_REREAD_S`` later).
         """
-        head = self.head()
+        return self._counted(self.head())
+
+    def _counted(self, head: VersionInfo | None) -> int:
         done = set(head.cohorts) if head else set()
         counts = self._store.zrange_by_score(BUFFER_COUNTS, min_score=-math.inf, max_score=math.inf)
         return sum(int(n) for cohort_id, n in counts if cohort_id not in done)
@@ -462,8 +475,9 @@ class VersionLedger:
     def _note_counts(self, entries: Mapping[str, Record]) -> None:
         """Make :data:`BUFFER_COUNTS` match the buffered entries just read.
 
-        Repairs what a crash between an entry and its count left, or a count written by
-        a replica whose entry this read missed (it is noted again at the next attempt).
+        Repairs what a crash between an entry and its count left. A count without an
+        entry in this read is dropped only if its entry is still absent: another replica
+        may have buffered it since the scan.
         """
         want = {cohort_id: float(_entry_meta(rec.value)[1]) for cohort_id, rec in entries.items()}
         have = dict(
@@ -471,7 +485,10 @@ class VersionLedger:
         )
         extra = [cohort_id for cohort_id in have if cohort_id not in want]
         if extra:
-            self._store.zrem(BUFFER_COUNTS, *extra)
+            now = self._store.get_many([buffer_key(cohort_id) for cohort_id in extra])
+            gone = [cohort_id for cohort_id, rec in zip(extra, now, strict=True) if rec is None]
+            if gone:
+                self._store.zrem(BUFFER_COUNTS, *gone)
         missing = {c: n for c, n in want.items() if have.get(c) != n}
         if missing:
             self._store.zadd(BUFFER_COUNTS, missing)
@@ -516,10 +533,23 @@ class VersionLedger:
         head_obj = json.loads(head_record.value)
         head = _head_info(head_record.value)
         guard = GuardState.from_json(head_obj.get("guard"))
+        now = self._clock.time()
+        if (
+            self._read_at is not None
+            and now - self._read_at < BUFFER_REREAD_S
+            and self._counted(head) < self._k
+        ):
+            # Too few updates by their count, and the entries were read lately: no scan.
+            if self._tolerance is not None:
+                verdict = self._review(guard, head)
+                if verdict.regressed is not None:
+                    return self._commit_rollback(lease, head_record, head, verdict)
+            return None
         entries = {
             key[len(BUFFER_PREFIX) :]: record
             for key, record in self._store.scan(BUFFER_PREFIX).items()
         }
+        self._read_at = now
         # Leftovers of a commit that crashed after moving the head: already counted.
         leftovers = [cohort_id for cohort_id in entries if cohort_id in head.cohorts]
         self._retire(leftovers)

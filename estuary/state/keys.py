@@ -94,7 +94,8 @@ def buffer_key(cohort_id: str) -> str:
 #: in its sum: how many updates wait, in one read instead of a scan of the keyspace (the
 #: admission asks on every request of a device that trained on the newest version). A
 #: hint: written after the entry, dropped when the entry is folded in or dropped, and made
-#: to match the entries again by every commit attempt, which reads the entries themselves.
+#: to match the entries again whenever the ledger reads the entries themselves (when the
+#: count reaches K, and at least every ``coordinator.versions.BUFFER_REREAD_S``).
 BUFFER_COUNTS = "buffer-counts"
 
 

@@ -302,6 +302,8 @@ def test_buffered_updates_reads_the_counts_not_the_keyspace(
             )
         else:
             ledger.try_commit()
+            # Committed as soon as K were buffered, even when it skipped reading them.
+            assert _scanned_count(store, ledger) < 4
         expected = _scanned_count(store, ledger)
         real_scan = store.scan
         store.scan = lambda prefix: pytest.fail(f"buffered_updates scanned {prefix!r}")  # type: ignore[method-assign]
@@ -327,3 +329,44 @@ def test_a_commit_attempt_repairs_the_counts_a_crash_left(tmp_path: Path) -> Non
     assert ledger.buffered_updates() == 3 + 5  # the hint is off until the next attempt
     assert ledger.try_commit() is None  # 5 < K: no commit, but the counts are noted
     assert ledger.buffered_updates() == 3 + 2 == _scanned_count(store, ledger)
+
+
+def test_below_k_a_commit_attempt_reads_the_buffer_only_every_reread_period(
+    tmp_path: Path,
+) -> None:
+    # The entries are read by a scan of the keyspace; while their count is below K the
+    # lease holder reads them at most every BUFFER_REREAD_S, so a sum whose count a crash
+    # lost is folded in that much later at worst.
+    from coordinator.versions import BUFFER_REREAD_S
+    from estuary.state.keys import buffer_key
+
+    rng = np.random.default_rng(9)
+    store = MemoryStore()
+    clock = VirtualClock()
+    ledger = _ledger(store, tmp_path, k=4, clock=clock)
+    ledger.initialise(_global(rng))
+    scans: list[str] = []
+    real_scan = store.scan
+
+    def counting_scan(prefix: str) -> dict:  # type: ignore[type-arg]
+        scans.append(prefix)
+        return real_scan(prefix)
+
+    store.scan = counting_scan  # type: ignore[method-assign]
+    assert ledger.add_cohort_sum("c1", weighted_sum=_adapter(rng), weight_total=1.0, updates=2)
+    assert ledger.try_commit() is None and len(scans) == 1  # first attempt: a full read
+    for _ in range(10):
+        clock.advance(0.25)
+        assert ledger.try_commit() is None
+    assert len(scans) == 1  # 2 < K by the count: nothing read
+    # A replica crashed after buffering c2 (2 updates) and before noting its count.
+    entry = _encode_entry(_adapter(rng), weight_total=2.0, updates=2, trained_on=0)
+    assert store.insert_if_absent(buffer_key("c2"), entry)
+    assert ledger.try_commit() is None  # the count still says 2
+    clock.advance(BUFFER_REREAD_S)
+    info = ledger.try_commit()
+    assert info is not None and sorted(info.cohorts) == ["c1", "c2"] and len(scans) == 2
+    # At K by the count, the entries are read at once.
+    assert ledger.add_cohort_sum("c3", weighted_sum=_adapter(rng), weight_total=1.0, updates=4)
+    info = ledger.try_commit()
+    assert info is not None and info.cohorts == ("c3",) and len(scans) == 3
