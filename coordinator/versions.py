@@ -533,7 +533,7 @@ class VersionLedger:
         head_obj = json.loads(head_record.value)
         head = _head_info(head_record.value)
         guard = GuardState.from_json(head_obj.get("guard"))
-        now = self._clock.time()
+        now = self._clock.monotonic()  # an in-process interval: immune to clock steps
         if (
             self._read_at is not None
             and now - self._read_at < BUFFER_REREAD_S
