@@ -211,6 +211,12 @@ def _head_info(data: bytes) -> VersionInfo:
     )
 
 
+def _pending(counts: Mapping[str, float], head: VersionInfo | None) -> int:
+    """Client updates in ``counts`` (:data:`BUFFER_COUNTS`) not yet folded into ``head``."""
+    done = set(head.cohorts) if head else set()
+    return sum(int(n) for cohort_id, n in counts.items() if cohort_id not in done)
+
+
 def _step_norm(step: Mapping[str, np.ndarray]) -> float:
     """L2 norm of all tensors of ``step`` together."""
     return float(np.sqrt(sum(float(np.sum(np.square(t))) for t in step.values())))
@@ -367,12 +373,14 @@ class VersionLedger:
         count is missing from it until the next full read of the buffer notes it (at most
         ``BUFFER_REREAD_S`` later).
         """
-        return self._counted(self.head())
+        head = self.head()
+        return _pending(self._counts(), head)
 
-    def _counted(self, head: VersionInfo | None) -> int:
-        done = set(head.cohorts) if head else set()
-        counts = self._store.zrange_by_score(BUFFER_COUNTS, min_score=-math.inf, max_score=math.inf)
-        return sum(int(n) for cohort_id, n in counts if cohort_id not in done)
+    def _counts(self) -> dict[str, float]:
+        """Read :data:`BUFFER_COUNTS`: cohort id -> client updates in its buffered sum."""
+        return dict(
+            self._store.zrange_by_score(BUFFER_COUNTS, min_score=-math.inf, max_score=math.inf)
+        )
 
     # ------------------------------------------------------------------ writing
 
@@ -472,17 +480,14 @@ class VersionLedger:
         if cohort_ids:
             self._store.zrem(BUFFER_COUNTS, *cohort_ids)
 
-    def _note_counts(self, entries: Mapping[str, Record]) -> None:
-        """Make :data:`BUFFER_COUNTS` match the buffered entries just read.
+    def _note_counts(self, entries: Mapping[str, Record], have: Mapping[str, float]) -> None:
+        """Make :data:`BUFFER_COUNTS` (``have``, read before the scan) match ``entries``.
 
         Repairs what a crash between an entry and its count left. A count without an
         entry in this read is dropped only if its entry is still absent: another replica
         may have buffered it since the scan.
         """
         want = {cohort_id: float(_entry_meta(rec.value)[1]) for cohort_id, rec in entries.items()}
-        have = dict(
-            self._store.zrange_by_score(BUFFER_COUNTS, min_score=-math.inf, max_score=math.inf)
-        )
         extra = [cohort_id for cohort_id in have if cohort_id not in want]
         if extra:
             now = self._store.get_many([buffer_key(cohort_id) for cohort_id in extra])
@@ -533,18 +538,19 @@ class VersionLedger:
         head_obj = json.loads(head_record.value)
         head = _head_info(head_record.value)
         guard = GuardState.from_json(head_obj.get("guard"))
+        if self._tolerance is not None:
+            verdict = self._review(guard, head)
+            if verdict.regressed is not None:
+                return self._commit_rollback(lease, head_record, head, verdict)
+            guard = verdict.state
+        counts = self._counts()
         now = self._clock.monotonic()  # an in-process interval: immune to clock steps
         if (
             self._read_at is not None
             and now - self._read_at < BUFFER_REREAD_S
-            and self._counted(head) < self._k
+            and _pending(counts, head) < self._k
         ):
-            # Too few updates by their count, and the entries were read lately: no scan.
-            if self._tolerance is not None:
-                verdict = self._review(guard, head)
-                if verdict.regressed is not None:
-                    return self._commit_rollback(lease, head_record, head, verdict)
-            return None
+            return None  # too few updates by their count, and the entries read lately
         entries = {
             key[len(BUFFER_PREFIX) :]: record
             for key, record in self._store.scan(BUFFER_PREFIX).items()
@@ -555,12 +561,7 @@ class VersionLedger:
         self._retire(leftovers)
         for cohort_id in leftovers:
             del entries[cohort_id]
-        self._note_counts(entries)
-        if self._tolerance is not None:
-            verdict = self._review(guard, head)
-            if verdict.regressed is not None:
-                return self._commit_rollback(lease, head_record, head, verdict)
-            guard = verdict.state
+        self._note_counts(entries, counts)
         fields = {cohort_id: _entry_fields(rec.value) for cohort_id, rec in entries.items()}
         self._drop_unusable(fields, head=head.version, guard=guard)
         total_updates = sum(int(meta["updates"]) for meta in fields.values())
@@ -687,6 +688,10 @@ class VersionLedger:
         state = verdict.state
         reason = verdict.reason(self._tolerance)
         get_adapter(self._blobs, state.best_sha256)  # present and intact, or raise here
+        # The new head names no cohorts, so entries the current head folded in must be gone
+        # before it moves (a crash mid-retire leaves them; the attempt may not have read the
+        # buffer to find them), or they would be folded in again.
+        self._retire(list(head.cohorts))
         new_version = head.version + 1
         new_head = {
             "version": new_version,

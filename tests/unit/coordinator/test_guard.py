@@ -373,3 +373,26 @@ def test_without_evaluations_each_review_reads_a_bounded_window(tmp_path: Path) 
     store.get_many = counting  # type: ignore[method-assign]
     assert ledger.try_commit() is None
     assert reads == [REVIEW_WINDOW]
+
+
+def test_a_rollback_never_lets_the_head_s_cohorts_count_again(tmp_path: Path) -> None:
+    # A crash mid-retire left version 4's cohort in the buffer. The rollback's head names no
+    # cohorts, so if it moved without retiring it, a later read would fold c4 in again.
+    from coordinator.versions import BUFFER_REREAD_S, _encode_entry
+    from estuary.state.keys import buffer_key
+
+    clock = VirtualClock()
+    store, _, ledger = _regressed_federation(tmp_path, clock)
+    head = ledger.head()
+    assert head is not None and head.cohorts == ("c4",)
+    update = {n: np.full(s, 0.4, np.float32) for n, s in SHAPES.items()}
+    entry = _encode_entry(update, weight_total=1.0, updates=1, trained_on=1)
+    assert store.insert_if_absent(buffer_key("c4"), entry)
+
+    rollback = ledger.try_commit()  # right after a commit: the buffer is not read again
+
+    assert rollback is not None and rollback.rolled_back_to == 1
+    assert store.get(buffer_key("c4")) is None
+    clock.advance(BUFFER_REREAD_S)
+    assert ledger.try_commit() is None  # K = 1, yet nothing is left to fold in
+    assert ledger.head() == rollback
