@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import HAND_TRACE
+from fleet_helpers import HAND_TRACE
 from typer.testing import CliRunner
 
 from estuary.cli.app import app

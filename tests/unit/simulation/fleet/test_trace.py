@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import HAND_TRACE
+from fleet_helpers import HAND_TRACE
 
 from simulation.fleet.trace import TRACE_DIR, TraceError, load_trace, parse_trace, sample_fleet
 
