@@ -364,6 +364,27 @@ class VersionLedger:
             raise ValueError(f"{where}: committed_at must be a number, got {value!r}")
         return float(value)
 
+    def folded_staleness(self, version: int) -> dict[str, int] | None:
+        """Return the staleness each cohort folded into ``version`` landed with, by id.
+
+        ``v − t_c`` at the commit: what its discount ``d_c`` was priced at (the members'
+        own weights were fixed earlier, at the share relay, against an older head). Empty
+        for a rollback (it folds nothing in); None if the version's record is gone.
+        """
+        rec = self._store.get(version_key(version))
+        if rec is None:
+            return None
+        where = version_key(version)
+        try:
+            value = json.loads(rec.value).get("staleness", {})
+        except (ValueError, AttributeError):
+            raise ValueError(f"{where}: not a readable version record") from None
+        if not isinstance(value, dict) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value.values()
+        ):
+            raise ValueError(f"{where}: staleness must map cohort ids to counts >= 0")
+        return {str(cohort_id): s for cohort_id, s in value.items()}
+
     def buffered_updates(self) -> int:
         """Return how many client updates wait in the buffer (leftovers excluded).
 

@@ -118,6 +118,9 @@ class Recorder:
     dropout_s: float = 0.0
     """Device-seconds of training cut short by a dropout (the trace's doing)."""
     staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
+    """Updates folded into a version, by how many versions behind it they trained."""
+    weight_staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
+    """Estuary only: accepted updates by the staleness their weight was fixed at (relay)."""
     max_training: int = 0
     overhead: Overhead = field(default_factory=Overhead)
     waits: dict[str, float] = field(default_factory=dict)

@@ -370,6 +370,9 @@ class EstuaryPolicy(Policy):
         self.adapters: dict[int, Any] = {}
         self.assigned: dict[tuple[str, int], int] = {}
         self.plain_updates: dict[str, tuple[float, dict[str, np.ndarray]]] = {}
+        # Accepted updates per buffered cohort, counted in the staleness histogram at the
+        # staleness the commit that folds the cohort in prices it at.
+        self.folding: dict[str, int] = {}
 
     # -- set-up
     def start(self) -> None:
@@ -409,7 +412,8 @@ class EstuaryPolicy(Policy):
                     continue
                 task.accepted = True
                 self.rec.accepted += 1
-                self.rec.staleness.add(self.assigned.pop((cid, int(member)), 0))
+                self.rec.weight_staleness.add(self.assigned.pop((cid, int(member)), 0))
+                self.folding[cid] = self.folding.get(cid, 0) + 1
                 if task.settled and task.trained:  # settled as wasted before: undo
                     self.rec.wasted_s -= task.train_s
                     self.rec.discarded -= 1
@@ -581,7 +585,10 @@ class EstuaryPolicy(Policy):
         self.q.after(self.cfg.tick_s, self.tick)
 
     def on_commit(self, head: Any) -> None:
-        """Run the version's cloud jobs and score it."""
+        """Count the updates folded in at their staleness, run the cloud jobs, score it."""
+        for cid, s in sorted((self.service.ledger.folded_staleness(head.version) or {}).items()):
+            for _ in range(self.folding.pop(cid, 0)):
+                self.rec.staleness.add(s)
         self.run_jobs()
         adapter = self.service.ledger.adapter(head)
         self.adapters[head.version] = adapter

@@ -181,6 +181,15 @@ def summarise(
             "bytes_down": rec.bytes_down,
             "max_training_at_once": rec.max_training,
             "staleness_histogram": {str(k): v for k, v in rec.staleness.as_dict().items()},
+            **(
+                {
+                    "staleness_at_weight_histogram": {
+                        str(k): v for k, v in rec.weight_staleness.as_dict().items()
+                    }
+                }
+                if rec.weight_staleness.total
+                else {}
+            ),
             "waits_s": {k: round(v, 3) for k, v in sorted(rec.waits.items())},
             "curve": [
                 {"t": p[0], "updates": p[1], "version": p[2], "bpb": p[3]} for p in rec.curve

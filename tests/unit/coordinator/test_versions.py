@@ -115,6 +115,37 @@ def test_committed_at_is_read_from_the_injected_clock(tmp_path: Path) -> None:
     assert stamps == [1_234_567_890.0, 1_234_567_932.5]
 
 
+def test_folded_staleness_is_what_each_cohort_landed_with(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    store = MemoryStore()
+    ledger = _ledger(store, tmp_path, k=2)
+    ledger.initialise(_global(rng))
+    assert ledger.folded_staleness(0) == {}  # version 0 folds nothing in
+    for version in (1, 2):  # two fresh versions, one cohort of 2 each
+        ledger.add_cohort_sum(
+            f"fresh{version}", weighted_sum=_adapter(rng), weight_total=2.0, updates=2,
+            trained_on=version - 1,
+        )  # fmt: skip
+        assert ledger.try_commit() is not None
+    # Version 3 folds in a cohort trained on v0 (its weights fixed back then) and one on v2.
+    ledger.add_cohort_sum("old", weighted_sum=_adapter(rng), weight_total=1.0, updates=1,
+                          trained_on=0)  # fmt: skip
+    ledger.add_cohort_sum("new", weighted_sum=_adapter(rng), weight_total=1.0, updates=1,
+                          trained_on=2)  # fmt: skip
+    info = ledger.try_commit()
+    assert info is not None and info.version == 3
+    assert ledger.folded_staleness(3) == {"old": 2, "new": 0}
+    assert ledger.folded_staleness(1) == {"fresh1": 0}
+    assert ledger.folded_staleness(9) is None  # no such version
+    record = json.loads(store.get(version_key(3)).value)  # type: ignore[union-attr]
+    store.put(version_key(3), json.dumps({**record, "staleness": {"old": -1}}).encode())
+    with pytest.raises(ValueError, match=r"version/0000000003: staleness must map"):
+        ledger.folded_staleness(3)
+    store.put(version_key(3), b"not json")
+    with pytest.raises(ValueError, match=r"version/0000000003: not a readable version record"):
+        ledger.folded_staleness(3)
+
+
 def test_only_lease_holder_commits_and_stale_holder_is_fenced(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     clock = VirtualClock()

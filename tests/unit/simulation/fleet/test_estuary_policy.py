@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import small_env
+from fleet_helpers import small_env
 
 from simulation.fleet.policies import EstuaryPolicy, FleetEnv
 from simulation.fleet.run import summarise
@@ -88,3 +88,44 @@ def test_versions_equal_the_plain_updates_of_their_cohorts(env: FleetEnv, tmp_pa
         shaped = {name: update[name].reshape(shapes[name]) for name in update}
         np.savez(ledger / f"{task_id}.npz", __weight__=np.float64(weight), **shaped)
     check.check_versions_against_ledger(policy.store, policy.blobs, ledger)
+
+
+def test_staleness_counts_each_update_as_its_version_folded_it_in(tmp_path: Path) -> None:
+    import json
+
+    trace = json.loads((ROOT / "deploy" / "traces" / "stragglers.json").read_text())
+    # Versions of one cohort each and room for several cohorts at once: stale updates.
+    busy = small_env(
+        tmp_path, trace, devices=16, buffer_size=2, target_staleness=5.0, cohort_min=3,
+        cohort_max=3, formation_s=1.0, max_updates=24, duration_s=3600.0,
+    )  # fmt: skip
+    try:
+        policy = EstuaryPolicy(busy)
+        rec = policy.run()
+    finally:
+        busy.trainer.close()
+    # Updates per cohort, from the log's acceptances ("c<n> n=<updates>").
+    names = {f"c{number}": cid for cid, number in policy.cohort_names.items()}
+    sizes = {}
+    for _t, kind, _device, detail in rec.log:
+        if kind == "accepted":
+            name, n = detail.split(" n=")
+            sizes[names[name]] = int(n)
+    expected: dict[int, int] = {}
+    head = policy.service.ledger.head()
+    assert head is not None and head.version >= 3
+    for version in range(1, head.version + 1):
+        for cid, s in (policy.service.ledger.folded_staleness(version) or {}).items():
+            expected[s] = expected.get(s, 0) + sizes.pop(cid)
+    assert rec.staleness.as_dict() == expected
+    assert sum(sizes.values()) == rec.accepted - rec.staleness.total  # not yet folded in
+    # Every accepted update's weight was fixed at the relay against an older head, so the
+    # staleness it lands with is never smaller: the two histograms differ by that wait.
+    assert rec.weight_staleness.total == rec.accepted
+    assert rec.staleness.mean is not None and rec.weight_staleness.mean is not None
+    assert rec.staleness.mean >= rec.weight_staleness.mean
+    assert rec.staleness.as_dict() != rec.weight_staleness.as_dict()  # this run shows it
+    summary = summarise({"estuary": rec})["policies"]["estuary"]
+    assert summary["staleness_at_weight_histogram"] == {
+        str(k): v for k, v in rec.weight_staleness.as_dict().items()
+    }
