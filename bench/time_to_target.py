@@ -25,7 +25,8 @@ simulator's overhead per device update.
 JSON keys: ``policies.<sync_fedavg|fedbuff|estuary>.{time_to_target_s, wasted_fraction,
 final_bits_per_byte, updates_to_target, bytes_up, bytes_down, staleness_histogram (at
 fold-in), waits_s, overhead_ms_per_update, ...}`` (Estuary also
-``staleness_at_weight_histogram``: at the share relay, before its cohort unmasked), ``ratio_vs_sync`` and ``ratio_vs_fedbuff``
+``staleness_at_weight_histogram``: at the share relay, before its cohort unmasked),
+``ratio_vs_sync`` and ``ratio_vs_fedbuff``
 (Estuary's time to target over each; ``null`` when either never reached the target),
 ``targets`` (each target met or not, and ``costs``: the mechanisms Estuary spent its task
 time in, largest first), ``overhead_ms_per_update`` (the scale check's), ``scale``,
