@@ -86,6 +86,7 @@ def _settings(tmp_path: Path) -> object:
     return learning.Settings(
         base_dir=str(tmp_path),
         rounds=64,
+        local_steps=5,  # the arithmetic below: 64 rounds are 320 sequential steps
         seeds=3,
         eval_every=16,
         variants=("all_rank_16", "mixed_ranks"),
