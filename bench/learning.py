@@ -60,7 +60,7 @@ that. Why 10 local steps per round: it is ``estuary simulate``'s own default (th
 coordinator's is 20), and a round is a communication round, which more local work per
 round exists to save. At 5 (the default before) mixed ranks passed
 local-only's best at round 16, not 8 (seed 0 at round 8: 3.061 at 5 steps, 2.974 at 10,
-local-only's best 3.050); the reference arms move with it (local-only and centralized get
+local-only's best at 5 steps 3.050); the reference arms move with it (local-only and centralized get
 the same sequential steps and samples as the federation: twice as many). Why 16 tuning rounds and
 2e-2 in the grid: at 8 rounds validation picked lr 1e-2 (the grid had no 2e-2), which at
 16 rounds is 0.04 bits/byte behind 2e-2 on validation (all rank 16, seed 0, momentum 0.5:
