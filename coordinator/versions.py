@@ -75,7 +75,7 @@ import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from safetensors.numpy import load as load_tensors
@@ -350,16 +350,32 @@ class VersionLedger:
             self._shapes[info.adapter_sha256] = shapes
         return shapes
 
-    def committed_at(self, version: int) -> float | None:
-        """Unix seconds when ``version`` was committed; None if its record is gone."""
-        rec = self._store.get(version_key(version))
+    def _version_field(self, version: int, name: str, default: Any = None) -> Any:
+        """Read field ``name`` of ``version``'s record; None if the record is gone.
+
+        Raises ValueError naming the key when the record is not a JSON object, or when it
+        lacks the field and no ``default`` is given.
+        """
+        where = version_key(version)
+        rec = self._store.get(where)
         if rec is None:
             return None
-        where = version_key(version)
         try:
-            value = json.loads(rec.value)["committed_at"]
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{where}: no readable committed_at") from None
+            record = json.loads(rec.value)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: not a readable version record")
+        if name not in record and default is None:
+            raise ValueError(f"{where}: no readable {name}")
+        return record.get(name, default)
+
+    def committed_at(self, version: int) -> float | None:
+        """Unix seconds when ``version`` was committed; None if its record is gone."""
+        value = self._version_field(version, "committed_at")
+        if value is None:
+            return None
+        where = version_key(version)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ValueError(f"{where}: committed_at must be a number, got {value!r}")
         return float(value)
@@ -371,14 +387,10 @@ class VersionLedger:
         own weights were fixed earlier, at the share relay, against an older head). Empty
         for a rollback (it folds nothing in); None if the version's record is gone.
         """
-        rec = self._store.get(version_key(version))
-        if rec is None:
+        value = self._version_field(version, "staleness", default={})
+        if value is None:
             return None
         where = version_key(version)
-        try:
-            value = json.loads(rec.value).get("staleness", {})
-        except (ValueError, AttributeError):
-            raise ValueError(f"{where}: not a readable version record") from None
         if not isinstance(value, dict) or not all(
             isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value.values()
         ):

@@ -26,6 +26,7 @@ from simulation.fleet.policies import (
 )
 from simulation.fleet.trace import DeviceTrace, sample_fleet
 from simulation.fleet.training import TrainContext, make_trainer
+from simulation.report import StalenessHistogram
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,11 @@ def time_to_target(
     return None, None
 
 
+def _histogram(hist: StalenessHistogram) -> dict[str, int]:
+    """Return ``hist`` as JSON: versions behind (a string) -> updates."""
+    return {str(k): v for k, v in hist.as_dict().items()}
+
+
 def summarise(
     records: dict[str, Recorder], *, target_fraction: float = TARGET_FRACTION
 ) -> dict[str, Any]:
@@ -180,16 +186,7 @@ def summarise(
             "bytes_up": rec.bytes_up,
             "bytes_down": rec.bytes_down,
             "max_training_at_once": rec.max_training,
-            "staleness_histogram": {str(k): v for k, v in rec.staleness.as_dict().items()},
-            **(
-                {
-                    "staleness_at_weight_histogram": {
-                        str(k): v for k, v in rec.weight_staleness.as_dict().items()
-                    }
-                }
-                if rec.weight_staleness.total
-                else {}
-            ),
+            "staleness_histogram": _histogram(rec.staleness),
             "waits_s": {k: round(v, 3) for k, v in sorted(rec.waits.items())},
             "curve": [
                 {"t": p[0], "updates": p[1], "version": p[2], "bpb": p[3]} for p in rec.curve
@@ -205,6 +202,10 @@ def summarise(
             "overhead_ms_per_update": 1000 * ov.core_s() / trained,
             "overhead_ms_per_update_excl_device_secagg": 1000 * ov.simulator_s() / trained,
         }
+        if rec.weight_staleness.total:  # Estuary: also the staleness its weights were fixed at
+            out["policies"][name]["staleness_at_weight_histogram"] = _histogram(
+                rec.weight_staleness
+            )
     pol = out["policies"]
     est = pol.get("estuary", {}).get("time_to_target_s")
     for other, key in (("sync_fedavg", "ratio_vs_sync"), ("fedbuff", "ratio_vs_fedbuff")):
