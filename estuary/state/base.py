@@ -569,6 +569,16 @@ class Store(ABC):
         """Return the number of members (0 for an unknown set)."""
         return self._zcard(check_name(name, parameter="name"))
 
+    def zcount(self, name: str, *, min_score: float, max_score: float) -> int:
+        """Return how many members have ``min_score ≤ score ≤ max_score`` (bounds may be ±inf).
+
+        A count, not the members: a networked backend MUST answer it without sending them.
+        """
+        check_name(name, parameter="name")
+        low = check_score(min_score, parameter="min_score")
+        high = check_score(max_score, parameter="max_score")
+        return self._zcount(name, min_score=low, max_score=high)
+
     def zmax_many(self, names: Sequence[str]) -> list[float | None]:
         """Return the highest score of each set, in order (``None`` for an empty one).
 
@@ -645,6 +655,10 @@ class Store(ABC):
     @abstractmethod
     def _zcard(self, name: str) -> int:
         """Implement :meth:`zcard`."""
+
+    @abstractmethod
+    def _zcount(self, name: str, *, min_score: float, max_score: float) -> int:
+        """Implement :meth:`zcount`."""
 
     @abstractmethod
     def _zmax_many(self, names: list[str]) -> list[float | None]:

@@ -89,6 +89,10 @@ class _ZSet:
         end = bisect.bisect_right(self.order, hi, key=lambda e: e[0])
         return [(m, s) for s, _, m in self.order[start:end]]
 
+    def count_by_score(self, lo: float, hi: float) -> int:
+        start = bisect.bisect_left(self.order, lo, key=lambda e: e[0])
+        return max(0, bisect.bisect_right(self.order, hi, key=lambda e: e[0]) - start)
+
     def max_score(self) -> float:
         return self.order[-1][0]
 
@@ -302,6 +306,11 @@ class MemoryStore(Store):
         with self._lock:
             zset = self._zsets.get(name)
             return 0 if zset is None else len(zset)
+
+    def _zcount(self, name: str, *, min_score: float, max_score: float) -> int:
+        with self._lock:
+            zset = self._zsets.get(name)
+            return 0 if zset is None else zset.count_by_score(min_score, max_score)
 
     def _zmax_many(self, names: list[str]) -> list[float | None]:
         with self._lock:

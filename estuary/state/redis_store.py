@@ -667,6 +667,11 @@ class RedisStore(Store):
     def _zcard(self, name: str) -> int:
         return int(self._command("zcard", "ZCARD", self._k("z", name), idempotent=True))
 
+    def _zcount(self, name: str, *, min_score: float, max_score: float) -> int:
+        low, high = repr(min_score), repr(max_score)
+        reply = self._command("zcount", "ZCOUNT", self._k("z", name), low, high, idempotent=True)
+        return int(reply)
+
     def _zmax_many(self, names: list[str]) -> list[float | None]:
         # One pipelined round trip: each set's top member with its score, or nothing.
         replies = self._pipeline(

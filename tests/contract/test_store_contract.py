@@ -369,6 +369,11 @@ def test_sorted_set_ordering(store: Store) -> None:
         ("d", 0.25), ("a", 2.0)
     ]  # fmt: skip
     assert store.zrange_by_score("pace", min_score=0, max_score=10, limit=0) == []
+    assert store.zcount("pace", min_score=0.25, max_score=2.0) == 4
+    assert store.zcount("pace", min_score=-math.inf, max_score=math.inf) == 6
+    assert store.zcount("pace", min_score=math.nextafter(2.0, math.inf), max_score=math.inf) == 1
+    assert store.zcount("pace", min_score=5, max_score=1) == 0
+    assert store.zcount("nothing", min_score=-math.inf, max_score=math.inf) == 0
     assert store.zrem("pace", "a", "missing") == 1
     assert store.zcard("pace") == 5
     assert store.zcard("nothing") == 0
