@@ -56,14 +56,44 @@ from estuary.adapters import rank_learning_rate, trained_columns
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import CoordinatorSettings
 from estuary.jobs import JobOutcome, done_key, done_of, job_id_for, result_key
-from estuary.state.base import Record
+from estuary.state.base import Record, Store
 from estuary.state.blobs import BlobStore
-from estuary.state.keys import HEAD_KEY
+from estuary.state.keys import HEAD_KEY, PACE_WAITING
 from secure_agg import FixedPoint, Stage
 
-__all__ = ["Admission"]
+__all__ = ["Admission", "PaceQueue"]
 
 log = logging.getLogger(__name__)
+
+
+class PaceQueue:
+    """The devices deferred for a pacer slot, each with the time it was told to come back.
+
+    Kept in the store (:data:`~estuary.state.keys.PACE_WAITING`), so every replica puts a
+    deferred device behind the same queue. :meth:`waiting` is what
+    :func:`coordinator.pacing.decide` is told; :meth:`add` puts a deferred device in line.
+    """
+
+    def __init__(self, store: Store, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._store = store
+        self._clock = clock
+
+    def waiting(self) -> int:
+        """Count the deferred devices whose time to come back is still ahead. One call."""
+        now = self._clock.time()
+        return self._store.zcount(
+            PACE_WAITING, min_score=math.nextafter(now, math.inf), max_score=math.inf
+        )
+
+    def add(self, device_id: str, retry_after_s: float) -> None:
+        """Note that ``device_id`` comes back ``retry_after_s`` from now. One call.
+
+        Drops the devices whose time has passed (they came back, or went away) first, so
+        the set stays the size of the queue; a device already in line is moved, never
+        counted twice.
+        """
+        now = self._clock.time()
+        self._store.zadd_pruned(PACE_WAITING, {device_id: now + retry_after_s}, prune_max_score=now)
 
 
 class Admission:
@@ -117,6 +147,7 @@ class Admission:
             retry_after_min_s=settings.pacing.retry_after_min_s,
             retry_after_max_s=settings.pacing.retry_after_max_s,
         )
+        self.queue = PaceQueue(book.store, clock=clock)
         self._artifacts: dict[str, tuple[int, str, int]] = {}
         # Per class, (head version, floor) of the last search of build outcomes.
         self._searched: dict[str, tuple[int, int]] = {}
@@ -170,13 +201,19 @@ class Admission:
                 f"already trained on version {artifact[0]}; waiting for the next, under way",
                 "next_version",
             )
+        active = self._book.training_devices()
+        # Only a device that meets the cap asks how many wait before it: one more call.
+        at_cap = active >= self.pacer.max_concurrency
         decision = decide(
             self.pacer,
-            active=self._book.training_devices(),
+            active=active,
+            waiting=self.queue.waiting() if at_cap else 0,
             expected_task_s=self._classes[device_class].expected_task_s,
             fastest_task_s=self._fastest,
         )
         if not isinstance(decision, Admit):
+            if decision.queued:
+                self.queue.add(device.device_id, decision.retry_after_s)
             return self._pace(decision.retry_after_s, decision.reason)
         self._admit(device, device_class)
         return self._wait_for_seal(device, device_class)

@@ -10,7 +10,10 @@ Faster device classes are preferred when a slot opens: a class whose expected ta
 does not fit in the cohort deadline is not admitted at all (its work would arrive after
 the cohort closed), and among classes that fit, idle devices of slower classes are told
 to retry later in proportion to how much longer they take. Idle devices get a
-retry-after that grows with the load instead of polling hot.
+retry-after that grows with the load instead of polling hot: the number of devices
+already told to come back later (the caller counts them) is the queue a slot is
+shared among, so a fleet of any size asks again at about the rate slots free up, not
+once a second per device.
 
 The pacer is a pure function of its inputs: no clock, no store, no randomness. The edge
 adds jitter to the retry time it is given.
@@ -74,12 +77,17 @@ class Defer:
 
     retry_after_s: float
     reason: str
+    #: Whether the device waits for a pacer slot (the concurrency cap) and so joins the
+    #: queue of devices the next deferrals count; a class that cannot finish within the
+    #: deadline waits for nothing and is not counted.
+    queued: bool = False
 
 
 def decide(
     config: PacerConfig,
     *,
     active: int,
+    waiting: int,
     expected_task_s: float,
     fastest_task_s: float,
 ) -> Admit | Defer:
@@ -91,6 +99,9 @@ def decide(
         Pacer parameters.
     active
         Devices currently training (admitted, not yet uploaded or dropped); ≥ 0.
+    waiting
+        Devices already deferred for a slot and told to come back later than now (the
+        queue ahead of this one; it may include this device's own earlier deferral); ≥ 0.
     expected_task_s
         Expected seconds of one task for the asking device's class; > 0.
     fastest_task_s
@@ -101,11 +112,16 @@ def decide(
     -------
     Admit or Defer
         ``Defer`` when the class cannot finish within the deadline (retry at the max),
-        or when the concurrency cap is reached (retry-after grows with the excess load
-        and with how much slower this class is than the fastest).
+        or when the concurrency cap is reached: then a slot frees about every
+        ``fastest_task_s / cap`` seconds, the device is in line after the ``waiting``
+        devices and any over the cap, and a slower class waits proportionally longer so
+        faster devices get freed slots first (bounded by ``retry_after_min_s`` and
+        ``retry_after_max_s``).
     """
     if active < 0:
         raise ValueError(f"active: must be >= 0, got {active}")
+    if waiting < 0:
+        raise ValueError(f"waiting: must be >= 0, got {waiting}")
     if not expected_task_s > 0:
         raise ValueError(f"expected_task_s: must be > 0, got {expected_task_s}")
     if not fastest_task_s > 0:
@@ -119,10 +135,13 @@ def decide(
     cap = config.max_concurrency
     if active < cap:
         return Admit()
-    # A slot frees up roughly every fastest_task_s / cap seconds; slower classes wait
-    # proportionally longer so faster devices get the freed slots first.
+    # A slot frees up roughly every fastest_task_s / cap seconds, and the devices over
+    # the cap (after a replica raced or the cap was lowered) and the `waiting` ones are
+    # in line before this one; slower classes wait proportionally longer so faster
+    # devices get the freed slots first. Each queued device then asks about once per
+    # turn of the whole queue: the queue's requests arrive at the rate slots free up.
     slowness = max(1.0, expected_task_s / fastest_task_s)
-    excess = active - cap + 1
-    wait = excess * slowness * fastest_task_s / cap
+    ahead = active - cap + waiting
+    wait = (ahead + 1) * slowness * fastest_task_s / cap
     retry = min(config.retry_after_max_s, max(config.retry_after_min_s, wait))
-    return Defer(retry, f"{active} devices training, cap {cap}")
+    return Defer(retry, f"{active} devices training, cap {cap}, {waiting} waiting", queued=True)

@@ -99,6 +99,14 @@ def buffer_key(cohort_id: str) -> str:
 BUFFER_COUNTS = "buffer-counts"
 
 
+#: ``pace-waiting`` (sorted set) → the devices the pacer deferred for a slot, each scored by
+#: the time (Unix s) it was told to come back. Entries whose time has passed are pruned on
+#: each deferral, so the set's size is the queue a new deferral is put behind (the
+#: retry-after grows with it; :mod:`coordinator.pacing`). A hint, never more than one
+#: entry per device: losing it only shortens the next retry-afters.
+PACE_WAITING = "pace-waiting"
+
+
 #: ``buffer-seen/<cohort_id>`` → marker that a cohort's sum was accepted, so a cohort
 #: result delivered again after its version was committed is still refused. Removed with
 #: the cohort's record and log (:mod:`coordinator.retention`), ``retention.grace_s`` after

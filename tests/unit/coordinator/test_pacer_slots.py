@@ -159,10 +159,43 @@ def test_a_deferred_get_task_costs_the_same_store_calls_however_many_cohorts_run
         offer = fed.service.get_task(late) if n == 4 else None
         calls.append(list(store.calls))
 
-    # Assert: deferred at the cap with 5 cohorts running; the count is one call, no scan.
+    # Assert: deferred at the cap with 5 cohorts running: the slots and the queue are
+    # counted with one call each and the device joins the queue with one more; no scan.
     assert len(fed.service.cohorts.active_ids()) == 5
     assert isinstance(offer, PaceOffer) and "3 devices training, cap 3" in offer.reason, offer
-    assert calls[-1] == ["get_many", "zcard"]
+    assert calls[-1] == ["get_many", "zcard", "zcount", "zadd_pruned"]
+
+
+def test_deferred_devices_are_told_to_come_back_one_after_another(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    # Prepare: cap 3 filled by one cohort of laptops (expected task 5 s: a slot frees
+    # every 5 / 3 s); then a herd of devices asks at the same instant.
+    fed, _offers, _ = _one_cohort_past_keys(tmp_path, base, target_staleness=1.0)
+    herd = [fed.device("laptop") for _ in range(6)]
+
+    # Execute
+    offers = [fed.service.get_task(d) for d in herd]
+
+    # Assert: each is put behind the ones before it, not all told the same 0.5 s.
+    assert all(isinstance(o, PaceOffer) and o.mechanism == "pacing" for o in offers)
+    retries = [o.retry_after_s for o in offers if isinstance(o, PaceOffer)]
+    assert retries == pytest.approx([(n + 1) * 5.0 / 3 for n in range(6)])
+    assert "5 waiting" in offers[-1].reason
+
+    # A device asking again before its time is moved to the back of the line, where its
+    # own earlier place counts; it stays one entry, not one per request.
+    again = fed.service.get_task(herd[0])
+    assert isinstance(again, PaceOffer) and again.retry_after_s == pytest.approx(7 * 5.0 / 3)
+    assert fed.service.admission.queue.waiting() == 6
+
+    # Once the first ones' times have passed they no longer count (they came back or
+    # went away): at 5 s the two told 3.3 and 5.0 s are out of the queue; herd[0] (now
+    # 11.7 s) and the three told 6.7, 8.3 and 10 s are still in it.
+    fed.clock.advance(5.0)
+    late = fed.service.get_task(fed.device("laptop"))
+    assert isinstance(late, PaceOffer) and "4 waiting" in late.reason
+    assert late.retry_after_s == pytest.approx(5 * 5.0 / 3)
 
 
 def test_a_tick_seals_without_scanning_the_store(
