@@ -15,6 +15,7 @@ the role uses it, so ``estuary config check`` can tell whether this machine has 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -227,13 +228,21 @@ class PacingSettings(Section):
     target_staleness: float = Field(
         default=2.0,
         gt=0,
-        description="Expected staleness to aim for, in versions; concurrency ≈ K × this.",
+        description=(
+            "Expected staleness to aim for, in versions; concurrency ≈ K × this (at "
+            "least cohort.min_size, or no cohort could be sealed)."
+        ),
     )
     retry_after_min_s: float = Field(
         default=1.0, gt=0, description="Shortest retry-after told to a device, in seconds."
     )
     retry_after_max_s: float = Field(
-        default=300.0, gt=0, description="Longest retry-after told to a device, in seconds."
+        default=300.0,
+        gt=0,
+        description=(
+            "Longest retry-after told to a device, in seconds. A device deferred for a slot "
+            "is put behind those already waiting (one turn of the queue), up to this."
+        ),
     )
     one_task_per_version: bool = Field(
         default=True,
@@ -673,6 +682,18 @@ class CoordinatorSettings(RoleSettings):
     @model_validator(mode="after")
     def _cross_checks(self) -> CoordinatorSettings:
         _check_device_classes(self.device_classes, self.model.r_max)
+        # The pacer admits at most ceil(K × target) devices at once and a cohort is sealed
+        # only with min_size of them: below it no cohort could ever be sealed.
+        k, target = self.aggregation.buffer_size, self.pacing.target_staleness
+        cap = max(1, math.ceil(k * target))
+        if cap < self.cohort.min_size:
+            raise ValueError(
+                f"pacing.target_staleness: aggregation.buffer_size × target_staleness = "
+                f"{k} × {target:g} lets {cap} devices train at once, fewer than "
+                f"cohort.min_size={self.cohort.min_size}, so no cohort could ever be sealed; "
+                f"raise target_staleness to at least {self.cohort.min_size / k:g} or lower "
+                "cohort.min_size"
+            )
         return self
 
 

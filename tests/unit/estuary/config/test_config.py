@@ -67,6 +67,11 @@ def test_example_coordinator_values() -> None:
         ("[cohort]\nmin_size = 9\nmax_size = 4\n", "cohort.min_size", "exceeds max_size"),
         ("[cohort]\nthreshold_fraction = 0.5\n", "cohort.threshold_fraction", "greater than"),
         (
+            "[aggregation]\nbuffer_size = 2\n[pacing]\ntarget_staleness = 1.0\n",
+            "pacing.target_staleness",  # 2 may train at once; a cohort needs min_size 4
+            "no cohort could ever be sealed",
+        ),
+        (
             '[tls]\nallow_plaintext = true\n[[device_classes]]\nname = "big"\nrank = 64\n',
             "device_classes",  # r_max defaults to 16
             "rank above model.r_max",
@@ -157,7 +162,8 @@ def test_secret_refs_are_redacted_and_checked(
     assert missing_secrets(settings) == ["state.password"]
 
 
-@given(k=st.integers(min_value=1, max_value=10_000), lr=st.floats(min_value=1e-3, max_value=10))
+# From 2: with 1, K × the default target staleness (2) is below the default cohort size 4.
+@given(k=st.integers(min_value=2, max_value=10_000), lr=st.floats(min_value=1e-3, max_value=10))
 def test_valid_numbers_round_trip(k: int, lr: float) -> None:
     settings = CoordinatorSettings(
         tls={"allow_plaintext": True}, aggregation={"buffer_size": k, "server_lr": lr}
