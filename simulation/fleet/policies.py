@@ -74,7 +74,10 @@ class FleetConfig:
     # task trains for seconds (issue 13: a 5 s poll while the cohort seals, 10 s of
     # formation, 60 s to notice a silent member).
     retry_after_s: float = 1.0
-    idle_checkin_s: float = 120.0
+    # How soon at the earliest a device the pacer deferred asks again, whatever the
+    # retry-after (0: no floor; a device asks after the pacer's retry-after stretched by
+    # the edge agent's jitter, as the shipped agent does).
+    idle_checkin_s: float = 0.0
     cohort_min: int = 5
     cohort_max: int = 10
     formation_s: float = 5.0
@@ -100,9 +103,11 @@ class FleetConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("duration_s", "deadline_s", "sync_deadline_s", "tick_s", "heartbeat_s",
-                     "silence_s", "key_timeout_s", "retry_after_s", "idle_checkin_s"):  # fmt: skip
+                     "silence_s", "key_timeout_s", "retry_after_s"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not self.idle_checkin_s >= 0:
+            raise ValueError(f"idle_checkin_s: must be >= 0, got {self.idle_checkin_s}")
         if self.column_rule not in COLUMN_RULES:
             raise ValueError(f"column_rule: one of {list(COLUMN_RULES)}, got {self.column_rule!r}")
         if self.warmup_steps < 0:
@@ -217,6 +222,18 @@ class Policy:
         self.states = [DeviceState(s, env.trace, seed=self.cfg.seed) for s in env.fleet]
         self.task_counts = [0] * len(env.fleet)
         self.training_now = 0
+        self.pace_rng = random.Random(f"pace:{self.cfg.seed}")
+
+    def paced_delay(self, retry_after_s: float) -> float:
+        """Return when a paced device asks again, in seconds from now.
+
+        As the edge agent: the retry-after stretched by up to its ``PACE_JITTER``; and no
+        sooner than ``idle_checkin_s``.
+        """
+        from edge_client.agent import PACE_JITTER
+
+        jittered = retry_after_s * (1.0 + self.pace_rng.uniform(0.0, PACE_JITTER))
+        return max(jittered, self.cfg.idle_checkin_s)
 
     # -- helpers
     def next_task_no(self, index: int) -> int:
@@ -440,13 +457,10 @@ class EstuaryPolicy(Policy):
         with Stopwatch(self.rec.overhead, "service_s"):
             offer = self.service.get_task(self.devices[index])
         if isinstance(offer, PaceOffer):
+            # Deferred for a slot, admitted and waiting for its cohort to seal, or awake
+            # after a task and waiting for the version under way: it comes back when told.
             mechanism = offer.mechanism
-            if mechanism in ("cohort_formation", "next_version"):
-                # Admitted and waiting for its cohort to seal, or awake after a task and
-                # waiting for the version under way: it comes back when told.
-                delay = offer.retry_after_s
-            else:  # deferred: an idle device checks in again at its next opportunity
-                delay = max(offer.retry_after_s, self.cfg.idle_checkin_s)
+            delay = self.paced_delay(offer.retry_after_s)
             self.rec.wait(mechanism, delay)
             self.q.after(delay, lambda: self.checkin(index))
             return
@@ -782,22 +796,28 @@ class EstuaryPolicy(Policy):
         self.end_task(task, "completed")
 
 
+def expected_task_s(cfg: FleetConfig, trace: DeviceTrace, device_class: str) -> float:
+    """Return what the pacer expects a task of ``device_class`` to take, in seconds.
+
+    The median device's training plus a few seconds of messages.
+    """
+    (c,) = [c for c in trace.classes if c.name == device_class]
+    return cfg.local_steps * c.step_s.median + 10.0
+
+
 def estuary_settings(env: FleetEnv) -> Any:
     """Return the coordinator settings of an Estuary run on ``env`` (classes from the trace)."""
     from estuary.config.models import CoordinatorSettings
 
     cfg = env.config
-    classes = []
-    for c in env.trace.classes:
-        # What the pacer expects a task of the class to take: the median device's
-        # training plus a few seconds of messages.
-        classes.append(
-            {
-                "name": c.name,
-                "rank": min(c.rank, cfg.r_max),
-                "expected_task_s": cfg.local_steps * c.step_s.median + 10.0,
-            }
-        )
+    classes = [
+        {
+            "name": c.name,
+            "rank": min(c.rank, cfg.r_max),
+            "expected_task_s": expected_task_s(cfg, env.trace, c.name),
+        }
+        for c in env.trace.classes
+    ]
     return CoordinatorSettings.model_validate(
         dict(
             node_id="fleet",
@@ -882,8 +902,23 @@ class FedBuffPolicy(Policy):
 
     def __init__(self, env: FleetEnv) -> None:
         super().__init__(env)
+        from coordinator.admission import PaceQueue
+        from coordinator.pacing import PacerConfig
+        from estuary.state.memory import MemoryStore
+
         self.ledger, self.staleness = _ledger(self, self.cfg.buffer_size)
-        self.concurrency = max(1, math.ceil(self.cfg.buffer_size * self.cfg.target_staleness))
+        cfg = self.cfg
+        self.pacer = PacerConfig(
+            buffer_size=cfg.buffer_size,
+            target_staleness=cfg.target_staleness,
+            deadline_s=cfg.deadline_s,
+            retry_after_min_s=cfg.retry_after_s,
+        )
+        self.concurrency = self.pacer.max_concurrency
+        self.queue = PaceQueue(MemoryStore(clock=self.clock.time), clock=self.clock)
+        self.fastest_task_s = min(
+            expected_task_s(cfg, env.trace, c.name) for c in env.trace.classes
+        )
         self.active = 0
         self.adapters: dict[int, Any] = {}
         self.updates = 0
@@ -913,8 +948,24 @@ class FedBuffPolicy(Policy):
             self.q.at(st.next_online(self.env.trace, now), lambda: self.checkin(index))
             return
         if self.active >= self.concurrency:
-            self.rec.wait("pacing", self.cfg.idle_checkin_s)
-            self.q.after(self.cfg.idle_checkin_s, lambda: self.checkin(index))
+            # The same pacer rule and queue as Estuary's: this device's turn comes after
+            # the ones already waiting, and it asks again then (with the agent's jitter).
+            from coordinator.pacing import Defer, decide
+
+            spec = st.spec
+            decision = decide(
+                self.pacer,
+                active=self.active,
+                waiting=self.queue.waiting(),
+                expected_task_s=expected_task_s(self.cfg, self.env.trace, spec.device_class),
+                fastest_task_s=self.fastest_task_s,
+            )
+            assert isinstance(decision, Defer)  # the pacer's cap is this concurrency
+            if decision.queued:
+                self.queue.add(str(index), decision.retry_after_s)
+            delay = self.paced_delay(decision.retry_after_s)
+            self.rec.wait("pacing", delay)
+            self.q.after(delay, lambda: self.checkin(index))
             return
         self.begin(index)
 
