@@ -134,6 +134,26 @@ class DeviceClass(Section):
     )
 
 
+def _check_pacer_fits_cohort(
+    aggregation: AggregationSettings, pacing: PacingSettings, cohort: CohortSettings
+) -> None:
+    """Refuse a pacer cap below ``cohort.min_size``.
+
+    The pacer admits at most ``ceil(K × target_staleness)`` devices at once and a cohort
+    is sealed only once ``min_size`` of them wait: below it no cohort is ever sealed.
+    """
+    k, target = aggregation.buffer_size, pacing.target_staleness
+    cap = max(1, math.ceil(k * target))
+    if cap < cohort.min_size:
+        raise ValueError(
+            f"pacing.target_staleness: aggregation.buffer_size × target_staleness = "
+            f"{k} × {target:g} lets {cap} devices train at once, fewer than "
+            f"cohort.min_size={cohort.min_size}, so no cohort could ever be sealed; "
+            f"raise target_staleness to at least {cohort.min_size / k:g} or lower "
+            "cohort.min_size"
+        )
+
+
 def _check_device_classes(classes: list[DeviceClass], r_max: int) -> None:
     names = [c.name for c in classes]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -682,18 +702,7 @@ class CoordinatorSettings(RoleSettings):
     @model_validator(mode="after")
     def _cross_checks(self) -> CoordinatorSettings:
         _check_device_classes(self.device_classes, self.model.r_max)
-        # The pacer admits at most ceil(K × target) devices at once and a cohort is sealed
-        # only with min_size of them: below it no cohort could ever be sealed.
-        k, target = self.aggregation.buffer_size, self.pacing.target_staleness
-        cap = max(1, math.ceil(k * target))
-        if cap < self.cohort.min_size:
-            raise ValueError(
-                f"pacing.target_staleness: aggregation.buffer_size × target_staleness = "
-                f"{k} × {target:g} lets {cap} devices train at once, fewer than "
-                f"cohort.min_size={self.cohort.min_size}, so no cohort could ever be sealed; "
-                f"raise target_staleness to at least {self.cohort.min_size / k:g} or lower "
-                "cohort.min_size"
-            )
+        _check_pacer_fits_cohort(self.aggregation, self.pacing, self.cohort)
         return self
 
 
@@ -873,6 +882,7 @@ class SimulationSettings(RoleSettings):
     @model_validator(mode="after")
     def _cross_checks(self) -> SimulationSettings:
         _check_device_classes(self.device_classes, self.model.r_max)
+        _check_pacer_fits_cohort(self.aggregation, self.pacing, self.cohort)
         # Clients are split round-robin over the classes and cohorts never mix classes, so
         # the smallest class must be able to fill a cohort on its own.
         smallest = self.clients // len(self.device_classes)

@@ -330,3 +330,12 @@ def test_check_path_of_a_missing_path(tmp_path: Path, use: PathUse) -> None:
         assert reason is None  # created on first use, and tmp_path is writable
     else:
         assert reason == "does not exist"
+
+
+def test_a_simulation_whose_pacer_cannot_fill_a_cohort_is_refused(tmp_path: Path) -> None:
+    # 3 × 1 devices may train at once; the simulation's cohorts need 4.
+    path = _write(tmp_path, "[aggregation]\nbuffer_size = 3\n[pacing]\ntarget_staleness = 1.0\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings("simulation", path)
+    assert "no cohort could ever be sealed" in str(info.value)
+    assert "raise target_staleness to at least 1.33333" in str(info.value)
