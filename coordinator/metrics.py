@@ -122,6 +122,13 @@ class CoordinatorMetrics:
             buckets=STALENESS_BUCKETS,
             registry=r,
         )
+        self.folded_staleness = Histogram(
+            "estuary_folded_staleness",
+            "Staleness (versions) of updates when the version that folded them in was "
+            "committed: what their discount was priced at.",
+            buckets=STALENESS_BUCKETS,
+            registry=r,
+        )
         self.store_latency = Histogram(
             "estuary_store_ping_seconds",
             "Round trip of the state store's ping.",
@@ -154,6 +161,9 @@ class CoordinatorMetrics:
             self.version.set(int(fields["version"]))
             if fields.get("rolled_back_to") is not None:
                 self.rollbacks.inc()
+            for staleness, updates in fields.get("folded_staleness", ()):
+                for _ in range(int(updates)):
+                    self.folded_staleness.observe(float(staleness))
         elif kind == "cohort_finished":
             self.cohorts_finished.labels(status=str(fields.get("status", "unknown"))).inc()
         elif kind == "update_rejected":

@@ -156,6 +156,7 @@ class Ticker:
                 cohorts=list(info.cohorts),
                 adapter_sha256=info.adapter_sha256,
                 rolled_back_to=info.rolled_back_to,
+                folded_staleness=[list(pair) for pair in info.folded_staleness],
             )
             self._jobs.submit(info)
         if self._retention is not None:

@@ -74,7 +74,7 @@ import logging
 import math
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -137,6 +137,12 @@ class VersionInfo:
         Closed ranges ``(first, last)`` of versions the regression guard rolled back as
         of this head (:attr:`coordinator.guard.GuardState.abandoned`): work trained on
         them never counts, so none is handed out on them.
+    folded_staleness
+        ``(staleness, updates)`` pairs, ascending: how many of the updates folded in
+        landed how many versions stale (``v − t_c``, what their discount was priced at).
+        Only on the :class:`VersionInfo` the commit returns (a head read back has ``()``,
+        and equality ignores it; :meth:`VersionLedger.folded_staleness` reads it per
+        cohort from the record).
     """
 
     version: int
@@ -145,6 +151,8 @@ class VersionInfo:
     updates: int
     rolled_back_to: int | None = None
     abandoned: tuple[tuple[int, int], ...] = ()
+    #: Not part of what the version is: a head read back equals the commit's answer.
+    folded_staleness: tuple[tuple[int, int], ...] = field(default=(), compare=False)
 
     def is_abandoned(self, version: int) -> bool:
         """Whether ``version`` lies in a range the guard rolled back (as of this head)."""
@@ -646,8 +654,16 @@ class VersionLedger:
             sorted(staleness.values()),
             norm,
         )
+        by_staleness: dict[int, int] = {}
+        for cohort_id, s in staleness.items():
+            by_staleness[s] = by_staleness.get(s, 0) + int(fields[cohort_id]["updates"])
         return VersionInfo(
-            new_version, digest, tuple(cohorts), total_updates, abandoned=guard.abandoned
+            new_version,
+            digest,
+            tuple(cohorts),
+            total_updates,
+            abandoned=guard.abandoned,
+            folded_staleness=tuple(sorted(by_staleness.items())),
         )
 
     # ------------------------------------------------------------------ commit parts

@@ -23,13 +23,21 @@ def test_metrics_follow_service_events_and_rpcs() -> None:
     metrics.event("upload", cohort_id="c", member=0, bytes=1000, duplicate=False)
     metrics.event("upload", cohort_id="c", member=0, bytes=1000, duplicate=True)
     metrics.event("weight_assigned", cohort_id="c", member=0, staleness=3, weight=0.5)
-    metrics.event("version_committed", version=4, updates=2, cohorts=["c"], adapter_sha256="x")
+    metrics.event(
+        "version_committed", version=4, updates=5, cohorts=["c", "d"], adapter_sha256="x",
+        folded_staleness=[[0, 2], [3, 3]],
+    )  # fmt: skip
     metrics.rpc("GetTask", "OK", bytes_in=10, bytes_out=20)
     metrics.rpc("GetTask", "UNAUTHENTICATED", bytes_in=5, bytes_out=0)
     assert metrics.value("estuary_uploads_total") == 1
     assert metrics.value("estuary_upload_bytes_total") == 1000
     assert metrics.value("estuary_staleness_bucket", {"le": "2.0"}) == 0
     assert metrics.value("estuary_staleness_bucket", {"le": "4.0"}) == 1
+    # Per update folded in, at the staleness its version priced it at: 2 fresh, 3 at 3.
+    assert metrics.value("estuary_folded_staleness_bucket", {"le": "0.0"}) == 2
+    assert metrics.value("estuary_folded_staleness_bucket", {"le": "2.0"}) == 2
+    assert metrics.value("estuary_folded_staleness_bucket", {"le": "4.0"}) == 5
+    assert metrics.value("estuary_folded_staleness_sum") == 9
     assert metrics.value("estuary_version") == 4
     assert metrics.value("estuary_versions_committed_total") == 1
     assert metrics.value("estuary_rpcs_total", {"method": "GetTask", "code": "OK"}) == 1

@@ -128,13 +128,15 @@ def test_folded_staleness_is_what_each_cohort_landed_with(tmp_path: Path) -> Non
         )  # fmt: skip
         assert ledger.try_commit() is not None
     # Version 3 folds in a cohort trained on v0 (its weights fixed back then) and one on v2.
-    ledger.add_cohort_sum("old", weighted_sum=_adapter(rng), weight_total=1.0, updates=1,
+    ledger.add_cohort_sum("old", weighted_sum=_adapter(rng), weight_total=3.0, updates=3,
                           trained_on=0)  # fmt: skip
     ledger.add_cohort_sum("new", weighted_sum=_adapter(rng), weight_total=1.0, updates=1,
                           trained_on=2)  # fmt: skip
     info = ledger.try_commit()
     assert info is not None and info.version == 3
     assert ledger.folded_staleness(3) == {"old": 2, "new": 0}
+    # The commit says it per update too (for /metrics): 1 update fresh, 3 two versions stale.
+    assert info.folded_staleness == ((0, 1), (2, 3))
     assert ledger.folded_staleness(1) == {"fresh1": 0}
     assert ledger.folded_staleness(9) is None  # no such version
     record = json.loads(store.get(version_key(3)).value)  # type: ignore[union-attr]
