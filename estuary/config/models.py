@@ -130,7 +130,11 @@ class DeviceClass(Section):
     expected_task_s: float = Field(
         default=60.0,
         gt=0,
-        description="Typical seconds for one local training task; the pacer's speed estimate.",
+        description=(
+            "Typical seconds for one local training task; the pacer's speed estimate. It also "
+            "spaces the retries of devices waiting for a slot: set too high, slots stay idle "
+            "while devices wait; too low, waiting devices ask more often than slots free."
+        ),
     )
 
 
