@@ -119,6 +119,13 @@ class FleetConfig:
                 f"cohort_min/cohort_max: need 3 <= cohort_min <= cohort_max, got "
                 f"{self.cohort_min}/{self.cohort_max}"
             )
+        cap = max(1, math.ceil(self.buffer_size * self.target_staleness))
+        if cap < self.cohort_min:
+            raise ValueError(
+                f"target_staleness: buffer_size × target_staleness = {self.buffer_size} × "
+                f"{self.target_staleness:g} lets {cap} devices train at once, fewer than "
+                f"cohort_min={self.cohort_min}, so Estuary could never seal a cohort"
+            )
         if self.heartbeat_s >= self.silence_s:
             raise ValueError(
                 f"heartbeat_s: {self.heartbeat_s} must be below silence_s={self.silence_s} "

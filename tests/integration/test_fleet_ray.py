@@ -40,6 +40,7 @@ def _run_both(workdir: str, send: Connection) -> None:
     config = FleetConfig(
         devices=8, max_updates=8, buffer_size=4, target_staleness=1.0, local_steps=1,
         batch_size=2, seq_len=16, eval_windows=1, idle_checkin_s=5.0, duration_s=3600.0,
+        cohort_min=4, cohort_max=4,  # the pacer's cap (4 × 1) must hold a cohort
     )  # fmt: skip
     env = build_env(
         load_trace("stragglers"), config, workdir=Path(workdir), base=build_preset("tiny", seed=0),

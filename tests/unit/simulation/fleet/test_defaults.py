@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from edge_client.training import HEARTBEAT_S
 from estuary.config.models import CohortSettings, PacingSettings
 from simulation.fleet.policies import FleetConfig
@@ -35,7 +37,10 @@ def test_the_simulator_trains_as_the_product_does() -> None:
 
 
 def test_a_negative_warmup_is_refused_by_name() -> None:
-    import pytest
-
     with pytest.raises(ValueError, match="warmup_steps: must be >= 0, got -2"):
         FleetConfig(warmup_steps=-2)
+
+
+def test_a_pacer_cap_below_a_cohort_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="^target_staleness: .* fewer than cohort_min=5"):
+        FleetConfig(buffer_size=4, target_staleness=1.0)
