@@ -61,9 +61,20 @@ from estuary.state.blobs import BlobStore
 from estuary.state.keys import HEAD_KEY, PACE_WAITING
 from secure_agg import FixedPoint, Stage
 
-__all__ = ["Admission", "PaceQueue"]
+__all__ = ["Admission", "PaceQueue", "pacer_config"]
 
 log = logging.getLogger(__name__)
+
+
+def pacer_config(settings: CoordinatorSettings) -> PacerConfig:
+    """Return the pacer parameters ``settings`` give (cap, deadline, retry-after bounds)."""
+    return PacerConfig(
+        buffer_size=settings.aggregation.buffer_size,
+        target_staleness=settings.pacing.target_staleness,
+        deadline_s=settings.cohort.deadline_s,
+        retry_after_min_s=settings.pacing.retry_after_min_s,
+        retry_after_max_s=settings.pacing.retry_after_max_s,
+    )
 
 
 class PaceQueue:
@@ -139,14 +150,7 @@ class Admission:
         self._clock = clock
         self._classes = {c.name: c for c in settings.device_classes}
         self._fastest = min(c.expected_task_s for c in settings.device_classes)
-        agg = settings.aggregation
-        self.pacer = PacerConfig(
-            buffer_size=agg.buffer_size,
-            target_staleness=settings.pacing.target_staleness,
-            deadline_s=settings.cohort.deadline_s,
-            retry_after_min_s=settings.pacing.retry_after_min_s,
-            retry_after_max_s=settings.pacing.retry_after_max_s,
-        )
+        self.pacer = pacer_config(settings)
         self.queue = PaceQueue(book.store, clock=clock)
         self._artifacts: dict[str, tuple[int, str, int]] = {}
         # Per class, (head version, floor) of the last search of build outcomes.

@@ -909,23 +909,17 @@ class FedBuffPolicy(Policy):
 
     def __init__(self, env: FleetEnv) -> None:
         super().__init__(env)
-        from coordinator.admission import PaceQueue
-        from coordinator.pacing import PacerConfig
+        from coordinator.admission import PaceQueue, pacer_config
         from estuary.state.memory import MemoryStore
 
         self.ledger, self.staleness = _ledger(self, self.cfg.buffer_size)
-        cfg = self.cfg
-        self.pacer = PacerConfig(
-            buffer_size=cfg.buffer_size,
-            target_staleness=cfg.target_staleness,
-            deadline_s=cfg.deadline_s,
-            retry_after_min_s=cfg.retry_after_s,
-        )
+        # The pacer Estuary's service runs with, from the same settings.
+        settings = estuary_settings(env)
+        self.pacer = pacer_config(settings)
         self.concurrency = self.pacer.max_concurrency
         self.queue = PaceQueue(MemoryStore(clock=self.clock.time), clock=self.clock)
-        self.fastest_task_s = min(
-            expected_task_s(cfg, env.trace, c.name) for c in env.trace.classes
-        )
+        self.task_s = {c.name: c.expected_task_s for c in settings.device_classes}
+        self.fastest_task_s = min(self.task_s.values())
         self.active = 0
         self.adapters: dict[int, Any] = {}
         self.updates = 0
@@ -964,7 +958,7 @@ class FedBuffPolicy(Policy):
                 self.pacer,
                 active=self.active,
                 waiting=self.queue.waiting(),
-                expected_task_s=expected_task_s(self.cfg, self.env.trace, spec.device_class),
+                expected_task_s=self.task_s[spec.device_class],
                 fastest_task_s=self.fastest_task_s,
             )
             assert isinstance(decision, Defer)  # the pacer's cap is this concurrency
