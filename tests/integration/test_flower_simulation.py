@@ -35,6 +35,7 @@ from estuary.adapters import (
 from estuary.compress import compress_model
 from estuary.model.loading import load_model
 from estuary.model.presets import build_preset
+from simulation.fleet.training import LOCAL_RAY_SYSTEM_CONFIG
 from simulation.flower.client_app import _seed, make_client_app, node_setup
 from simulation.flower.server_app import make_server_app
 from simulation.flower.settings import FlowerSettings
@@ -59,7 +60,14 @@ def _simulate(settings: FlowerSettings, send: Connection) -> None:
         backend_name="ray",
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False},
+            "init_args": {
+                "num_cpus": 2,
+                "num_gpus": 0,
+                "include_dashboard": False,
+                # Ray's default nice 15 starved the clients under four busy loops: the
+                # quiet 30 s run passed its 840 s limit.
+                "_system_config": LOCAL_RAY_SYSTEM_CONFIG,
+            },
         },
     )
     send.send(rounds)
