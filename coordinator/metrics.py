@@ -101,6 +101,12 @@ class CoordinatorMetrics:
         self.updates_rejected = Counter(
             "estuary_updates_rejected", "Updates refused as too stale.", registry=r
         )
+        self.updates_dropped = Counter(
+            "estuary_updates_dropped",
+            "Updates accepted into the buffer and then dropped at a commit without being "
+            "folded in: trained on a version too old by then, or one a rollback abandoned.",
+            registry=r,
+        )
         self.paced = Counter("estuary_paced", "GetTask answers that were Pace.", registry=r)
         self.jobs_submitted = Counter(
             "estuary_jobs_submitted", "Cloud jobs queued by this replica.", registry=r
@@ -168,6 +174,8 @@ class CoordinatorMetrics:
             self.cohorts_finished.labels(status=str(fields.get("status", "unknown"))).inc()
         elif kind == "update_rejected":
             self.updates_rejected.inc()
+        elif kind == "update_dropped":
+            self.updates_dropped.inc(int(fields["updates"]))
         elif kind == "paced":
             self.paced.inc()
         elif kind == "job_submitted":

@@ -111,7 +111,8 @@ class ServiceObserver(Protocol):
         """Record one event.
 
         ``kind``: version_committed, cohort_sealed, cohort_finished, update_accepted,
-        update_rejected, weight_assigned, member_abandoned, paced, upload, job_submitted.
+        update_rejected, update_dropped (a buffered sum retired at a commit without being
+        folded in), weight_assigned, member_abandoned, paced, upload, job_submitted.
         """
 
 
@@ -129,6 +130,8 @@ class ServiceCounters:
     uploads: int = 0
     updates_accepted: int = 0
     updates_rejected: int = 0
+    #: Accepted into the buffer, then retired at a commit without being folded in.
+    updates_dropped: int = 0
     cohorts_completed: int = 0
     cohorts_aborted: int = 0
     staleness: dict[int, int] = field(default_factory=dict)

@@ -148,6 +148,15 @@ class Ticker:
             if stage in _FINISHED:
                 self._finish(record, cohort)
         info = self._ledger.try_commit()
+        for dropped in self._ledger.take_dropped():
+            self._counters.updates_dropped += dropped.updates
+            self._observer.event(
+                "update_dropped",
+                cohort_id=dropped.cohort_id,
+                updates=dropped.updates,
+                trained_on=dropped.trained_on,
+                reason=dropped.reason,
+            )
         if info is not None:
             self._observer.event(
                 "version_committed",

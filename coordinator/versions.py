@@ -159,6 +159,29 @@ class VersionInfo:
         return any(first <= version <= last for first, last in self.abandoned)
 
 
+@dataclass(frozen=True)
+class DroppedSum:
+    """A buffered cohort sum retired without being folded into any version.
+
+    Attributes
+    ----------
+    cohort_id
+        The cohort whose sum it was.
+    updates
+        Client updates in the sum: accepted into the buffer, now lost work.
+    trained_on
+        The version the cohort trained on.
+    reason
+        Why: too many versions behind by the commit, or trained on a version the
+        regression guard abandoned.
+    """
+
+    cohort_id: str
+    updates: int
+    trained_on: int
+    reason: str
+
+
 #: Tensor name under which a buffer entry carries its JSON metadata (weight, count).
 _META = "__meta__"
 
@@ -324,6 +347,7 @@ class VersionLedger:
         self._lease: Lease | None = None
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
         self._read_at: float | None = None  # this replica's last full read of the buffer
+        self._dropped: list[DroppedSum] = []  # retired unused since take_dropped()
 
     # ------------------------------------------------------------------ reading
 
@@ -686,6 +710,16 @@ class VersionLedger:
                 scored[version] = (float(obj["eval_bpb"]), str(obj["adapter_sha256"]))
         return review(guard, scored, head=head.version, tolerance=self._tolerance)
 
+    def take_dropped(self) -> list[DroppedSum]:
+        """Return the sums this replica retired unused since the last call, and forget them.
+
+        A sum is retired unused when a commit finds it trained on a version too old by
+        then (``max_staleness``) or abandoned by a rollback: its updates were accepted into
+        the buffer and then never counted. The caller reports them (``update_dropped``).
+        """
+        dropped, self._dropped = self._dropped, []
+        return dropped
+
     def _drop_unusable(
         self, fields: dict[str, dict[str, float | int]], *, head: int, guard: GuardState
     ) -> None:
@@ -704,6 +738,7 @@ class VersionLedger:
                 continue
             log.warning("cohort %s dropped from the buffer: %s", cohort_id, why)
             drop.append(cohort_id)
+            self._dropped.append(DroppedSum(cohort_id, int(meta["updates"]), trained_on, why))
         self._retire(drop)
         for cohort_id in drop:
             del fields[cohort_id]

@@ -162,8 +162,13 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 def _print_totals(console: Any, summary: dict[str, Any]) -> None:
     pretrain = summary["pretrain_wall_time_s"]
     console.print(
-        f"updates accepted {summary['updates_accepted']}, rejected "
-        f"{summary['updates_rejected']}, dropouts {summary['dropouts']}; wall time "
+        f"updates accepted {summary['updates_accepted']}"
+        + (
+            f" ({summary['updates_dropped']} later dropped at a commit)"
+            if summary.get("updates_dropped")
+            else ""
+        )
+        + f", rejected {summary['updates_rejected']}, dropouts {summary['dropouts']}; wall time "
         f"{summary['wall_time_s']} s (federation {summary['federation_wall_time_s']} s"
         + (f", one-off pretraining of the base {pretrain} s" if pretrain else "")
         + ")",

@@ -143,6 +143,20 @@ class StalenessHistogram:
             raise ValueError(f"staleness: must be >= 0, got {staleness}")
         self._counts[int(staleness)] += 1
 
+    def remove(self, staleness: int) -> None:
+        """Take back one update counted at ``staleness`` (its sum was later dropped).
+
+        Raises
+        ------
+        ValueError
+            If no update was counted at ``staleness``.
+        """
+        if self._counts[int(staleness)] < 1:
+            raise ValueError(f"staleness: no update counted at {staleness}")
+        self._counts[int(staleness)] -= 1
+        if not self._counts[int(staleness)]:
+            del self._counts[int(staleness)]
+
     @property
     def total(self) -> int:
         """Number of updates counted."""
@@ -252,6 +266,10 @@ class Summary(_SummaryRequired, total=False):
     shortfall
         Why fewer than ``versions_target`` versions were committed, for a person;
         ``null`` when the target was reached. ``estuary simulate`` prints it and exits 7.
+    updates_dropped
+        Of ``updates_accepted``: updates whose cohort sum was retired at a commit without
+        being folded in (trained on a version too old by then, or one a rollback
+        abandoned).
     cohorts
         Cohorts that ended during the run, by final status.
     tasks_per_client
@@ -284,6 +302,7 @@ class Summary(_SummaryRequired, total=False):
     stopped_by: str
     versions_target: int
     shortfall: str | None
+    updates_dropped: int
     cohorts: dict[str, int]
     tasks_per_client: dict[str, int]
     federation_wall_time_s: float

@@ -100,6 +100,8 @@ class RunStats:
     dropouts: int = 0
     rejected: int = 0
     accepted: int = 0
+    #: Of ``accepted``: retired at a commit without being folded in (too stale by then).
+    dropped: int = 0
     cohorts: dict[str, int] = field(default_factory=dict)
     #: Aborted cohorts by reason, numbers replaced by ``#`` so like reasons add up.
     abort_reasons: dict[str, int] = field(default_factory=dict)
@@ -132,6 +134,8 @@ class RunStats:
                 self.staleness.add(staleness)
         elif kind == "update_rejected":
             self.rejected += 1
+        elif kind == "update_dropped":
+            self.dropped += int(fields["updates"])
         elif kind == "cohort_finished":
             self._assigned.pop(str(fields["cohort_id"]), None)
             status = str(fields["status"])
@@ -641,6 +645,7 @@ class Simulation:
             "versions_target": self.settings.versions,
             "updates_accepted": self.stats.accepted,
             "updates_rejected": self.stats.rejected,
+            "updates_dropped": self.stats.dropped,
             "dropouts": self.stats.dropouts,
             "cohorts": self.stats.cohorts,
             "staleness_histogram": self.stats.staleness.to_json(),

@@ -303,6 +303,7 @@ class _Task:
     trained: bool = False
     trained_at: float = 0.0
     accepted: bool = False
+    relay_staleness: int = 0
     settled: bool = False
     dead: bool = False
     seed: int = 0
@@ -436,13 +437,27 @@ class EstuaryPolicy(Policy):
                     continue
                 task.accepted = True
                 self.rec.accepted += 1
-                self.rec.weight_staleness.add(self.assigned.pop((cid, int(member)), 0))
+                task.relay_staleness = self.assigned.pop((cid, int(member)), 0)
+                self.rec.weight_staleness.add(task.relay_staleness)
                 self.folding[cid] = self.folding.get(cid, 0) + 1
                 if task.settled and task.trained:  # settled as wasted before: undo
                     self.rec.wasted_s -= task.train_s
                     self.rec.discarded -= 1
                 task.settled = True
             self.rec.event(self.q.now, "accepted", -1, f"c{self.cname(cid)} n={fields['updates']}")
+        elif kind == "update_dropped":
+            # Buffered, then retired at a commit unused (too stale by then): lost work.
+            cid = str(fields["cohort_id"])
+            self.folding.pop(cid, None)
+            for member in range(self.cfg.cohort_max):
+                task = self.tasks.get((cid, member))
+                if task is not None and task.accepted:
+                    task.accepted = False
+                    self.rec.accepted -= 1
+                    self.rec.weight_staleness.remove(task.relay_staleness)
+                    self.rec.wasted_s += task.train_s
+                    self.rec.discarded += 1
+            self.rec.event(self.q.now, "dropped", -1, f"c{self.cname(cid)} n={fields['updates']}")
         elif kind == "cohort_finished":
             cid = str(fields["cohort_id"])
             self.rec.event(self.q.now, "cohort", -1, f"c{self.cname(cid)} {fields['status']}")

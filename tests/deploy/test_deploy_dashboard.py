@@ -51,6 +51,7 @@ def exported() -> dict[str, set[str]]:
     metrics.event("version_committed", version=1)
     metrics.event("cohort_finished", status="COMPLETED")
     metrics.event("update_rejected")
+    metrics.event("update_dropped", updates=1)
     metrics.event("paced")
     metrics.event("job_submitted")
     metrics.rpc("GetTask", "OK", bytes_in=1, bytes_out=2)

@@ -20,7 +20,7 @@ from torch import nn
 from cloud_workers.executor import ModelJobExecutor
 from cloud_workers.group import WorkerGroup
 from coordinator.enrolment import Device
-from coordinator.service import FederationService, TaskOffer
+from coordinator.service import FederationService, ServiceObserver, TaskOffer
 from estuary.adapters import AdapterConfig, GlobalAdapter
 from estuary.auth import raw_public_key
 from estuary.clock import VirtualClock
@@ -63,7 +63,14 @@ def make_settings(**overrides: Any) -> CoordinatorSettings:
 class Fed:
     """A service plus a synchronous local worker over one in-memory store and one clock."""
 
-    def __init__(self, tmp_path: Path, base: nn.Module, **overrides: Any) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        base: nn.Module,
+        *,
+        observer: ServiceObserver | None = None,
+        **overrides: Any,
+    ) -> None:
         self.clock = VirtualClock()
         self.store = MemoryStore(clock=self.clock.time)
         self.blobs = BlobStore(tmp_path / "blobs", fsync=False)
@@ -75,6 +82,7 @@ class Fed:
             blobs=self.blobs,
             initial_adapter=adapter,
             clock=self.clock,
+            **({} if observer is None else {"observer": observer}),
         )
         self.service.start()
         windows = np.random.default_rng(0).integers(0, 256, (2, 17))

@@ -27,6 +27,7 @@ def test_metrics_follow_service_events_and_rpcs() -> None:
         "version_committed", version=4, updates=5, cohorts=["c", "d"], adapter_sha256="x",
         folded_staleness=[[0, 2], [3, 3]],
     )  # fmt: skip
+    metrics.event("update_dropped", cohort_id="e", updates=3, trained_on=1, reason="stale")
     metrics.rpc("GetTask", "OK", bytes_in=10, bytes_out=20)
     metrics.rpc("GetTask", "UNAUTHENTICATED", bytes_in=5, bytes_out=0)
     assert metrics.value("estuary_uploads_total") == 1
@@ -38,6 +39,7 @@ def test_metrics_follow_service_events_and_rpcs() -> None:
     assert metrics.value("estuary_folded_staleness_bucket", {"le": "2.0"}) == 2
     assert metrics.value("estuary_folded_staleness_bucket", {"le": "4.0"}) == 5
     assert metrics.value("estuary_folded_staleness_sum") == 9
+    assert metrics.value("estuary_updates_dropped_total") == 3  # per update, not per cohort
     assert metrics.value("estuary_version") == 4
     assert metrics.value("estuary_versions_committed_total") == 1
     assert metrics.value("estuary_rpcs_total", {"method": "GetTask", "code": "OK"}) == 1

@@ -234,3 +234,46 @@ def test_heartbeats_hold_the_upload_stage_open_until_the_deadline(
     assert finished is not None and finished.survivors == (0, 1)
     # Folded in: the late member's task is gone, so its next heartbeat says abandon.
     assert service.heartbeat(slow, cohort.offers[2].task_id).abandon
+
+
+class _Events:
+    """A service observer that keeps every event."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self.seen.append((kind, fields))
+
+
+def test_a_sum_dropped_at_the_commit_is_reported_not_lost_silently(
+    tmp_path: Path, base: Any
+) -> None:
+    events = _Events()
+    fed = Fed(
+        tmp_path, base, observer=events,
+        aggregation={"buffer_size": 1, "max_staleness": 1},
+        pacing={"target_staleness": 4.0, "retry_after_min_s": 0.5},
+    )  # fmt: skip
+    ledger = fed.service.ledger
+
+    def zeros() -> dict[str, np.ndarray]:
+        head = ledger.head()
+        assert head is not None
+        return {n: np.zeros_like(b) for n, b in ledger.adapter(head).b.items()}
+
+    for version in (0, 1):  # two versions, each from one fresh sum, committed by ticks
+        ledger.add_cohort_sum(f"fresh{version}", weighted_sum=zeros(), weight_total=1.0,
+                              updates=1, trained_on=version)  # fmt: skip
+        assert fed.service.tick() is not None
+    # A cohort of 2 that trained on version 0, folded in only now (head 2): 2 behind.
+    ledger.add_cohort_sum("late", weighted_sum=zeros(), weight_total=2.0, updates=2,
+                          trained_on=0)  # fmt: skip
+    assert fed.service.tick() is None  # nothing left to fold in
+    dropped = [fields for kind, fields in events.seen if kind == "update_dropped"]
+    assert len(dropped) == 1
+    assert dropped[0]["cohort_id"] == "late" and dropped[0]["updates"] == 2
+    assert dropped[0]["trained_on"] == 0 and "limit 1" in dropped[0]["reason"]
+    assert fed.service.counters.updates_dropped == 2
+    fed.service.tick()
+    assert len([k for k, _ in events.seen if k == "update_dropped"]) == 1  # once

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from coordinator.staleness import StalenessPolicy
 from coordinator.versions import VersionLedger, _decode_entry, _encode_entry, _entry_meta
 from estuary.adapters import AdapterConfig, GlobalAdapter
 from estuary.clock import VirtualClock
@@ -146,6 +147,44 @@ def test_folded_staleness_is_what_each_cohort_landed_with(tmp_path: Path) -> Non
     store.put(version_key(3), b"not json")
     with pytest.raises(ValueError, match=r"version/0000000003: not a readable version record"):
         ledger.folded_staleness(3)
+
+
+def test_a_sum_too_stale_by_the_commit_is_dropped_and_reported_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    store = MemoryStore()
+    ledger = VersionLedger(
+        store, blobs=BlobStore(tmp_path / "blobs"), holder="r1", buffer_size=2,
+        staleness=StalenessPolicy(max_staleness=1), clock=VirtualClock(),
+    )  # fmt: skip
+    ledger.initialise(_global(rng))
+    for version in (1, 2, 3):
+        ledger.add_cohort_sum(
+            f"fresh{version}", weighted_sum=_adapter(rng), weight_total=2.0, updates=2,
+            trained_on=version - 1,
+        )  # fmt: skip
+        if version == 2:  # one version behind when folded in: allowed, not dropped
+            ledger.add_cohort_sum("behind", weighted_sum=_adapter(rng), weight_total=1.0,
+                                  updates=1, trained_on=0)  # fmt: skip
+            assert ledger.take_dropped() == []
+        info = ledger.try_commit()
+        assert info is not None and info.version == version
+    assert ledger.folded_staleness(2) == {"behind": 1, "fresh2": 0}
+    assert ledger.take_dropped() == []
+    # Two versions behind the head of 3: retired unused, its 3 updates reported once.
+    assert ledger.add_cohort_sum("stale", weighted_sum=_adapter(rng), weight_total=3.0,
+                                 updates=3, trained_on=1)  # fmt: skip
+    ledger.add_cohort_sum("fresh4", weighted_sum=_adapter(rng), weight_total=2.0, updates=2,
+                          trained_on=3)  # fmt: skip
+    info = ledger.try_commit()
+    assert info is not None and info.cohorts == ("fresh4",) and info.updates == 2
+    dropped = ledger.take_dropped()
+    assert [(d.cohort_id, d.updates, d.trained_on) for d in dropped] == [("stale", 3, 1)]
+    assert "2 versions behind (limit 1)" in dropped[0].reason
+    assert ledger.take_dropped() == []  # reported once
+    # A re-delivery of the dropped sum is a duplicate, never a new sum.
+    assert not ledger.add_cohort_sum("stale", weighted_sum=_adapter(rng), weight_total=3.0,
+                                     updates=3, trained_on=3)  # fmt: skip
+    assert ledger.buffered_updates() == 0
 
 
 def test_only_lease_holder_commits_and_stale_holder_is_fenced(tmp_path: Path) -> None:

@@ -136,3 +136,17 @@ def test_aborted_cohorts_are_counted_by_reason(tmp_path: Path) -> None:
         "# clients answered ADVERTISE_KEYS, threshold #": 2,
         "no reason given": 1,
     }
+
+
+def test_updates_dropped_at_a_commit_are_counted_apart(tmp_path: Path) -> None:
+    observer, stats, metrics = _observer(tmp_path)
+    observer.event("weight_assigned", cohort_id="a", member=0, staleness=0)
+    observer.event("weight_assigned", cohort_id="a", member=1, staleness=1)
+    observer.event(
+        "update_accepted", cohort_id="a", updates=2, survivors=[0, 1], weight_total=1.7, dropouts=0
+    )
+    observer.event("update_dropped", cohort_id="a", updates=2, trained_on=0, reason="stale")
+    metrics.close()
+    assert stats.accepted == 2 and stats.dropped == 2
+    kinds = [e["kind"] for e in read_events(tmp_path / "metrics.jsonl")]
+    assert "update_dropped" in kinds

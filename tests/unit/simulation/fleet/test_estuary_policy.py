@@ -129,3 +129,40 @@ def test_staleness_counts_each_update_as_its_version_folded_it_in(tmp_path: Path
     assert summary["staleness_at_weight_histogram"] == {
         str(k): v for k, v in rec.weight_staleness.as_dict().items()
     }
+
+
+def test_a_cohort_dropped_at_the_commit_is_wasted_work_not_accepted(tmp_path: Path) -> None:
+    import json
+
+    trace = json.loads((ROOT / "deploy" / "traces" / "stragglers.json").read_text())
+    # As above, with max_staleness 1: a cohort relayed fresh lands 2 versions behind.
+    busy = small_env(
+        tmp_path, trace, devices=16, buffer_size=2, target_staleness=5.0, cohort_min=3,
+        cohort_max=3, formation_s=1.0, max_updates=24, duration_s=3600.0, max_staleness=1,
+    )  # fmt: skip
+    try:
+        policy = EstuaryPolicy(busy)
+        rec = policy.run()
+    finally:
+        busy.trainer.close()
+    names = {f"c{number}": cid for cid, number in policy.cohort_names.items()}
+    accepted: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+    for _t, kind, _device, detail in rec.log:
+        if kind in ("accepted", "dropped"):
+            name, n = detail.split(" n=")
+            (accepted if kind == "accepted" else dropped)[names[name]] = int(n)
+    assert dropped, "this run drops a cohort at a commit (else the test tests nothing)"
+    assert set(dropped) <= set(accepted)  # only a buffered sum can be dropped
+    folded = set()
+    head = policy.service.ledger.head()
+    assert head is not None
+    for version in range(1, head.version + 1):
+        folded |= set(policy.service.ledger.folded_staleness(version) or {})
+    assert not folded & set(dropped)  # never folded in
+    kept = sum(n for cid, n in accepted.items() if cid not in dropped)
+    assert rec.accepted == kept  # the dropped updates no longer count as accepted ...
+    assert rec.weight_staleness.total == rec.accepted
+    assert rec.discarded >= sum(dropped.values())  # ... but as discarded work
+    assert rec.wasted_s > 0
+    assert rec.staleness.total == sum(n for cid, n in accepted.items() if cid in folded)
