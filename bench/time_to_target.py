@@ -24,7 +24,9 @@ simulator's overhead per device update.
 
 JSON keys: ``policies.<sync_fedavg|fedbuff|estuary>.{time_to_target_s, wasted_fraction,
 final_bits_per_byte, updates_to_target, bytes_up, bytes_down, staleness_histogram (at
-fold-in), waits_s, overhead_ms_per_update, ...}`` (Estuary also
+fold-in), waits_s, mean_training_at_once, train_s_per_update, overhead_ms_per_update, ...}``
+(throughput is ``mean_training_at_once / train_s_per_update``: device slots spent training,
+and the device time an update took, which is lower where fast devices come back first) (Estuary also
 ``staleness_at_weight_histogram``: at the share relay, before its cohort unmasked),
 ``ratio_vs_sync`` and ``ratio_vs_fedbuff``
 (Estuary's time to target over each; ``null`` when either never reached the target),

@@ -150,6 +150,14 @@ def _histogram(hist: StalenessHistogram) -> dict[str, int]:
     return {str(k): v for k, v in hist.as_dict().items()}
 
 
+def _mean_training(rec: Recorder) -> float:
+    """Device-seconds of training (finished or cut by a dropout) per virtual second."""
+    ended = next((t for t, kind, d, _x in reversed(rec.log) if kind == "end" and d < 0), None)
+    if not ended:
+        return 0.0
+    return (rec.work_s + rec.dropout_s) / ended
+
+
 def summarise(
     records: dict[str, Recorder], *, target_fraction: float = TARGET_FRACTION
 ) -> dict[str, Any]:
@@ -174,6 +182,11 @@ def summarise(
             "versions": rec.curve[-1][2],
             "virtual_time_s": rec.curve[-1][0] if rec.curve else 0.0,
             "wasted_fraction": rec.wasted_fraction,
+            # Throughput is devices training at once over device time per update: these
+            # two say which of the two a policy loses on (slots held for other things, or
+            # a fleet sampled more evenly than by who finishes first).
+            "mean_training_at_once": _mean_training(rec),
+            "train_s_per_update": rec.work_s / trained,
             "dropout_work_s": rec.dropout_s,
             "work_s": rec.work_s,
             "tasks": rec.tasks,

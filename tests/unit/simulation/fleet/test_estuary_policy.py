@@ -126,6 +126,11 @@ def test_staleness_counts_each_update_as_its_version_folded_it_in(tmp_path: Path
     assert rec.staleness.mean >= rec.weight_staleness.mean
     assert rec.staleness.as_dict() != rec.weight_staleness.as_dict()  # this run shows it
     summary = summarise({"estuary": rec})["policies"]["estuary"]
+    assert summary["train_s_per_update"] == rec.work_s / rec.trained
+    ended = [t for t, kind, device, _ in rec.log if kind == "end" and device < 0]
+    assert len(ended) == 1 and ended[0] > 0
+    assert summary["mean_training_at_once"] == (rec.work_s + rec.dropout_s) / ended[0]
+    assert 0 < summary["mean_training_at_once"] <= rec.max_training
     assert summary["staleness_at_weight_histogram"] == {
         str(k): v for k, v in rec.weight_staleness.as_dict().items()
     }
