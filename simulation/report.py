@@ -243,8 +243,8 @@ class Summary(_SummaryRequired, total=False):
     dropouts
         Tasks whose client vanished before uploading.
     staleness_histogram
-        Accepted updates per staleness, keyed by the staleness as a decimal string
-        (:meth:`StalenessHistogram.to_json`).
+        Accepted updates per staleness when their weight was fixed (the share relay),
+        keyed by the staleness as a decimal string (:meth:`StalenessHistogram.to_json`).
     bytes_up_per_client, bytes_down_per_client
         Bytes each client sent to / received from the coordinator, by client name.
     wall_time_s
@@ -266,6 +266,12 @@ class Summary(_SummaryRequired, total=False):
     shortfall
         Why fewer than ``versions_target`` versions were committed, for a person;
         ``null`` when the target was reached. ``estuary simulate`` prints it and exits 7.
+    folded_staleness_histogram
+        Updates folded into a committed version, by the staleness that version's commit
+        priced them at (``v − t_c``: what their discount was; a cohort may unmask a
+        version or two after its weights were fixed), keyed as ``staleness_histogram``.
+        Its total is ``updates_accepted`` less the updates still buffered at the end and
+        ``updates_dropped``.
     updates_dropped
         Of ``updates_accepted``: updates whose cohort sum was retired at a commit without
         being folded in (trained on a version too old by then, or one a rollback
@@ -303,6 +309,7 @@ class Summary(_SummaryRequired, total=False):
     versions_target: int
     shortfall: str | None
     updates_dropped: int
+    folded_staleness_histogram: dict[str, int]
     cohorts: dict[str, int]
     tasks_per_client: dict[str, int]
     federation_wall_time_s: float

@@ -106,6 +106,10 @@ class RunStats:
     #: Aborted cohorts by reason, numbers replaced by ``#`` so like reasons add up.
     abort_reasons: dict[str, int] = field(default_factory=dict)
     staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
+    #: Updates folded into a version, by the staleness the commit priced them at (``v −
+    #: t_c``, never below the relay's): its total lags ``accepted`` by the updates still
+    #: buffered and those dropped at a commit.
+    folded: StalenessHistogram = field(default_factory=StalenessHistogram)
     #: Staleness of each member handed a weight, by cohort, until the cohort finishes.
     _assigned: dict[str, dict[int, int]] = field(default_factory=dict, repr=False)
 
@@ -136,6 +140,10 @@ class RunStats:
             self.rejected += 1
         elif kind == "update_dropped":
             self.dropped += int(fields["updates"])
+        elif kind == "version_committed":
+            for staleness, updates in fields.get("folded_staleness", ()):
+                for _ in range(int(updates)):
+                    self.folded.add(int(staleness))
         elif kind == "cohort_finished":
             self._assigned.pop(str(fields["cohort_id"]), None)
             status = str(fields["status"])
@@ -649,6 +657,7 @@ class Simulation:
             "dropouts": self.stats.dropouts,
             "cohorts": self.stats.cohorts,
             "staleness_histogram": self.stats.staleness.to_json(),
+            "folded_staleness_histogram": self.stats.folded.to_json(),
             "bytes_up_per_client": fleet.per_client(lambda a: a.bytes_up),
             "bytes_down_per_client": fleet.per_client(lambda a: a.bytes_down),
             "tasks_per_client": fleet.per_client(lambda a: a.tasks_done),

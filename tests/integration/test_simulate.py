@@ -114,6 +114,11 @@ seq_len = 64
     assert "below the base" in summary["progress"]["text"]
     # The histogram counts accepted updates, not the weights handed out.
     assert sum(summary["staleness_histogram"].values()) == summary["updates_accepted"]
+    # Folded into versions: every accepted update not still buffered or dropped.
+    folded = sum(summary["folded_staleness_histogram"].values())
+    kept = summary["updates_accepted"] - summary["updates_dropped"]
+    assert summary["updates_dropped"] >= 0 and 0 < folded <= kept
+    assert folded >= summary["versions"]  # each version folds at least one update in
     assert all(v > 0 for v in summary["bytes_up_per_client"].values())
     assert all(v > 0 for v in summary["bytes_down_per_client"].values())
     budget = summary["baselines"]["sample_budget"]["steps_per_client"]

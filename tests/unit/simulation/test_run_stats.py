@@ -138,7 +138,7 @@ def test_aborted_cohorts_are_counted_by_reason(tmp_path: Path) -> None:
     }
 
 
-def test_updates_dropped_at_a_commit_are_counted_apart(tmp_path: Path) -> None:
+def test_dropped_and_folded_updates_are_counted_apart(tmp_path: Path) -> None:
     observer, stats, metrics = _observer(tmp_path)
     observer.event("weight_assigned", cohort_id="a", member=0, staleness=0)
     observer.event("weight_assigned", cohort_id="a", member=1, staleness=1)
@@ -146,7 +146,13 @@ def test_updates_dropped_at_a_commit_are_counted_apart(tmp_path: Path) -> None:
         "update_accepted", cohort_id="a", updates=2, survivors=[0, 1], weight_total=1.7, dropouts=0
     )
     observer.event("update_dropped", cohort_id="a", updates=2, trained_on=0, reason="stale")
+    observer.event(
+        "version_committed", version=1, updates=4, cohorts=["b", "c"], adapter_sha256="x",
+        folded_staleness=[[0, 1], [2, 3]],
+    )  # fmt: skip
     metrics.close()
     assert stats.accepted == 2 and stats.dropped == 2
+    # Folded in, per update at the staleness its version's commit priced it at.
+    assert stats.folded.as_dict() == {0: 1, 2: 3}
     kinds = [e["kind"] for e in read_events(tmp_path / "metrics.jsonl")]
     assert "update_dropped" in kinds
