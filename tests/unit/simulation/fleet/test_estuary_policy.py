@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fleet_helpers import small_env
 
+from simulation.fleet.engine import Recorder
 from simulation.fleet.policies import EstuaryPolicy, FleetEnv
 from simulation.fleet.run import summarise
 from simulation.fleet.trace import load_trace
@@ -90,27 +91,40 @@ def test_versions_equal_the_plain_updates_of_their_cohorts(env: FleetEnv, tmp_pa
     check.check_versions_against_ledger(policy.store, policy.blobs, ledger)
 
 
-def test_staleness_counts_each_update_as_its_version_folded_it_in(tmp_path: Path) -> None:
+def _busy_run(tmp_path: Path, **overrides: Any) -> tuple[EstuaryPolicy, Recorder]:
+    """Run the stragglers trace with versions of one cohort each and room for several
+    cohorts at once (stale updates); ``overrides`` change the fleet's config."""
     import json
 
     trace = json.loads((ROOT / "deploy" / "traces" / "stragglers.json").read_text())
-    # Versions of one cohort each and room for several cohorts at once: stale updates.
     busy = small_env(
-        tmp_path, trace, devices=16, buffer_size=2, target_staleness=5.0, cohort_min=3,
-        cohort_max=3, formation_s=1.0, max_updates=24, duration_s=3600.0,
+        tmp_path, trace, **{
+            "devices": 16, "buffer_size": 2, "target_staleness": 5.0, "cohort_min": 3,
+            "cohort_max": 3, "formation_s": 1.0, "max_updates": 24, "duration_s": 3600.0,
+            **overrides,
+        },
     )  # fmt: skip
     try:
         policy = EstuaryPolicy(busy)
-        rec = policy.run()
+        return policy, policy.run()
     finally:
         busy.trainer.close()
-    # Updates per cohort, from the log's acceptances ("c<n> n=<updates>").
+
+
+def _sizes(policy: EstuaryPolicy, rec: Recorder, kind: str) -> dict[str, int]:
+    """Updates per cohort id from the log's ``kind`` lines ("c<n> n=<updates>")."""
     names = {f"c{number}": cid for cid, number in policy.cohort_names.items()}
-    sizes = {}
-    for _t, kind, _device, detail in rec.log:
-        if kind == "accepted":
+    out = {}
+    for _t, logged, _device, detail in rec.log:
+        if logged == kind:
             name, n = detail.split(" n=")
-            sizes[names[name]] = int(n)
+            out[names[name]] = int(n)
+    return out
+
+
+def test_staleness_counts_each_update_as_its_version_folded_it_in(tmp_path: Path) -> None:
+    policy, rec = _busy_run(tmp_path)
+    sizes = _sizes(policy, rec, "accepted")
     expected: dict[int, int] = {}
     head = policy.service.ledger.head()
     assert head is not None and head.version >= 3
@@ -137,26 +151,10 @@ def test_staleness_counts_each_update_as_its_version_folded_it_in(tmp_path: Path
 
 
 def test_a_cohort_dropped_at_the_commit_is_wasted_work_not_accepted(tmp_path: Path) -> None:
-    import json
-
-    trace = json.loads((ROOT / "deploy" / "traces" / "stragglers.json").read_text())
-    # As above, with max_staleness 1: a cohort relayed fresh lands 2 versions behind.
-    busy = small_env(
-        tmp_path, trace, devices=16, buffer_size=2, target_staleness=5.0, cohort_min=3,
-        cohort_max=3, formation_s=1.0, max_updates=24, duration_s=3600.0, max_staleness=1,
-    )  # fmt: skip
-    try:
-        policy = EstuaryPolicy(busy)
-        rec = policy.run()
-    finally:
-        busy.trainer.close()
-    names = {f"c{number}": cid for cid, number in policy.cohort_names.items()}
-    accepted: dict[str, int] = {}
-    dropped: dict[str, int] = {}
-    for _t, kind, _device, detail in rec.log:
-        if kind in ("accepted", "dropped"):
-            name, n = detail.split(" n=")
-            (accepted if kind == "accepted" else dropped)[names[name]] = int(n)
+    # max_staleness 1: a cohort relayed fresh can land 2 versions behind.
+    policy, rec = _busy_run(tmp_path, max_staleness=1)
+    accepted = _sizes(policy, rec, "accepted")
+    dropped = _sizes(policy, rec, "dropped")
     assert dropped, "this run drops a cohort at a commit (else the test tests nothing)"
     assert set(dropped) <= set(accepted)  # only a buffered sum can be dropped
     folded = set()
