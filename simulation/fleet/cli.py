@@ -68,7 +68,7 @@ def simulate_fleet_command(
         typer.Option(
             "--ray",
             help="Train device updates on this Ray cluster (address, or 'local' to start "
-            "one on loopback) instead of the local pool.",
+            "one on loopback, its workers at normal priority) instead of the local pool.",
         ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Parent folder of `fleet-<stamp>/`.")] = Path("runs"),
