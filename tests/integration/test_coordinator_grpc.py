@@ -550,6 +550,14 @@ def test_heartbeat_and_metrics_after_refusals(fed: dict[str, Any]) -> None:
     a, task = fed["a"], fed["task_a"]
     assert a.heartbeat(task.task_id).action == edge_pb2.HeartbeatResponse.ACTION_CONTINUE
     assert a.heartbeat("other").action == edge_pb2.HeartbeatResponse.ACTION_ABANDON
+    # A stranger's GetTask, a download and a refused upload of its own: the counters below
+    # must not depend on which tests of this module ran before (pytest-xdist splits them).
+    with pytest.raises(grpc.RpcError):
+        Device(fed["stub"], Ed25519PrivateKey.generate()).get_task()
+    assert a.fetch(task.artifact.sha256)
+    with pytest.raises(grpc.RpcError):
+        a.upload(task_id=task.task_id, cohort_id="nope", sha256="0" * 64, total_bytes=4,
+                 chunks=[b"x" * 8])  # fmt: skip
     metrics = fed["server"].metrics
     refused = metrics.value("estuary_rpcs_total", {"method": "GetTask", "code": "UNAUTHENTICATED"})
     assert refused is not None and refused >= 1
