@@ -120,10 +120,18 @@ def test_two_groups_one_killed_every_job_completes_exactly_once(
                 found = store.scan("jobresult/").values()
                 return any(JobOutcome.from_json(r.value).group == "victim" for r in found)
 
-            # Killed once both serve: the survivor beats, and the victim has recorded an
-            # outcome (its first job runs the newest evaluation, v4, in v1's place).
+            def victim_holds_a_job() -> bool:
+                pending = store.pending(JOB_STREAM, CONSUMER_GROUP)
+                return any(p.consumer == "victim" for p in pending)
+
+            # Killed once both serve: the survivor beats, the victim has recorded an outcome
+            # (its first job runs the newest evaluation, v4, in v1's place) and holds its
+            # next job (2.5 s of work: the kill lands inside it however busy the machine;
+            # between one job's ack and the next pull there is a window it could miss).
             while time.monotonic() < deadline and (
-                store.get(worker_key("survivor")) is None or not victim_recorded()
+                store.get(worker_key("survivor")) is None
+                or not victim_recorded()
+                or not victim_holds_a_job()
             ):
                 time.sleep(0.05)
             victim.send_signal(signal.SIGKILL)
