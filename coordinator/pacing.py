@@ -21,8 +21,9 @@ adds jitter to the retry time it is given.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from estuary.config.models import pacer_cap
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class PacerConfig:
     @property
     def max_concurrency(self) -> int:
         """Devices allowed to train at once: ``ceil(K × target_staleness)``, at least 1."""
-        return max(1, math.ceil(self.buffer_size * self.target_staleness))
+        return pacer_cap(self.buffer_size, self.target_staleness)
 
 
 @dataclass(frozen=True)

@@ -131,17 +131,20 @@ class StalenessHistogram:
     def __init__(self) -> None:
         self._counts: Counter[int] = Counter()
 
-    def add(self, staleness: int) -> None:
-        """Count one update of staleness ``staleness``.
+    def add(self, staleness: int, count: int = 1) -> None:
+        """Count ``count`` updates of staleness ``staleness``.
 
         Raises
         ------
         ValueError
-            If ``staleness`` is negative.
+            If ``staleness`` or ``count`` is negative.
         """
         if staleness < 0:
             raise ValueError(f"staleness: must be >= 0, got {staleness}")
-        self._counts[int(staleness)] += 1
+        if count < 0:
+            raise ValueError(f"count: must be >= 0, got {count}")
+        if count:
+            self._counts[int(staleness)] += count
 
     def remove(self, staleness: int) -> None:
         """Take back one update counted at ``staleness`` (its sum was later dropped).

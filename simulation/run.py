@@ -142,8 +142,7 @@ class RunStats:
             self.dropped += int(fields["updates"])
         elif kind == "version_committed":
             for staleness, updates in fields.get("folded_staleness", ()):
-                for _ in range(int(updates)):
-                    self.folded.add(int(staleness))
+                self.folded.add(int(staleness), int(updates))
         elif kind == "cohort_finished":
             self._assigned.pop(str(fields["cohort_id"]), None)
             status = str(fields["status"])

@@ -138,6 +138,11 @@ class DeviceClass(Section):
     )
 
 
+def pacer_cap(buffer_size: int, target_staleness: float) -> int:
+    """Devices the pacer lets train at once: ``ceil(K × target_staleness)``, at least 1."""
+    return max(1, math.ceil(buffer_size * target_staleness))
+
+
 def _check_pacer_fits_cohort(
     aggregation: AggregationSettings, pacing: PacingSettings, cohort: CohortSettings
 ) -> None:
@@ -147,7 +152,7 @@ def _check_pacer_fits_cohort(
     is sealed only once ``min_size`` of them wait: below it no cohort is ever sealed.
     """
     k, target = aggregation.buffer_size, pacing.target_staleness
-    cap = max(1, math.ceil(k * target))
+    cap = pacer_cap(k, target)
     if cap < cohort.min_size:
         raise ValueError(
             f"pacing.target_staleness: aggregation.buffer_size × target_staleness = "

@@ -39,6 +39,7 @@ import numpy as np
 
 from estuary.adapters import COLUMN_RULES, rank_learning_rate, trained_columns
 from estuary.clock import VirtualClock
+from estuary.config.models import pacer_cap
 from simulation.fleet.engine import DeviceState, EventQueue, Recorder, Stopwatch
 from simulation.fleet.trace import DeviceSpec, DeviceTrace
 from simulation.fleet.training import TrainContext, Trainer, TrainRequest, data_slice
@@ -119,7 +120,7 @@ class FleetConfig:
                 f"cohort_min/cohort_max: need 3 <= cohort_min <= cohort_max, got "
                 f"{self.cohort_min}/{self.cohort_max}"
             )
-        cap = max(1, math.ceil(self.buffer_size * self.target_staleness))
+        cap = pacer_cap(self.buffer_size, self.target_staleness)
         if cap < self.cohort_min:
             raise ValueError(
                 f"target_staleness: buffer_size × target_staleness = {self.buffer_size} × "
@@ -623,8 +624,7 @@ class EstuaryPolicy(Policy):
     def on_commit(self, head: Any) -> None:
         """Count the updates folded in at their staleness, run the cloud jobs, score it."""
         for cid, s in sorted((self.service.ledger.folded_staleness(head.version) or {}).items()):
-            for _ in range(self.folding.pop(cid, 0)):
-                self.rec.staleness.add(s)
+            self.rec.staleness.add(s, self.folding.pop(cid, 0))
         self.run_jobs()
         adapter = self.service.ledger.adapter(head)
         self.adapters[head.version] = adapter

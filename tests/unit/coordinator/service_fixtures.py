@@ -82,7 +82,7 @@ class Fed:
             blobs=self.blobs,
             initial_adapter=adapter,
             clock=self.clock,
-            **({} if observer is None else {"observer": observer}),
+            observer=observer,
         )
         self.service.start()
         windows = np.random.default_rng(0).integers(0, 256, (2, 17))

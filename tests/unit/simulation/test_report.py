@@ -127,6 +127,26 @@ def test_histogram_counts_every_add(values: list[int]) -> None:
         assert hist.mean is None
 
 
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 5)), max_size=50))
+def test_adding_a_count_is_adding_one_at_a_time_and_remove_undoes_one(
+    pairs: list[tuple[int, int]],
+) -> None:
+    counted, one_by_one = StalenessHistogram(), StalenessHistogram()
+    for staleness, count in pairs:
+        counted.add(staleness, count)
+        for _ in range(count):
+            one_by_one.add(staleness)
+    assert counted.as_dict() == one_by_one.as_dict()
+    for staleness, count in pairs:
+        for _ in range(count):
+            counted.remove(staleness)
+    assert counted.total == 0 and counted.as_dict() == {}
+    with pytest.raises(ValueError, match="no update counted at 3"):
+        counted.remove(3)
+    with pytest.raises(ValueError, match="count: must be >= 0"):
+        counted.add(1, -1)
+
+
 def test_histogram_rejects_negative_staleness() -> None:
     with pytest.raises(ValueError, match="staleness"):
         StalenessHistogram().add(-1)
