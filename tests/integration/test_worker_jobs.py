@@ -48,15 +48,15 @@ from estuary.state import open_store
 from estuary.state.blobs import BlobStore
 from worker_fixtures import eval_windows
 
-url, blob_dir, name, delay, idle_exit = sys.argv[1:6]
+url, blob_dir, name, delay, idle_exit, lease = sys.argv[1:7]
 store = open_store(url)
 # No ONNX export: this test is about job delivery, and each export costs seconds.
 executor = ModelJobExecutor(store, blobs=BlobStore(blob_dir), base=build_preset("tiny", seed=0),
                             eval_windows=eval_windows(), onnx=False)
 # No artifact lane: this test counts what each group holds pending from the stream
 # (the lane is tested in tests/unit/cloud_workers/test_jobs.py).
-group = WorkerGroup(store, executor=executor, name=name, heartbeat_s=0.5, reclaim_idle_s=2.0,
-                    job_delay_s=float(delay), artifacts_ahead=False)
+group = WorkerGroup(store, executor=executor, name=name, heartbeat_s=0.5,
+                    reclaim_idle_s=float(lease), job_delay_s=float(delay), artifacts_ahead=False)
 group.run(threading.Event(), idle_exit_s=float(idle_exit))
 """
 
@@ -66,7 +66,7 @@ PROCESS_TIMEOUT_S = 120.0
 
 
 def start_group(
-    url: str, blob_dir: Path, name: str, *, delay: float, idle_exit: float
+    url: str, blob_dir: Path, name: str, *, delay: float, idle_exit: float, lease: float = 2.0
 ) -> subprocess.Popen[bytes]:
     # One intra-op thread per process: the tiny model gains nothing from more, and two
     # worker processes on a 2-core runner would otherwise oversubscribe it.
@@ -75,7 +75,17 @@ def start_group(
         [str(ROOT), str(ROOT / "tests" / "unit" / "cloud_workers"), env.get("PYTHONPATH", "")]
     )
     return subprocess.Popen(
-        [sys.executable, "-c", WORKER, url, str(blob_dir), name, str(delay), str(idle_exit)],
+        [
+            sys.executable,
+            "-c",
+            WORKER,
+            url,
+            str(blob_dir),
+            name,
+            str(delay),
+            str(idle_exit),
+            str(lease),
+        ],
         env=env,
     )
 
@@ -104,35 +114,29 @@ def test_two_groups_one_killed_every_job_completes_exactly_once(
         for job in jobs:
             submit_job(store, job)
 
-        # The victim is slow (2.5 s per job) and starts first; the survivor joins while
-        # the victim is mid-job, then the victim is killed.
-        victim = start_group(redis.url, tmp_path / "blobs", "victim", delay=2.5, idle_exit=60)
+        # The victim never finishes a job (each takes 10 minutes) and advertises a 5 s
+        # lease (ten heartbeats), so a victim starved of CPU by a busy machine still keeps
+        # its job until it is killed; it is killed inside its first job once the survivor
+        # serves. The survivor stays 12 s idle before it exits: past that lease, so it
+        # reclaims the job.
+        victim = start_group(
+            redis.url, tmp_path / "blobs", "victim", delay=600, idle_exit=600, lease=5.0
+        )
         survivor = None
         try:
             deadline = time.monotonic() + PROCESS_TIMEOUT_S
-            while time.monotonic() < deadline and not store.pending(JOB_STREAM, CONSUMER_GROUP):
-                time.sleep(0.05)
-            survivor = start_group(
-                redis.url, tmp_path / "blobs", "survivor", delay=0.0, idle_exit=5
-            )
-
-            def victim_recorded() -> bool:
-                found = store.scan("jobresult/").values()
-                return any(JobOutcome.from_json(r.value).group == "victim" for r in found)
 
             def victim_holds_a_job() -> bool:
                 pending = store.pending(JOB_STREAM, CONSUMER_GROUP)
                 return any(p.consumer == "victim" for p in pending)
 
-            # Killed once both serve: the survivor beats, the victim has recorded an outcome
-            # (its first job runs the newest evaluation, v4, in v1's place) and holds its
-            # next job (2.5 s of work: the kill lands inside it however busy the machine;
-            # between one job's ack and the next pull there is a window it could miss).
-            while time.monotonic() < deadline and (
-                store.get(worker_key("survivor")) is None
-                or not victim_recorded()
-                or not victim_holds_a_job()
-            ):
+            while time.monotonic() < deadline and not victim_holds_a_job():
+                time.sleep(0.05)
+            assert victim_holds_a_job(), "the victim group never took a job"
+            survivor = start_group(
+                redis.url, tmp_path / "blobs", "survivor", delay=0.0, idle_exit=12
+            )
+            while time.monotonic() < deadline and store.get(worker_key("survivor")) is None:
                 time.sleep(0.05)
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=10)
@@ -157,11 +161,12 @@ def test_two_groups_one_killed_every_job_completes_exactly_once(
         assert status["merge-unknown"] == "failed"
         assert "version 9: unknown" in (results[result_key("merge-unknown")].error or "")
         assert all(status[f"gen-{i}"] == "done" for i in range(6))
-        # The job the victim died in was reclaimed and completed once, by the survivor.
+        # The job the victim died in was reclaimed and completed once, by the survivor,
+        # which recorded every outcome (the victim finished none).
         redelivered = [o for o in results.values() if o.deliveries > 1]
         assert len(redelivered) == 1
         assert (redelivered[0].group, redelivered[0].deliveries) == ("survivor", 2)
-        assert {o.group for o in results.values()} == {"victim", "survivor"}
+        assert {o.group for o in results.values()} == {"survivor"}
         # Artifacts built twice, by separate runs, have one content hash.
         art = [results[result_key(n)].output["artifact_sha256"] for n in ("art-a", "art-b")]
         assert art[0] == art[1] and blobs.exists(art[0])
