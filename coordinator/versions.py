@@ -5,11 +5,13 @@ version its cohort trained on. When the buffer holds at least ``K`` client updat
 one replica (the holder of the ``aggregator`` lease) makes version ``v+1``::
 
     step    = η · Σ_c d_c · (Σ_{i∈c} w_i ΔB_i) / N,     N = Σ_c n_c  (or / K)
-    d_c     = min(1, f*(v − t_c) · n_c / Σ_{i∈c} w_i)
+    d_c     = min(1, Σ_{i∈c} f*(v − t_i) / Σ_{i∈c} w_i)
     B_{v+1} = B_v + clip(step, max_step_norm)
 
-where ``t_c`` is the version cohort ``c`` trained on and ``f*`` the staleness weight
-capped at the stable gain (:meth:`coordinator.staleness.StalenessPolicy.commit_weight`).
+where ``t_i`` is the version member ``i`` of cohort ``c`` trained on (members train
+before they form a cohort, so they may differ; ``t_c = min t_i``, the oldest) and ``f*``
+the staleness weight capped at the stable gain
+(:meth:`coordinator.staleness.StalenessPolicy.commit_weight`).
 Why this form and not ``Σ w ΔB / Σ w``:
 
 - Normalising by ``Σ w`` cancels the staleness weights whenever the updates of a
@@ -31,9 +33,10 @@ Why this form and not ``Σ w ΔB / Σ w``:
   0.24 bits/byte and the regression guard rolled back twice.
 - The weights ``w_i`` were fixed when each member finished training, against the
   head of that moment; more versions may be committed before its cohort's sum is
-  folded in. ``d_c`` re-prices the cohort at the staleness it actually lands with
-  (``v − t_c``, never smaller): the members keep their relative weights, the cohort's
-  total weight becomes ``n_c · f*(v − t_c)``. A cohort beyond ``max_staleness`` by then,
+  folded in. ``d_c`` re-prices the cohort at the staleness its members actually land
+  with (``v − t_i``, never smaller): the members keep their relative weights, the
+  cohort's total weight becomes ``Σ_i f*(v − t_i)`` (``n_c · f*(v − t_c)`` when all
+  trained on one version). A cohort whose oldest member is beyond ``max_staleness`` by then,
   or trained on a version the regression guard abandoned (:mod:`coordinator.guard`),
   is dropped, never folded in.
 - ``max_step_norm`` bounds the L2 norm of the whole step (all tensors together), so no
@@ -73,7 +76,7 @@ import json
 import logging
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -192,17 +195,32 @@ def _encode_entry(
     weight_total: float,
     updates: int,
     trained_on: int | None = None,
+    trained_versions: Mapping[int, int] | None = None,
 ) -> bytes:
     tensors = {k: np.asarray(v, dtype=np.float32) for k, v in weighted_sum.items()}
-    fields: dict[str, float | int] = {"weight_total": float(weight_total), "updates": int(updates)}
+    fields: dict[str, Any] = {"weight_total": float(weight_total), "updates": int(updates)}
     if trained_on is not None:
         fields["trained_on"] = int(trained_on)
+    if trained_versions is not None:
+        fields["versions"] = {str(t): int(n) for t, n in sorted(trained_versions.items())}
     meta = json.dumps(fields)
     tensors[_META] = np.frombuffer(meta.encode(), dtype=np.uint8)
     return bytes(save_tensors(tensors))
 
 
-def _entry_fields(data: bytes) -> dict[str, float | int]:
+def _entry_versions(meta: Mapping[str, Any], head: int) -> dict[int, int]:
+    """Return ``{version trained on: updates}`` of a buffer entry's metadata.
+
+    Entries written before members trained first carry one version for all
+    (``trained_on``; absent in the oldest: the head).
+    """
+    versions = meta.get("versions")
+    if versions is None:
+        return {int(meta.get("trained_on", head)): int(meta["updates"])}
+    return {int(t): int(n) for t, n in versions.items()}
+
+
+def _entry_fields(data: bytes) -> dict[str, Any]:
     """Return the JSON metadata of a stored buffer entry without decoding its tensors.
 
     Reads only the safetensors header (8-byte length + JSON) and the small metadata
@@ -212,7 +230,7 @@ def _entry_fields(data: bytes) -> dict[str, float | int]:
     (length,) = struct.unpack_from("<Q", data)
     header = json.loads(data[8 : 8 + length])
     start, end = header[_META]["data_offsets"]
-    meta: dict[str, float | int] = json.loads(data[8 + length + start : 8 + length + end])
+    meta: dict[str, Any] = json.loads(data[8 + length + start : 8 + length + end])
     return meta
 
 
@@ -415,8 +433,9 @@ class VersionLedger:
     def folded_staleness(self, version: int) -> dict[str, int] | None:
         """Return the staleness each cohort folded into ``version`` landed with, by id.
 
-        ``v − t_c`` at the commit: what its discount ``d_c`` was priced at (the members'
-        own weights were fixed earlier, at the share relay, against an older head). Empty
+        ``v − t_c`` at the commit, of its oldest member (the members' own weights were
+        fixed earlier, at the share relay, against an older head; the commit's
+        :attr:`VersionInfo.folded_staleness` counts every update at its own). Empty
         for a rollback (it folds nothing in); None if the version's record is gone.
         """
         value = self._version_field(version, "staleness", default={})
@@ -474,6 +493,7 @@ class VersionLedger:
         weight_total: float,
         updates: int,
         trained_on: int | None = None,
+        trained_versions: Sequence[int] | None = None,
     ) -> bool:
         """Buffer one cohort's unmasked sum; return ``False`` if it was already buffered.
 
@@ -490,7 +510,12 @@ class VersionLedger:
         trained_on
             Version the cohort trained on, 0 ≤ ``trained_on`` ≤ head; the commit
             discounts the sum by the staleness it lands with. ``None``: the head now
-            (for callers that fold in fresh work only).
+            (for callers that fold in fresh work only), or the oldest of
+            ``trained_versions``.
+        trained_versions
+            The version each update in the sum trained on (``updates`` of them, each
+            0..head, the oldest ``trained_on``): the commit prices each at its own
+            staleness. ``None``: all on ``trained_on``.
 
         Raises
         ------
@@ -511,6 +536,29 @@ class VersionLedger:
         head = self.head()
         if head is None:
             raise RuntimeError("the ledger is not initialised: call initialise() first")
+        by_version: dict[int, int] | None = None
+        if trained_versions is not None:
+            if len(trained_versions) != updates:
+                raise ValueError(
+                    f"trained_versions: expected one per update ({updates}), "
+                    f"got {len(trained_versions)}"
+                )
+            bad_versions = [t for t in trained_versions if not 0 <= t <= head.version]
+            if bad_versions:
+                raise ValueError(
+                    f"trained_versions: must be committed versions (0..{head.version}), "
+                    f"got {sorted(set(bad_versions))}"
+                )
+            if trained_on is None:
+                trained_on = min(trained_versions)
+            elif trained_on != min(trained_versions):
+                raise ValueError(
+                    f"trained_on: {trained_on} is not the oldest of trained_versions "
+                    f"({min(trained_versions)})"
+                )
+            by_version = {}
+            for t in trained_versions:
+                by_version[t] = by_version.get(t, 0) + 1
         if trained_on is None:
             trained_on = head.version
         if not 0 <= trained_on <= head.version:
@@ -525,7 +573,11 @@ class VersionLedger:
         if bad:
             raise ValueError(f"weighted_sum: non-finite values in {sorted(bad)}")
         entry = _encode_entry(
-            weighted_sum, weight_total=weight_total, updates=updates, trained_on=trained_on
+            weighted_sum,
+            weight_total=weight_total,
+            updates=updates,
+            trained_on=trained_on,
+            trained_versions=by_version,
         )
         created = self._store.insert_if_absent(buffer_key(cohort_id), entry)
         # The marker goes second: if we crash before it, the buffered entry itself still
@@ -636,11 +688,16 @@ class VersionLedger:
         current = self.adapter(head)
         summed = {name: np.zeros(b.shape, dtype=np.float64) for name, b in current.b.items()}
         staleness: dict[str, int] = {}
+        by_staleness: dict[int, int] = {}
         for cohort_id in cohorts:
-            tensors, weight_total, updates = _decode_entry(entries[cohort_id].value)
-            s = head.version - int(fields[cohort_id].get("trained_on", head.version))
-            staleness[cohort_id] = s
-            discount = min(1.0, self._policy.commit_weight(s) * updates / weight_total)
+            tensors, weight_total, _updates = _decode_entry(entries[cohort_id].value)
+            versions = _entry_versions(fields[cohort_id], head.version)
+            staleness[cohort_id] = head.version - min(versions)
+            priced = 0.0
+            for t, n in versions.items():
+                priced += n * self._policy.commit_weight(head.version - t)
+                by_staleness[head.version - t] = by_staleness.get(head.version - t, 0) + n
+            discount = min(1.0, priced / weight_total)
             for name in summed:
                 summed[name] += discount * tensors[name].astype(np.float64)
         divisor = self._k if self._divide_by_k else total_updates
@@ -678,9 +735,6 @@ class VersionLedger:
             sorted(staleness.values()),
             norm,
         )
-        by_staleness: dict[int, int] = {}
-        for cohort_id, s in staleness.items():
-            by_staleness[s] = by_staleness.get(s, 0) + int(fields[cohort_id]["updates"])
         return VersionInfo(
             new_version,
             digest,
@@ -721,7 +775,7 @@ class VersionLedger:
         return dropped
 
     def _drop_unusable(
-        self, fields: dict[str, dict[str, float | int]], *, head: int, guard: GuardState
+        self, fields: dict[str, dict[str, Any]], *, head: int, guard: GuardState
     ) -> None:
         """Retire (never fold in) buffered sums trained on abandoned or too old versions."""
         drop = []

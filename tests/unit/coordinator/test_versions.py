@@ -149,6 +149,61 @@ def test_folded_staleness_is_what_each_cohort_landed_with(tmp_path: Path) -> Non
         ledger.folded_staleness(3)
 
 
+def test_members_trained_on_different_versions_are_each_priced_at_their_own_staleness(
+    tmp_path: Path,
+) -> None:
+    # Prepare: K 3, step ÷ updates; version 2 is the head. One cohort of three whose members
+    # trained on versions 0, 1 and 1 (they train first, then form a cohort), weighted
+    # w_i at the relay; a reference cohort of one fresh update for the head's direction.
+    rng = np.random.default_rng(11)
+    store = MemoryStore()
+    ledger = _ledger(store, tmp_path, k=3, step_divisor="updates")
+    ledger.initialise(_global(rng))
+    for version in (1, 2):
+        ledger.add_cohort_sum(f"v{version}", weighted_sum=_adapter(rng), weight_total=3.0,
+                              updates=3)  # fmt: skip
+        assert ledger.try_commit() is not None
+    before = ledger.adapter(ledger.head())  # type: ignore[arg-type]
+    weighted, weights = _adapter(rng), (0.6, 0.8, 0.8)
+
+    # Execute: buffer it with each member's version, and commit.
+    assert ledger.add_cohort_sum(
+        "mixed", weighted_sum=weighted, weight_total=sum(weights), updates=3,
+        trained_versions=[0, 1, 1],
+    )  # fmt: skip
+    info = ledger.try_commit()
+
+    # Assert: d = Σ_i f*(2 − t_i) / Σ w_i, capped at 1; the step is d · Σ w ΔB / N.
+    policy = StalenessPolicy()
+    priced = policy.commit_weight(2) + 2 * policy.commit_weight(1)
+    discount = min(1.0, priced / sum(weights))
+    after = ledger.adapter(ledger.head())  # type: ignore[arg-type]
+    for name in SHAPES:
+        np.testing.assert_allclose(
+            after.b[name], before.b[name] + discount * weighted[name] / 3, rtol=1e-5, atol=1e-6
+        )
+    # Each update counted at its own staleness; the cohort by its oldest member.
+    assert info is not None and info.folded_staleness == ((1, 2), (2, 1))
+    assert ledger.folded_staleness(info.version) == {"mixed": 2}
+
+
+def test_trained_versions_that_do_not_fit_the_sum_are_refused_by_name(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    store = MemoryStore()
+    ledger = _ledger(store, tmp_path, k=3)
+    ledger.initialise(_global(rng))
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"trained_versions": [0, 0]}, "expected one per update"),
+        ({"trained_versions": [0, 0, 1]}, r"must be committed versions \(0..0\), got \[1\]"),
+        ({"trained_versions": [0, 0, 0], "trained_on": 1}, "trained_on: 1 is not the oldest"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            ledger.add_cohort_sum("c", weighted_sum=_adapter(rng), weight_total=1.0, updates=3,
+                                  **kwargs)  # type: ignore[arg-type]  # fmt: skip
+    assert ledger.buffered_updates() == 0  # nothing was stored
+
+
 def test_a_sum_too_stale_by_the_commit_is_dropped_and_reported_once(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     store = MemoryStore()
