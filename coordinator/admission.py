@@ -1,34 +1,46 @@
-"""Admission: a device asking for work is paced, or joins a forming cohort until it is sealed.
+"""Admission: a device is paced or trains, then joins a cohort of devices that trained.
 
-GetTask admits the device into the forming cohort of its class (answering Pace until the
-cohort is sealed), then returns the Task. The pacer (:mod:`coordinator.pacing`) decides
-whether there is room (it counts the devices admitted whose update is still to come:
-members of forming cohorts and members not yet past the share relay, see
-:meth:`~coordinator.cohort_book.CohortBook.training_devices`); a cohort is sealed once it
-has ``max_size`` devices, or ``min_size`` devices for ``formation_s`` seconds, or
-``min_size`` devices while the pacer is at its cap (no one else can join). Sealing
-deletes the forming record with a versioned delete, so of two replicas sealing the same
-cohort exactly one writes the sealed :class:`~coordinator.cohorts.CohortRecord`, the
-members' assignments and the entry in the active set.
+Devices train first. GetTask from an idle device is answered with Pace, or a *training
+task* (version, artifact, rank, steps; no cohort) recorded at ``training/<device>``
+(:class:`~coordinator.cohorts.TrainingTask`). The pacer (:mod:`coordinator.pacing`)
+decides whether there is room: it counts the devices holding a training task
+(:meth:`~coordinator.cohort_book.CohortBook.training_devices`); a device that finished
+takes no slot. A training task expires at its deadline, or once the device has been
+silent (no GetTask, no heartbeat) for ``cohort.silence_s``; the tick drops it.
 
-Work is only handed out if it can count. A cohort trains on the newest edge artifact
-built for its class, and an update more than ``aggregation.max_staleness`` versions
-behind the head is refused at the share relay; so while a class's newest artifact is
-already that far behind, its devices are paced (no admission, no seal) until a current
-one is built, and a device that still holds an unstarted task of a cohort sealed on
-such a version gives it up. Worker groups run each class's newest build ahead of older
+When the device has trained it asks again with ``trained_task_id``: it leaves the
+training count and joins the forming cohort of its class with the version its update
+trained on, answered with Pace until the cohort is sealed, then with the *cohort task*
+(cohort, member index, secure-aggregation session). Members of one cohort may have
+trained on different versions: the cohort record keeps each member's, and the share
+relay weighs each member by its own staleness. A cohort is sealed once it has
+``max_size`` devices, or ``min_size`` devices for ``formation_s`` seconds, or ``min_size``
+devices while no device trains (no one else can join). Sealing deletes the forming
+record with a versioned delete, so of two replicas sealing the same cohort exactly one
+writes the sealed :class:`~coordinator.cohorts.CohortRecord`, the members' assignments
+and the entry in the active set.
+
+Work is only handed out if it can count. Training tasks use the newest edge artifact
+built for the class, and an update more than ``aggregation.max_staleness`` versions
+behind the head is refused (when it is reported finished, and again at the share relay);
+so while a class's newest artifact is already that far behind, its devices are paced
+until a current one is built. Worker groups run each class's newest build ahead of older
 ones (:func:`estuary.jobs.job_to_run`), so the wait is about one build, not a backlog.
 Nor is work handed out on a version the regression guard abandoned
 (:mod:`coordinator.guard`), however new its artifact: the newest artifact of the kept
-lineage is used instead, and an unstarted task on an abandoned version is given up.
+lineage is used instead.
 
-An idle device's GetTask is one store round trip: its task, its class's forming cohort,
-the head and the class's newest artifact build are read together (:meth:`Admission.task_keys`),
-with the request's nonce when the service authenticates it.
+An idle device's GetTask is one store round trip: its cohort task, its class's forming
+cohort, its last version, its training task, the head and the class's newest artifact
+build are read together (:meth:`Admission.task_keys`), with the request's nonce when the
+service authenticates it.
 
-A device that asks for work while its task is under way (it has advertised keys) has
-lost its task state, e.g. by a restart: the task is abandoned (the member becomes a
-dropout of its cohort) and the device is admitted afresh.
+A device that asks for work without ``trained_task_id`` has no trained update: one that
+holds a training task gets it again (if it still counts); a member of a sealed cohort
+has lost its task state, e.g. by a restart, and its task is abandoned (the member
+becomes a dropout of its cohort) before it is admitted afresh. ``trained_task_id`` naming
+no training task the device holds is refused (FailedPrecondition): the update is not
+wanted (the task expired, was given up, or its version became too stale).
 """
 
 from __future__ import annotations
@@ -46,10 +58,18 @@ from coordinator.cohorts import (
     Assignment,
     CohortRecord,
     FormingCohort,
+    TrainingTask,
     neighbours_for,
 )
 from coordinator.enrolment import Device
-from coordinator.outcomes import PaceMechanism, PaceOffer, ServiceObserver, TaskOffer
+from coordinator.errors import FailedPrecondition
+from coordinator.outcomes import (
+    PaceMechanism,
+    PaceOffer,
+    ServiceCounters,
+    ServiceObserver,
+    TaskOffer,
+)
 from coordinator.pacing import Admit, PacerConfig, decide
 from coordinator.versions import VersionInfo, VersionLedger
 from estuary.adapters import rank_learning_rate, trained_columns
@@ -61,9 +81,14 @@ from estuary.state.blobs import BlobStore
 from estuary.state.keys import HEAD_KEY, PACE_WAITING
 from secure_agg import FixedPoint, Stage
 
-__all__ = ["Admission", "PaceQueue", "pacer_config"]
+__all__ = ["SEAL_POLL_S", "Admission", "PaceQueue", "pacer_config"]
 
 log = logging.getLogger(__name__)
+
+#: The soonest a member of a forming cohort that is due to be sealed is told to come
+#: back: the coordinator's tick interval (``coordinator.server.TICK_INTERVAL_S``), at
+#: which cohorts are sealed.
+SEAL_POLL_S = 0.25
 
 
 def pacer_config(settings: CoordinatorSettings) -> PacerConfig:
@@ -123,7 +148,10 @@ class Admission:
     tensors
         ``(name, length)`` of every adapter tensor, sorted: the secure-aggregation input.
     observer
-        Told ``paced``, ``member_abandoned`` and ``cohort_sealed``.
+        Told ``paced``, ``training_started``, ``update_rejected``, ``member_abandoned``
+        and ``cohort_sealed``.
+    counters
+        Counts updates refused as too stale when they are reported finished.
     clock
         Formation and deadline times (Unix seconds).
     """
@@ -139,8 +167,10 @@ class Admission:
         observer: ServiceObserver,
         clock: Clock = SYSTEM_CLOCK,
         new_cohort_id: Callable[[], str] | None = None,
+        counters: ServiceCounters | None = None,
     ) -> None:
         self.settings = settings
+        self._counters = counters or ServiceCounters()
         self._new_cohort_id = new_cohort_id or (lambda: uuid.uuid4().hex)
         self._book = book
         self._ledger = ledger
@@ -163,14 +193,23 @@ class Admission:
         device: Device,
         device_class: str,
         *,
+        trained_task_id: str = "",
         records: Sequence[Record | None] | None = None,
     ) -> TaskOffer | PaceOffer:
-        """Admit ``device`` (of the configured ``device_class``) into a cohort, or pace it.
+        """Give ``device`` (of the configured ``device_class``) a task, or pace it.
 
-        The device's task, the forming cohort, the head and the class's newest artifact
-        build are read in one store round trip; an idle device that is paced costs no more.
-        ``records``: those reads, of :meth:`task_keys` in order, made by the caller (the
-        service reads them with the request's nonce); ``None``: read them here.
+        ``trained_task_id``: the training task whose update the device holds, finished
+        (it joins a cohort); empty: it holds none. The device's records, the forming
+        cohort, the head and the class's newest artifact build are read in one store
+        round trip; an idle device that is paced costs no more. ``records``: those
+        reads, of :meth:`task_keys` in order, made by the caller (the service reads them
+        with the request's nonce); ``None``: read them here.
+
+        Raises
+        ------
+        FailedPrecondition
+            ``trained_task_id`` names no training task the device holds, or one whose
+            version is too stale (or abandoned) to count: drop the update.
         """
         keys = self.task_keys(device.device_id, device_class)
         if records is None:
@@ -179,17 +218,34 @@ class Admission:
             raise ValueError(
                 f"records: expected {len(keys)} reads of task_keys, got {len(records)}"
             )
-        assign_rec, forming_rec, trained_rec, head_rec, done_rec = records
-        assignment, forming, trained = self._book.parse_admission(
-            device.device_id, device_class, assign_rec, forming_rec, trained_rec
+        assign_rec, forming_rec, trained_rec, training_rec, head_rec, done_rec = records
+        assignment, forming, trained, training = self._book.parse_admission(
+            device.device_id, device_class, assign_rec, forming_rec, trained_rec, training_rec
         )
         head = VersionLedger.head_of(head_rec)
         if assignment is not None:
-            offer = self._resume(device, assignment, head)
+            offer = self._resume(device, assignment, head, trained_task_id)
             if offer is not None:
                 return offer
         if forming is not None and device.device_id in forming[0].members:
-            return self._wait_for_seal(device, device_class)
+            return self._wait_for_seal(device, device_class, head)
+        if training is not None:
+            task, record_version = training
+            if trained_task_id == task.task_id:
+                return self._finished(device, device_class, task, record_version, head)
+            if not trained_task_id:
+                if self._counts(task.version, head) and self._clock.time() < task.deadline_at:
+                    # Asked again before reporting it: the reply was lost, or the device
+                    # restarted; the same task, still alive.
+                    self._book.keep_training(device.device_id, expires_at=self._expiry(task))
+                    return self._training_offer(task)
+                self._book.stop_training(device.device_id, expected_version=record_version)
+        if trained_task_id:
+            raise FailedPrecondition(
+                f"trained_task_id: {trained_task_id!r} is not a training task this device "
+                "holds (it expired, was given up, was already reported, or its update became "
+                "too stale to count): drop the update"
+            )
         build_key = done_key("build_artifacts", device_class=device_class)
         artifact = self._artifact_at(device_class, head, done_of(done_rec, key=build_key))
         if artifact is None:
@@ -219,16 +275,15 @@ class Admission:
             if decision.queued:
                 self.queue.add(device.device_id, decision.retry_after_s)
             return self._pace(decision.retry_after_s, decision.reason)
-        self._admit(device, device_class)
-        return self._wait_for_seal(device, device_class)
+        return self._start_training(device, device_class, artifact)
 
     @staticmethod
     def task_keys(device_id: str, device_class: str) -> list[str]:
         """Return the keys :meth:`get_task` reads first, in one round trip.
 
-        In order: the device's task, the forming cohort of its class, the version the
-        device last trained on, the head and the class's newest completed artifact build
-        (its ``jobdone/`` record).
+        In order: the device's cohort task, the forming cohort of its class, the version
+        the device last trained on, its training task, the head and the class's newest
+        completed artifact build (its ``jobdone/`` record).
         """
         return [
             *CohortBook.admission_keys(device_id, device_class),
@@ -265,11 +320,23 @@ class Admission:
         return PaceOffer(seconds, reason, mechanism)
 
     def _resume(
-        self, device: Device, assignment: Assignment, head: VersionInfo | None
+        self,
+        device: Device,
+        assignment: Assignment,
+        head: VersionInfo | None,
+        trained_task_id: str,
     ) -> TaskOffer | None:
+        """Offer the device's cohort task again, or abandon it; None: it was abandoned.
+
+        Offered again while the member has not started (advertised keys), the cohort
+        waits for keys, its update still counts, and the device still holds that update
+        (asks with its training task's id). Its update no longer counting is refused
+        (FailedPrecondition) after the task is abandoned.
+        """
         cohort_id = assignment.cohort_id
         record = self._book.record(cohort_id)
         index = assignment.member_index
+        stale = ""
         if record is not None and record.active:
             cohort = self._book.cohort(record)
             # A member of a cohort that already finished (the next tick folds it in) is
@@ -280,23 +347,112 @@ class Admission:
                 if (
                     unstarted
                     and cohort.stage is Stage.ADVERTISE_KEYS
-                    and self._counts(record, head)
+                    and trained_task_id == assignment.trained_task_id
                 ):
-                    return self.offer(record, index)
+                    version = record.member_version(index)
+                    if self._counts(version, head):
+                        return self.offer(record, index, trained_task_id=trained_task_id)
+                    current = head.version if head else 0
+                    stale = f"trained on version {version}, no longer counts at {current}"
                 self._abandon(cohort_id, index)
         self._book.clear_assignment(device.device_id, cohort_id)
+        if stale:
+            self._counters.updates_rejected += 1
+            self._observer.event("update_rejected", cohort_id=cohort_id, reason=stale)
+            raise FailedPrecondition(
+                f"trained_task_id: {trained_task_id!r} {stale}: too stale to count; drop the update"
+            )
         return None
 
     def _abandon(self, cohort_id: str, index: int) -> None:
         def add(record: CohortRecord) -> CohortRecord | None:
             return None if record.is_abandoned(index) else record.with_abandoned(index)
 
-        self._book.stop_training(cohort_id, index)
         if self._book.update(cohort_id, add) is not None:
             log.info("cohort %s: member %d abandoned its task", cohort_id, index)
             self._observer.event("member_abandoned", cohort_id=cohort_id, member=index)
 
-    def _admit(self, device: Device, device_class: str) -> None:
+    # ------------------------------------------------------------------ training
+
+    def _expiry(self, task: TrainingTask) -> float:
+        """When ``task`` expires if the device stays silent from now."""
+        return min(task.deadline_at, self._clock.time() + self.settings.cohort.silence_s)
+
+    def keep_training(self, device_id: str, task: TrainingTask) -> None:
+        """Note that ``device_id``, training ``task``, is alive now (a heartbeat)."""
+        self._book.keep_training(device_id, expires_at=self._expiry(task))
+
+    def _start_training(
+        self, device: Device, device_class: str, artifact: tuple[int, str, int]
+    ) -> TaskOffer:
+        """Give ``device`` a training task on the class's newest artifact."""
+        now = self._clock.time()
+        version, digest, size_bytes = artifact
+        task_id = self._new_cohort_id()
+        task = TrainingTask(
+            task_id=task_id,
+            device_class=device_class,
+            version=version,
+            artifact=ArtifactRef(sha256=digest, size=size_bytes),
+            column_seed=int(task_id[:8], 16),
+            started_at=now,
+            deadline_at=now + self.settings.cohort.deadline_s,
+        )
+        self._book.start_training(device.device_id, task, expires_at=self._expiry(task))
+        if self.settings.pacing.one_task_per_version:
+            self._book.record_trained(device.device_id, version)
+        self._observer.event(
+            "training_started",
+            device_class=device_class,
+            version=version,
+            task_id=task_id,
+        )
+        return self._training_offer(task)
+
+    def _finished(
+        self,
+        device: Device,
+        device_class: str,
+        task: TrainingTask,
+        record_version: int,
+        head: VersionInfo | None,
+    ) -> TaskOffer | PaceOffer:
+        """Put a device that reports ``task`` trained into the forming cohort of its class.
+
+        It joins before its training task is dropped, so a crash between the two leaves
+        it a member (its training task expires), never neither.
+        """
+        if not self._counts(task.version, head):
+            self._book.stop_training(device.device_id, expected_version=record_version)
+            reason = (
+                f"trained on version {task.version}, abandoned by a rollback"
+                if head is not None and head.is_abandoned(task.version)
+                else f"trained on version {task.version}, more than "
+                f"{self.settings.aggregation.max_staleness} versions behind the current "
+                f"{head.version if head else 0}"
+            )
+            self._counters.updates_rejected += 1
+            self._observer.event("update_rejected", cohort_id="", reason=reason)
+            raise FailedPrecondition(
+                f"trained_task_id: {task.task_id!r} {reason}: too stale to count; drop the update"
+            )
+        joined = False
+        for _ in range(3):  # a full forming cohort is sealed, then joined afresh
+            self.maybe_seal(device_class, head=head)
+            if self._join(device, device_class, task):
+                joined = True
+                break
+        if not joined:
+            return self._pace(
+                self.pacer.retry_after_min_s,
+                "every forming cohort was full; report the update again",
+                "cohort_formation",
+            )
+        self._book.stop_training(device.device_id, expected_version=record_version)
+        return self._wait_for_seal(device, device_class, head)
+
+    def _join(self, device: Device, device_class: str, task: TrainingTask) -> bool:
+        """Add the device with its trained ``task`` to the class's forming cohort."""
         now = self._clock.time()
         cohort = self.settings.cohort
 
@@ -306,34 +462,71 @@ class Admission:
             if device.device_id in forming.members or len(forming.members) >= cohort.max_size:
                 return None
             return forming.joined(
-                device.device_id, identity_key=device.public_key, min_size=cohort.min_size, now=now
+                device.device_id,
+                identity_key=device.public_key,
+                version=task.version,
+                task_id=task.task_id,
+                min_size=cohort.min_size,
+                now=now,
             )
 
         joined = self._book.update_forming(device_class, join)
         if joined is not None and device.device_id in joined.members:
-            # Its index in the forming cohort is its member index once sealed.
-            index = joined.members.index(device.device_id)
-            self._book.start_training(joined.cohort_id, index, now=now)
+            return True
+        found = self._book.forming(device_class)
+        return found is not None and device.device_id in found[0].members
 
-    def _wait_for_seal(self, device: Device, device_class: str) -> TaskOffer | PaceOffer:
-        self.maybe_seal(device_class)
+    def _wait_for_seal(
+        self, device: Device, device_class: str, head: VersionInfo | None
+    ) -> TaskOffer | PaceOffer:
+        self.maybe_seal(device_class, head=head)
         assignment = self._book.assignment(device.device_id)
         if assignment is not None:
             record = self._book.record(assignment.cohort_id)
             if record is not None:
-                return self.offer(record, assignment.member_index)
-        forming = self._book.forming(device_class)
-        members = len(forming[0].members) if forming else 0
-        # Admitted either way: it is a member of the forming cohort and comes back soon.
-        if members >= self.settings.cohort.min_size and self.artifact_for(device_class) is None:
-            return self._pace(
-                self.pacer.retry_after_min_s, self._no_artifact(device_class), "cohort_formation"
-            )
+                return self.offer(
+                    record,
+                    assignment.member_index,
+                    trained_task_id=assignment.trained_task_id,
+                )
+        found = self._book.forming(device_class)
+        forming = found[0] if found else None
+        members = len(forming.members) if forming else 0
+        retry = self.pacer.retry_after_min_s
+        if forming is not None and forming.full_at is not None:
+            # Big enough: sealed once formation_s has passed (at a tick), so come back
+            # then rather than a whole retry-after later.
+            due = forming.full_at + self.settings.cohort.formation_s - self._clock.time()
+            retry = min(retry, max(due, SEAL_POLL_S))
+        # A member of the forming cohort: it comes back soon, with its update.
         return self._pace(
-            self.pacer.retry_after_min_s,
+            retry,
             f"waiting for the cohort to fill ({members}/{self.settings.cohort.min_size})",
             "cohort_formation",
         )
+
+    def expire_training(self) -> list[str]:
+        """Drop the training tasks that expired (deadline, or a silent device); the tick.
+
+        Returns the devices whose task this call dropped. A device that reports such a
+        task later is refused (its update is not wanted).
+        """
+        dropped = []
+        for device_id in self._book.expired_training(self._clock.time()):
+            found = self._book.training_task(device_id)
+            if found is None:
+                self._book.stop_training(device_id)  # a leftover count entry
+                continue
+            task, record_version = found
+            if self._book.stop_training(device_id, expected_version=record_version):
+                dropped.append(device_id)
+                self._observer.event(
+                    "training_expired",
+                    task_id=task.task_id,
+                    device_class=task.device_class,
+                    version=task.version,
+                )
+        return dropped
 
     # ------------------------------------------------------------------ sealing
 
@@ -343,31 +536,48 @@ class Admission:
         Reads the forming cohort of each configured class (one read each), not a scan of
         the store's keys: a scan costs as much as the whole keyspace, devices included.
         """
+        head = self._ledger.head()
         for device_class in self._classes:
-            self.maybe_seal(device_class)
+            self.maybe_seal(device_class, head=head)
 
-    def maybe_seal(self, device_class: str) -> str | None:
-        """Seal the forming cohort of ``device_class`` if it is full enough; return its id."""
+    def maybe_seal(self, device_class: str, *, head: VersionInfo | None = None) -> str | None:
+        """Seal the forming cohort of ``device_class`` if it is full enough; return its id.
+
+        Members whose update no longer counts at ``head`` (read here when None: more than
+        ``max_staleness`` behind, or abandoned by a rollback) are taken out first and
+        refused; the cohort is sealed from the rest, at a later call.
+        """
         found = self._book.forming(device_class)
         if found is None:
             return None
         forming, record_version = found
+        if head is None:
+            head = self._ledger.head()
+        if forming.trained and any(not self._counts(v, head) for v in forming.versions):
+            self._prune_stale(device_class, head)
+            return None
         n = len(forming.members)
         cohort = self.settings.cohort
         now = self._clock.time()
         full_at = now if forming.full_at is None else forming.full_at
+        if not forming.trained:
+            # Written by a release whose members had not trained: nothing to aggregate.
+            if self._book.seal_forming(device_class, expected_version=record_version):
+                log.warning(
+                    "forming cohort %s of %s predates training first; discarded (%d members)",
+                    forming.cohort_id,
+                    device_class,
+                    n,
+                )
+            return None
         ready = n >= cohort.max_size or (
-            n >= cohort.min_size and (now - full_at >= cohort.formation_s or self._pacer_full())
+            n >= cohort.min_size and (now - full_at >= cohort.formation_s or self._none_training())
         )
         if not ready:
-            return None
-        artifact = self.artifact_for(device_class)
-        if artifact is None:
             return None
         # The versioned delete is the seal: of two replicas sealing, exactly one wins.
         if not self._book.seal_forming(device_class, expected_version=record_version):
             return None
-        version, digest, size_bytes = artifact
         # The clip travels as a float32 and is bound into the session id: use the value
         # the devices will see, or coordinator and devices would be in different sessions.
         clip = float(np.float32(cohort.clip_norm))
@@ -386,8 +596,9 @@ class Admission:
             device_class=device_class,
             rank=self._classes[device_class].rank,
             members=forming.members,
-            version=version,
-            artifact=ArtifactRef(sha256=digest, size=size_bytes),
+            version=min(forming.versions),
+            # The members trained already: they need no artifact.
+            artifact=ArtifactRef(sha256="", size=0),
             sealed_at=now,
             deadline_at=now + cohort.deadline_s,
             threshold=max(1, min(holders, math.ceil(cohort.threshold_fraction * holders))),
@@ -400,43 +611,118 @@ class Admission:
             stage_started=now,
             active_adversary=active,
             identity_keys=forming.identity_keys if active else (),
+            member_versions=forming.versions,
         )
         cohort_id = record.cohort_id
         self._book.create(record)
         for index, device_id in enumerate(record.members):
             self._book.assign(
                 device_id,
-                Assignment(cohort_id=cohort_id, member_index=index, task_id=record.task_id(index)),
+                Assignment(
+                    cohort_id=cohort_id,
+                    member_index=index,
+                    task_id=record.task_id(index),
+                    trained_task_id=forming.tasks[index],
+                ),
             )
-            if self.settings.pacing.one_task_per_version:
-                self._book.record_trained(device_id, version)
         self._book.activate(cohort_id, sealed_at=now)
         log.info(
-            "sealed cohort %s: %d %s devices on version %d", cohort_id, n, device_class, version
+            "sealed cohort %s: %d %s devices trained on versions %d..%d",
+            cohort_id,
+            n,
+            device_class,
+            record.version,
+            max(forming.versions),
         )
         self._observer.event(
-            "cohort_sealed", cohort_id=cohort_id, device_class=device_class, size=n, version=version
+            "cohort_sealed",
+            cohort_id=cohort_id,
+            device_class=device_class,
+            size=n,
+            version=record.version,
         )
         return cohort_id
 
-    def _pacer_full(self) -> bool:
-        """Whether the pacer admits no one now: a forming cohort can gain no member.
+    def _prune_stale(self, device_class: str, head: VersionInfo | None) -> None:
+        """Take the members whose update no longer counts out of the forming cohort."""
+        removed: list[tuple[str, int]] = []
 
-        ``formation_s`` keeps a cohort that has ``min_size`` devices open for more; while
-        the concurrency cap is reached no device is admitted, so the wait would only hold
-        its members idle (and their pacer slots unused): it is sealed at once instead.
+        def prune(forming: FormingCohort | None) -> FormingCohort | None:
+            removed.clear()
+            if forming is None or not forming.trained:
+                return None
+            stale = {i for i, v in enumerate(forming.versions) if not self._counts(v, head)}
+            removed.extend((forming.tasks[i], forming.versions[i]) for i in sorted(stale))
+            return forming.without(stale, min_size=self.settings.cohort.min_size) if stale else None
+
+        if self._book.update_forming(device_class, prune) is None:
+            return
+        for task_id, version in removed:
+            reason = (
+                f"trained on version {version}, too stale to count by the time its cohort "
+                f"of {device_class} devices was sealed (now {head.version if head else 0})"
+            )
+            log.info("training task %s: %s", task_id, reason)
+            self._counters.updates_rejected += 1
+            self._observer.event("update_rejected", cohort_id="", reason=reason)
+
+    def _none_training(self) -> bool:
+        """Whether no device trains now: a forming cohort can gain no member soon.
+
+        ``formation_s`` keeps a cohort that has ``min_size`` devices open for more; with
+        no device training none will come, so the wait would only hold its members idle:
+        it is sealed at once instead.
         """
-        return self._book.training_devices() >= self.pacer.max_concurrency
+        return self._book.training_devices() == 0
 
     # ------------------------------------------------------------------ tasks
 
-    def offer(self, record: CohortRecord, index: int) -> TaskOffer:
-        """Return the task of member ``index`` of a sealed cohort."""
+    def _training_offer(self, task: TrainingTask) -> TaskOffer:
+        """Return the training task ``task`` as handed to the device."""
+        training = self.settings.training
+        rank = self._classes[task.device_class].rank
+        return TaskOffer(
+            task_id=task.task_id,
+            cohort_id="",
+            version=task.version,
+            artifact_sha256=task.artifact.sha256,
+            artifact_size=task.artifact.size,
+            rank=rank,
+            local_steps=training.local_steps,
+            learning_rate=rank_learning_rate(
+                training.learning_rate,
+                rank=rank,
+                r_max=self.settings.model.r_max,
+                power=training.rank_lr_power,
+            ),
+            grad_clip_norm=training.grad_clip_norm,
+            batch_size=training.batch_size,
+            seq_len=training.seq_len,
+            deadline_ms=int(task.deadline_at * 1000),
+            member_index=0,
+            session=None,
+            columns=trained_columns(
+                training.column_rule,
+                rank,
+                self.settings.model.r_max,
+                version=task.version,
+                member=task.column_seed,
+            )
+            or (),
+            warmup_steps=training.warmup_steps,
+        )
+
+    def offer(self, record: CohortRecord, index: int, *, trained_task_id: str) -> TaskOffer:
+        """Return the cohort task of member ``index`` of a sealed cohort.
+
+        ``trained_task_id``: the member's training task, whose update it aggregates. The
+        training fields repeat the class's; the member trained already.
+        """
         training = self.settings.training
         return TaskOffer(
             task_id=record.task_id(index),
             cohort_id=record.cohort_id,
-            version=record.version,
+            version=record.member_version(index),
             artifact_sha256=record.artifact.sha256,
             artifact_size=record.artifact.size,
             rank=record.rank,
@@ -454,26 +740,19 @@ class Admission:
             member_index=index,
             session=record.session_config(),
             identity_keys=record.identity_keys,
-            columns=trained_columns(
-                training.column_rule,
-                record.rank,
-                self.settings.model.r_max,
-                version=record.version,
-                member=index,
-            )
-            or (),
             warmup_steps=training.warmup_steps,
+            trained_task_id=trained_task_id,
         )
 
-    def _counts(self, record: CohortRecord, head: VersionInfo | None) -> bool:
-        """Whether work on the cohort's version would still be accepted at ``head``.
+    def _counts(self, version: int, head: VersionInfo | None) -> bool:
+        """Whether work on ``version`` would still be accepted at ``head``.
 
         Not when it is more than ``max_staleness`` behind, nor when the regression guard
         abandoned it (its sum would be dropped at commit).
         """
-        if head is None or head.is_abandoned(record.version):
+        if head is None or head.is_abandoned(version):
             return False
-        return record.version >= head.version - self.settings.aggregation.max_staleness
+        return version >= head.version - self.settings.aggregation.max_staleness
 
     def _no_artifact(self, device_class: str) -> str:
         limit = self.settings.aggregation.max_staleness

@@ -9,16 +9,17 @@ Key layout (the records are :mod:`coordinator.cohorts`' typed records):
   insert-if-absent and changed only by compare-and-set (:meth:`CohortBook.update`).
 - ``assign/<device>``: the :class:`~coordinator.cohorts.Assignment` a device holds.
 - ``cohorts-active``: sorted set of sealed, unfinished cohort ids (score: sealed at).
-- ``cohorts-training``: sorted set of the admitted members whose update is still to come,
-  as ``<cohort>/<member index>`` (score: admitted at): added when a device joins a forming
-  cohort (its index there is its index in the sealed cohort), removed when its staleness
-  weight is fixed or refused (it has trained and is about to upload), when it abandons
-  its task, and, for every member, when its cohort is folded in. Its size is what the
-  pacer caps (:meth:`CohortBook.training_devices`): one O(1) read, not a scan.
+- ``training/<device>``: the :class:`~coordinator.cohorts.TrainingTask` a device holds
+  before it joins a cohort (devices train first).
+- ``devices-training``: sorted set of the devices holding a training task (score: when
+  it expires: its deadline, or sooner once the device is silent for ``silence_s``).
+  Added with the training task, removed when the device reports it finished, gives it
+  up, or it expires (the tick). Its size is what the pacer caps
+  (:meth:`CohortBook.training_devices`): one O(1) read, not a scan.
 - ``seen/<cohort>/<member>``: when a member last showed it is alive (heartbeat, share
   relay), as Unix seconds from the injected clock; the tick's silence rule reads it.
 - ``trained/<device>``: the version of the last task the device was given (decimal),
-  written when its cohort is sealed (with ``pacing.one_task_per_version``); admission
+  written with its training task (with ``pacing.one_task_per_version``); admission
   reads it so that a device does not train twice on one version while the next is
   already under way.
 
@@ -40,6 +41,7 @@ from coordinator.cohorts import (
     CohortRecord,
     FormingCohort,
     MalformedRecord,
+    TrainingTask,
 )
 from coordinator.enrolment import Device
 from coordinator.errors import FailedPrecondition
@@ -55,13 +57,15 @@ __all__ = [
     "FORMING_PREFIX",
     "SEEN_PREFIX",
     "TRAINED_PREFIX",
-    "TRAINING_MEMBERS",
+    "TRAINING_DEVICES",
+    "TRAINING_PREFIX",
     "CohortBook",
 ]
 
 ASSIGN_PREFIX = "assign/"
 ACTIVE_COHORTS = "cohorts-active"
-TRAINING_MEMBERS = "cohorts-training"
+TRAINING_DEVICES = "devices-training"
+TRAINING_PREFIX = "training/"
 #: Parsed cohort records kept per replica (cleared when full: finished cohorts go).
 _PARSED_MAX = 4096
 SEEN_PREFIX = "seen/"
@@ -80,12 +84,12 @@ def _trained_key(device_id: str) -> str:
     return f"{TRAINED_PREFIX}{device_id}"
 
 
+def _training_key(device_id: str) -> str:
+    return f"{TRAINING_PREFIX}{device_id}"
+
+
 def _seen_key(cohort_id: str, index: int) -> str:
     return f"{SEEN_PREFIX}{cohort_id}/{index}"
-
-
-def _member(cohort_id: str, index: int) -> str:
-    return f"{cohort_id}/{index}"
 
 
 class CohortBook:
@@ -261,13 +265,19 @@ class CohortBook:
 
     @staticmethod
     def admission_keys(device_id: str, device_class: str) -> list[str]:
-        """Keys of a device's task, its class's forming cohort, its last task's version.
+        """Keys of a device's tasks, its class's forming cohort and its last task's version.
 
+        Its cohort task, the forming cohort, the version and its training task.
         In that order. GetTask's hot path reads them with others in one store round trip (with the
         request's nonce, :mod:`coordinator.admission`) and parses the records with
         :meth:`parse_admission`.
         """
-        return [_assign_key(device_id), _forming_key(device_class), _trained_key(device_id)]
+        return [
+            _assign_key(device_id),
+            _forming_key(device_class),
+            _trained_key(device_id),
+            _training_key(device_id),
+        ]
 
     @staticmethod
     def parse_admission(
@@ -276,12 +286,26 @@ class CohortBook:
         assign_rec: Record | None,
         forming_rec: Record | None,
         trained_rec: Record | None,
-    ) -> tuple[Assignment | None, tuple[FormingCohort, int] | None, int | None]:
+        training_rec: Record | None,
+    ) -> tuple[
+        Assignment | None,
+        tuple[FormingCohort, int] | None,
+        int | None,
+        tuple[TrainingTask, int] | None,
+    ]:
         """Parse reads of :meth:`admission_keys`.
 
-        Returns (assignment, (forming, its record version), version last trained on); each
-        is None where its record is absent.
+        Returns (assignment, (forming, its record version), version last trained on,
+        (training task, its record version)); each is None where its record is absent.
         """
+        training = (
+            None
+            if training_rec is None
+            else (
+                TrainingTask.from_json(training_rec.value, where=_training_key(device_id)),
+                training_rec.version,
+            )
+        )
         assign_key, forming_key = _assign_key(device_id), _forming_key(device_class)
         trained: int | None = None
         if trained_rec is not None:
@@ -303,7 +327,7 @@ class CohortBook:
                 forming_rec.version,
             )
         )
-        return assignment, forming, trained
+        return assignment, forming, trained, training
 
     # ------------------------------------------------------------------ assignments
 
@@ -353,33 +377,55 @@ class CohortBook:
 
     # ------------------------------------------------------------------ counting
 
-    def start_training(self, cohort_id: str, index: int, *, now: float) -> None:
-        """Count member ``index`` of a (forming) cohort as training, from ``now``."""
-        self.store.zadd(TRAINING_MEMBERS, {_member(cohort_id, index): now})
+    def training_task(self, device_id: str) -> tuple[TrainingTask, int] | None:
+        """Return the training task ``device_id`` holds and its record version, or None."""
+        key = _training_key(device_id)
+        rec = self.store.get(key)
+        return None if rec is None else (TrainingTask.from_json(rec.value, where=key), rec.version)
 
-    def stop_training(self, cohort_id: str, *indices: int) -> None:
-        """Stop counting these members as training (repeats are harmless)."""
-        if indices:
-            self.store.zrem(TRAINING_MEMBERS, *(_member(cohort_id, i) for i in indices))
+    def start_training(self, device_id: str, task: TrainingTask, *, expires_at: float) -> None:
+        """Record the training task ``device_id`` now holds and count it as training."""
+        self.store.put(_training_key(device_id), task.to_json())
+        self.store.zadd(TRAINING_DEVICES, {device_id: expires_at})
+
+    def keep_training(self, device_id: str, *, expires_at: float) -> None:
+        """Move the expiry of ``device_id``'s training task (it showed it is alive)."""
+        self.store.zadd(TRAINING_DEVICES, {device_id: expires_at})
+
+    def stop_training(self, device_id: str, *, expected_version: int | None = None) -> bool:
+        """Drop the device's training task; True if this call removed it.
+
+        ``expected_version``: only the record read at that version (of two replicas that
+        take the same report, exactly one gets True).
+        """
+        try:
+            removed = self.store.delete(_training_key(device_id), expected_version=expected_version)
+        except VersionConflict:
+            return False
+        self.store.zrem(TRAINING_DEVICES, device_id)
+        return removed
+
+    def expired_training(self, now: float) -> list[str]:
+        """Devices whose training task expired by ``now`` (deadline, or silent too long)."""
+        entries = self.store.zrange_by_score(TRAINING_DEVICES, min_score=-math.inf, max_score=now)
+        return [device_id for device_id, _ in entries]
 
     def training_devices(self) -> int:
-        """Devices admitted whose update is still to come: what the pacer caps.
+        """Devices holding a training task: what the pacer caps.
 
-        Members of forming cohorts, and members of sealed cohorts whose staleness weight
-        is not yet fixed (they have not trained, or not asked for the share relay) and who
-        have not abandoned their task. A member that already has its weight is waiting for
-        its cohort to unmask: it trains nothing and its staleness is settled, so it takes
-        no pacer slot. One store call (a sorted set's size), however many cohorts run.
+        A device that finished training and waits for, or is in, a cohort trains
+        nothing and takes no slot. One store call (a sorted set's size).
         """
-        return self.store.zcard(TRAINING_MEMBERS)
+        return self.store.zcard(TRAINING_DEVICES)
 
     def in_flight_updates(self) -> int:
-        """Count the updates still to come from sealed, unfinished cohorts.
+        """Count the updates still to come: training, forming, and in sealed cohorts.
 
-        Their members less the ones that abandoned their task (a dropout that is not yet
-        known counts).
+        Sealed, unfinished cohorts' members less the ones that abandoned their task (a
+        dropout that is not yet known counts).
         """
-        count = 0
+        count = self.training_devices()
+        count += sum(len(forming.members) for forming in self.all_forming())
         for cohort_id in self.active_ids():
             record = self.record(cohort_id)
             if record is not None and record.active:
@@ -387,10 +433,9 @@ class CohortBook:
         return count
 
     def active_devices(self) -> int:
-        """Devices admitted and not finished: in forming cohorts and active cohorts.
+        """Devices admitted and not finished: training, in forming and in active cohorts.
 
         A scan of every forming and active cohort, for metrics; the pacer reads
         :meth:`training_devices`.
         """
-        forming = sum(len(forming.members) for forming in self.all_forming())
-        return forming + self.in_flight_updates()
+        return self.in_flight_updates()

@@ -12,7 +12,9 @@ format, so records written before these classes existed read back unchanged):
   artifact it trains from, the secure-aggregation parameters, ``stage`` and
   ``stage_started`` (for deadlines), ``status`` (active / completed / aborted), the
   members that ``abandoned`` their task and, once finished, its outcome.
-- :class:`Assignment` at ``assign/<device>``: the task a device holds.
+- :class:`Assignment` at ``assign/<device>``: the cohort task a device holds.
+- :class:`TrainingTask` at ``training/<device>``: the training task a device holds before
+  it joins a cohort (devices train first, then aggregate with devices that finished).
 
 :class:`~coordinator.cohort_book.CohortBook` is the only code that reads or writes them.
 Stored data that does not parse raises :class:`MalformedRecord` naming the key and the
@@ -39,6 +41,7 @@ __all__ = [
     "CohortStatus",
     "FormingCohort",
     "MalformedRecord",
+    "TrainingTask",
     "neighbours_for",
 ]
 
@@ -180,9 +183,14 @@ class CohortRecord:
     members
         Device ids; a member's position is its secure-aggregation index.
     version
-        The model version the members train from.
+        The oldest version a member's update trained on (all of them in records
+        written before members trained first): a sum is dropped at commit by it.
     artifact
-        The edge artifact of ``version`` for ``device_class``.
+        The edge artifact of ``version`` for ``device_class``; empty (``sha256`` "") in
+        cohorts of devices that trained first: they download nothing more.
+    member_versions
+        The version each member's update trained on, by member index; empty in records
+        written before members trained first (every member then trained on ``version``).
     sealed_at, deadline_at
         Unix seconds: when membership became final, and the masked-upload deadline.
     threshold, bits, frac_bits, clip, neighbours, tensors
@@ -236,6 +244,7 @@ class CohortRecord:
     survivors: tuple[int, ...] | None = None
     weight_total: float | None = None
     abort_reason: str | None = None
+    member_versions: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ reading
 
@@ -255,6 +264,10 @@ class CohortRecord:
             return self.members.index(device_id)
         except ValueError:
             return None
+
+    def member_version(self, index: int) -> int:
+        """Return the version member ``index``'s update trained on."""
+        return self.member_versions[index] if self.member_versions else self.version
 
     def is_abandoned(self, index: int) -> bool:
         """Whether member ``index`` gave up its task."""
@@ -353,6 +366,8 @@ class CohortRecord:
             "status": self.status,
             "abandoned": list(self.abandoned),
         }
+        if self.member_versions:  # absent: every member trained on `version`
+            value["member_versions"] = list(self.member_versions)
         if self.active_adversary:  # absent: passive, as in records written before the mode
             value["active_adversary"] = True
             value["identity_keys"] = [key.hex() for key in self.identity_keys]
@@ -395,11 +410,18 @@ class CohortRecord:
                 f"{where}: field 'tensors': expected [name, length] pairs, got {tensors!r}"
             )
         survivors = f.opt_list_of("survivors", int)
+        members = tuple(f.list_of("members", str))
+        member_versions = tuple(f.list_of("member_versions", int, default=[]))
+        if member_versions and len(member_versions) != len(members):
+            raise MalformedRecord(
+                f"{where}: field 'member_versions': expected one per member ({len(members)}), "
+                f"got {len(member_versions)}"
+            )
         return cls(
             cohort_id=f.str_("cohort_id"),
             device_class=f.str_("device_class"),
             rank=f.int_("rank"),
-            members=tuple(f.list_of("members", str)),
+            members=members,
             version=f.int_("version"),
             artifact=ArtifactRef(sha256=artifact.str_("sha256"), size=artifact.int_("size")),
             sealed_at=f.float_("sealed_at"),
@@ -420,6 +442,7 @@ class CohortRecord:
             survivors=None if survivors is None else tuple(survivors),
             weight_total=f.opt_float("weight_total"),
             abort_reason=f.opt_str("abort_reason"),
+            member_versions=member_versions,
         )
 
     @classmethod
@@ -430,7 +453,7 @@ class CohortRecord:
 
 @dataclass(frozen=True, slots=True)
 class FormingCohort:
-    """A cohort gathering devices, stored at ``forming/<class>``.
+    """A cohort gathering devices that have trained, stored at ``forming/<class>``.
 
     Attributes
     ----------
@@ -438,6 +461,12 @@ class FormingCohort:
         The id the cohort will keep once sealed.
     members
         Device ids in order of admission.
+    versions
+        The version each member's update trained on, in the order of ``members``; with
+        ``tasks``, absent from records written before devices trained first (such a
+        record's members never trained: it is discarded, not sealed).
+    tasks
+        The training task each member finished, in the order of ``members``.
     identity_keys
         Each member's Ed25519 identity public key (raw), in the order of ``members``; they
         become the sealed cohort's keys for active-adversary mode. A record written before
@@ -453,6 +482,14 @@ class FormingCohort:
     opened_at: float
     full_at: float | None = None
     identity_keys: tuple[bytes, ...] = ()
+    versions: tuple[int, ...] = ()
+    tasks: tuple[str, ...] = ()
+
+    @property
+    def trained(self) -> bool:
+        """Whether every member's trained version and task are known (not an old record)."""
+        n = len(self.members)
+        return len(self.versions) == n and len(self.tasks) == n
 
     @property
     def has_identity_keys(self) -> bool:
@@ -460,16 +497,50 @@ class FormingCohort:
         return len(self.identity_keys) == len(self.members)
 
     def joined(
-        self, device_id: str, *, identity_key: bytes, min_size: int, now: float
+        self,
+        device_id: str,
+        *,
+        identity_key: bytes,
+        version: int,
+        task_id: str,
+        min_size: int,
+        now: float,
     ) -> FormingCohort:
-        """Return this cohort with ``device_id`` (and its identity key) added.
+        """Return this cohort with ``device_id`` and its identity key, version and task added.
 
+        ``version``: the one its update trained on; ``task_id``: its training task.
         ``full_at`` is set when the cohort reaches ``min_size``.
         """
         members = (*self.members, device_id)
         keys = (*self.identity_keys, identity_key) if self.has_identity_keys else ()
         full_at = now if len(members) == min_size else self.full_at
-        return replace(self, members=members, full_at=full_at, identity_keys=keys)
+        return replace(
+            self,
+            members=members,
+            full_at=full_at,
+            identity_keys=keys,
+            versions=(*self.versions, version),
+            tasks=(*self.tasks, task_id),
+        )
+
+    def without(self, indices: set[int], *, min_size: int) -> FormingCohort:
+        """Return this cohort without the members at ``indices`` (their updates are out).
+
+        ``full_at`` is kept while the cohort still has ``min_size`` members, else cleared.
+        """
+        keep = [i for i in range(len(self.members)) if i not in indices]
+
+        def pick(values: tuple[_T, ...]) -> tuple[_T, ...]:
+            return tuple(values[i] for i in keep) if values else ()
+
+        return replace(
+            self,
+            members=pick(self.members),
+            identity_keys=pick(self.identity_keys) if self.has_identity_keys else (),
+            versions=pick(self.versions),
+            tasks=pick(self.tasks),
+            full_at=self.full_at if len(keep) >= min_size else None,
+        )
 
     def to_json(self) -> bytes:
         """Return the stored bytes (``full_at`` and ``identity_keys`` only once set)."""
@@ -482,6 +553,9 @@ class FormingCohort:
             value["identity_keys"] = [key.hex() for key in self.identity_keys]
         if self.full_at is not None:
             value["full_at"] = self.full_at
+        if self.versions or self.tasks:
+            value["versions"] = list(self.versions)
+            value["tasks"] = list(self.tasks)
         return _json(value)
 
     @classmethod
@@ -494,26 +568,34 @@ class FormingCohort:
             opened_at=f.float_("opened_at"),
             full_at=f.opt_float("full_at"),
             identity_keys=tuple(f.hex_list("identity_keys")),
+            versions=tuple(f.list_of("versions", int, default=[])),
+            tasks=tuple(f.list_of("tasks", str, default=[])),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """The task a device holds, stored at ``assign/<device>``."""
+    """The cohort task a device holds, stored at ``assign/<device>``.
+
+    ``trained_task_id``: the training task whose update the member aggregates (empty in
+    records written before devices trained first).
+    """
 
     cohort_id: str
     member_index: int
     task_id: str
+    trained_task_id: str = ""
 
     def to_json(self) -> bytes:
         """Return the stored bytes."""
-        return _json(
-            {
-                "cohort_id": self.cohort_id,
-                "member_index": self.member_index,
-                "task_id": self.task_id,
-            }
-        )
+        value: dict[str, Any] = {
+            "cohort_id": self.cohort_id,
+            "member_index": self.member_index,
+            "task_id": self.task_id,
+        }
+        if self.trained_task_id:  # absent in records from before devices trained first
+            value["trained_task_id"] = self.trained_task_id
+        return _json(value)
 
     @classmethod
     def from_json(cls, raw: bytes, *, where: str = "assignment") -> Assignment:
@@ -523,6 +605,63 @@ class Assignment:
             cohort_id=f.str_("cohort_id"),
             member_index=f.int_("member_index"),
             task_id=f.str_("task_id"),
+            trained_task_id=f.opt_str("trained_task_id") or "",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingTask:
+    """The training task a device holds before it joins a cohort, at ``training/<device>``.
+
+    Attributes
+    ----------
+    task_id
+        Unique id; the device reports it finished with GetTask(trained_task_id).
+    device_class
+        The device's class when the task was given.
+    version, artifact
+        The version it trains from and that version's edge artifact for the class.
+    column_seed
+        The member number ``training.column_rule`` draws its columns with.
+    started_at, deadline_at
+        Unix seconds: when it was given, and by when it must be reported finished.
+    """
+
+    task_id: str
+    device_class: str
+    version: int
+    artifact: ArtifactRef
+    column_seed: int
+    started_at: float
+    deadline_at: float
+
+    def to_json(self) -> bytes:
+        """Return the stored bytes."""
+        return _json(
+            {
+                "task_id": self.task_id,
+                "device_class": self.device_class,
+                "version": self.version,
+                "artifact": {"sha256": self.artifact.sha256, "size": self.artifact.size},
+                "column_seed": self.column_seed,
+                "started_at": self.started_at,
+                "deadline_at": self.deadline_at,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, where: str = "training task") -> TrainingTask:
+        """Parse stored bytes; :class:`MalformedRecord` names a bad field."""
+        f = _Fields(_parse(raw, where), where)
+        artifact = f.obj("artifact")
+        return cls(
+            task_id=f.str_("task_id"),
+            device_class=f.str_("device_class"),
+            version=f.int_("version"),
+            artifact=ArtifactRef(sha256=artifact.str_("sha256"), size=artifact.int_("size")),
+            column_seed=f.int_("column_seed"),
+            started_at=f.float_("started_at"),
+            deadline_at=f.float_("deadline_at"),
         )
 
 

@@ -363,7 +363,12 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         auth, body = self._signed(request)
         service = self.service
 
-        offer = await self._thread(service.get_task_signed, auth, body_sha256=body)
+        offer = await self._thread(
+            service.get_task_signed,
+            auth,
+            body_sha256=body,
+            trained_task_id=request.trained_task_id,
+        )
         if isinstance(offer, PaceOffer):
             return edge_pb2.GetTaskResponse(
                 pace=edge_pb2.Pace(
@@ -626,9 +631,14 @@ def _task(offer: TaskOffer) -> edge_pb2.Task:
         seq_len=offer.seq_len,
         deadline_ms=offer.deadline_ms,
         member_index=offer.member_index,
-        secagg=session_to_proto(offer.session, identity_keys=offer.identity_keys),
+        secagg=(
+            None
+            if offer.session is None
+            else session_to_proto(offer.session, identity_keys=offer.identity_keys)
+        ),
         columns=offer.columns,
         warmup_steps=offer.warmup_steps,
+        trained_task_id=offer.trained_task_id,
     )
 
 

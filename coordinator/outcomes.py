@@ -28,7 +28,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TaskOffer:
-    """A task for one cohort member (the fields of ``edge_pb2.Task``)."""
+    """A training task, or a cohort task (the fields of ``edge_pb2.Task``).
+
+    A training task has no ``cohort_id`` (empty) and no ``session``: the device trains
+    and then reports it finished. A cohort task names the cohort, the member's index, the
+    secure-aggregation session and ``trained_task_id``, the training task whose update
+    it aggregates; its ``version`` is the one that update trained on.
+    """
 
     task_id: str
     cohort_id: str
@@ -43,13 +49,20 @@ class TaskOffer:
     seq_len: int
     deadline_ms: int
     member_index: int
-    session: SessionConfig
+    session: SessionConfig | None
     identity_keys: tuple[bytes, ...] = ()
     """Active-adversary sessions: every member's Ed25519 identity public key, by index."""
     columns: tuple[int, ...] = ()
     """Columns of ``B`` the member trains (``training.column_rule``); empty: the first ``rank``."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps (``training.warmup_steps``); 0: none."""
+    trained_task_id: str = ""
+    """A cohort task: the training task whose update it aggregates; empty otherwise."""
+
+    @property
+    def is_training(self) -> bool:
+        """Whether this is a training task (no cohort yet)."""
+        return not self.cohort_id
 
 
 #: What a paced device waits for (:attr:`PaceOffer.mechanism`).

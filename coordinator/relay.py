@@ -8,10 +8,12 @@ replays identically. Members collect what the server has for them with
 :meth:`SecAggRelay.poll`.
 
 The share relay is where a member's staleness weight is fixed: the member asks for it
-when it has trained and is about to upload, so the weight reflects the version current
-*then*. Work too stale for the policy, or trained on a version the regression guard
-abandoned (:mod:`coordinator.guard`; its sum would be dropped at commit), is refused there
-and the member drops out of the cohort (counted once, however often it polls again).
+when its cohort's keys are exchanged and it is about to upload, so the weight reflects
+its own update's version (members of a cohort may have trained on different versions)
+against the version current *then*. Work too stale for the policy, or trained on a
+version the regression guard abandoned (:mod:`coordinator.guard`; its sum would be
+dropped at commit), is refused there and the member drops out of the cohort (counted
+once, however often it polls again).
 """
 
 from __future__ import annotations
@@ -140,23 +142,22 @@ class SecAggRelay:
             return weight
         head = self._ledger.head()
         current = head.version if head else 0
+        version = record.member_version(index)
         refusal = reason = ""
-        if head is not None and head.is_abandoned(record.version):
+        if head is not None and head.is_abandoned(version):
             refusal = reason = (
-                f"update trained on version {record.version}, which the regression guard "
+                f"update trained on version {version}, which the regression guard "
                 "abandoned by a rollback"
             )
         else:
             try:
-                staleness = self._policy.staleness(trained_on=record.version, current=current)
+                staleness = self._policy.staleness(trained_on=version, current=current)
             except StaleUpdate as exc:
                 refusal = (
-                    f"update trained on version {record.version} is too stale "
+                    f"update trained on version {version} is too stale "
                     f"(limit {self._policy.max_staleness})"
                 )
                 reason = str(exc)
-        # Trained, about to upload or refused: either way no longer training.
-        self._book.stop_training(record.cohort_id, index)
         if refusal:
             key = (record.cohort_id, index)
             if key not in self._rejected:  # a refused member may poll again: count it once
@@ -169,7 +170,7 @@ class SecAggRelay:
         assigned = cohort.server.weight_of(index)
         if assigned is None:  # the server took no weight for this member (as before: drop)
             return (
-                f"update trained on version {record.version} is too stale "
+                f"update trained on version {version} is too stale "
                 f"(limit {self._policy.max_staleness})"
             )
         self._counters.staleness[staleness] = self._counters.staleness.get(staleness, 0) + 1

@@ -24,11 +24,10 @@ blobs                     Collected when no kept record names them, directly or 
                           (bounded per enrolled device).
 ``assign/``, ``seen/``    Dropped when a cohort is folded in (:mod:`coordinator.tick`).
 ``buffer/<id>``           Dropped by the commit that folds it in.
-``cohorts-training``      Members leave it at the share relay, when they give up their
-                          task and when their cohort is folded in; an entry older than
-                          ``grace_s`` whose cohort is neither forming nor active (a replica
-                          that died between closing a cohort and releasing its members)
-                          is removed, so the pacer's count cannot creep up over months.
+``training/<device>``,    A training task and its pacer entry go when the device reports
+``devices-training``      it finished, gives it up, or it expires (the tick drops every
+                          entry past its expiry, record or not), so the pacer's count
+                          cannot creep up over months.
 per-class and singleton   ``forming/<class>``, ``joblatest/``, ``jobstarted/``,
 records                   ``jobdone/`` (one per kind key), ``head/version``,
                           ``federation/settings``: one each, never growing.
@@ -48,9 +47,8 @@ import json
 import logging
 from dataclasses import dataclass, fields
 
-from coordinator.cohort_book import TRAINING_MEMBERS
 from coordinator.cohort_log import LOG_PREFIX
-from coordinator.cohorts import CohortRecord, FormingCohort
+from coordinator.cohorts import CohortRecord
 from coordinator.job_submission import JOBS_SUBMITTED_PREFIX
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import RetentionSettings
@@ -60,7 +58,6 @@ from estuary.state.blobs import BlobStore
 from estuary.state.errors import StoreError
 from estuary.state.keys import (
     COHORT_PREFIX,
-    FORMING_PREFIX,
     HEAD_KEY,
     VERSION_PREFIX,
     WORKER_PREFIX,
@@ -99,8 +96,6 @@ class SweepReport:
     """Blobs deleted."""
     blob_bytes: int = 0
     """Bytes those blobs held."""
-    training_entries: int = 0
-    """Pacer entries of members whose cohort is neither forming nor active any more."""
 
     @property
     def removed(self) -> int:
@@ -168,15 +163,7 @@ class Retention:
         head = self._head_version()
         if head is None:
             return report  # not initialised yet: nothing is old
-        # Before the cohorts are read: an entry is added only after its cohort's forming
-        # record is written, so every entry read here has a record the reads below see.
-        training = self._store.zrange_by_score(
-            TRAINING_MEMBERS,
-            min_score=float("-inf"),
-            max_score=self._clock.time() - self.settings.grace_s,
-        )
         cohorts = self._cohorts()
-        self._sweep_training(training, cohorts, report)
         floor = self.version_floor(head, [r.version for r in cohorts.values() if r.active])
         self._sweep_cohorts(cohorts, report)
         self._sweep_versions(floor, report)
@@ -240,23 +227,6 @@ class Retention:
             if current is not None and self._store.delete(key, expected_version=current.version):
                 report.cohorts += 1
                 report.log_entries += len(entries)
-
-    def _sweep_training(
-        self,
-        entries: list[tuple[str, float]],
-        cohorts: dict[str, CohortRecord],
-        report: SweepReport,
-    ) -> None:
-        if not entries:
-            return
-        live = {c.cohort_id for c in cohorts.values() if c.active}
-        live |= {
-            FormingCohort.from_json(r.value, where=k).cohort_id
-            for k, r in self._store.scan(FORMING_PREFIX).items()
-        }
-        stale = [m for m, _ in entries if m.rpartition("/")[0] not in live]
-        if stale:
-            report.training_entries += self._store.zrem(TRAINING_MEMBERS, *stale)
 
     def _sweep_versions(self, floor: int, report: SweepReport) -> None:
         for key in self._store.scan(VERSION_PREFIX):

@@ -22,12 +22,14 @@ every replica at once.
 besides the ledger (:mod:`coordinator.versions`), the cohort logs
 (:mod:`coordinator.cohort_log`) and the devices (:mod:`coordinator.enrolment`).
 
-A task's life: GetTask admits the device into ``forming/<class>`` (answering Pace until the
-cohort is sealed), then returns the Task. Keys are exchanged, the member trains, asks for
-the share relay (the moment its staleness weight is fixed), uploads its masked input, and
-answers the unmask request. The cohort's unmasked sum ``(Σ w ΔB, Σ w)`` goes to the
-FedBuff buffer; the ledger commits a version every K updates and the service queues the
-version's cloud jobs (evaluation, edge artifacts per device class).
+A task's life: GetTask gives the device a training task (or Pace); it trains and reports
+it finished with GetTask(trained_task_id), which puts it into ``forming/<class>`` of devices
+that trained (answering Pace until the cohort is sealed), then returns the cohort task.
+Keys are exchanged, the member asks for the share relay (the moment its staleness weight
+is fixed), uploads its masked input, and answers the unmask request. The cohort's
+unmasked sum ``(Σ w ΔB, Σ w)`` goes to the FedBuff buffer; the ledger commits a version
+every K updates and the service queues the version's cloud jobs (evaluation, edge
+artifacts per device class).
 
 Every time the service reads (formation, deadlines, silence, enrolment tokens, request
 timestamps, rate limits, ``committed_at``, job stamps) comes from the one injected
@@ -42,8 +44,8 @@ from typing import Any
 import numpy as np
 
 from coordinator.admission import Admission
-from coordinator.cohort_book import ACTIVE_COHORTS, ASSIGN_PREFIX, CohortBook
-from coordinator.cohorts import Assignment
+from coordinator.cohort_book import ACTIVE_COHORTS, ASSIGN_PREFIX, TRAINING_PREFIX, CohortBook
+from coordinator.cohorts import Assignment, TrainingTask
 from coordinator.enrolment import Device, DeviceRegistry
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from coordinator.job_submission import JobSubmitter
@@ -186,6 +188,7 @@ class FederationService:
             observer=self.observer,
             clock=clock,
             new_cohort_id=new_cohort_id,
+            counters=self.counters,
         )
         self.pacer = self.admission.pacer
         self.relay = SecAggRelay(
@@ -301,7 +304,9 @@ class FederationService:
             )
         return device, records
 
-    def get_task_signed(self, auth: SignedAuth, *, body_sha256: bytes) -> TaskOffer | PaceOffer:
+    def get_task_signed(
+        self, auth: SignedAuth, *, body_sha256: bytes, trained_task_id: str = ""
+    ) -> TaskOffer | PaceOffer:
         """:meth:`authenticate` a GetTask request, then :meth:`get_task`.
 
         For a device whose record this replica has cached, the first reads of the task
@@ -317,7 +322,9 @@ class FederationService:
             auth, method="GetTask", body_sha256=body_sha256, read=keys
         )
         name, _rank = self.device_class(device)
-        return self.admission.get_task(device, name, records=records)
+        return self.admission.get_task(
+            device, name, trained_task_id=trained_task_id, records=records
+        )
 
     def heartbeat_signed(
         self, auth: SignedAuth, *, task_id: str, body_sha256: bytes
@@ -331,9 +338,13 @@ class FederationService:
             auth,
             method="Heartbeat",
             body_sha256=body_sha256,
-            read=lambda device: [HEAD_KEY, ASSIGN_PREFIX + device.device_id],
+            read=lambda device: [
+                HEAD_KEY,
+                ASSIGN_PREFIX + device.device_id,
+                TRAINING_PREFIX + device.device_id,
+            ],
         )
-        return self._heartbeat(device, task_id, records[0], records[1])
+        return self._heartbeat(device, task_id, *records)
 
     def device_class(self, device: Device) -> tuple[str, int]:
         """Return the (name, rank) of the device's class."""
@@ -346,34 +357,60 @@ class FederationService:
 
     # ------------------------------------------------------------------ tasks
 
-    def get_task(self, device: Device) -> TaskOffer | PaceOffer:
-        """Admit ``device`` into a cohort of its class, return its task, or pace it.
+    def get_task(self, device: Device, *, trained_task_id: str = "") -> TaskOffer | PaceOffer:
+        """Give ``device`` a training task, or the cohort task of its trained update, or pace it.
 
-        A device that asks for work while its task is under way (it has advertised keys)
-        has lost its task state, e.g. by a restart: the task is abandoned (the member
-        becomes a dropout of its cohort) and the device is admitted afresh.
+        ``trained_task_id``: the training task the device finished (it joins a cohort
+        with its update); empty: it holds no trained update. A device that asks without
+        one while its cohort task is under way (it has advertised keys) has lost its task
+        state, e.g. by a restart: the task is abandoned (the member becomes a dropout of
+        its cohort) and the device is given work afresh. See
+        :meth:`coordinator.admission.Admission.get_task` (and its FailedPrecondition).
         """
         name, _rank = self.device_class(device)
-        return self.admission.get_task(device, name)
+        return self.admission.get_task(device, name, trained_task_id=trained_task_id)
 
     def heartbeat(self, device: Device, task_id: str) -> HeartbeatReply:
-        """Tell a training member whether to go on.
+        """Tell a training device whether to go on.
 
-        The head and the device's task are read in one round trip: a device that holds
+        The head and the device's tasks are read in one round trip: a device that holds
         no task (or another one) is answered with that alone.
         """
-        head_record, assign_record = self.store.get_many(
-            [HEAD_KEY, ASSIGN_PREFIX + device.device_id]
+        head_record, assign_record, training_record = self.store.get_many(
+            [HEAD_KEY, ASSIGN_PREFIX + device.device_id, TRAINING_PREFIX + device.device_id]
         )
-        return self._heartbeat(device, task_id, head_record, assign_record)
+        return self._heartbeat(device, task_id, head_record, assign_record, training_record)
 
     def _heartbeat(
-        self, device: Device, task_id: str, head_record: Record | None, assign_record: Record | None
+        self,
+        device: Device,
+        task_id: str,
+        head_record: Record | None,
+        assign_record: Record | None,
+        training_record: Record | None,
     ) -> HeartbeatReply:
-        """:meth:`heartbeat` given reads of the head and of the device's assignment."""
+        """:meth:`heartbeat` given reads of the head and of the device's tasks.
+
+        A training task goes on while it is the device's and its version still counts
+        (the heartbeat also keeps it from expiring as silent); a cohort task while its
+        cohort runs and the member has not abandoned it.
+        """
         assign_key = ASSIGN_PREFIX + device.device_id
         head = self.ledger.head_of(head_record)
         current = head.version if head else 0
+        if training_record is not None:
+            training_key = TRAINING_PREFIX + device.device_id
+            task = TrainingTask.from_json(training_record.value, where=training_key)
+            if task.task_id == task_id:
+                limit = self.settings.aggregation.max_staleness
+                stale = (
+                    head is None
+                    or head.is_abandoned(task.version)
+                    or (task.version < head.version - limit)
+                )
+                if not stale:
+                    self.admission.keep_training(device.device_id, task)
+                return HeartbeatReply(abandon=stale, current_version=current)
         assignment = (
             None
             if assign_record is None

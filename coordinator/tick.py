@@ -3,7 +3,9 @@
 :meth:`Ticker.tick` runs every ``TICK_INTERVAL_S`` on every replica at once; each step is
 safe to repeat and to race, because every write it makes is conditional:
 
-1. **Seal** forming cohorts that are ready (:meth:`Admission.seal_ready`), then log each
+1. **Expire** training tasks past their deadline or of devices silent for
+   ``cohort.silence_s`` (:meth:`Admission.expire_training`): their pacer slots free up.
+   **Seal** forming cohorts that are ready (:meth:`Admission.seal_ready`), then log each
    class whose count of waiting devices changed (:mod:`coordinator.formation`).
 2. **Note stages.** A cohort's stage lives in its replicated log; the tick copies a new
    stage into the cohort record with the time it noticed it (``stage_started``), which
@@ -119,6 +121,7 @@ class Ticker:
 
     def tick(self) -> VersionInfo | None:
         """Do the periodic work; return the version committed by this call, if any."""
+        self._admission.expire_training()
         self._admission.seal_ready()
         self._formation.observe(waiting_by_class(self._book, self._classes))
         now = self._clock.time()
@@ -221,7 +224,8 @@ class Ticker:
                     weighted_sum=weighted,
                     weight_total=weight_total,
                     updates=len(result.survivors),
-                    trained_on=record.version,
+                    trained_on=min(record.member_version(i) for i in result.survivors),
+                    trained_versions=[record.member_version(i) for i in result.survivors],
                 )
                 if added:
                     self._counters.updates_accepted += len(result.survivors)
@@ -262,7 +266,6 @@ class Ticker:
                 survivors=len(result.survivors) if result is not None else 0,
                 reason=cohort.abort_reason or "",
             )
-        self._book.stop_training(cohort_id, *range(record.size))
         for index, device_id in enumerate(record.members):
             self._book.clear_assignment(device_id, cohort_id)
             self._book.clear_seen(cohort_id, index)

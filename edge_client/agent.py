@@ -1,11 +1,25 @@
 """The edge agent: asks the coordinator for work and runs tasks, as ``edge.proto`` describes.
 
-One task, in order (the contract is the top comment of ``estuary/proto/v1/edge.proto``):
-GetTask (Pace → wait and ask again) → AdvertiseKeys / ShareKeys, while the artifact
-manifest and the blobs it names that are not cached are fetched (resumable, SHA-256
-verified) and loaded → train locally (Heartbeat meanwhile) → share relay and staleness
-weight → masked upload → unmasking → DONE. Any ABORTED, a refused request or a
-Heartbeat ABANDON drops the task and the agent asks for work again.
+A task's life is train first, then aggregate securely with a cohort of devices that have
+also finished (the contract is the top comment of ``estuary/proto/v1/edge.proto``):
+
+1. GetTask (Pace → wait and ask again) gives a *training task*: no cohort, no
+   secure-aggregation parameters.
+2. The artifact manifest and the blobs it names that are not cached are fetched
+   (resumable, SHA-256 verified) and loaded; the device trains locally, with a Heartbeat
+   every ``heartbeat_s`` meanwhile, and keeps the update ΔB in memory.
+3. GetTask with ``trained_task_id`` (Pace while the cohort of finished devices forms,
+   asking again with it) gives the *cohort task*: cohort, member index, secure-aggregation
+   parameters, and the training task whose update it aggregates. FAILED_PRECONDITION
+   instead means the coordinator no longer holds that training task: the update is
+   dropped.
+4. The update is clipped to the cohort's ``clip``; AdvertiseKeys / ShareKeys; the share
+   relay and staleness weight; the masked upload; unmasking; DONE.
+
+Any ABORTED, a refused request, a Heartbeat ABANDON or a cohort task that does not match
+the update held drops the task (and the update) and the agent asks for work again. A
+training task of another id offered while an update is held means the coordinator has
+forgotten the held one: it is dropped and the new task trained.
 
 :class:`EdgeAgent` is the composition and the run loop; each part lives in its module:
 
@@ -22,9 +36,11 @@ new timestamp) per attempt, because the coordinator refuses a nonce it has seen.
 wait (backoff, Pace, Heartbeat interval) and every timestamp reads the injected
 :class:`~estuary.clock.Clock`.
 
-Secure-aggregation keys live only in memory: a device killed mid-task cannot resume it.
-On restart ``progress.json`` still names the task; the agent records it as abandoned and
-asks for work (the coordinator treats that GetTask as the abandonment).
+The trained update and the secure-aggregation keys live only in memory: a device killed
+after training, or mid-aggregation, cannot resume. On restart ``progress.json`` still
+names the task; the agent records it as abandoned and asks for work with no
+``trained_task_id`` (the coordinator then offers the training task again if it still
+counts). :meth:`EdgeAgent.run` likewise drops an update still held when it returns.
 """
 
 from __future__ import annotations
@@ -34,8 +50,10 @@ import contextlib
 import logging
 import math
 import random
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import grpc
 import numpy as np
@@ -54,6 +72,9 @@ from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.log import log_context
 from estuary.proto.v1 import edge_pb2
 
+if TYPE_CHECKING:
+    from edge_client.train import TrainResult
+
 __all__ = [
     "AgentError",
     "AgentHooks",
@@ -64,7 +85,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Outcome = Literal["paced", "done", "abandoned"]
+Outcome = Literal["paced", "trained", "done", "abandoned"]
+"""What one :meth:`EdgeAgent.run_once` came to: a Pace honoured (or a refusal waited
+out), a training task trained (its update now held), a cohort task DONE, or a task
+dropped."""
+
+_T = TypeVar("_T")
 
 #: Random stretch of a Pace's retry-after: up to +20 %, so devices told the same
 #: retry-after spread out instead of arriving together.
@@ -75,28 +101,24 @@ PACE_JITTER = 0.2
 _REFUSED_GET_TASK_ATTEMPT = 4
 
 
-async def _first_failure(*futures: asyncio.Future[Any]) -> None:
-    """Wait until all of ``futures`` are done or one fails; raise that failure.
-
-    The others are cancelled (and awaited) when one fails, so a task abandoned for its
-    download does not go on exchanging keys, and the other way round.
-    """
-    pending = set(futures)
-    try:
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-            for future in done:
-                future.result()  # raises the first failure
-    finally:
-        for future in pending:
-            future.cancel()
-        for future in pending:
-            with contextlib.suppress(BaseException):
-                await future
-
-
 class _Vanish(Exception):
     """A ``drop`` hook simulated the device disappearing."""
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """A trained update held in memory until its cohort task comes.
+
+    Attributes
+    ----------
+    task
+        The training task it came from (its id is the GetTask's ``trained_task_id``).
+    result
+        ΔB (unclipped: the cohort task's ``secagg.clip`` applies) and the metrics.
+    """
+
+    task: edge_pb2.Task
+    result: TrainResult
 
 
 class EdgeAgent:
@@ -193,6 +215,9 @@ class EdgeAgent:
         self._base_down = self._progress.bytes_down
         self._recovered = False
         self._held_version = 0
+        # The update of a finished training task, until its cohort task ends (in memory
+        # only: see the module docstring).
+        self._trained: _Trained | None = None
 
     # ------------------------------------------------------------------ counters
 
@@ -237,6 +262,18 @@ class EdgeAgent:
         self._progress.phase = phase
         self._save_progress()
 
+    def _begin(self, task: edge_pb2.Task, *, phase: str) -> None:
+        """Record ``task`` (training or cohort) as the one under way, at ``phase``."""
+        self._progress.task_id = task.task_id
+        self._progress.cohort_id = task.cohort_id or None
+        self._progress.version = int(task.version)
+        self._set_phase(phase)
+
+    @property
+    def trained_task_id(self) -> str | None:
+        """Id of the training task whose update is held, waiting for its cohort task."""
+        return None if self._trained is None else self._trained.task.task_id
+
     def _recover(self) -> None:
         """Count a task left unfinished by a previous run as abandoned (once per agent)."""
         if self._recovered:
@@ -245,7 +282,8 @@ class EdgeAgent:
         if self._progress.task_id is not None:
             logger.warning(
                 "task %s (cohort %s) was under way (phase %s) when the agent last stopped; "
-                "abandoned: its secure-aggregation keys lived only in memory",
+                "abandoned: its trained update and secure-aggregation keys lived only in "
+                "memory",
                 self._progress.task_id,
                 self._progress.cohort_id,
                 self._progress.phase,
@@ -258,17 +296,25 @@ class EdgeAgent:
             self._finish_task(done=False)
 
     def _finish_task(self, *, done: bool) -> None:
+        """Count the task under way done or abandoned; forget it and any update held."""
         if done:
             self._progress.tasks_done += 1
             self.stats.tasks_done += 1
         else:
             self._progress.tasks_abandoned += 1
             self.stats.tasks_abandoned += 1
+        self._trained = None
         self._progress.task_id = None
         self._progress.cohort_id = None
         self._progress.version = None
         self._progress.phase = None
         self._save_progress()
+
+    def _abandon(self, task_id: str, reason: str) -> None:
+        """Drop task ``task_id`` (and the update held, if any) for ``reason``."""
+        logger.warning("task %s abandoned: %s", task_id, reason)
+        self._finish_task(done=False)
+        self.hooks.emit("task_abandoned", task_id=task_id, reason=reason)
 
     # ------------------------------------------------------------------ enrolment
 
@@ -301,6 +347,10 @@ class EdgeAgent:
             )
         self._identity.key()
 
+    def _ended(self) -> int:
+        """Tasks ended (done or abandoned) in this session."""
+        return self.stats.tasks_done + self.stats.tasks_abandoned
+
     async def run(
         self, *, stop: asyncio.Event | None = None, max_tasks: int | None = None
     ) -> AgentStats:
@@ -309,9 +359,11 @@ class EdgeAgent:
         Parameters
         ----------
         stop
-            Set it to stop; a task under way is abandoned (and recorded so).
+            Set it to stop; a task under way, or an update waiting for its cohort, is
+            abandoned (and recorded so).
         max_tasks
-            Stop after this many tasks ended (done or abandoned). ``None``: no limit.
+            Stop after this many tasks ended (done or abandoned; a task trained but not
+            yet aggregated has not ended). ``None``: no limit.
 
         Raises
         ------
@@ -323,10 +375,10 @@ class EdgeAgent:
             raise ValueError(f"max_tasks: must be >= 0, got {max_tasks}")
         self._require_ready()
         self._rpc.stop = stop
-        ended = 0
+        start = self._ended()
         try:
             while stop is None or not stop.is_set():
-                if max_tasks is not None and ended >= max_tasks:
+                if max_tasks is not None and self._ended() - start >= max_tasks:
                     break
                 await renew_if_due(self._rpc, self._certificate, device_id=self._identity.device_id)
                 job = asyncio.ensure_future(self.run_once())
@@ -342,25 +394,28 @@ class EdgeAgent:
                             await job
                         break
                 try:
-                    outcome = await job
+                    await job
                 except asyncio.CancelledError:
                     if stop is not None and stop.is_set():
                         break
                     raise
-                if outcome != "paced":
-                    ended += 1
         finally:
             self._rpc.stop = None
+            if self._trained is not None:
+                # Nothing will ask for its cohort now, and a restart would lose it anyway.
+                self._abandon(self._trained.task.task_id, "the agent is stopping")
             self._save_progress()  # the byte counters of the last Paces
         return self.stats
 
     async def run_once(self) -> Outcome:
-        """Ask for work once; run the task if one comes, or honour the Pace.
+        """Ask for work once (naming the update held, if any) and act on the answer.
 
         Returns
         -------
         str
-            ``"paced"`` (after waiting the retry-after), ``"done"`` or ``"abandoned"``.
+            ``"paced"`` (after waiting the retry-after, or a backoff after a refusal),
+            ``"trained"`` (a training task's update is now held), ``"done"`` or
+            ``"abandoned"``.
 
         Raises
         ------
@@ -369,106 +424,191 @@ class EdgeAgent:
         """
         self._require_ready()
         self._recover()
+        trained = self._trained
         request = edge_pb2.GetTaskRequest(
-            held_version=self._held_version, held_artifacts=self.state.cached_artifacts()
+            held_version=self._held_version,
+            held_artifacts=self.state.cached_artifacts(),
+            trained_task_id="" if trained is None else trained.task.task_id,
         )
         try:
             response = await self._rpc.call(
                 "GetTask", request, response_type=edge_pb2.GetTaskResponse, in_task=False
             )
         except grpc.aio.AioRpcError as exc:
-            # Not transient and not an auth failure: the coordinator refused the request
-            # itself. Wait as after a failure and ask again.
-            delay = self._rpc.backoff(_REFUSED_GET_TASK_ATTEMPT)
-            logger.warning(
-                "GetTask refused (%s: %s); asking again in %.1f s",
-                exc.code().name,
-                exc.details(),
-                delay,
-            )
-            await self._rpc.sleep(delay)
-            return "paced"
+            return await self._get_task_refused(exc, trained)
         if response.WhichOneof("outcome") != "task":
-            pace = response.pace
-            delay = pace.retry_after_ms / 1000.0 * (1.0 + self._rng.uniform(0.0, PACE_JITTER))
-            self.stats.paced += 1
-            self.hooks.emit("paced", retry_after_ms=pace.retry_after_ms, reason=pace.reason)
-            logger.debug("paced for %.2f s (%s)", delay, pace.reason or "no reason")
-            await self._rpc.sleep(delay)
+            await self._pace(response.pace)
             return "paced"
-        return await self._run_task(response.task)
+        if response.task.cohort_id:
+            return await self._run_cohort_task(response.task)
+        return await self._run_training_task(response.task)
 
-    async def _run_task(self, task: edge_pb2.Task) -> Outcome:
-        self._progress.task_id = task.task_id
-        self._progress.cohort_id = task.cohort_id
-        self._progress.version = int(task.version)
-        self._set_phase("artifact")
-        if self.hooks.on_task is not None:
-            self.hooks.on_task(task)
-        with log_context(cohort=task.cohort_id, version=int(task.version)):
-            logger.info(
-                "task %s: member %d of cohort %s, version %d, rank %d, %d steps",
-                task.task_id,
-                task.member_index,
-                task.cohort_id,
-                task.version,
-                task.rank,
-                task.local_steps,
+    async def _get_task_refused(
+        self, exc: grpc.aio.AioRpcError, trained: _Trained | None
+    ) -> Outcome:
+        """Act on a GetTask refused outright (neither transient nor an auth failure)."""
+        if trained is not None and exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+            # The coordinator no longer holds the training task (deadline passed, device
+            # silent, version too stale): the update can join no cohort. Ask again at
+            # once, without it.
+            self._abandon(
+                trained.task.task_id,
+                f"the coordinator no longer holds this training task: {exc.details()}",
             )
-            try:
-                details = await self._task_steps(task)
-            except TaskAbandoned as exc:
-                logger.warning("task %s abandoned: %s", task.task_id, exc)
-                self._finish_task(done=False)
-                self.hooks.emit("task_abandoned", task_id=task.task_id, reason=str(exc))
-                return "abandoned"
-            except _Vanish as exc:
-                logger.info("task %s: device vanished at %s (simulated)", task.task_id, exc)
-                self._finish_task(done=False)
-                self.hooks.emit("task_abandoned", task_id=task.task_id, reason=f"vanished: {exc}")
-                return "abandoned"
-            except asyncio.CancelledError:
-                logger.warning("task %s abandoned: the agent is stopping", task.task_id)
-                self._finish_task(done=False)
-                raise
-            self._finish_task(done=True)
-            logger.info("task %s done", task.task_id)
-            self.hooks.emit("task_done", task_id=task.task_id, **details)
-            return "done"
+            return "abandoned"
+        await self._back_off(f"GetTask refused ({exc.code().name}: {exc.details()})")
+        return "paced"
+
+    async def _back_off(self, why: str) -> None:
+        """Wait as after a failed call, so a coordinator that refuses is not hammered."""
+        delay = self._rpc.backoff(_REFUSED_GET_TASK_ATTEMPT)
+        logger.warning("%s; asking again in %.1f s", why, delay)
+        await self._rpc.sleep(delay)
+
+    async def _pace(self, pace: edge_pb2.Pace) -> None:
+        """Wait the Pace's retry-after, stretched by up to :data:`PACE_JITTER`."""
+        delay = pace.retry_after_ms / 1000.0 * (1.0 + self._rng.uniform(0.0, PACE_JITTER))
+        self.stats.paced += 1
+        self.hooks.emit("paced", retry_after_ms=pace.retry_after_ms, reason=pace.reason)
+        logger.debug("paced for %.2f s (%s)", delay, pace.reason or "no reason")
+        await self._rpc.sleep(delay)
 
     def _maybe_vanish(self, task: edge_pb2.Task, phase: str) -> None:
         if self.hooks.drop is not None and self.hooks.drop(task, phase):
             raise _Vanish(phase)
 
-    async def _task_steps(self, task: edge_pb2.Task) -> dict[str, Any]:
-        exchange = SecAggExchange(self._rpc, task, identity=self._identity.key())
+    async def _guarded(self, task_id: str, steps: Awaitable[_T]) -> _T | None:
+        """Await a task's ``steps``; on a drop, record the task abandoned and return None.
 
-        # Keys first: AdvertiseKeys, then the key broadcast and our encrypted shares,
-        # while the artifact downloads and loads. The key stages have a deadline counted
-        # from the cohort's seal (seconds) and the first download of a base can take
-        # longer than that on a slow link or a busy device; waiting for it first made
-        # whole cohorts abort with no keys advertised. The upload deadline covers both.
-        self._set_phase("keys")
-        preparing = asyncio.ensure_future(self._trainer.prepare_model(task))
+        A stop (cancellation) also records it abandoned, then propagates.
+        """
         try:
-            self._maybe_vanish(task, "keys")
-            await _first_failure(asyncio.ensure_future(exchange.exchange_keys()), preparing)
-            base, adapter = await preparing
-        finally:
-            if not preparing.done():
-                preparing.cancel()
-                with contextlib.suppress(asyncio.CancelledError, TaskAbandoned):
-                    await preparing
-        self._held_version = int(task.version)
+            return await steps
+        except TaskAbandoned as exc:
+            self._abandon(task_id, str(exc))
+        except _Vanish as exc:
+            logger.info("task %s: device vanished at %s (simulated)", task_id, exc)
+            self._finish_task(done=False)
+            self.hooks.emit("task_abandoned", task_id=task_id, reason=f"vanished: {exc}")
+        except asyncio.CancelledError:
+            logger.warning("task %s abandoned: the agent is stopping", task_id)
+            self._finish_task(done=False)
+            raise
+        return None
 
-        # Local training, heartbeating meanwhile.
+    # ------------------------------------------------------------------ training task
+
+    async def _run_training_task(self, task: edge_pb2.Task) -> Outcome:
+        """Train ``task`` and hold its update; replace an update the coordinator forgot."""
+        held = self._trained
+        if held is not None and held.task.task_id == task.task_id:
+            # Not expected while GetTask names the update: keep it rather than train the
+            # same task twice, and come back with it after a backoff.
+            await self._back_off(
+                f"training task {task.task_id} offered again while its update is held"
+            )
+            return "paced"
+        if held is not None:
+            self._abandon(
+                held.task.task_id,
+                f"the coordinator offered training task {task.task_id} instead: "
+                "it no longer holds this one",
+            )
+        self._begin(task, phase="artifact")
+        if self.hooks.on_task is not None:
+            self.hooks.on_task(task)
+        with log_context(version=int(task.version)):
+            logger.info(
+                "training task %s: version %d, rank %d, %d steps",
+                task.task_id,
+                task.version,
+                task.rank,
+                task.local_steps,
+            )
+            result = await self._guarded(task.task_id, self._train(task))
+            if result is None:
+                return "abandoned"
+            self._trained = _Trained(task=task, result=result)
+            self._set_phase("trained")
+            metrics = result.metrics
+            logger.info("task %s trained; asking for its cohort", task.task_id)
+            self.hooks.emit(
+                "task_trained",
+                task_id=task.task_id,
+                version=int(task.version),
+                loss_first=metrics.loss_first,
+                loss_last=metrics.loss_last,
+                train_seconds=metrics.seconds,
+            )
+            return "trained"
+
+    async def _train(self, task: edge_pb2.Task) -> TrainResult:
+        """Fetch and load the task's artifact, then train (heartbeating meanwhile)."""
+        base, adapter = await self._trainer.prepare_model(task)
+        self._held_version = int(task.version)
         self._set_phase("training")
         self._maybe_vanish(task, "training")
-        result = await self._trainer.train(task, base, adapter)
+        return await self._trainer.train(task, base, adapter)
+
+    # ------------------------------------------------------------------ cohort task
+
+    def _mismatch(self, task: edge_pb2.Task) -> str | None:
+        """Say why cohort task ``task`` cannot aggregate the update held; None if it can."""
+        held = self._trained
+        if held is None:
+            return f"it aggregates training task {task.trained_task_id!r}, but no update is held"
+        if task.trained_task_id != held.task.task_id:
+            return (
+                f"it aggregates training task {task.trained_task_id!r}, but the update held "
+                f"is of {held.task.task_id!r}"
+            )
+        if task.version != held.task.version:
+            return (
+                f"its version is {task.version}, but the update held trained on version "
+                f"{held.task.version}"
+            )
+        return None
+
+    async def _run_cohort_task(self, task: edge_pb2.Task) -> Outcome:
+        """Aggregate the update held in cohort task ``task``; it ends either way."""
+        problem = self._mismatch(task)
+        held = self._trained
+        if problem is not None or held is None:
+            # A protocol error: joining would sum the wrong update, or none.
+            dropped = task.task_id if held is None else held.task.task_id
+            self._abandon(dropped, f"cohort task {task.task_id} refused: {problem}")
+            return "abandoned"
+        self._begin(task, phase="keys")
+        if self.hooks.on_task is not None:
+            self.hooks.on_task(task)
+        with log_context(cohort=task.cohort_id, version=int(task.version)):
+            logger.info(
+                "cohort task %s: member %d of cohort %s, update of task %s, version %d",
+                task.task_id,
+                task.member_index,
+                task.cohort_id,
+                task.trained_task_id,
+                task.version,
+            )
+            details = await self._guarded(task.task_id, self._aggregate(task, held.result))
+            if details is None:
+                return "abandoned"
+            self._finish_task(done=True)
+            logger.info("task %s done", task.task_id)
+            self.hooks.emit("task_done", task_id=task.task_id, **details)
+            return "done"
+
+    async def _aggregate(self, task: edge_pb2.Task, result: TrainResult) -> dict[str, Any]:
+        """Keys, relay and weight, masked upload, unmasking; return the task's details."""
+        exchange = SecAggExchange(self._rpc, task, identity=self._identity.key())
+        # Clipped before any key goes out: an update the session cannot carry (tensors
+        # that disagree, values not finite) drops the task before it joins the cohort.
+        update = clipped_update(exchange.config, result.delta_b)
+        self._maybe_vanish(task, "keys")
+        await exchange.exchange_keys()
 
         # Share relay and the staleness weight, then mask and upload.
         weight = await exchange.await_relay()
-        update = clipped_update(exchange.config, result.delta_b)
         if self.hooks.before_upload is not None:
             shapes = {name: result.delta_b[name].shape for name in update}
             plain = {n: v.reshape(shapes[n]).astype(np.float32) for n, v in update.items()}
@@ -489,6 +629,7 @@ class EdgeAgent:
         metrics = result.metrics
         return {
             "cohort_id": task.cohort_id,
+            "trained_task_id": task.trained_task_id,
             "version": int(task.version),
             "weight": weight,
             "loss_first": metrics.loss_first,

@@ -300,9 +300,9 @@ def status(
             highlight=False,
         )
     if progress.task_id is not None:
+        cohort = "" if progress.cohort_id is None else f"cohort {progress.cohort_id}, "
         console.print(
-            f"task under way: {progress.task_id} (cohort {progress.cohort_id}, phase "
-            f"{progress.phase})",
+            f"task under way: {progress.task_id} ({cohort}phase {progress.phase})",
             highlight=False,
         )
     console.print(

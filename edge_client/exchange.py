@@ -6,8 +6,8 @@ down by long-polling AwaitSecAgg for the first stage later than the one the devi
 seen; the masked input goes up as an UploadMasked stream. In order:
 
 1. :meth:`SecAggExchange.exchange_keys`: AdvertiseKeys, then the key broadcast is
-   answered with our encrypted shares (ShareKeys). Done before training, so a cohort
-   whose members cannot even exchange keys costs no training.
+   answered with our encrypted shares (ShareKeys). The update is already trained: the
+   cohort task comes only after the training task is done.
 2. :meth:`SecAggExchange.await_relay`: the shares relayed to us and our staleness weight.
 3. :func:`clipped_update` and :func:`mask`: ΔB flattened and clipped per the session,
    then scaled, encoded and masked; :meth:`SecAggExchange.upload` sends it.

@@ -25,18 +25,20 @@ class AgentHooks:
     Attributes
     ----------
     on_task
-        Called with every task received, before any work on it.
+        Called with every task received (the training task, then the cohort task),
+        before any work on it.
     before_upload
         Called with the ΔB that enters secure aggregation (name → float32 array of the
         tensor's shape, padded to ``r_max`` and already L2-clipped to the cohort's
         ``clip``, so ``weight`` × this is exactly what the unmasked sum holds up to
         fixed-point rounding) and the staleness weight, just before masking.
     drop
-        Return True to simulate the device vanishing at ``phase`` (``"keys"``,
-        ``"training"``, ``"upload"``): the agent sends nothing more for that task.
+        Return True to simulate the device vanishing at ``phase``: ``"training"`` (the
+        training task, artifact loaded), ``"keys"`` or ``"upload"`` (the cohort task):
+        the agent sends nothing more for that task and drops its update.
     on_event
-        Called with an event name (``paced``, ``task_done``, ``task_abandoned``,
-        ``retry``) and details.
+        Called with an event name (``paced``, ``task_trained``, ``task_done``,
+        ``task_abandoned``, ``retry``) and details.
     """
 
     on_task: Callable[[edge_pb2.Task], None] | None = None
@@ -59,7 +61,8 @@ class AgentStats:
     Attributes
     ----------
     tasks_done, tasks_abandoned
-        Tasks that reached DONE, and tasks dropped (abort, refusal, vanish, restart).
+        Tasks that reached DONE, and tasks dropped (abort, refusal, vanish, restart, a
+        trained update the coordinator no longer holds).
     paced
         GetTask answers that were a Pace.
     bytes_up, bytes_down

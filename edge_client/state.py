@@ -4,7 +4,7 @@ Layout of ``state_dir`` (mode 0700)::
 
     identity.pem          Ed25519 identity key, PKCS8 PEM, mode 0600; generated here
     enrolment.json        {device_id, device_class, rank, r_max, coordinator, enrolled_at}
-    progress.json         current task (id, cohort, phase), tasks done/abandoned, bytes
+    progress.json         current task (id, cohort, version, phase), tasks done/abandoned, bytes
     artifacts/<sha256>    verified, content-addressed blobs
     artifacts/<sha256>.part  a download in progress, resumed from its size
     models/<manifest>/    a materialised artifact (hard links into artifacts/)
@@ -106,8 +106,10 @@ class Progress:
     Attributes
     ----------
     task_id, cohort_id, version, phase
-        The task under way (``None`` when idle). ``phase`` is one of ``artifact``,
-        ``keys``, ``training``, ``upload``, ``unmasking``.
+        The task under way (``None`` when idle): the training task while ``phase`` is
+        ``artifact``, ``training`` or ``trained`` (its update held in memory, waiting for
+        a cohort; ``cohort_id`` ``None``), then the cohort task through ``keys``,
+        ``upload`` and ``unmasking``.
     tasks_done, tasks_abandoned
         Tasks completed (the cohort reached DONE) and abandoned, over the device's life.
     bytes_up, bytes_down

@@ -7,9 +7,9 @@ exactly as a device would across the network: enrolment with a one-time token, s
 requests, pacing, artifact download, secure aggregation, masked upload.
 
 Clients are standard-library packages (one package's text = one device's private data),
-split into device classes round-robin. A client vanishes from a task with probability
-``dropout``; its cohort goes on without it (secure aggregation tolerates dropouts down
-to the threshold). Each committed version is scored on every client's held-out text;
+split into device classes round-robin. A client vanishes from its cohort task (after
+training, as it joins the key exchange) with probability ``dropout``; its cohort goes
+on without it (secure aggregation tolerates dropouts down to the threshold). Each committed version is scored on every client's held-out text;
 at the end the run folder holds the effective config, ``metrics.jsonl``,
 ``summary.json`` and the plots.
 
@@ -561,8 +561,10 @@ class Simulation:
             device_class = classes[i % len(classes)].name
             drop_rng = random.Random(rng.random())
 
+            # Vanish once in the cohort (devices train first): the cohort goes on without
+            # it, as secure aggregation is built to.
             def drop(task: Any, phase: str, _r: random.Random = drop_rng) -> bool:
-                return phase == "training" and _r.random() < settings.dropout
+                return phase == "keys" and _r.random() < settings.dropout
 
             agent = EdgeAgent(
                 EdgeState(self.run_dir / "edges" / client.name),

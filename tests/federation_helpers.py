@@ -80,13 +80,16 @@ class Device:
     def signed(self, method: str, message: Any) -> Any:
         return sign(self.key, method, message)
 
-    def get_task(self) -> edge_pb2.GetTaskResponse:
-        return self.stub.GetTask(self.signed("GetTask", edge_pb2.GetTaskRequest()), timeout=10)
+    def get_task(self, trained_task_id: str = "") -> edge_pb2.GetTaskResponse:
+        """GetTask; ``trained_task_id``: the training task this device reports finished."""
+        request = edge_pb2.GetTaskRequest(trained_task_id=trained_task_id)
+        return self.stub.GetTask(self.signed("GetTask", request), timeout=10)
 
-    def wait_for_task(self, timeout_s: float = 45.0) -> edge_pb2.Task:
+    def wait_for_task(self, timeout_s: float = 45.0, trained_task_id: str = "") -> edge_pb2.Task:
+        """Ask until a task comes: a training task, or with ``trained_task_id`` its cohort task."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            response = self.get_task()
+            response = self.get_task(trained_task_id)
             if response.WhichOneof("outcome") == "task":
                 return response.task
             time.sleep(0.1)

@@ -148,8 +148,9 @@ def _check_pacer_fits_cohort(
 ) -> None:
     """Refuse a pacer cap below ``cohort.min_size``.
 
-    The pacer admits at most ``ceil(K × target_staleness)`` devices at once and a cohort
-    is sealed only once ``min_size`` of them wait: below it no cohort is ever sealed.
+    The pacer lets at most ``ceil(K × target_staleness)`` devices train at once and a
+    cohort is sealed only once ``min_size`` of them have trained: below it every cohort
+    fills across several rounds of training, its first members' updates going stale.
     """
     k, target = aggregation.buffer_size, pacing.target_staleness
     cap = pacer_cap(k, target)
@@ -157,7 +158,8 @@ def _check_pacer_fits_cohort(
         raise ValueError(
             f"pacing.target_staleness: aggregation.buffer_size × target_staleness = "
             f"{k} × {target:g} lets {cap} devices train at once, fewer than "
-            f"cohort.min_size={cohort.min_size}, so no cohort could ever be sealed; "
+            f"cohort.min_size={cohort.min_size}, so every cohort could only fill across "
+            "several rounds of training, its first members' updates going stale; "
             f"raise target_staleness to at least {cohort.min_size / k:g} or lower "
             "cohort.min_size"
         )
@@ -334,9 +336,9 @@ class CohortSettings(Section):
         default=5.0,
         ge=0,
         description=(
-            "Seconds a cohort that has min_size devices stays open for more before it is "
-            "sealed (it is sealed at once when it reaches max_size, or while the pacer is "
-            "at its concurrency cap and so admits no one who could join)."
+            "Seconds a cohort that has min_size trained devices stays open for more before "
+            "it is sealed (it is sealed at once when it reaches max_size, or while no device "
+            "trains and so no one could join)."
         ),
     )
     silence_s: float = Field(

@@ -9,6 +9,9 @@
   latency plus its real size over its bandwidth. The version's cloud jobs (evaluation and
   edge artifacts) run on a real :class:`cloud_workers.executor.ModelJobExecutor`, in this
   process, *without the ONNX export* (about 5 s per version, and no device here serves).
+  A device's task runs as the edge agent's does: a training task (download, train,
+  heartbeats), then the report, waiting for its cohort of finished devices to seal, key
+  exchange, the share relay, the masked upload and the unmask.
 - :class:`FedBuffPolicy`: devices train and upload plain ΔB (no cohorts, no secure
   aggregation) into the same :class:`coordinator.versions.VersionLedger` with the same
   buffer size, server learning rate and staleness policy; concurrency is capped at the
@@ -125,7 +128,8 @@ class FleetConfig:
             raise ValueError(
                 f"target_staleness: buffer_size × target_staleness = {self.buffer_size} × "
                 f"{self.target_staleness:g} lets {cap} devices train at once, fewer than "
-                f"cohort_min={self.cohort_min}, so Estuary could never seal a cohort"
+                f"cohort_min={self.cohort_min}, so Estuary's cohorts could only fill across "
+                "several rounds of training"
             )
         if self.heartbeat_s >= self.silence_s:
             raise ValueError(
@@ -288,7 +292,11 @@ class Policy:
 
 @dataclass
 class _Task:
-    """One Estuary task of one device: its client, training handle and accounting."""
+    """One Estuary task of one device: its training, then its cohort task, and accounting.
+
+    ``offer`` is the training task until the device is given its cohort task, then that
+    one; ``training_id`` the training task's id.
+    """
 
     index: int
     offer: Any
@@ -297,6 +305,7 @@ class _Task:
     asked_at: float
     offered_at: float
     version: int
+    training_id: str = ""
     training_from: float = 0.0
     uploaded_at: float = 0.0
     handle: Any = None
@@ -396,9 +405,6 @@ class EstuaryPolicy(Policy):
         self.adapters: dict[int, Any] = {}
         self.assigned: dict[tuple[str, int], int] = {}
         self.plain_updates: dict[str, tuple[float, dict[str, np.ndarray]]] = {}
-        # Accepted updates per buffered cohort, counted in the staleness histogram at the
-        # staleness the commit that folds the cohort in prices it at.
-        self.folding: dict[str, int] = {}
 
     # -- set-up
     def start(self) -> None:
@@ -440,7 +446,6 @@ class EstuaryPolicy(Policy):
                 self.rec.accepted += 1
                 task.relay_staleness = self.assigned.pop((cid, int(member)), 0)
                 self.rec.weight_staleness.add(task.relay_staleness)
-                self.folding[cid] = self.folding.get(cid, 0) + 1
                 if task.settled and task.trained:  # settled as wasted before: undo
                     self.rec.wasted_s -= task.train_s
                     self.rec.discarded -= 1
@@ -449,7 +454,6 @@ class EstuaryPolicy(Policy):
         elif kind == "update_dropped":
             # Buffered, then retired at a commit unused (too stale by then): lost work.
             cid = str(fields["cohort_id"])
-            self.folding.pop(cid, None)
             for member in range(self.cfg.cohort_max):
                 task = self.tasks.get((cid, member))
                 if task is not None and task.accepted:
@@ -467,7 +471,7 @@ class EstuaryPolicy(Policy):
 
     # -- devices
     def checkin(self, index: int) -> None:
-        """Device ``index`` asks for work (if online and idle)."""
+        """Device ``index`` asks for work (if online and idle): Pace or a training task."""
         from coordinator.service import PaceOffer
 
         st = self.states[index]
@@ -480,56 +484,85 @@ class EstuaryPolicy(Policy):
         with Stopwatch(self.rec.overhead, "service_s"):
             offer = self.service.get_task(self.devices[index])
         if isinstance(offer, PaceOffer):
-            # Deferred for a slot, admitted and waiting for its cohort to seal, or awake
-            # after a task and waiting for the version under way: it comes back when told.
-            mechanism = offer.mechanism
+            # Deferred for a slot, or awake after a task and waiting for the version
+            # under way: it comes back when told.
             delay = self.paced_delay(offer.retry_after_s)
-            self.rec.wait(mechanism, delay)
+            self.rec.wait(offer.mechanism, delay)
             self.q.after(delay, lambda: self.checkin(index))
             return
-        self.start_task(index, offer)
+        self.start_training(index, offer)
 
-    def start_task(self, index: int, offer: Any) -> None:
-        """Start a task: a fresh secure-aggregation client advertises its keys."""
+    def start_training(self, index: int, offer: Any) -> None:
+        """Start a training task: download the artifact, train, then report it."""
+        st = self.states[index]
+        st.busy = True
+        task = _Task(
+            index=index,
+            offer=offer,
+            client=None,
+            device=self.devices[index],
+            asked_at=self.q.now,
+            offered_at=self.q.now,
+            version=offer.version,
+            seed=self.cfg.task_seed(index, self.next_task_no(index)),
+            training_id=offer.task_id,
+        )
+        st.task = task
+        self.rec.tasks += 1
+        self.rec.event(self.q.now, "task", index, f"train v{offer.version}")
+        self._train(task)
+
+    def report(self, task: _Task) -> None:
+        """A trained device reports its update: it waits for its cohort, then runs it."""
+        from coordinator.errors import FailedPrecondition
+        from coordinator.service import PaceOffer
+
+        if task.dead:
+            return
+        try:
+            with Stopwatch(self.rec.overhead, "service_s"):
+                offer = self.service.get_task(task.device, trained_task_id=task.training_id)
+        except FailedPrecondition as exc:
+            # Not wanted any more (expired, too stale): the work is lost.
+            self.end_task(task, f"refused: {exc}")
+            return
+        if isinstance(offer, PaceOffer):
+            delay = self.paced_delay(offer.retry_after_s)
+            self.rec.wait(offer.mechanism, delay)
+            self.q.after(delay, lambda: self.report(task))
+            return
+        self.start_cohort(task, offer)
+
+    def start_cohort(self, task: _Task, offer: Any) -> None:
+        """Start the cohort task: a fresh secure-aggregation client advertises its keys."""
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
         from secure_agg import Client, Stage
 
-        st = self.states[index]
-        st.busy = True
+        index = task.index
         peers = (
             {i: Ed25519PublicKey.from_public_bytes(k) for i, k in enumerate(offer.identity_keys)}
             if offer.session.active
             else None
         )
-        client = Client(
+        task.client = Client(
             offer.member_index,
             config=offer.session,
             identity=self.identities[index] if offer.session.active else None,
             peer_identities=peers,
             verified=self.verified_signatures if offer.session.active else None,
         )
-        task = _Task(
-            index=index,
-            offer=offer,
-            client=client,
-            device=self.devices[index],
-            asked_at=self.q.now,
-            offered_at=self.q.now,
-            version=offer.version,
-            seed=self.cfg.task_seed(index, self.next_task_no(index)),
-        )
-        st.task = task
+        task.offer = offer
+        task.offered_at = self.q.now
         self.tasks[(offer.cohort_id, offer.member_index)] = task
-        self.rec.tasks += 1
         self.rec.event(
             self.q.now,
-            "task",
+            "cohort",
             index,
             f"c{self.cname(offer.cohort_id)} m{offer.member_index} v{offer.version}",
         )
         with Stopwatch(self.rec.overhead, "device_secagg_s"):
-            advert = client.advertise().encode()
+            advert = task.client.advertise().encode()
         self.send(
             task,
             Stage.ADVERTISE_KEYS,
@@ -623,8 +656,10 @@ class EstuaryPolicy(Policy):
 
     def on_commit(self, head: Any) -> None:
         """Count the updates folded in at their staleness, run the cloud jobs, score it."""
-        for cid, s in sorted((self.service.ledger.folded_staleness(head.version) or {}).items()):
-            self.rec.staleness.add(s, self.folding.pop(cid, 0))
+        # Each update at the staleness the commit priced it at (members of a cohort may
+        # have trained on different versions).
+        for s, n in head.folded_staleness:
+            self.rec.staleness.add(s, n)
         self.run_jobs()
         adapter = self.service.ledger.adapter(head)
         self.adapters[head.version] = adapter
@@ -662,7 +697,13 @@ class EstuaryPolicy(Policy):
         with Stopwatch(self.rec.overhead, "device_secagg_s"):
             out = task.client.handle(reply.payload)
         self.rec.wait("key_exchange", self.q.now - task.offered_at)
-        self.send(task, Stage.SHARE_KEYS, out.encode(), then=lambda: self._train(task))
+        task.trained_at = self.q.now
+        self.send(
+            task,
+            Stage.SHARE_KEYS,
+            out.encode(),
+            then=lambda: self.wait_for(task, Stage.SHARE_KEYS, lambda r: self._upload(task, r)),
+        )
 
     def _train(self, task: _Task) -> None:
         st = self.states[task.index]
@@ -703,9 +744,7 @@ class EstuaryPolicy(Policy):
             self.rec.trained += 1
             self.rec.work_s += train_s
             self.rec.wait("training", download + train_s)
-            from secure_agg import Stage
-
-            self.wait_for(task, Stage.SHARE_KEYS, lambda r: self._upload(task, r))
+            self.report(task)
 
         self.q.at(end, trained)
 
@@ -719,7 +758,7 @@ class EstuaryPolicy(Policy):
                 reply = self.service.heartbeat(task.device, task.offer.task_id)
             if reply.abandon:
                 self.training_now -= 1
-                # The cohort aborted under a training member: its work so far is lost.
+                # Its version can no longer count: its work so far is lost.
                 elapsed = max(0.0, self.q.now - task.training_from)
                 self.rec.work_s += elapsed
                 self.rec.wasted_s += elapsed
@@ -740,7 +779,7 @@ class EstuaryPolicy(Policy):
         from edge_client.exchange import clipped_update, mask
         from secure_agg import Stage
 
-        self.rec.wait("relay_wait", self.q.now - task.trained_at)
+        self.rec.wait("relay_wait", self.q.now - task.trained_at)  # since the shares went
         spec = self.env.fleet[task.index]
         with Stopwatch(self.rec.overhead, "device_secagg_s"):
             task.client.handle(reply.payload)

@@ -139,9 +139,14 @@ def fed(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
     a, b, c, d = Device(stub), Device(stub), Device(stub), Device(stub)
     for device in (a, b, c, d):
         device.enroll(registry.issue_token(), "laptop")
+    members = {"a": a, "b": b, "d": d}
+    # The local worker builds the first artifacts meanwhile; then each trains (here: at
+    # once) and reports its training task until the cohort is sealed.
+    training = {name: device.wait_for_task(60.0) for name, device in members.items()}
+    assert all(not t.cohort_id for t in training.values())
     tasks: dict[str, edge_pb2.Task] = {}
-    for _ in range(600):  # the local worker builds the first artifacts meanwhile
-        replies = {"a": a.get_task(), "b": b.get_task(), "d": d.get_task()}
+    for _ in range(600):
+        replies = {n: members[n].get_task(training[n].task_id) for n in members}
         if all(r.WhichOneof("outcome") == "task" for r in replies.values()):
             tasks = {name: r.task for name, r in replies.items()}
             break
@@ -159,6 +164,7 @@ def fed(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         "task_a": tasks["a"],
         "task_b": tasks["b"],
         "task_d": tasks["d"],
+        "train_a": training["a"],
         "store": store,
     }
     ch.close()
@@ -169,7 +175,7 @@ def assert_intact(fed: dict[str, Any]) -> None:
     """The good device still holds the same task and the server serves."""
     check = fed["health"].Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert check.status == SERVING
-    again = fed["a"].get_task()
+    again = fed["a"].get_task(fed["train_a"].task_id)
     assert again.WhichOneof("outcome") == "task"
     assert again.task.task_id == fed["task_a"].task_id
     assert again.task.cohort_id == fed["task_a"].cohort_id
@@ -191,8 +197,13 @@ def test_task_carries_cohort_parameters(fed: dict[str, Any]) -> None:
     task = fed["task_a"]
     assert task.secagg.cohort_size == 3
     assert task.secagg.cohort == task.cohort_id.encode()
-    assert task.rank == 4 and task.artifact.size_bytes > 0
+    assert task.trained_task_id == fed["train_a"].task_id
+    assert task.version == fed["train_a"].version
     assert len(task.secagg.tensors) > 0 and all(t.length > 0 for t in task.secagg.tensors)
+    # The training task carried what to train, and no cohort.
+    training = fed["train_a"]
+    assert training.rank == 4 and training.artifact.size_bytes > 0
+    assert not training.cohort_id and not training.HasField("secagg")
 
 
 # --------------------------------------------------------------------------- authentication
@@ -292,17 +303,17 @@ def test_request_over_the_message_limit_is_resource_exhausted(fed: dict[str, Any
 
 def test_fetch_artifact_resumes_from_an_offset(fed: dict[str, Any]) -> None:
     a, task = fed["a"], fed["task_a"]
-    whole = b"".join(c.data for c in a.fetch(task.artifact.sha256))
-    assert len(whole) == task.artifact.size_bytes
-    assert hashlib.sha256(whole).hexdigest() == task.artifact.sha256
+    whole = b"".join(c.data for c in a.fetch(fed["train_a"].artifact.sha256))
+    assert len(whole) == fed["train_a"].artifact.size_bytes
+    assert hashlib.sha256(whole).hexdigest() == fed["train_a"].artifact.sha256
     cut = len(whole) // 3
-    chunks = a.fetch(task.artifact.sha256, offset=cut, chunk_bytes=64)
+    chunks = a.fetch(fed["train_a"].artifact.sha256, offset=cut, chunk_bytes=64)
     assert chunks[0].offset == cut and all(c.total_bytes == len(whole) for c in chunks)
     assert all(len(c.data) <= 64 for c in chunks)
     assert [c.offset for c in chunks] == [cut + 64 * i for i in range(len(chunks))]
     resumed = whole[:cut] + b"".join(c.data for c in chunks)
-    assert hashlib.sha256(resumed).hexdigest() == task.artifact.sha256
-    assert a.fetch(task.artifact.sha256, offset=len(whole)) == []
+    assert hashlib.sha256(resumed).hexdigest() == fed["train_a"].artifact.sha256
+    assert a.fetch(fed["train_a"].artifact.sha256, offset=len(whole)) == []
 
 
 def test_fetch_artifact_refuses_bad_digests_and_offsets(fed: dict[str, Any]) -> None:
@@ -316,7 +327,7 @@ def test_fetch_artifact_refuses_bad_digests_and_offsets(fed: dict[str, Any]) -> 
     assert code_of(excinfo) is grpc.StatusCode.NOT_FOUND
     assert "0" * 64 in details(excinfo)
     with pytest.raises(grpc.RpcError) as excinfo:
-        a.fetch(task.artifact.sha256, offset=task.artifact.size_bytes + 1)
+        a.fetch(fed["train_a"].artifact.sha256, offset=fed["train_a"].artifact.size_bytes + 1)
     assert code_of(excinfo) is grpc.StatusCode.INVALID_ARGUMENT
     assert "offset" in details(excinfo)
     assert_intact(fed)
@@ -554,7 +565,7 @@ def test_heartbeat_and_metrics_after_refusals(fed: dict[str, Any]) -> None:
     # must not depend on which tests of this module ran before (pytest-xdist splits them).
     with pytest.raises(grpc.RpcError):
         Device(fed["stub"], Ed25519PrivateKey.generate()).get_task()
-    assert a.fetch(task.artifact.sha256)
+    assert a.fetch(fed["train_a"].artifact.sha256)
     with pytest.raises(grpc.RpcError):
         a.upload(task_id=task.task_id, cohort_id="nope", sha256="0" * 64, total_bytes=4,
                  chunks=[b"x" * 8])  # fmt: skip

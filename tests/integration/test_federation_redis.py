@@ -272,9 +272,14 @@ def check_versions_against_ledger(store: object, blobs: BlobStore, ledger: Path)
         for cohort_id in record["cohorts"]:
             cohort = json.loads(store.get(cohort_key(cohort_id)).value)  # type: ignore[attr-defined]
             assert cohort["status"] == "completed"
-            # The cohort counts at the staleness it lands with (coordinator.versions).
-            staleness = record["version"] - 1 - cohort["version"]
-            assert record["staleness"][cohort_id] == staleness
+            # Each member counts at the staleness it lands with (coordinator.versions):
+            # members train first, so they may have trained on different versions.
+            trained = cohort.get("member_versions") or [cohort["version"]] * len(
+                cohort["members"]
+            )
+            landed = [record["version"] - 1 - trained[m] for m in cohort["survivors"]]
+            assert record["staleness"][cohort_id] == max(landed)
+            priced = sum(POLICY.commit_weight(s) for s in landed)
             cohort_sum = {name: np.zeros_like(t) for name, t in total.items()}
             cohort_weight, cohort_updates = 0.0, 0
             for member in cohort["survivors"]:
@@ -287,7 +292,7 @@ def check_versions_against_ledger(store: object, blobs: BlobStore, ledger: Path)
                     cohort_sum[name] += weight * entry[name].astype(np.float64)
                 cohort_weight += weight
                 cohort_updates += 1
-            discount = min(1.0, POLICY.commit_weight(staleness) * cohort_updates / cohort_weight)
+            discount = min(1.0, priced / cohort_weight)
             for name in total:
                 total[name] += discount * cohort_sum[name]
             updates += cohort_updates

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from estuary.proto.v1 import common_pb2 as estuary_dot_proto_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65stuary/proto/v1/edge.proto\x12\nestuary.v1\x1a\x1d\x65stuary/proto/v1/common.proto\"\x91\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x02 \x01(\x0c\x12\x14\n\x0c\x64\x65vice_class\x18\x03 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x04 \x01(\t\x12\x0f\n\x07tls_csr\x18\x05 \x01(\x0c\x12\x15\n\rtls_csr_proof\x18\x06 \x01(\x0c\"\x81\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12-\n\x0c\x64\x65vice_class\x18\x02 \x01(\x0b\x32\x17.estuary.v1.DeviceClass\x12\r\n\x05r_max\x18\x03 \x01(\r\x12\x1e\n\x16\x63lient_certificate_pem\x18\x04 \x01(\x0c\"P\n\x17RenewCertificateRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x0f\n\x07tls_csr\x18\x02 \x01(\x0c\":\n\x18RenewCertificateResponse\x12\x1e\n\x16\x63lient_certificate_pem\x18\x01 \x01(\x0c\"d\n\x0eGetTaskRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x14\n\x0cheld_version\x18\x02 \x01(\r\x12\x16\n\x0eheld_artifacts\x18\x03 \x03(\t\".\n\x04Pace\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd9\x01\n\x0cSecAggParams\x12\x0e\n\x06\x63ohort\x18\x01 \x01(\x0c\x12\x13\n\x0b\x63ohort_size\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x0c\n\x04\x62its\x18\x04 \x01(\r\x12\x11\n\tfrac_bits\x18\x05 \x01(\x05\x12\x0c\n\x04\x63lip\x18\x06 \x01(\x02\x12\x12\n\nneighbours\x18\x07 \x01(\r\x12\'\n\x07tensors\x18\x08 \x03(\x0b\x32\x16.estuary.v1.TensorSpec\x12\x0e\n\x06\x61\x63tive\x18\t \x01(\x08\x12\x15\n\ridentity_keys\x18\n \x03(\x0c\"*\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x04\"\xd5\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tcohort_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12%\n\x08\x61rtifact\x18\x04 \x01(\x0b\x32\x13.estuary.v1.BlobRef\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x13\n\x0blocal_steps\x18\x06 \x01(\r\x12\x15\n\rlearning_rate\x18\x07 \x01(\x02\x12\x16\n\x0egrad_clip_norm\x18\x08 \x01(\x02\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x0f\n\x07seq_len\x18\n \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x0b \x01(\x03\x12\x14\n\x0cmember_index\x18\x0c \x01(\r\x12(\n\x06secagg\x18\r \x01(\x0b\x32\x18.estuary.v1.SecAggParams\x12\x0f\n\x07\x63olumns\x18\x0e \x03(\r\x12\x14\n\x0cwarmup_steps\x18\x0f \x01(\r\"`\n\x0fGetTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.estuary.v1.TaskH\x00\x12 \n\x04pace\x18\x02 \x01(\x0b\x32\x10.estuary.v1.PaceH\x00\x42\t\n\x07outcome\"q\n\x14\x46\x65tchArtifactRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\"B\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"\x87\x01\n\x13SecAggClientMessage\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x11\n\tcohort_id\x18\x02 \x01(\t\x12&\n\x05stage\x18\x03 \x01(\x0e\x32\x17.estuary.v1.SecAggStage\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"3\n\tSecAggAck\x12&\n\x05stage\x18\x01 \x01(\x0e\x32\x17.estuary.v1.SecAggStage\"\x8c\x01\n\x12\x41waitSecAggRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x11\n\tcohort_id\x18\x02 \x01(\t\x12,\n\x0b\x61\x66ter_stage\x18\x03 \x01(\x0e\x32\x17.estuary.v1.SecAggStage\x12\x0f\n\x07wait_ms\x18\x04 \x01(\r\"\x98\x01\n\x13SecAggServerMessage\x12\x11\n\tcohort_id\x18\x01 \x01(\t\x12&\n\x05stage\x18\x02 \x01(\x0e\x32\x17.estuary.v1.SecAggStage\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0e\n\x06weight\x18\x04 \x01(\x02\x12\x0f\n\x07pending\x18\x05 \x01(\x08\x12\x14\n\x0c\x61\x62ort_reason\x18\x06 \x01(\t\"}\n\x0cUploadHeader\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tcohort_id\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"Q\n\x0bUploadChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.estuary.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"G\n\tUploadAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x15\n\rdurable_bytes\x18\x03 \x01(\x04\"]\n\x10HeartbeatRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nsteps_done\x18\x03 \x01(\r\"\xad\x01\n\x11HeartbeatResponse\x12\x34\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32$.estuary.v1.HeartbeatResponse.Action\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\r\"I\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TION_CONTINUE\x10\x01\x12\x12\n\x0e\x41\x43TION_ABANDON\x10\x02*\xf9\x01\n\x0bSecAggStage\x12\x1c\n\x18SECAGG_STAGE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSECAGG_STAGE_ADVERTISE_KEYS\x10\x01\x12\x1b\n\x17SECAGG_STAGE_SHARE_KEYS\x10\x02\x12\x1d\n\x19SECAGG_STAGE_MASKED_INPUT\x10\x03\x12\"\n\x1eSECAGG_STAGE_CONSISTENCY_CHECK\x10\x04\x12\x1a\n\x16SECAGG_STAGE_UNMASKING\x10\x05\x12\x15\n\x11SECAGG_STAGE_DONE\x10\x06\x12\x18\n\x14SECAGG_STAGE_ABORTED\x10\x07\x32\xe3\x04\n\x0b\x45\x64geService\x12?\n\x06\x45nroll\x12\x19.estuary.v1.EnrollRequest\x1a\x1a.estuary.v1.EnrollResponse\x12\x42\n\x07GetTask\x12\x1a.estuary.v1.GetTaskRequest\x1a\x1b.estuary.v1.GetTaskResponse\x12N\n\rFetchArtifact\x12 .estuary.v1.FetchArtifactRequest\x1a\x19.estuary.v1.ArtifactChunk0\x01\x12\x44\n\nSendSecAgg\x12\x1f.estuary.v1.SecAggClientMessage\x1a\x15.estuary.v1.SecAggAck\x12N\n\x0b\x41waitSecAgg\x12\x1e.estuary.v1.AwaitSecAggRequest\x1a\x1f.estuary.v1.SecAggServerMessage\x12@\n\x0cUploadMasked\x12\x17.estuary.v1.UploadChunk\x1a\x15.estuary.v1.UploadAck(\x01\x12H\n\tHeartbeat\x12\x1c.estuary.v1.HeartbeatRequest\x1a\x1d.estuary.v1.HeartbeatResponse\x12]\n\x10RenewCertificate\x12#.estuary.v1.RenewCertificateRequest\x1a$.estuary.v1.RenewCertificateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65stuary/proto/v1/edge.proto\x12\nestuary.v1\x1a\x1d\x65stuary/proto/v1/common.proto\"\x91\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x1b\n\x13identity_public_key\x18\x02 \x01(\x0c\x12\x14\n\x0c\x64\x65vice_class\x18\x03 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x04 \x01(\t\x12\x0f\n\x07tls_csr\x18\x05 \x01(\x0c\x12\x15\n\rtls_csr_proof\x18\x06 \x01(\x0c\"\x81\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12-\n\x0c\x64\x65vice_class\x18\x02 \x01(\x0b\x32\x17.estuary.v1.DeviceClass\x12\r\n\x05r_max\x18\x03 \x01(\r\x12\x1e\n\x16\x63lient_certificate_pem\x18\x04 \x01(\x0c\"P\n\x17RenewCertificateRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x0f\n\x07tls_csr\x18\x02 \x01(\x0c\":\n\x18RenewCertificateResponse\x12\x1e\n\x16\x63lient_certificate_pem\x18\x01 \x01(\x0c\"}\n\x0eGetTaskRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x14\n\x0cheld_version\x18\x02 \x01(\r\x12\x16\n\x0eheld_artifacts\x18\x03 \x03(\t\x12\x17\n\x0ftrained_task_id\x18\x04 \x01(\t\".\n\x04Pace\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd9\x01\n\x0cSecAggParams\x12\x0e\n\x06\x63ohort\x18\x01 \x01(\x0c\x12\x13\n\x0b\x63ohort_size\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x0c\n\x04\x62its\x18\x04 \x01(\r\x12\x11\n\tfrac_bits\x18\x05 \x01(\x05\x12\x0c\n\x04\x63lip\x18\x06 \x01(\x02\x12\x12\n\nneighbours\x18\x07 \x01(\r\x12\'\n\x07tensors\x18\x08 \x03(\x0b\x32\x16.estuary.v1.TensorSpec\x12\x0e\n\x06\x61\x63tive\x18\t \x01(\x08\x12\x15\n\ridentity_keys\x18\n \x03(\x0c\"*\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x04\"\xee\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tcohort_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12%\n\x08\x61rtifact\x18\x04 \x01(\x0b\x32\x13.estuary.v1.BlobRef\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x13\n\x0blocal_steps\x18\x06 \x01(\r\x12\x15\n\rlearning_rate\x18\x07 \x01(\x02\x12\x16\n\x0egrad_clip_norm\x18\x08 \x01(\x02\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x0f\n\x07seq_len\x18\n \x01(\r\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x0b \x01(\x03\x12\x14\n\x0cmember_index\x18\x0c \x01(\r\x12(\n\x06secagg\x18\r \x01(\x0b\x32\x18.estuary.v1.SecAggParams\x12\x0f\n\x07\x63olumns\x18\x0e \x03(\r\x12\x14\n\x0cwarmup_steps\x18\x0f \x01(\r\x12\x17\n\x0ftrained_task_id\x18\x10 \x01(\t\"`\n\x0fGetTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.estuary.v1.TaskH\x00\x12 \n\x04pace\x18\x02 \x01(\x0b\x32\x10.estuary.v1.PaceH\x00\x42\t\n\x07outcome\"q\n\x14\x46\x65tchArtifactRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\"B\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"\x87\x01\n\x13SecAggClientMessage\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x11\n\tcohort_id\x18\x02 \x01(\t\x12&\n\x05stage\x18\x03 \x01(\x0e\x32\x17.estuary.v1.SecAggStage\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"3\n\tSecAggAck\x12&\n\x05stage\x18\x01 \x01(\x0e\x32\x17.estuary.v1.SecAggStage\"\x8c\x01\n\x12\x41waitSecAggRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x11\n\tcohort_id\x18\x02 \x01(\t\x12,\n\x0b\x61\x66ter_stage\x18\x03 \x01(\x0e\x32\x17.estuary.v1.SecAggStage\x12\x0f\n\x07wait_ms\x18\x04 \x01(\r\"\x98\x01\n\x13SecAggServerMessage\x12\x11\n\tcohort_id\x18\x01 \x01(\t\x12&\n\x05stage\x18\x02 \x01(\x0e\x32\x17.estuary.v1.SecAggStage\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0e\n\x06weight\x18\x04 \x01(\x02\x12\x0f\n\x07pending\x18\x05 \x01(\x08\x12\x14\n\x0c\x61\x62ort_reason\x18\x06 \x01(\t\"}\n\x0cUploadHeader\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tcohort_id\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"Q\n\x0bUploadChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.estuary.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"G\n\tUploadAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x15\n\rdurable_bytes\x18\x03 \x01(\x04\"]\n\x10HeartbeatRequest\x12$\n\x04\x61uth\x18\x01 \x01(\x0b\x32\x16.estuary.v1.DeviceAuth\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x12\n\nsteps_done\x18\x03 \x01(\r\"\xad\x01\n\x11HeartbeatResponse\x12\x34\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32$.estuary.v1.HeartbeatResponse.Action\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\r\"I\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41\x43TION_CONTINUE\x10\x01\x12\x12\n\x0e\x41\x43TION_ABANDON\x10\x02*\xf9\x01\n\x0bSecAggStage\x12\x1c\n\x18SECAGG_STAGE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bSECAGG_STAGE_ADVERTISE_KEYS\x10\x01\x12\x1b\n\x17SECAGG_STAGE_SHARE_KEYS\x10\x02\x12\x1d\n\x19SECAGG_STAGE_MASKED_INPUT\x10\x03\x12\"\n\x1eSECAGG_STAGE_CONSISTENCY_CHECK\x10\x04\x12\x1a\n\x16SECAGG_STAGE_UNMASKING\x10\x05\x12\x15\n\x11SECAGG_STAGE_DONE\x10\x06\x12\x18\n\x14SECAGG_STAGE_ABORTED\x10\x07\x32\xe3\x04\n\x0b\x45\x64geService\x12?\n\x06\x45nroll\x12\x19.estuary.v1.EnrollRequest\x1a\x1a.estuary.v1.EnrollResponse\x12\x42\n\x07GetTask\x12\x1a.estuary.v1.GetTaskRequest\x1a\x1b.estuary.v1.GetTaskResponse\x12N\n\rFetchArtifact\x12 .estuary.v1.FetchArtifactRequest\x1a\x19.estuary.v1.ArtifactChunk0\x01\x12\x44\n\nSendSecAgg\x12\x1f.estuary.v1.SecAggClientMessage\x1a\x15.estuary.v1.SecAggAck\x12N\n\x0b\x41waitSecAgg\x12\x1e.estuary.v1.AwaitSecAggRequest\x1a\x1f.estuary.v1.SecAggServerMessage\x12@\n\x0cUploadMasked\x12\x17.estuary.v1.UploadChunk\x1a\x15.estuary.v1.UploadAck(\x01\x12H\n\tHeartbeat\x12\x1c.estuary.v1.HeartbeatRequest\x1a\x1d.estuary.v1.HeartbeatResponse\x12]\n\x10RenewCertificate\x12#.estuary.v1.RenewCertificateRequest\x1a$.estuary.v1.RenewCertificateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'estuary.proto.v1.edge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SECAGGSTAGE']._serialized_start=2579
-  _globals['_SECAGGSTAGE']._serialized_end=2828
+  _globals['_SECAGGSTAGE']._serialized_start=2629
+  _globals['_SECAGGSTAGE']._serialized_end=2878
   _globals['_ENROLLREQUEST']._serialized_start=75
   _globals['_ENROLLREQUEST']._serialized_end=220
   _globals['_ENROLLRESPONSE']._serialized_start=223
@@ -43,41 +43,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=436
   _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=494
   _globals['_GETTASKREQUEST']._serialized_start=496
-  _globals['_GETTASKREQUEST']._serialized_end=596
-  _globals['_PACE']._serialized_start=598
-  _globals['_PACE']._serialized_end=644
-  _globals['_SECAGGPARAMS']._serialized_start=647
-  _globals['_SECAGGPARAMS']._serialized_end=864
-  _globals['_TENSORSPEC']._serialized_start=866
-  _globals['_TENSORSPEC']._serialized_end=908
-  _globals['_TASK']._serialized_start=911
-  _globals['_TASK']._serialized_end=1252
-  _globals['_GETTASKRESPONSE']._serialized_start=1254
-  _globals['_GETTASKRESPONSE']._serialized_end=1350
-  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1352
-  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1465
-  _globals['_ARTIFACTCHUNK']._serialized_start=1467
-  _globals['_ARTIFACTCHUNK']._serialized_end=1533
-  _globals['_SECAGGCLIENTMESSAGE']._serialized_start=1536
-  _globals['_SECAGGCLIENTMESSAGE']._serialized_end=1671
-  _globals['_SECAGGACK']._serialized_start=1673
-  _globals['_SECAGGACK']._serialized_end=1724
-  _globals['_AWAITSECAGGREQUEST']._serialized_start=1727
-  _globals['_AWAITSECAGGREQUEST']._serialized_end=1867
-  _globals['_SECAGGSERVERMESSAGE']._serialized_start=1870
-  _globals['_SECAGGSERVERMESSAGE']._serialized_end=2022
-  _globals['_UPLOADHEADER']._serialized_start=2024
-  _globals['_UPLOADHEADER']._serialized_end=2149
-  _globals['_UPLOADCHUNK']._serialized_start=2151
-  _globals['_UPLOADCHUNK']._serialized_end=2232
-  _globals['_UPLOADACK']._serialized_start=2234
-  _globals['_UPLOADACK']._serialized_end=2305
-  _globals['_HEARTBEATREQUEST']._serialized_start=2307
-  _globals['_HEARTBEATREQUEST']._serialized_end=2400
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2403
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2576
-  _globals['_HEARTBEATRESPONSE_ACTION']._serialized_start=2503
-  _globals['_HEARTBEATRESPONSE_ACTION']._serialized_end=2576
-  _globals['_EDGESERVICE']._serialized_start=2831
-  _globals['_EDGESERVICE']._serialized_end=3442
+  _globals['_GETTASKREQUEST']._serialized_end=621
+  _globals['_PACE']._serialized_start=623
+  _globals['_PACE']._serialized_end=669
+  _globals['_SECAGGPARAMS']._serialized_start=672
+  _globals['_SECAGGPARAMS']._serialized_end=889
+  _globals['_TENSORSPEC']._serialized_start=891
+  _globals['_TENSORSPEC']._serialized_end=933
+  _globals['_TASK']._serialized_start=936
+  _globals['_TASK']._serialized_end=1302
+  _globals['_GETTASKRESPONSE']._serialized_start=1304
+  _globals['_GETTASKRESPONSE']._serialized_end=1400
+  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1402
+  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1515
+  _globals['_ARTIFACTCHUNK']._serialized_start=1517
+  _globals['_ARTIFACTCHUNK']._serialized_end=1583
+  _globals['_SECAGGCLIENTMESSAGE']._serialized_start=1586
+  _globals['_SECAGGCLIENTMESSAGE']._serialized_end=1721
+  _globals['_SECAGGACK']._serialized_start=1723
+  _globals['_SECAGGACK']._serialized_end=1774
+  _globals['_AWAITSECAGGREQUEST']._serialized_start=1777
+  _globals['_AWAITSECAGGREQUEST']._serialized_end=1917
+  _globals['_SECAGGSERVERMESSAGE']._serialized_start=1920
+  _globals['_SECAGGSERVERMESSAGE']._serialized_end=2072
+  _globals['_UPLOADHEADER']._serialized_start=2074
+  _globals['_UPLOADHEADER']._serialized_end=2199
+  _globals['_UPLOADCHUNK']._serialized_start=2201
+  _globals['_UPLOADCHUNK']._serialized_end=2282
+  _globals['_UPLOADACK']._serialized_start=2284
+  _globals['_UPLOADACK']._serialized_end=2355
+  _globals['_HEARTBEATREQUEST']._serialized_start=2357
+  _globals['_HEARTBEATREQUEST']._serialized_end=2450
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2453
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2626
+  _globals['_HEARTBEATRESPONSE_ACTION']._serialized_start=2553
+  _globals['_HEARTBEATRESPONSE_ACTION']._serialized_end=2626
+  _globals['_EDGESERVICE']._serialized_start=2881
+  _globals['_EDGESERVICE']._serialized_end=3492
 # @@protoc_insertion_point(module_scope)

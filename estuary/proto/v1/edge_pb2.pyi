@@ -70,14 +70,16 @@ class RenewCertificateResponse(_message.Message):
     def __init__(self, client_certificate_pem: _Optional[bytes] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
-    __slots__ = ("auth", "held_version", "held_artifacts")
+    __slots__ = ("auth", "held_version", "held_artifacts", "trained_task_id")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
     HELD_ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     auth: _common_pb2.DeviceAuth
     held_version: int
     held_artifacts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, auth: _Optional[_Union[_common_pb2.DeviceAuth, _Mapping]] = ..., held_version: _Optional[int] = ..., held_artifacts: _Optional[_Iterable[str]] = ...) -> None: ...
+    trained_task_id: str
+    def __init__(self, auth: _Optional[_Union[_common_pb2.DeviceAuth, _Mapping]] = ..., held_version: _Optional[int] = ..., held_artifacts: _Optional[_Iterable[str]] = ..., trained_task_id: _Optional[str] = ...) -> None: ...
 
 class Pace(_message.Message):
     __slots__ = ("retry_after_ms", "reason")
@@ -120,7 +122,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "cohort_id", "version", "artifact", "rank", "local_steps", "learning_rate", "grad_clip_norm", "batch_size", "seq_len", "deadline_ms", "member_index", "secagg", "columns", "warmup_steps")
+    __slots__ = ("task_id", "cohort_id", "version", "artifact", "rank", "local_steps", "learning_rate", "grad_clip_norm", "batch_size", "seq_len", "deadline_ms", "member_index", "secagg", "columns", "warmup_steps", "trained_task_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     COHORT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +138,7 @@ class Task(_message.Message):
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     cohort_id: str
     version: int
@@ -151,7 +154,8 @@ class Task(_message.Message):
     secagg: SecAggParams
     columns: _containers.RepeatedScalarFieldContainer[int]
     warmup_steps: int
-    def __init__(self, task_id: _Optional[str] = ..., cohort_id: _Optional[str] = ..., version: _Optional[int] = ..., artifact: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., member_index: _Optional[int] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ..., columns: _Optional[_Iterable[int]] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
+    trained_task_id: str
+    def __init__(self, task_id: _Optional[str] = ..., cohort_id: _Optional[str] = ..., version: _Optional[int] = ..., artifact: _Optional[_Union[_common_pb2.BlobRef, _Mapping]] = ..., rank: _Optional[int] = ..., local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., member_index: _Optional[int] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ..., columns: _Optional[_Iterable[int]] = ..., warmup_steps: _Optional[int] = ..., trained_task_id: _Optional[str] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
     __slots__ = ("task", "pace")

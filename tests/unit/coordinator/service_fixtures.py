@@ -20,7 +20,7 @@ from torch import nn
 from cloud_workers.executor import ModelJobExecutor
 from cloud_workers.group import WorkerGroup
 from coordinator.enrolment import Device
-from coordinator.service import FederationService, ServiceObserver, TaskOffer
+from coordinator.service import FederationService, PaceOffer, ServiceObserver, TaskOffer
 from estuary.adapters import AdapterConfig, GlobalAdapter
 from estuary.auth import raw_public_key
 from estuary.clock import VirtualClock
@@ -139,15 +139,38 @@ class Fed:
         )
 
 
-def tasks_for(fed: Fed, devices: list[Device]) -> list[TaskOffer]:
-    """Ask for work until every device holds a task of one sealed cohort."""
+def training_for(fed: Fed, devices: list[Device]) -> list[TaskOffer]:
+    """Ask for work until every device holds a training task."""
     offers = [fed.service.get_task(d) for d in devices]
     for _ in range(3):
         if all(isinstance(o, TaskOffer) for o in offers):
             break
         fed.service.tick()
         offers = [fed.service.get_task(d) for d in devices]
-    assert all(isinstance(o, TaskOffer) for o in offers), offers
+    assert all(isinstance(o, TaskOffer) and o.is_training for o in offers), offers
+    return [o for o in offers if isinstance(o, TaskOffer)]
+
+
+def report_trained(
+    fed: Fed, devices: list[Device], training: list[TaskOffer]
+) -> list[TaskOffer | PaceOffer]:
+    """Each device reports its training task finished once; its answers."""
+    return [
+        fed.service.get_task(d, trained_task_id=t.task_id)
+        for d, t in zip(devices, training, strict=True)
+    ]
+
+
+def tasks_for(fed: Fed, devices: list[Device]) -> list[TaskOffer]:
+    """Train every device, report it, until each holds a task of one sealed cohort."""
+    training = training_for(fed, devices)
+    offers = report_trained(fed, devices, training)
+    for _ in range(3):
+        if all(isinstance(o, TaskOffer) for o in offers):
+            break
+        fed.service.tick()
+        offers = report_trained(fed, devices, training)
+    assert all(isinstance(o, TaskOffer) and not o.is_training for o in offers), offers
     return [o for o in offers if isinstance(o, TaskOffer)]
 
 

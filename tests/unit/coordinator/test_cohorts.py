@@ -16,6 +16,7 @@ from coordinator.cohorts import (
     CohortRecord,
     FormingCohort,
     MalformedRecord,
+    TrainingTask,
     neighbours_for,
 )
 from estuary.clock import VirtualClock
@@ -157,13 +158,25 @@ def test_forming_cohort_format_and_joining() -> None:
     forming = FormingCohort.from_json(_bytes(legacy))
     assert forming.to_json() == _bytes(legacy)  # no full_at until min_size
     key = bytes(range(32))
-    joined = forming.joined("b", identity_key=key, min_size=3, now=11.0).joined(
-        "c", identity_key=key, min_size=3, now=12.0
-    )
+    joined = forming.joined("b", identity_key=key, version=4, task_id="tb", min_size=3, now=11.0)
+    joined = joined.joined("c", identity_key=key, version=5, task_id="tc", min_size=3, now=12.0)
     assert joined.members == ("a", "b", "c") and joined.full_at == 12.0
     # A record from before identity keys has none for "a": it keeps none (sealed passive).
     assert not joined.has_identity_keys and joined.identity_keys == ()
-    assert json.loads(joined.to_json()) == {**legacy, "members": ["a", "b", "c"], "full_at": 12.0}
+    # Nor from before devices trained first: "a" never trained, so it is not sealed.
+    assert not joined.trained
+    assert json.loads(joined.to_json()) == {
+        **legacy,
+        "members": ["a", "b", "c"],
+        "full_at": 12.0,
+        "versions": [4, 5],
+        "tasks": ["tb", "tc"],
+    }
+    fresh = FormingCohort(cohort_id="c2", members=(), opened_at=10.0)
+    fresh = fresh.joined("a", identity_key=key, version=3, task_id="ta", min_size=2, now=11.0)
+    fresh = fresh.joined("b", identity_key=key, version=5, task_id="tb", min_size=2, now=12.0)
+    assert fresh.trained and fresh.versions == (3, 5) and fresh.tasks == ("ta", "tb")
+    assert FormingCohort.from_json(fresh.to_json()) == fresh
     with pytest.raises(MalformedRecord, match="forming/phone: field 'opened_at'"):
         FormingCohort.from_json(_bytes({"cohort_id": "c1", "members": []}), where="forming/phone")
 
@@ -175,6 +188,39 @@ def test_assignment_format() -> None:
     assert assignment.to_json() == _bytes(legacy)
     with pytest.raises(MalformedRecord, match="assign/d: field 'member_index'"):
         Assignment.from_json(_bytes({**legacy, "member_index": "2"}), where="assign/d")
+    trained = Assignment("c1", 2, "c1-2", trained_task_id="t9")
+    assert Assignment.from_json(trained.to_json()) == trained
+    assert json.loads(trained.to_json())["trained_task_id"] == "t9"
+
+
+def test_training_task_format_and_bad_fields() -> None:
+    task = TrainingTask(
+        task_id="t1",
+        device_class="phone",
+        version=3,
+        artifact=ArtifactRef(sha256="ab" * 32, size=10),
+        column_seed=7,
+        started_at=1.5,
+        deadline_at=61.5,
+    )
+    assert TrainingTask.from_json(task.to_json()) == task
+    with pytest.raises(MalformedRecord, match="training/d: field 'version'"):
+        TrainingTask.from_json(
+            _bytes({**json.loads(task.to_json()), "version": "3"}), where="training/d"
+        )
+
+
+def test_member_versions_round_trip_and_must_match_the_members() -> None:
+    record = CohortRecord.from_json(_bytes(legacy_sealed()))
+    assert record.member_versions == () and record.member_version(1) == record.version
+    mixed = dataclasses.replace(
+        record, member_versions=tuple(record.version + i for i in range(record.size))
+    )
+    again = CohortRecord.from_json(mixed.to_json())
+    assert again == mixed and again.member_version(1) == record.version + 1
+    bad = {**json.loads(mixed.to_json()), "member_versions": [record.version]}
+    with pytest.raises(MalformedRecord, match="'member_versions': expected one per member"):
+        CohortRecord.from_json(_bytes(bad), where="cohort/x")
 
 
 @pytest.mark.parametrize(
@@ -212,7 +258,9 @@ def test_forming_cohort_keeps_each_members_identity_key_in_order() -> None:
     keys = [bytes([i]) * 32 for i in range(3)]
     forming = FormingCohort(cohort_id="c1", members=(), opened_at=10.0)
     for i, name in enumerate("abc"):
-        forming = forming.joined(name, identity_key=keys[i], min_size=3, now=11.0 + i)
+        forming = forming.joined(
+            name, identity_key=keys[i], version=0, task_id=f"t{i}", min_size=3, now=11.0 + i
+        )
     assert forming.has_identity_keys and forming.identity_keys == tuple(keys)
     stored = json.loads(forming.to_json())
     assert stored["identity_keys"] == [k.hex() for k in keys]

@@ -1,8 +1,8 @@
 """How many devices a class still needs: logged once per change, and shown by ``estuary status``.
 
 Cohorts never mix device classes and need ``cohort.min_size`` devices of one class. The
-service fixture's cohorts need 3 (min_size = max_size = 3), so two phones wait and a
-third seals their cohort at once.
+service fixture's cohorts need 3 (min_size = max_size = 3), so two phones that trained
+wait and a third's report seals their cohort at once.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from service_fixtures import Fed
+from service_fixtures import Fed, report_trained, training_for
 from torch import nn
 
 from coordinator.formation import FormationLog
@@ -61,12 +61,14 @@ def test_tick_logs_waiting_devices_once_and_status_shows_them(
     phones = [fed.device("phone") for _ in range(3)]
     fed.device("laptop")
 
-    offers = [fed.service.get_task(d) for d in phones[:2]]
+    # Prepare: two phones train and report: they wait in the forming cohort.
+    training = training_for(fed, phones[:2])
+    offers = report_trained(fed, phones[:2], training)
     for _ in range(4):
         fed.service.tick()
         fed.clock.advance(0.25)
 
-    assert all(isinstance(o, PaceOffer) for o in offers)
+    assert all(isinstance(o, PaceOffer) and o.mechanism == "cohort_formation" for o in offers)
     assert _lines(caplog) == ["class phone: 2 waiting, needs 3"]
 
     # `estuary status` reads the same from the store the coordinator wrote.
@@ -78,8 +80,14 @@ def test_tick_logs_waiting_devices_once_and_status_shows_them(
     text = console.export_text()
     assert ["phone", "2", "3", "2", "3"] in [line.split() for line in text.splitlines()]
 
-    # The third phone fills the cohort; it is sealed, and nobody waits any more.
-    assert isinstance(fed.service.get_task(phones[2]), TaskOffer)
+    # The third phone trains: it is not waiting for a cohort yet.
+    (third,) = training_for(fed, phones[2:])
+    fed.service.tick()
+    assert _lines(caplog) == ["class phone: 2 waiting, needs 3"]
+
+    # Its report fills the cohort; it is sealed, and nobody waits any more.
+    sealed = fed.service.get_task(phones[2], trained_task_id=third.task_id)
+    assert isinstance(sealed, TaskOffer) and not sealed.is_training
     fed.service.tick()
     fed.service.tick()
 

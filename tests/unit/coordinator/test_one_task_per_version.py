@@ -25,9 +25,13 @@ AGGREGATION = {"buffer_size": 6, "staleness": "polynomial", "staleness_a": 0.5}
 
 
 def _two_classes_one_done(
-    tmp_path: Any, base: nn.Module, **pacing: Any
+    tmp_path: Any, base: nn.Module, *, cohort: dict[str, Any] | None = None, **pacing: Any
 ) -> tuple[Fed, list[Any], list[Any], list[TaskOffer]]:
-    """K = 6: phones (3) sealed on version 0 and training; laptops (3) done on version 0."""
+    """K = 6: phones (3) trained on version 0, sealed; laptops (3) done on version 0.
+
+    ``cohort``: the cohort section, if not the fixture's.
+    """
+    sections: dict[str, Any] = {} if cohort is None else {"cohort": cohort}
     fed = Fed(
         tmp_path,
         base,
@@ -38,6 +42,7 @@ def _two_classes_one_done(
             "one_task_per_version": True,
             **pacing,
         },
+        **sections,
     )
     laptops = [fed.device("laptop") for _ in range(3)]
     phones = [fed.device("phone") for _ in range(3)]
@@ -79,18 +84,47 @@ def test_a_device_waits_for_the_version_its_peers_are_making(
 def test_it_trains_again_when_the_work_under_way_cannot_make_the_next_version(
     tmp_path: Any, base: nn.Module
 ) -> None:
-    fed, laptops, phones, phone_offers = _two_classes_one_done(tmp_path, base)
+    # Prepare: key stages that outlast the wait below (60 s), silence_s 20.
+    cohort = {
+        "min_size": 3,
+        "max_size": 3,
+        "threshold_fraction": 0.6,
+        "formation_s": 0.0,
+        "deadline_s": 60.0,
+        "key_timeout_s": 60.0,
+        "silence_s": 20.0,
+        "bits": 32,
+        "clip_norm": 1.0,
+    }
+    fed, laptops, phones, phone_offers = _two_classes_one_done(tmp_path, base, cohort=cohort)
     assert isinstance(fed.service.get_task(laptops[0]), PaceOffer)
 
-    # One phone restarts and abandons its task: 3 buffered + 2 to come < 6. Waiting
-    # would stall the federation, so the laptops train on version 0 again.
+    # Execute: one phone restarts and abandons its cohort task; it trains afresh.
     offer, phone = phone_offers[0], phones[0]
     advert = fed.client(offer, phone).advertise().encode()
     fed.service.send_secagg(phone, offer.cohort_id, Stage.ADVERTISE_KEYS, advert)
-    again = fed.service.get_task(phone)  # it lost its keys: the task is abandoned
-    assert isinstance(again, PaceOffer) and "already trained" not in again.reason
-    offers = tasks_for(fed, laptops)
-    assert {o.version for o in offers} == {0}
+    again = fed.service.get_task(phone)  # it lost its keys and its update
+
+    # Assert: its new training task is an update still to come (3 buffered + 2 in the
+    # cohort + 1 training = 6): the laptops still wait.
+    assert isinstance(again, TaskOffer) and again.is_training and again.version == 0
+    paced = fed.service.get_task(laptops[0])
+    assert isinstance(paced, PaceOffer) and paced.mechanism == "next_version", paced
+
+    # Execute: the phone goes silent; after silence_s the tick drops its training task.
+    fed.clock.advance(20.0)
+    fed.service.tick()
+
+    # Assert: 3 buffered + 2 to come < 6. Waiting would stall the federation, so a
+    # laptop trains on version 0 again (the phones' cohort still runs); with its update
+    # to come the next version is made, so the other two go on waiting.
+    assert fed.service.cohorts.training_task(phone.device_id) is None
+    assert fed.service.cohorts.training_devices() == 0
+    assert fed.service.cohort_stage(offer.cohort_id) is Stage.ADVERTISE_KEYS
+    offers = [fed.service.get_task(d) for d in laptops]
+    assert isinstance(offers[0], TaskOffer) and offers[0].is_training, offers
+    assert offers[0].version == 0
+    assert all(isinstance(o, PaceOffer) and o.mechanism == "next_version" for o in offers[1:])
 
 
 def test_the_wait_for_a_committed_versions_artifact_is_bounded(

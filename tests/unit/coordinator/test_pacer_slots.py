@@ -1,11 +1,14 @@
 """What the pacer counts, and when a forming cohort stops waiting for more members.
 
-The pacer caps the devices whose update is still to come (``K × target_staleness``). A
-member whose staleness weight is fixed at the share relay has trained: waiting for its
-cohort to unmask, it holds no slot. While the cap is reached nobody can join a forming
-cohort, so one that has ``min_size`` members is sealed without waiting ``formation_s``.
-The count is one store call, however many cohorts run (issue 13: a full scan of every
-forming and active cohort on each GetTask cost 308 ms per update at 10 000 devices).
+Devices train first: the pacer caps the devices holding a training task
+(``K × target_staleness``). A device that reports its training task finished leaves the
+count at once; waiting in a forming cohort, or aggregating in a sealed one, it trains
+nothing and holds no slot. A training task that expires (its deadline, or a device silent
+for ``silence_s``) is dropped by the tick, which frees its slot too. While no device
+trains nobody can join a forming cohort, so one that has ``min_size`` members is sealed
+without waiting ``formation_s``. The count is one store call, however many cohorts run
+(issue 13: a full scan of every forming and active cohort on each GetTask cost 308 ms per
+update at 10 000 devices).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from service_fixtures import Fed, exchange_keys, tasks_for
+from service_fixtures import Fed, exchange_keys, report_trained, tasks_for, training_for
 from test_request_round_trips import CountingStore
 from torch import nn
 
+from coordinator.admission import SEAL_POLL_S
+from coordinator.errors import FailedPrecondition
 from coordinator.service import PaceOffer, TaskOffer
 from secure_agg import Stage
 
@@ -27,109 +32,282 @@ COHORT = {
     "formation_s": 0.0,
     "deadline_s": 600.0,
     "key_timeout_s": 60.0,
+    "silence_s": 30.0,
     "bits": 32,
     "clip_norm": 1.0,
 }
 
 
-def _one_cohort_past_keys(
-    tmp_path: Any, base: nn.Module, *, target_staleness: float
-) -> tuple[Fed, list[TaskOffer], dict[int, Any]]:
-    """A federation (K = 3) whose one cohort of 3 laptops has exchanged keys."""
+class _Events:
+    """A service observer that keeps every event."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [fields for k, fields in self.seen if k == kind]
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self.seen.append((kind, fields))
+
+
+def _cap_filled(
+    tmp_path: Any, base: nn.Module, **overrides: Any
+) -> tuple[Fed, list[Any], list[TaskOffer]]:
+    """A federation (K = 3, cap 3) whose three laptops each hold a training task."""
     fed = Fed(
         tmp_path,
         base,
-        pacing={"target_staleness": target_staleness, "retry_after_min_s": 0.5},
+        pacing={"target_staleness": 1.0, "retry_after_min_s": 0.5},
+        cohort=COHORT,
+        **overrides,
+    )
+    assert fed.service.pacer.max_concurrency == 3
+    trainers = [fed.device("laptop") for _ in range(3)]
+    training = training_for(fed, trainers)
+    assert fed.service.cohorts.training_devices() == 3
+    return fed, trainers, training
+
+
+def test_reporting_the_training_task_frees_its_slot_and_members_hold_none(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    # Prepare: cap 3, filled by three laptops training; a fourth is deferred.
+    fed, trainers, training = _cap_filled(tmp_path, base)
+    late = fed.device("laptop")
+    paced = fed.service.get_task(late)
+    assert isinstance(paced, PaceOffer) and "3 devices training, cap 3" in paced.reason
+
+    # Execute: one trainer reports its update finished.
+    waiting = fed.service.get_task(trainers[0], trained_task_id=training[0].task_id)
+
+    # Assert: it waits in the forming cohort, holding no slot; the late device is
+    # admitted into training in its place.
+    assert isinstance(waiting, PaceOffer) and waiting.mechanism == "cohort_formation"
+    forming = fed.service.cohorts.forming("laptop")
+    assert forming is not None and forming[0].members == (trainers[0].device_id,)
+    assert fed.service.cohorts.training_devices() == 2
+    admitted = fed.service.get_task(late)
+    assert isinstance(admitted, TaskOffer) and admitted.is_training
+    assert fed.service.cohorts.training_devices() == 3
+
+    # Execute: the other two report; the third report fills the cohort (max_size 3).
+    offers = report_trained(fed, trainers[1:], training[1:])
+
+    # Assert: sealed; its members hold no slot, only the late device trains.
+    assert isinstance(offers[-1], TaskOffer) and offers[-1].cohort_id
+    assert fed.service.cohorts.forming("laptop") is None
+    assert fed.service.cohorts.training_devices() == 1
+    # Every device still to deliver an update counts for the metrics: 1 training + 3 sealed.
+    assert fed.service.cohorts.active_devices() == 4
+
+
+def test_a_restarted_member_takes_a_slot_only_with_its_new_training_task(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    # Prepare: cap 6 (K = 3, target staleness 2); one cohort of three laptops that trained
+    # and exchanged keys: none of them holds a slot.
+    fed = Fed(
+        tmp_path,
+        base,
+        pacing={"target_staleness": 2.0, "retry_after_min_s": 0.5},
         cohort=COHORT,
     )
     devices = [fed.device("laptop") for _ in range(3)]
     offers = tasks_for(fed, devices)
+    cohort_id = offers[0].cohort_id
     by_index, _ = exchange_keys(fed, offers, devices)
-    return fed, offers, by_index
+    fed.service.tick()  # notes the upload stage: its silence is counted from now
+    assert fed.service.cohort_stage(cohort_id) is Stage.MASKED_INPUT
+    assert fed.service.cohorts.training_devices() == 0
 
-
-def test_a_member_past_the_share_relay_frees_its_pacer_slot(tmp_path: Any, base: nn.Module) -> None:
-    # Prepare: cap 3 (K = 3, target staleness 1): one cohort of 3 fills it.
-    fed, offers, by_index = _one_cohort_past_keys(tmp_path, base, target_staleness=1.0)
-    assert fed.service.pacer.max_concurrency == 3
-    late = fed.device("laptop")
-    paced = fed.service.get_task(late)
-    assert isinstance(paced, PaceOffer) and "cap 3" in paced.reason
-    assert fed.service.cohorts.training_devices() == 3
-
-    # Execute: member 0 trained and asks for the share relay (its weight is fixed now).
-    reply = fed.service.poll_secagg(by_index[0], offers[0].cohort_id, Stage.SHARE_KEYS)
-    assert reply is not None and reply.stage is Stage.MASKED_INPUT and reply.weight > 0
-
-    # Assert: its slot is free while its cohort still runs; the next device is admitted.
-    assert fed.service.cohort_stage(offers[0].cohort_id) is Stage.MASKED_INPUT
-    assert fed.service.cohorts.training_devices() == 2
-    admitted = fed.service.get_task(late)
-    assert isinstance(admitted, PaceOffer) and "waiting for the cohort to fill" in admitted.reason
-    assert late.device_id in fed.service.cohorts.forming("laptop")[0].members  # type: ignore[index]
-    assert fed.service.cohorts.training_devices() == 3
-
-
-def test_finishing_or_abandoning_a_task_frees_its_slot(tmp_path: Any, base: nn.Module) -> None:
-    fed, offers, by_index = _one_cohort_past_keys(tmp_path, base, target_staleness=2.0)
-    assert fed.service.cohorts.training_devices() == 3
-
-    # A member that asks for new work mid-task abandons it: its slot goes, a new one
-    # (in a forming cohort) comes.
+    # Execute: member 1 restarts (asks with no trained update): it abandons its cohort
+    # task and trains afresh.
     again = fed.service.get_task(by_index[1])
-    assert isinstance(again, PaceOffer)
-    assert fed.service.cohorts.training_devices() == 3
-    # The others are silent; the upload deadline aborts the cohort and the tick folds it
-    # in: every one of its members' slots goes, the re-admitted device's stays.
-    fed.clock.advance(601.0)
+
+    # Assert: its new training task holds the one slot.
+    assert isinstance(again, TaskOffer) and again.is_training
+    assert fed.service.cohorts.training_devices() == 1
+
+    # Execute: it heartbeats while training; the other members stay silent past silence_s,
+    # so the tick closes the upload stage (nobody uploaded: aborted) and folds it in.
+    fed.clock.advance(20.0)
+    assert not fed.service.heartbeat(by_index[1], again.task_id).abandon
+    fed.clock.advance(11.0)
     fed.service.tick()
     fed.service.tick()
-    assert fed.service.cohort_stage(offers[0].cohort_id) is Stage.ABORTED
+
+    # Assert: the cohort's end frees no slot (its members held none); the training one stays.
+    assert fed.service.cohort_stage(cohort_id) is Stage.ABORTED
+    assert fed.service.cohorts.active_ids() == []
     assert fed.service.cohorts.training_devices() == 1
     assert fed.service.cohorts.active_devices() == 1
 
 
-def test_a_cohort_at_min_size_is_sealed_at_once_while_the_pacer_is_full(
+def test_a_cohort_at_min_size_is_sealed_at_once_when_no_device_trains(
     tmp_path: Any, base: nn.Module
 ) -> None:
-    # Prepare: cap 3, cohorts of 3 to 5 that would stay open 1000 s for more members.
-    cohort = {**COHORT, "max_size": 5, "formation_s": 1000.0}
-    fed = Fed(
-        tmp_path, base, pacing={"target_staleness": 1.0, "retry_after_min_s": 0.5}, cohort=cohort
-    )
-    devices = [fed.device("laptop") for _ in range(3)]
-
-    # Execute: three devices fill the pacer; nobody else can be admitted.
-    first = [fed.service.get_task(d) for d in devices]
-    offers = [fed.service.get_task(d) for d in devices]
-
-    # Assert: sealed with 3 members, no 1000 s wait (no virtual time passed at all).
-    assert all(isinstance(o, PaceOffer) for o in first[:2])
-    assert all(isinstance(o, TaskOffer) for o in offers), offers
-    assert len({o.cohort_id for o in offers if isinstance(o, TaskOffer)}) == 1
-    assert fed.service.cohorts.forming("laptop") is None
-
-
-def test_below_the_cap_a_cohort_waits_formation_s_for_more(tmp_path: Any, base: nn.Module) -> None:
+    # Prepare: cohorts of 3 to 5 that would stay open 1000 s for more members; three
+    # laptops train, and no other device does.
     cohort = {**COHORT, "max_size": 5, "formation_s": 1000.0}
     fed = Fed(
         tmp_path, base, pacing={"target_staleness": 4.0, "retry_after_min_s": 0.5}, cohort=cohort
     )
     devices = [fed.device("laptop") for _ in range(3)]
-    for d in devices:
-        fed.service.get_task(d)
+    training = training_for(fed, devices)
+
+    # Execute: they report one after another, then each reports again.
+    first = report_trained(fed, devices, training)
+    offers = report_trained(fed, devices, training)
+
+    # Assert: the third report leaves nobody training: sealed with 3 members, no 1000 s
+    # wait (no virtual time passed at all).
+    assert all(isinstance(o, PaceOffer) and o.mechanism == "cohort_formation" for o in first[:2])
+    assert isinstance(first[2], TaskOffer) and not first[2].is_training
+    assert all(isinstance(o, TaskOffer) for o in offers), offers
+    assert len({o.cohort_id for o in offers if isinstance(o, TaskOffer)}) == 1
+    assert [o.member_index for o in offers if isinstance(o, TaskOffer)] == [0, 1, 2]
+    assert fed.service.cohorts.forming("laptop") is None
+
+
+def test_while_a_device_trains_a_cohort_waits_for_it_up_to_formation_s(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    # Prepare: cohorts of 3 to 5 open 20 s for more (less than silence_s, so the device
+    # still training stays alive throughout); five laptops train, three report.
+    cohort = {**COHORT, "max_size": 5, "formation_s": 20.0}
+    fed = Fed(
+        tmp_path, base, pacing={"target_staleness": 4.0, "retry_after_min_s": 10.0}, cohort=cohort
+    )
+    devices = [fed.device("laptop") for _ in range(5)]
+    training = training_for(fed, devices)
+    report_trained(fed, devices[:3], training[:3])
     fed.service.tick()
-    assert all(isinstance(fed.service.get_task(d), PaceOffer) for d in devices)
-    fed.clock.advance(1000.0)
+
+    # Assert: two devices still train, so the cohort at min_size stays open; its members
+    # are told to come back no later than it is due (at most retry_after_min_s, 10 s).
+    paced = report_trained(fed, devices[:3], training[:3])
+    assert all(isinstance(o, PaceOffer) and o.mechanism == "cohort_formation" for o in paced)
+    assert [o.retry_after_s for o in paced] == [10.0] * 3  # type: ignore[union-attr]
+
+    # Execute: a fourth reports within formation_s: it joins (max 5, so not sealed yet).
+    forming = fed.service.cohorts.forming("laptop")
+    assert forming is not None and forming[0].full_at is not None
+    due = forming[0].full_at + 20.0
+    fed.clock.advance_to(due - 5.0)
+    joined = fed.service.get_task(devices[3], trained_task_id=training[3].task_id)
+
+    # Assert: due in 5 s: told to come back then, not 10 s later.
+    assert isinstance(joined, PaceOffer) and joined.retry_after_s == pytest.approx(5.0)
+    forming = fed.service.cohorts.forming("laptop")
+    assert forming is not None and len(forming[0].members) == 4
+
+    # Execute: just short of formation_s the cohort is still open (a member asking is told
+    # to come back at the next tick); at it, the tick seals it with the four that
+    # reported, though the fifth still trains.
+    fed.clock.advance_to(due - 0.1)
     fed.service.tick()
-    assert all(isinstance(fed.service.get_task(d), TaskOffer) for d in devices)
+    close = fed.service.get_task(devices[0], trained_task_id=training[0].task_id)
+    assert isinstance(close, PaceOffer) and close.retry_after_s == SEAL_POLL_S
+    fed.clock.advance_to(due)
+    fed.service.tick()
+
+    # Assert
+    assert fed.service.cohorts.forming("laptop") is None
+    assert fed.service.cohorts.training_devices() == 1
+    offers = report_trained(fed, devices[:4], training[:4])
+    assert all(isinstance(o, TaskOffer) and not o.is_training for o in offers), offers
+    assert len({o.cohort_id for o in offers if isinstance(o, TaskOffer)}) == 1
+
+
+def test_an_expired_training_task_is_dropped_by_the_tick_and_its_report_refused(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    # Prepare: cap 3 filled by three trainers (silence_s 30, deadline 600 s); a fourth
+    # device is deferred. Trainers 1 and 2 keep asking (GetTask keeps a task alive).
+    events = _Events()
+    fed, trainers, training = _cap_filled(tmp_path, base, observer=events)
+    start = fed.clock.time()
+    late = fed.device("laptop")
+    assert isinstance(fed.service.get_task(late), PaceOffer)
+
+    # Execute: trainer 0 is silent for just under silence_s, then for silence_s.
+    fed.clock.advance_to(start + 20.0)
+    for device, task in zip(trainers[1:], training[1:], strict=True):
+        again = fed.service.get_task(device)
+        assert isinstance(again, TaskOffer) and again.task_id == task.task_id  # the same task
+    fed.clock.advance_to(start + 29.9)
+    fed.service.tick()
+    assert fed.service.cohorts.training_devices() == 3
+    fed.clock.advance_to(start + 30.0)
+    fed.service.tick()
+
+    # Assert: dropped by the tick, once, with an event; its slot frees for the late device.
+    expired = events.of("training_expired")
+    assert [e["task_id"] for e in expired] == [training[0].task_id]
+    assert expired[0]["version"] == 0 and expired[0]["device_class"] == "laptop"
+    assert fed.service.cohorts.training_task(trainers[0].device_id) is None
+    assert fed.service.cohorts.training_devices() == 2
+    admitted = fed.service.get_task(late)
+    assert isinstance(admitted, TaskOffer) and admitted.is_training
+    fed.service.tick()
+    assert len(events.of("training_expired")) == 1
+
+    # Assert: a report of the expired task is refused by name; the update is not wanted.
+    with pytest.raises(FailedPrecondition, match="trained_task_id"):
+        fed.service.get_task(trainers[0], trained_task_id=training[0].task_id)
+    assert fed.service.cohorts.forming("laptop") is None
+    # A heartbeat for it says give up.
+    assert fed.service.heartbeat(trainers[0], training[0].task_id).abandon
+
+
+def test_heartbeats_keep_a_training_task_past_silence_s_but_not_past_its_deadline(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    # Prepare: training tasks due 100 s after they are given, silence_s 30.
+    events = _Events()
+    fed = Fed(
+        tmp_path,
+        base,
+        observer=events,
+        pacing={"target_staleness": 1.0, "retry_after_min_s": 0.5},
+        cohort={**COHORT, "deadline_s": 100.0},
+    )
+    device = fed.device("laptop")
+    (task,) = training_for(fed, [device])
+    start = fed.clock.time()
+
+    # Execute: a heartbeat every 20 s, a tick every 10 s, up to 90 s.
+    for t in range(10, 100, 10):
+        fed.clock.advance_to(start + t)
+        fed.service.tick()
+
+        # Assert: alive throughout, well past silence_s after it was given.
+        assert fed.service.cohorts.training_devices() == 1, t
+        if t % 20 == 0:
+            reply = fed.service.heartbeat(device, task.task_id)
+            assert not reply.abandon and reply.current_version == 0
+
+    # Assert: heartbeats do not reach past the deadline: alive just short of it,
+    # dropped at it (10 s before the last heartbeat's silence would have run out).
+    fed.clock.advance_to(start + 99.9)
+    fed.service.tick()
+    assert fed.service.cohorts.training_devices() == 1
+    assert events.of("training_expired") == []
+    fed.clock.advance_to(start + 100.0)
+    fed.service.tick()
+    assert fed.service.cohorts.training_devices() == 0
+    assert [e["task_id"] for e in events.of("training_expired")] == [task.task_id]
+    assert fed.service.heartbeat(device, task.task_id).abandon
+    with pytest.raises(FailedPrecondition, match="trained_task_id"):
+        fed.service.get_task(device, trained_task_id=task.task_id)
 
 
 def test_a_deferred_get_task_costs_the_same_store_calls_however_many_cohorts_run(
     tmp_path: Any, base: nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Prepare: cap 3; four cohorts whose members all passed the share relay (waiting to
-    # unmask, no slot held), then a fifth that fills the cap, then a device to defer.
+    # Prepare: cap 3 and a device to defer. Each round three new laptops fill the cap,
+    # then report and form one more sealed cohort (whose members hold no slot).
     import service_fixtures
 
     monkeypatch.setattr(service_fixtures, "MemoryStore", CountingStore)
@@ -143,35 +321,34 @@ def test_a_deferred_get_task_costs_the_same_store_calls_however_many_cohorts_run
     assert isinstance(store, CountingStore)
     late = fed.device("laptop")
     calls = []
-    for n in range(5):
-        devices = [fed.device("laptop") for _ in range(3)]
-        offers = tasks_for(fed, devices)
-        by_index, _ = exchange_keys(fed, offers, devices)
-        if n < 4:
-            for device in by_index.values():
-                reply = fed.service.poll_secagg(device, offers[0].cohort_id, Stage.SHARE_KEYS)
-                assert reply is not None and reply.stage is Stage.MASKED_INPUT
-        else:
-            fed.service.get_task(late)  # the first deferred call may fill a cache
+    for running in range(5):
+        trainers = [fed.device("laptop") for _ in range(3)]
+        training = training_for(fed, trainers)
+        assert len(fed.service.cohorts.active_ids()) == running
+        fed.service.get_task(late)  # the first deferred call may fill a cache
         store.calls.clear()
 
         # Execute
-        offer = fed.service.get_task(late) if n == 4 else None
+        offer = fed.service.get_task(late)
         calls.append(list(store.calls))
 
-    # Assert: deferred at the cap with 5 cohorts running: the slots and the queue are
-    # counted with one call each and the device joins the queue with one more; no scan.
+        assert isinstance(offer, PaceOffer) and "3 devices training, cap 3" in offer.reason, offer
+        sealed = report_trained(fed, trainers, training)
+        assert isinstance(sealed[-1], TaskOffer) and sealed[-1].cohort_id
+
+    # Assert: deferred at the cap with 0 to 4 cohorts running, at the same cost: the
+    # slots and the queue are counted with one call each and the device joins the queue
+    # with one more; no scan.
     assert len(fed.service.cohorts.active_ids()) == 5
-    assert isinstance(offer, PaceOffer) and "3 devices training, cap 3" in offer.reason, offer
-    assert calls[-1] == ["get_many", "zcard", "zcount", "zadd_pruned"]
+    assert calls == [["get_many", "zcard", "zcount", "zadd_pruned"]] * 5
 
 
 def test_deferred_devices_are_told_to_come_back_one_after_another(
     tmp_path: Any, base: nn.Module
 ) -> None:
-    # Prepare: cap 3 filled by one cohort of laptops (expected task 5 s: a slot frees
+    # Prepare: cap 3 filled by three training laptops (expected task 5 s: a slot frees
     # every 5 / 3 s); then a herd of devices asks at the same instant.
-    fed, _offers, _ = _one_cohort_past_keys(tmp_path, base, target_staleness=1.0)
+    fed, _trainers, _training = _cap_filled(tmp_path, base)
     herd = [fed.device("laptop") for _ in range(6)]
 
     # Execute
@@ -181,7 +358,7 @@ def test_deferred_devices_are_told_to_come_back_one_after_another(
     assert all(isinstance(o, PaceOffer) and o.mechanism == "pacing" for o in offers)
     retries = [o.retry_after_s for o in offers if isinstance(o, PaceOffer)]
     assert retries == pytest.approx([(n + 1) * 5.0 / 3 for n in range(6)])
-    assert "5 waiting" in offers[-1].reason
+    assert "5 waiting" in offers[-1].reason  # type: ignore[union-attr]
 
     # A device asking again before its time is moved to the back of the line, where its
     # own earlier place counts; it stays one entry, not one per request.
@@ -191,7 +368,8 @@ def test_deferred_devices_are_told_to_come_back_one_after_another(
 
     # Once the first ones' times have passed they no longer count (they came back or
     # went away): at 5 s the two told 3.3 and 5.0 s are out of the queue; herd[0] (now
-    # 11.7 s) and the three told 6.7, 8.3 and 10 s are still in it.
+    # 11.7 s) and the three told 6.7, 8.3 and 10 s are still in it. The trainers are
+    # still training (silence_s is 30 s).
     fed.clock.advance(5.0)
     late = fed.service.get_task(fed.device("laptop"))
     assert isinstance(late, PaceOffer) and "4 waiting" in late.reason
@@ -206,24 +384,31 @@ def test_a_tick_seals_without_scanning_the_store(
     import service_fixtures
 
     monkeypatch.setattr(service_fixtures, "MemoryStore", CountingStore)
-    fed = Fed(tmp_path, base, cohort={**COHORT, "formation_s": 5.0})
+    fed = Fed(tmp_path, base, cohort={**COHORT, "max_size": 5, "formation_s": 5.0})
     store = fed.store
     assert isinstance(store, CountingStore)
-    devices = [fed.device("phone") for _ in range(3)]
-    for d in devices:
-        fed.service.get_task(d)
+    # Prepare: four phones train, three report: their cohort waits formation_s for the
+    # fourth, which is still training.
+    devices = [fed.device("phone") for _ in range(4)]
+    training = training_for(fed, devices)
+    waiting = report_trained(fed, devices[:3], training[:3])
+    assert all(isinstance(o, PaceOffer) for o in waiting)
     fed.service.tick()  # retention's first sweep, if due, is not what is measured
+    assert fed.service.cohorts.forming("phone") is not None
     fed.clock.advance(5.0)
     store.calls.clear()
 
+    # Execute
     fed.service.tick()
 
-    # One scan is left: the ledger's read of its buffer entries (try_commit), not sealing.
+    # Assert: one scan is left: the ledger's read of its buffer entries (try_commit), not
+    # expiring training tasks or sealing.
     before_commit = store.calls[: store.calls.index("renew_lease")]
     assert "scan" not in before_commit, " ".join(store.calls)
     assert store.calls.count("scan") == 1, " ".join(store.calls)
     assert fed.service.cohorts.forming("phone") is None  # sealed by this tick
-    assert all(isinstance(fed.service.get_task(d), TaskOffer) for d in devices)
+    offers = report_trained(fed, devices[:3], training[:3])
+    assert all(isinstance(o, TaskOffer) and not o.is_training for o in offers), offers
 
 
 def test_an_unchanged_cohort_record_is_not_parsed_again(

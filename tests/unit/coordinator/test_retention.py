@@ -163,28 +163,3 @@ def test_a_replica_that_stalled_past_retention_does_not_count_a_cohort_twice(
     real_finish(*stalled[0])  # replica A wakes up
     assert fed.service.ledger.buffered_updates() == 0
     assert not _keys(fed, f"buffer/{first}")
-
-
-def test_pacer_entries_of_cohorts_gone_are_swept_after_the_grace_and_others_stay() -> None:
-    # A replica that died between closing a cohort and releasing its members leaves their
-    # entries in the pacer's set: without a rule the count of training devices only grows.
-    from coordinator.cohort_book import TRAINING_MEMBERS, CohortBook
-    from coordinator.cohorts import FormingCohort
-
-    clock = VirtualClock()
-    store = MemoryStore(clock=clock.time)
-    store.put("head/version", json.dumps({"version": 0}).encode())
-    book = CohortBook(store, clock=clock)
-    forming = FormingCohort(cohort_id="f0", members=("d1",), opened_at=clock.time())
-    store.put("forming/laptop", forming.to_json())
-    book.start_training("gone", 0, now=clock.time() - 700)  # its cohort record is gone
-    book.start_training("gone", 1, now=clock.time() - 700)
-    book.start_training("f0", 0, now=clock.time() - 700)  # still forming
-    book.start_training("new", 0, now=clock.time() - 10)  # younger than the grace
-
-    report = _retention(store, clock, grace_s=600.0).sweep()
-
-    assert report.training_entries == 2
-    assert book.training_devices() == 2
-    members = {m for m, _ in store.zrange_by_score(TRAINING_MEMBERS, min_score=0, max_score=1e12)}
-    assert members == {"f0/0", "new/0"}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from service_fixtures import R_MAX, Fed, exchange_keys, tasks_for
+from service_fixtures import R_MAX, Fed, exchange_keys, tasks_for, training_for
 
 from coordinator.enrolment import Device
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -30,10 +30,15 @@ def run_cohort(
     *,
     rng: np.random.Generator,
     drop_after_keys: set[int] = frozenset(),  # type: ignore[assignment]
+    offers: list[TaskOffer] | None = None,
 ) -> tuple[dict[str, np.ndarray], float]:
-    """Drive one cohort to completion; return the plain Σ w ΔB and Σ w of survivors."""
+    """Drive one cohort to completion; return the plain Σ w ΔB and Σ w of survivors.
+
+    ``offers``: the devices' cohort tasks if they hold them already (else they train and
+    form the cohort now).
+    """
     service = fed.service
-    offers = tasks_for(fed, devices)
+    offers = tasks_for(fed, devices) if offers is None else offers
     cohort_id = offers[0].cohort_id
     assert {o.cohort_id for o in offers} == {cohort_id}
     by_index, clients = exchange_keys(fed, offers, devices)
@@ -114,7 +119,7 @@ def test_versions_equal_weighted_mean_of_plain_updates(tmp_path: Any, base: Any)
     rng = np.random.default_rng(1)
     laptops = [fed.device("laptop") for _ in range(3)]
     phones = [fed.device("phone") for _ in range(3)]
-    stale = tasks_for(fed, phones)  # sealed on version 0, finishes after version 1
+    stale = tasks_for(fed, phones)  # trained on version 0, finishes after version 1
     assert {o.version for o in stale} == {0}
     v0 = service.ledger.adapter(service.ledger.head())  # type: ignore[arg-type]
     plain, weights = run_cohort(fed, laptops, rng=rng)
@@ -129,7 +134,7 @@ def test_versions_equal_weighted_mean_of_plain_updates(tmp_path: Any, base: Any)
     record = json.loads(fed.store.get("version/0000000001").value)  # type: ignore[union-attr]
     assert np.isfinite(record["eval_bpb"])
     # The phones trained on version 0: staleness 1, polynomial weight (1 + 1) ** -0.5.
-    plain2, weights2 = run_cohort(fed, phones, rng=rng)
+    plain2, weights2 = run_cohort(fed, phones, rng=rng, offers=stale)
     assert weights2 == pytest.approx(3 * 2**-0.5)
     assert service.counters.staleness == {0: 3, 1: 3}
     head2 = service.ledger.head()
@@ -181,13 +186,23 @@ def test_a_version_of_more_than_k_updates_steps_by_the_configured_divisor(
 def test_pace_until_cohort_is_full_then_same_task_again(tmp_path: Any, base: Any) -> None:
     fed = Fed(tmp_path, base)
     a, b, c = (fed.device("laptop") for _ in range(3))
-    first = fed.service.get_task(a)
+    training = training_for(fed, [a, b, c])
+    # Asked again before reporting it (a lost reply): the same training task.
+    repeat = fed.service.get_task(a)
+    assert isinstance(repeat, TaskOffer) and repeat.task_id == training[0].task_id
+    # Trained: each reports it and waits for the cohort to fill.
+    first = fed.service.get_task(a, trained_task_id=training[0].task_id)
     assert isinstance(first, PaceOffer) and "1/3" in first.reason
-    fed.service.get_task(b)
-    offer = fed.service.get_task(c)  # third member fills the cohort: sealed at once
+    assert first.mechanism == "cohort_formation"
+    fed.service.get_task(b, trained_task_id=training[1].task_id)
+    offer = fed.service.get_task(c, trained_task_id=training[2].task_id)  # full: sealed at once
     assert isinstance(offer, TaskOffer) and offer.member_index == 2
-    again = fed.service.get_task(c)
+    assert offer.trained_task_id == training[2].task_id and offer.session is not None
+    again = fed.service.get_task(c, trained_task_id=training[2].task_id)
     assert isinstance(again, TaskOffer) and again.task_id == offer.task_id
+    # A device naming a training task it does not hold is refused by name.
+    with pytest.raises(FailedPrecondition, match="trained_task_id"):
+        fed.service.get_task(fed.device("laptop"), trained_task_id=training[0].task_id)
 
 
 def test_restarted_device_abandons_and_is_readmitted(tmp_path: Any, base: Any) -> None:
@@ -198,8 +213,8 @@ def test_restarted_device_abandons_and_is_readmitted(tmp_path: Any, base: Any) -
     fed.service.send_secagg(
         a, offers[0].cohort_id, Stage.ADVERTISE_KEYS, client.advertise().encode()
     )
-    again = fed.service.get_task(a)  # a lost its keys: its task is abandoned
-    assert isinstance(again, PaceOffer)
+    again = fed.service.get_task(a)  # a lost its keys and its update: task abandoned
+    assert isinstance(again, TaskOffer) and again.is_training  # and it trains afresh
     with pytest.raises(FailedPrecondition, match="abandoned"):
         fed.service.poll_secagg(a, offers[0].cohort_id, Stage.ADVERTISE_KEYS)
 

@@ -1,7 +1,9 @@
 """The edge agent against an in-test coordinator: a fake EdgeService on a loopback gRPC
-server that verifies every request's signature and runs the real secure_agg.Server for a
-cohort of three in active-adversary mode, the coordinator's default (the agent is member 0
-and signs with its enrolled identity key; members 1 and 2 are driven in-process).
+server that verifies every request's signature, speaks the train-first protocol (a
+training task, then a cohort task once GetTask names the trained update) and runs the
+real secure_agg.Server for a cohort of three in active-adversary mode, the coordinator's
+default (the agent is member 0 and signs with its enrolled identity key; members 1 and 2
+are driven in-process).
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ CHUNK = 64 * 1024
 W_DEVICE = 0.5
 W_OTHER = 1.0
 CLIP = 4.0  # exactly representable in float32, the proto's type
-#: Seconds a held FetchArtifact waits for the device's keys before refusing: reached only
-#: by an agent that downloads before advertising (the bug the hold test catches).
-HOLD_S = 20.0
+#: Heartbeat interval of the tests on a virtual clock: a value no other wait has, so the
+#: heartbeats can be told apart from the waits under test.
+HEARTBEAT_S = 5.0
 
 
 @dataclass
@@ -100,13 +102,11 @@ OTHERS = (1, 2)
 """Members driven in-process beside the agent (member 0)."""
 
 
-def make_task(art: Artifact, *, task_id: str = "t1", cohort_id: str = "c1") -> edge_pb2.Task:
-    """The agent's task; the fake adds the members' identity keys once the agent enrolled."""
-    fp = FixedPoint.for_cohort(3, bits=32, clip=CLIP)
+def training_task(art: Artifact, *, task_id: str = "t1", version: int = 1) -> edge_pb2.Task:
+    """A training task: no cohort, no secure-aggregation parameters."""
     return edge_pb2.Task(
         task_id=task_id,
-        cohort_id=cohort_id,
-        version=1,
+        version=version,
         artifact=common_pb2.BlobRef(sha256=art.manifest_sha, size_bytes=art.manifest_size),
         rank=2,
         local_steps=2,
@@ -115,7 +115,28 @@ def make_task(art: Artifact, *, task_id: str = "t1", cohort_id: str = "c1") -> e
         batch_size=2,
         seq_len=16,
         deadline_ms=int(time.time() * 1000) + 600_000,
+    )
+
+
+def cohort_task(
+    art: Artifact,
+    *,
+    task_id: str = "k1",
+    cohort_id: str = "c1",
+    trained_task_id: str = "t1",
+    version: int = 1,
+) -> edge_pb2.Task:
+    """The cohort task of the update of ``trained_task_id``; the fake adds the members'
+    identity keys once the agent enrolled. It carries no training parameters: the agent
+    must not need them."""
+    fp = FixedPoint.for_cohort(3, bits=32, clip=CLIP)
+    return edge_pb2.Task(
+        task_id=task_id,
+        cohort_id=cohort_id,
+        version=version,
+        deadline_ms=int(time.time() * 1000) + 600_000,
         member_index=0,
+        trained_task_id=trained_task_id,
         secagg=edge_pb2.SecAggParams(
             cohort=cohort_id.encode(),
             cohort_size=3,
@@ -183,11 +204,15 @@ class Cohort:
 
 @dataclass
 class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
-    """An EdgeService that checks auth on every call and scripts GetTask."""
+    """An EdgeService that checks auth on every call and scripts GetTask.
+
+    Each GetTask answers the next script step: ``("pace", ms)``, a status code to fail
+    with, or a task (a training task, or a cohort task: then its cohort starts).
+    """
 
     artifact: Artifact
-    script: list[Any] = field(default_factory=list)  # ("pace", ms) | "task" | StatusCode
-    task: edge_pb2.Task | None = None
+    script: list[Any] = field(default_factory=list)
+    task: edge_pb2.Task | None = None  # the cohort task last handed out
     cohort: Cohort | None = None
     abort_reason: str = ""
     fail_fetch_once: set[str] = field(default_factory=set)
@@ -198,11 +223,9 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
     heartbeat_action: int = edge_pb2.HeartbeatResponse.ACTION_CONTINUE
     clock: Clock = SYSTEM_CLOCK  # the agent's: signatures are checked against its time
     sent_stages: list[str] = field(default_factory=list)  # SendSecAgg stages, in order
-    # Hold every FetchArtifact until the device has advertised its keys (a link slower
-    # than the cohort's key deadline); refused after HOLD_S seconds without them.
-    hold_fetches_for_keys: bool = False
-    advertised: asyncio.Event | None = None
-    fetch_log: list[str] = field(default_factory=list)  # "keys" / "fetched", in order
+    asked: list[str] = field(default_factory=list)  # each GetTask's trained_task_id
+    beats: list[str] = field(default_factory=list)  # each Heartbeat's task_id
+    uploads: list[tuple[str, str]] = field(default_factory=list)  # (task_id, cohort_id)
 
     def methods(self) -> list[str]:
         return [m for m, _ in self.calls]
@@ -243,24 +266,19 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
 
     async def GetTask(self, request: Any, context: Any) -> Any:
         await self._auth("GetTask", request, context)
+        self.asked.append(request.trained_task_id)
         step = self.script.pop(0) if self.script else ("pace", 50)
         if isinstance(step, grpc.StatusCode):
             await context.abort(step, "scripted failure")
-        if step == "task":
-            assert self.task is not None
-            self.cohort = Cohort(self.task, self.keys[signed_auth_from(request).device_id])
-            return edge_pb2.GetTaskResponse(task=self.task)
+        if isinstance(step, edge_pb2.Task):
+            if step.cohort_id:
+                self.task = step
+                self.cohort = Cohort(step, self.keys[signed_auth_from(request).device_id])
+            return edge_pb2.GetTaskResponse(task=step)
         return edge_pb2.GetTaskResponse(pace=edge_pb2.Pace(retry_after_ms=step[1], reason="test"))
 
     async def FetchArtifact(self, request: Any, context: Any) -> AsyncIterator[Any]:
         await self._auth("FetchArtifact", request, context)
-        if self.hold_fetches_for_keys:
-            try:
-                await asyncio.wait_for(self._advertised().wait(), HOLD_S)
-            except TimeoutError:
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION, "held: no keys advertised meanwhile"
-                )
         data = self.artifact.blobs.get(request.sha256)
         if data is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such blob")
@@ -273,20 +291,11 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
             if request.sha256 in self.fail_fetch_once:
                 self.fail_fetch_once.discard(request.sha256)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost (scripted)")
-        self.fetch_log.append("fetched")
-
-    def _advertised(self) -> asyncio.Event:
-        if self.advertised is None:
-            self.advertised = asyncio.Event()  # made on the server's loop
-        return self.advertised
 
     async def SendSecAgg(self, request: Any, context: Any) -> Any:
         await self._auth("SendSecAgg", request, context)
         assert self.cohort is not None and request.cohort_id == self.task.cohort_id  # type: ignore[union-attr]
         self.sent_stages.append(edge_pb2.SecAggStage.Name(request.stage)[len("SECAGG_STAGE_") :])
-        if request.stage == S.SECAGG_STAGE_ADVERTISE_KEYS:
-            self.fetch_log.append("keys")
-            self._advertised().set()
         self.cohort.from_device(request.payload)
         return edge_pb2.SecAggAck(stage=stage_to_proto(self.cohort.server.stage))
 
@@ -322,6 +331,7 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
             else:
                 data += chunk.data
         assert header is not None
+        self.uploads.append((header.task_id, header.cohort_id))
         assert len(data) == header.total_bytes
         assert hashlib.sha256(data).hexdigest() == header.sha256
         assert self.cohort is not None
@@ -330,6 +340,7 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
 
     async def Heartbeat(self, request: Any, context: Any) -> Any:
         await self._auth("Heartbeat", request, context)
+        self.beats.append(request.task_id)
         return edge_pb2.HeartbeatResponse(action=self.heartbeat_action, current_version=1)
 
 
@@ -355,26 +366,32 @@ async def enrolled(state: EdgeState, target: str, **kwargs: Any) -> EdgeAgent:
 # --------------------------------------------------------------------------- tests
 
 
-def test_full_task_paced_resumed_fetch_and_exact_unmasked_sum(
+def test_full_task_trains_first_then_aggregates_to_the_exact_unmasked_sum(
     artifact: Artifact, tmp_path: Path
 ) -> None:
-    # Prepare: a Pace, then the task; the compressed base's first download breaks.
-    task = make_task(artifact)
+    # Prepare: a Pace, the training task (the compressed base's first download breaks),
+    # a Pace while the cohort forms, then the cohort task.
     base_digest = artifact.files["compressed_model.safetensors"]
-    fake = Fake(artifact, script=[("pace", 300), "task"], task=task, fail_fetch_once={base_digest})
+    fake = Fake(
+        artifact,
+        script=[("pace", 300), training_task(artifact), ("pace", 10), cohort_task(artifact)],
+        fail_fetch_once={base_digest},
+    )
     seen: dict[str, Any] = {}
+    offered: list[tuple[str, str]] = []
 
     def before_upload(t: edge_pb2.Task, update: dict[str, np.ndarray], w: float) -> None:
         seen.update(task_id=t.task_id, update=update, weight=w)
 
+    hooks = AgentHooks(
+        before_upload=before_upload, on_task=lambda t: offered.append((t.task_id, t.cohort_id))
+    )
     state = EdgeState(tmp_path / "edge")
 
     async def scenario() -> list[str]:
         async with serving(fake) as target:
-            agent = await enrolled(
-                state, target, hooks=AgentHooks(before_upload=before_upload), heartbeat_s=0.05
-            )
-            outcomes = [await agent.run_once(), await agent.run_once()]
+            agent = await enrolled(state, target, hooks=hooks, heartbeat_s=0.05)
+            outcomes = [await agent.run_once() for _ in range(4)]
             assert agent.bytes_up > 0 and agent.bytes_down > len(artifact.blobs[base_digest])
             await agent.close()
             return outcomes
@@ -383,12 +400,20 @@ def test_full_task_paced_resumed_fetch_and_exact_unmasked_sum(
     outcomes = asyncio.run(scenario())
 
     # Assert: outcomes, pacing, auth on every method, resumed download.
-    assert outcomes == ["paced", "done"]
+    assert outcomes == ["paced", "trained", "paced", "done"]
+    assert fake.asked == ["", "", "t1", "t1"]
+    assert offered == [("t1", ""), ("k1", "c1")]
     get_times = [t for m, t in fake.calls if m == "GetTask"]
     assert get_times[1] - get_times[0] >= 0.3
-    assert {"GetTask", "FetchArtifact", "SendSecAgg", "AwaitSecAgg", "UploadMasked"} <= set(
-        fake.methods()
+    methods = fake.methods()
+    assert {"FetchArtifact", "Heartbeat", "SendSecAgg", "AwaitSecAgg", "UploadMasked"} <= set(
+        methods
     )
+    # Train first: every download and heartbeat before the cohort task was asked for.
+    cohort_asked = [i for i, m in enumerate(methods) if m == "GetTask"][3]
+    assert {"FetchArtifact", "Heartbeat"}.isdisjoint(methods[cohort_asked:])
+    assert set(fake.beats) == {"t1"}
+    assert fake.uploads == [("k1", "c1")]  # the cohort task's id, not the training task's
     assert [o for d, o in fake.fetches if d == base_digest] == [0, CHUNK]
     assert state.has_artifact(base_digest) and state.verify_artifact(base_digest)
     # The unmasked sum is w_device · (what before_upload saw) + w_other · other's update.
@@ -397,7 +422,7 @@ def test_full_task_paced_resumed_fetch_and_exact_unmasked_sum(
     assert result.survivors == (0, 1, 2)
     # Active mode end to end: the agent signed the survivor set with its identity key.
     assert "CONSISTENCY_CHECK" in fake.sent_stages
-    assert seen["task_id"] == "t1" and seen["weight"] == pytest.approx(W_DEVICE)
+    assert seen["task_id"] == "k1" and seen["weight"] == pytest.approx(W_DEVICE)
     step = 2.0**-fake.cohort.config.fixed_point.frac_bits
     for name, length in fake.cohort.config.tensors:
         plain = seen["update"][name]
@@ -417,30 +442,204 @@ def test_full_task_paced_resumed_fetch_and_exact_unmasked_sum(
     assert progress.bytes_up > 0 and progress.bytes_down > 0
 
 
-def test_keys_are_advertised_while_the_artifact_downloads(
+def test_trains_before_any_key_and_names_the_update_on_the_next_get_task(
     artifact: Artifact, tmp_path: Path
 ) -> None:
-    # Prepare: every download is held until the device advertises its keys, as when
-    # the first download of a base takes longer than the cohort's key deadline.
-    fake = Fake(artifact, script=["task"], task=make_task(artifact), hold_fetches_for_keys=True)
+    # Prepare: the training task, then a Pace; note what the fake had seen at the moment
+    # training finished.
+    fake = Fake(artifact, script=[training_task(artifact), ("pace", 10)])
     state = EdgeState(tmp_path / "edge")
+    at_trained: list[list[str]] = []
 
-    async def scenario() -> str:
+    def on_event(name: str, _details: dict[str, Any]) -> None:
+        if name == "task_trained":
+            at_trained.append(fake.methods())
+
+    async def scenario() -> tuple[list[str], str | None]:
         async with serving(fake) as target:
-            agent = await enrolled(state, target, heartbeat_s=0.05)
-            outcome = await agent.run_once()
+            agent = await enrolled(
+                state, target, heartbeat_s=0.05, hooks=AgentHooks(on_event=on_event)
+            )
+            outcomes = [await agent.run_once(), await agent.run_once()]
+            held = agent.trained_task_id
             await agent.close()
-            return outcome
+            return outcomes, held
 
     # Execute
-    outcome = asyncio.run(scenario())
+    outcomes, held = asyncio.run(scenario())
 
-    # Assert: the task completed; keys went out before any blob had arrived.
-    assert outcome == "done"
-    assert fake.fetch_log[0] == "keys" and fake.fetch_log.count("fetched") >= 3
-    assert fake.sent_stages[:2] == ["ADVERTISE_KEYS", "SHARE_KEYS"]
-    assert fake.cohort is not None and fake.cohort.server.result is not None
-    assert fake.cohort.server.result.survivors == (0, 1, 2)
+    # Assert: trained (artifact fetched) on one GetTask and no secure-aggregation call,
+    # then the next GetTask named the update, which is still held.
+    assert outcomes == ["trained", "paced"]
+    assert len(at_trained) == 1
+    assert at_trained[0].count("GetTask") == 1 and "FetchArtifact" in at_trained[0]
+    assert {"SendSecAgg", "AwaitSecAgg", "UploadMasked"}.isdisjoint(fake.methods())
+    assert fake.asked == ["", "t1"]
+    assert held == "t1"
+    progress = state.load_progress()
+    assert (progress.task_id, progress.cohort_id, progress.phase) == ("t1", None, "trained")
+    assert (progress.tasks_done, progress.tasks_abandoned) == (0, 0)
+
+
+def test_pace_while_the_cohort_forms_keeps_naming_the_update(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    fake = Fake(artifact, script=[training_task(artifact), *[("pace", 10)] * 3])
+
+    async def scenario() -> list[str]:
+        async with serving(fake) as target:
+            agent = await enrolled(EdgeState(tmp_path / "edge"), target)
+            outcomes = [await agent.run_once() for _ in range(4)]
+            await agent.close()
+            return outcomes
+
+    assert asyncio.run(scenario()) == ["trained", "paced", "paced", "paced"]
+    assert fake.asked == ["", "t1", "t1", "t1"]
+    # Nothing but GetTask once trained: no download again, no heartbeat while waiting.
+    methods = fake.methods()
+    first_ask_trained = [i for i, m in enumerate(methods) if m == "GetTask"][1]
+    assert methods[first_ask_trained:] == ["GetTask"] * 3
+
+
+def test_failed_precondition_on_the_trained_get_task_drops_the_update(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    # Prepare: the coordinator forgets the training task once it is trained.
+    clock = RecordingClock()
+    fake = Fake(
+        artifact,
+        script=[training_task(artifact), grpc.StatusCode.FAILED_PRECONDITION, ("pace", 10)],
+        clock=clock,
+    )
+    state = EdgeState(tmp_path / "edge")
+    abandoned: list[str] = []
+
+    def on_event(name: str, details: dict[str, Any]) -> None:
+        if name == "task_abandoned":
+            abandoned.append(details["task_id"])
+
+    async def scenario() -> list[str]:
+        async with serving(fake) as target:
+            agent = await enrolled(
+                state,
+                target,
+                clock=clock,
+                heartbeat_s=HEARTBEAT_S,
+                hooks=AgentHooks(on_event=on_event),
+            )
+            outcomes = [await agent.run_once() for _ in range(3)]
+            assert agent.trained_task_id is None and agent.tasks_abandoned == 1
+            await agent.close()
+            return outcomes
+
+    # Execute
+    outcomes = asyncio.run(scenario())
+
+    # Assert: dropped, asked again without it, and at once (no backoff was drawn: the
+    # only wait besides heartbeats is the Pace, with the seeded stream's first jitter).
+    assert outcomes == ["trained", "abandoned", "paced"]
+    assert fake.asked == ["", "t1", ""]
+    assert abandoned == ["t1"]
+    assert "SendSecAgg" not in fake.methods()
+    waits = [s for s in clock.sleeps if s != HEARTBEAT_S]
+    assert waits == [0.01 * (1.0 + random.Random(3).uniform(0.0, 0.2))]
+    progress = state.load_progress()
+    assert (progress.tasks_abandoned, progress.task_id, progress.phase) == (1, None, None)
+
+
+@pytest.mark.parametrize(
+    ("mismatch", "reason"),
+    [
+        ({"trained_task_id": "t0"}, "aggregates training task 't0'"),
+        ({"version": 2}, "trained on version 1"),
+    ],
+)
+def test_cohort_task_for_another_update_sends_no_keys_and_drops_it(
+    artifact: Artifact, tmp_path: Path, mismatch: dict[str, Any], reason: str
+) -> None:
+    fake = Fake(
+        artifact,
+        script=[training_task(artifact), cohort_task(artifact, **mismatch), ("pace", 10)],
+    )
+    state = EdgeState(tmp_path / "edge")
+    abandoned: list[dict[str, Any]] = []
+
+    def on_event(name: str, details: dict[str, Any]) -> None:
+        if name == "task_abandoned":
+            abandoned.append(details)
+
+    async def scenario() -> list[str]:
+        async with serving(fake) as target:
+            agent = await enrolled(state, target, hooks=AgentHooks(on_event=on_event))
+            outcomes = [await agent.run_once() for _ in range(3)]
+            await agent.close()
+            return outcomes
+
+    assert asyncio.run(scenario()) == ["trained", "abandoned", "paced"]
+    assert {"SendSecAgg", "AwaitSecAgg", "UploadMasked"}.isdisjoint(fake.methods())
+    assert fake.asked == ["", "t1", ""]
+    assert [d["task_id"] for d in abandoned] == ["t1"]
+    assert "cohort task k1 refused" in abandoned[0]["reason"]
+    assert reason in abandoned[0]["reason"]
+    progress = state.load_progress()
+    assert (progress.tasks_done, progress.tasks_abandoned, progress.task_id) == (0, 1, None)
+
+
+def test_another_training_task_replaces_the_update_held(artifact: Artifact, tmp_path: Path) -> None:
+    fake = Fake(
+        artifact,
+        script=[
+            training_task(artifact, task_id="t1"),
+            training_task(artifact, task_id="t2"),
+            ("pace", 10),
+        ],
+    )
+    state = EdgeState(tmp_path / "edge")
+
+    async def scenario() -> tuple[list[str], str | None, int]:
+        async with serving(fake) as target:
+            agent = await enrolled(state, target, heartbeat_s=0.05)
+            outcomes = [await agent.run_once() for _ in range(3)]
+            held, abandoned = agent.trained_task_id, agent.tasks_abandoned
+            await agent.close()
+            return outcomes, held, abandoned
+
+    assert asyncio.run(scenario()) == (["trained", "trained", "paced"], "t2", 1)
+    assert fake.asked == ["", "t1", "t2"]
+    progress = state.load_progress()
+    assert (progress.task_id, progress.phase, progress.tasks_abandoned) == ("t2", "trained", 1)
+
+
+def test_the_same_training_task_again_keeps_the_update_held(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    clock = RecordingClock()
+    fake = Fake(
+        artifact,
+        script=[training_task(artifact), training_task(artifact), ("pace", 10)],
+        clock=clock,
+    )
+
+    async def scenario() -> tuple[list[str], str | None]:
+        async with serving(fake) as target:
+            agent = await enrolled(
+                EdgeState(tmp_path / "edge"), target, clock=clock, heartbeat_s=HEARTBEAT_S
+            )
+            outcomes = [await agent.run_once() for _ in range(3)]
+            held = agent.trained_task_id
+            await agent.close()
+            return outcomes, held
+
+    assert asyncio.run(scenario()) == (["trained", "paced", "paced"], "t1")
+    assert fake.asked == ["", "t1", "t1"]
+    # Not trained twice: nothing between the second and third GetTask, and the repeat
+    # was answered with one backoff (ceiling 8 s) before the Pace.
+    methods = fake.methods()
+    second = [i for i, m in enumerate(methods) if m == "GetTask"][1]
+    assert methods[second:] == ["GetTask", "GetTask"]
+    rng = random.Random(3)
+    expected = [rng.uniform(0.0, 8.0), 0.01 * (1.0 + rng.uniform(0.0, 0.2))]
+    assert [s for s in clock.sleeps if s != HEARTBEAT_S] == expected
 
 
 def test_unavailable_is_retried_with_backoff_and_fresh_signatures(
@@ -521,48 +720,93 @@ def test_refused_get_task_waits_one_backoff_on_the_clock(
     assert clock.sleeps == [random.Random(3).uniform(0.0, 8.0)]
 
 
-def test_aborted_cohort_abandons_the_task(artifact: Artifact, tmp_path: Path) -> None:
-    fake = Fake(artifact, script=["task"], task=make_task(artifact), abort_reason="too few")
+def test_aborted_cohort_abandons_the_task_and_its_update(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    fake = Fake(
+        artifact,
+        script=[training_task(artifact), cohort_task(artifact), ("pace", 10)],
+        abort_reason="too few",
+    )
     state = EdgeState(tmp_path / "edge")
 
-    async def scenario() -> tuple[str, int]:
+    async def scenario() -> tuple[list[str], int]:
         async with serving(fake) as target:
             agent = await enrolled(state, target)
-            outcome = await agent.run_once()
+            outcomes = [await agent.run_once() for _ in range(3)]
             await agent.close()
-            return outcome, agent.tasks_abandoned
+            return outcomes, agent.tasks_abandoned
 
-    assert asyncio.run(scenario()) == ("abandoned", 1)
+    assert asyncio.run(scenario()) == (["trained", "abandoned", "paced"], 1)
+    assert fake.sent_stages == ["ADVERTISE_KEYS"]
     assert "UploadMasked" not in fake.methods()
+    assert fake.asked == ["", "t1", ""]
     progress = state.load_progress()
     assert (progress.tasks_done, progress.tasks_abandoned, progress.task_id) == (0, 1, None)
 
 
-def test_vanishing_at_training_sends_nothing_more(artifact: Artifact, tmp_path: Path) -> None:
-    fake = Fake(artifact, script=["task"], task=make_task(artifact))
+@pytest.mark.parametrize(
+    ("phase", "script_len", "outcomes"),
+    [("training", 1, ["abandoned", "paced"]), ("keys", 2, ["trained", "abandoned", "paced"])],
+)
+def test_vanishing_sends_nothing_more_for_the_task(
+    artifact: Artifact, tmp_path: Path, phase: str, script_len: int, outcomes: list[str]
+) -> None:
+    tasks = [training_task(artifact), cohort_task(artifact)][:script_len]
+    fake = Fake(artifact, script=[*tasks, ("pace", 10)])
     uploads: list[str] = []
     hooks = AgentHooks(
-        drop=lambda _task, phase: phase == "training",
+        drop=lambda _task, at: at == phase,
         before_upload=lambda t, _u, _w: uploads.append(t.task_id),
     )
 
-    async def scenario() -> str:
+    async def scenario() -> list[str]:
         async with serving(fake) as target:
             agent = await enrolled(EdgeState(tmp_path / "edge"), target, hooks=hooks)
-            outcome = await agent.run_once()
+            got = [await agent.run_once() for _ in outcomes]
+            assert agent.trained_task_id is None and agent.tasks_abandoned == 1
             await agent.close()
-            return outcome
+            return got
 
-    assert asyncio.run(scenario()) == "abandoned"
+    assert asyncio.run(scenario()) == outcomes
+    # Between the task and the next GetTask only the artifact download (before
+    # training), and that GetTask names no update.
     methods = fake.methods()
-    # Keys were exchanged (two SendSecAgg) while the artifact downloaded, then silence.
-    assert methods.count("SendSecAgg") == 2
-    last_send = len(methods) - 1 - methods[::-1].index("SendSecAgg")
-    assert set(methods[last_send + 1 :]) <= {"FetchArtifact"}
-    assert uploads == []
+    asks = [i for i, m in enumerate(methods) if m == "GetTask"]
+    assert set(methods[asks[-2] + 1 : asks[-1]]) <= {"FetchArtifact"}
+    assert "SendSecAgg" not in methods and uploads == []
+    assert fake.asked[-1] == ""
 
 
-def test_restart_with_unfinished_task_counts_it_abandoned(
+def test_stopping_while_the_cohort_forms_abandons_the_update(
+    artifact: Artifact, tmp_path: Path
+) -> None:
+    # Prepare: trained, then a minute-long Pace during which the agent is told to stop.
+    fake = Fake(artifact, script=[training_task(artifact), ("pace", 60_000)])
+    state = EdgeState(tmp_path / "edge")
+
+    async def scenario() -> tuple[int, int, float]:
+        async with serving(fake) as target:
+            stop = asyncio.Event()
+
+            def on_event(name: str, _details: dict[str, Any]) -> None:
+                if name == "paced":
+                    asyncio.get_running_loop().call_soon(stop.set)
+
+            agent = await enrolled(state, target, hooks=AgentHooks(on_event=on_event))
+            started = time.monotonic()
+            stats = await agent.run(stop=stop)
+            await agent.close()
+            return stats.tasks_abandoned, stats.tasks_done, time.monotonic() - started
+
+    abandoned, done, elapsed = asyncio.run(scenario())
+    assert (abandoned, done) == (1, 0) and elapsed < 30.0
+    assert fake.asked == ["", "t1"]
+    progress = state.load_progress()
+    assert (progress.tasks_abandoned, progress.task_id, progress.phase) == (1, None, None)
+
+
+def test_restart_with_an_update_held_counts_it_abandoned_and_names_none(
     artifact: Artifact, tmp_path: Path
 ) -> None:
     state = EdgeState(tmp_path / "edge")
@@ -573,7 +817,7 @@ def test_restart_with_unfinished_task_counts_it_abandoned(
             first = await enrolled(state, target)
             await first.close()
             progress = state.load_progress()
-            progress.task_id, progress.cohort_id, progress.phase = "old", "c0", "training"
+            progress.task_id, progress.phase = "old", "trained"
             state.save_progress(progress)
             agent = EdgeAgent(state, target, credentials=None, data=TEXT)
             outcome = await agent.run_once()
@@ -581,6 +825,8 @@ def test_restart_with_unfinished_task_counts_it_abandoned(
             return outcome, agent.tasks_abandoned
 
     assert asyncio.run(scenario()) == ("paced", 1)
+    # The update lived only in memory: the GetTask after the restart names none.
+    assert fake.asked == [""]
     progress = state.load_progress()
     assert (progress.tasks_abandoned, progress.task_id, progress.phase) == (1, None, None)
 

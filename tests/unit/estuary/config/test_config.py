@@ -69,7 +69,7 @@ def test_example_coordinator_values() -> None:
         (
             "[aggregation]\nbuffer_size = 2\n[pacing]\ntarget_staleness = 1.0\n",
             "pacing.target_staleness",  # 2 may train at once; a cohort needs min_size 4
-            "no cohort could ever be sealed",
+            "could only fill across several rounds of training",
         ),
         (
             '[tls]\nallow_plaintext = true\n[[device_classes]]\nname = "big"\nrank = 64\n',
@@ -337,5 +337,5 @@ def test_a_simulation_whose_pacer_cannot_fill_a_cohort_is_refused(tmp_path: Path
     path = _write(tmp_path, "[aggregation]\nbuffer_size = 3\n[pacing]\ntarget_staleness = 1.0\n")
     with pytest.raises(ConfigError) as info:
         load_settings("simulation", path)
-    assert "no cohort could ever be sealed" in str(info.value)
+    assert "could only fill across several rounds of training" in str(info.value)
     assert "raise target_staleness to at least 1.33333" in str(info.value)
