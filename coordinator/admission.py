@@ -300,9 +300,9 @@ class Admission:
         instead while the next version is certain to come: committed and its artifact
         being built (for at most ``cohort.deadline_s`` after the commit, in case the
         build never lands), or made by the buffered updates plus those still to come
-        from sealed cohorts. When neither holds (too few devices, dropouts) it trains
-        again, or a small federation could stall. A few reads, made only for such a
-        device.
+        (from devices training and sealed cohorts). When neither holds (too few devices,
+        dropouts) it trains again, or a small federation could stall. A few reads, made
+        only for such a device.
         """
         if not self.settings.pacing.one_task_per_version:
             return False

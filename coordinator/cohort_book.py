@@ -419,13 +419,15 @@ class CohortBook:
         return self.store.zcard(TRAINING_DEVICES)
 
     def in_flight_updates(self) -> int:
-        """Count the updates still to come: training, forming, and in sealed cohorts.
+        """Count the updates still to come: from devices training, and sealed cohorts.
 
         Sealed, unfinished cohorts' members less the ones that abandoned their task (a
-        dropout that is not yet known counts).
+        dropout that is not yet known counts). Not the members of forming cohorts: a
+        cohort below ``min_size`` may be waiting for the very devices this count would
+        hold back (``pacing.one_task_per_version``), and a training device reports (or
+        expires) by itself.
         """
         count = self.training_devices()
-        count += sum(len(forming.members) for forming in self.all_forming())
         for cohort_id in self.active_ids():
             record = self.record(cohort_id)
             if record is not None and record.active:
@@ -438,4 +440,5 @@ class CohortBook:
         A scan of every forming and active cohort, for metrics; the pacer reads
         :meth:`training_devices`.
         """
-        return self.in_flight_updates()
+        forming = sum(len(forming.members) for forming in self.all_forming())
+        return forming + self.in_flight_updates()

@@ -136,13 +136,24 @@ class TaskTrainer:
         """Fetch what the task's artifact needs; return the base (cached) and the adapter.
 
         Also installs the artifact's ONNX export for serving, and prunes cached blobs
-        that neither needs.
+        that neither needs. Heartbeats meanwhile, as while training: the coordinator
+        drops a training task whose device stays silent for ``cohort.silence_s``, and a
+        download can take longer.
 
         Raises
         ------
         TaskAbandoned
-            If the artifact cannot be fetched, or its base or adapter cannot be loaded.
+            If the artifact cannot be fetched, or its base or adapter cannot be loaded,
+            or the coordinator answers a Heartbeat with ABANDON.
         """
+        future = asyncio.ensure_future(self._prepare_model(task))
+        try:
+            await self._heartbeat_until(task, future)
+        finally:
+            future.cancel()  # a no-op once done; stops the download if abandoned
+        return future.result()
+
+    async def _prepare_model(self, task: edge_pb2.Task) -> tuple[nn.Module, GlobalAdapter]:
         from estuary.adapters.lora import GlobalAdapter
         from estuary.compress import load_compressed
 
@@ -228,6 +239,21 @@ class TaskTrainer:
             )
         )
         self._running = future
+        await self._heartbeat_until(task, future)
+        try:
+            result: TrainResult = future.result()
+        except ValueError as exc:
+            raise TaskAbandoned(f"training refused the task's parameters: {exc}") from None
+        return result
+
+    async def _heartbeat_until(self, task: edge_pb2.Task, future: asyncio.Future[Any]) -> None:
+        """Send a Heartbeat every ``heartbeat_s`` until ``future`` is done.
+
+        Raises
+        ------
+        TaskAbandoned
+            If the coordinator answers one with ABANDON.
+        """
         while not await self._finished_within(future, self.heartbeat_s):
             beat = edge_pb2.HeartbeatRequest(task_id=task.task_id, steps_done=0)
             answer = await self._rpc.call(
@@ -235,11 +261,6 @@ class TaskTrainer:
             )
             if answer.action == edge_pb2.HeartbeatResponse.ACTION_ABANDON:
                 raise TaskAbandoned("the coordinator asked to abandon the task (Heartbeat)")
-        try:
-            result: TrainResult = future.result()
-        except ValueError as exc:
-            raise TaskAbandoned(f"training refused the task's parameters: {exc}") from None
-        return result
 
     async def _finished_within(self, future: asyncio.Future[Any], seconds: float) -> bool:
         """Wait up to ``seconds`` of the clock for ``future``; return whether it is done.

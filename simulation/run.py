@@ -9,9 +9,9 @@ requests, pacing, artifact download, secure aggregation, masked upload.
 Clients are standard-library packages (one package's text = one device's private data),
 split into device classes round-robin. A client vanishes from its cohort task (after
 training, as it joins the key exchange) with probability ``dropout``; its cohort goes
-on without it (secure aggregation tolerates dropouts down to the threshold). Each committed version is scored on every client's held-out text;
-at the end the run folder holds the effective config, ``metrics.jsonl``,
-``summary.json`` and the plots.
+on without it (secure aggregation tolerates dropouts down to the threshold). Each
+committed version is scored on every client's held-out text; at the end the run folder
+holds the effective config, ``metrics.jsonl``, ``summary.json`` and the plots.
 
 A preset base is pretrained once, before the federation starts, and cached under
 ``out_dir/.cache``; that one-off pretraining logs its progress and is timed apart:

@@ -513,7 +513,7 @@ class EstuaryPolicy(Policy):
         self._train(task)
 
     def report(self, task: _Task) -> None:
-        """A trained device reports its update: it waits for its cohort, then runs it."""
+        """Report a trained device's update: wait for its cohort, then run it."""
         from coordinator.errors import FailedPrecondition
         from coordinator.service import PaceOffer
 

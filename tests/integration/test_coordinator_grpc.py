@@ -302,7 +302,7 @@ def test_request_over_the_message_limit_is_resource_exhausted(fed: dict[str, Any
 
 
 def test_fetch_artifact_resumes_from_an_offset(fed: dict[str, Any]) -> None:
-    a, task = fed["a"], fed["task_a"]
+    a = fed["a"]
     whole = b"".join(c.data for c in a.fetch(fed["train_a"].artifact.sha256))
     assert len(whole) == fed["train_a"].artifact.size_bytes
     assert hashlib.sha256(whole).hexdigest() == fed["train_a"].artifact.sha256
@@ -317,7 +317,7 @@ def test_fetch_artifact_resumes_from_an_offset(fed: dict[str, Any]) -> None:
 
 
 def test_fetch_artifact_refuses_bad_digests_and_offsets(fed: dict[str, Any]) -> None:
-    a, task = fed["a"], fed["task_a"]
+    a = fed["a"]
     with pytest.raises(grpc.RpcError) as excinfo:
         a.fetch("not-a-digest")
     assert code_of(excinfo) is grpc.StatusCode.INVALID_ARGUMENT

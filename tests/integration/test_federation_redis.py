@@ -274,9 +274,7 @@ def check_versions_against_ledger(store: object, blobs: BlobStore, ledger: Path)
             assert cohort["status"] == "completed"
             # Each member counts at the staleness it lands with (coordinator.versions):
             # members train first, so they may have trained on different versions.
-            trained = cohort.get("member_versions") or [cohort["version"]] * len(
-                cohort["members"]
-            )
+            trained = cohort.get("member_versions") or [cohort["version"]] * len(cohort["members"])
             landed = [record["version"] - 1 - trained[m] for m in cohort["survivors"]]
             assert record["staleness"][cohort_id] == max(landed)
             priced = sum(POLICY.commit_weight(s) for s in landed)
