@@ -49,6 +49,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -679,7 +680,6 @@ class Admission:
 
     def _training_offer(self, task: TrainingTask) -> TaskOffer:
         """Return the training task ``task`` as handed to the device."""
-        training = self.settings.training
         rank = self._classes[task.device_class].rank
         return TaskOffer(
             task_id=task.task_id,
@@ -687,29 +687,18 @@ class Admission:
             version=task.version,
             artifact_sha256=task.artifact.sha256,
             artifact_size=task.artifact.size,
-            rank=rank,
-            local_steps=training.local_steps,
-            learning_rate=rank_learning_rate(
-                training.learning_rate,
-                rank=rank,
-                r_max=self.settings.model.r_max,
-                power=training.rank_lr_power,
-            ),
-            grad_clip_norm=training.grad_clip_norm,
-            batch_size=training.batch_size,
-            seq_len=training.seq_len,
             deadline_ms=int(task.deadline_at * 1000),
             member_index=0,
             session=None,
             columns=trained_columns(
-                training.column_rule,
+                self.settings.training.column_rule,
                 rank,
                 self.settings.model.r_max,
                 version=task.version,
                 member=task.column_seed,
             )
             or (),
-            warmup_steps=training.warmup_steps,
+            **self._training_fields(rank),
         )
 
     def offer(self, record: CohortRecord, index: int, *, trained_task_id: str) -> TaskOffer:
@@ -718,31 +707,37 @@ class Admission:
         ``trained_task_id``: the member's training task, whose update it aggregates. The
         training fields repeat the class's; the member trained already.
         """
-        training = self.settings.training
         return TaskOffer(
             task_id=record.task_id(index),
             cohort_id=record.cohort_id,
             version=record.member_version(index),
             artifact_sha256=record.artifact.sha256,
             artifact_size=record.artifact.size,
-            rank=record.rank,
-            local_steps=training.local_steps,
-            learning_rate=rank_learning_rate(
-                training.learning_rate,
-                rank=record.rank,
-                r_max=self.settings.model.r_max,
-                power=training.rank_lr_power,
-            ),
-            grad_clip_norm=training.grad_clip_norm,
-            batch_size=training.batch_size,
-            seq_len=training.seq_len,
             deadline_ms=int(record.deadline_at * 1000),
             member_index=index,
             session=record.session_config(),
             identity_keys=record.identity_keys,
-            warmup_steps=training.warmup_steps,
             trained_task_id=trained_task_id,
+            **self._training_fields(record.rank),
         )
+
+    def _training_fields(self, rank: int) -> dict[str, Any]:
+        """The task fields that say how a rank-``rank`` device trains (``training.*``)."""
+        training = self.settings.training
+        return {
+            "rank": rank,
+            "local_steps": training.local_steps,
+            "learning_rate": rank_learning_rate(
+                training.learning_rate,
+                rank=rank,
+                r_max=self.settings.model.r_max,
+                power=training.rank_lr_power,
+            ),
+            "grad_clip_norm": training.grad_clip_norm,
+            "batch_size": training.batch_size,
+            "seq_len": training.seq_len,
+            "warmup_steps": training.warmup_steps,
+        }
 
     def _counts(self, version: int, head: VersionInfo | None) -> bool:
         """Whether work on ``version`` would still be accepted at ``head``.

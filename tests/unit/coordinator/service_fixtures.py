@@ -60,6 +60,20 @@ def make_settings(**overrides: Any) -> CoordinatorSettings:
     return CoordinatorSettings(**values)
 
 
+class Events:
+    """A service observer that keeps every event, to assert on."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        """The fields of every event of ``kind``, in order."""
+        return [fields for k, fields in self.seen if k == kind]
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self.seen.append((kind, fields))
+
+
 class Fed:
     """A service plus a synchronous local worker over one in-memory store and one clock."""
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from service_fixtures import Fed, report_trained, tasks_for, training_for
+from service_fixtures import Events, Fed, report_trained, tasks_for, training_for
 
 from cloud_workers.group import WorkerGroup
 from coordinator.cohorts import CohortRecord
@@ -80,23 +80,10 @@ def test_a_class_whose_newest_artifact_is_too_stale_is_paced_until_a_current_one
     )
 
 
-class _Events:
-    """A service observer that keeps every event."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, dict[str, Any]]] = []
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [fields for k, fields in self.seen if k == kind]
-
-    def event(self, kind: str, **fields: Any) -> None:
-        self.seen.append((kind, fields))
-
-
 def test_an_update_gone_too_stale_is_refused_when_reported(tmp_path: Path, base: Any) -> None:
     # Prepare: K = 1, max_staleness 2; four laptops train on version 0, then versions
     # 1 and 2 commit: 2 behind, version 0 still counts.
-    events = _Events()
+    events = Events()
     fed = Fed(tmp_path, base, observer=events, **STALE)
     laptops = [fed.device("laptop") for _ in range(4)]
     training = training_for(fed, laptops)

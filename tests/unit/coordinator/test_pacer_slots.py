@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from service_fixtures import Fed, exchange_keys, report_trained, tasks_for, training_for
+from service_fixtures import Events, Fed, exchange_keys, report_trained, tasks_for, training_for
 from test_request_round_trips import CountingStore
 from torch import nn
 
@@ -36,19 +36,6 @@ COHORT = {
     "bits": 32,
     "clip_norm": 1.0,
 }
-
-
-class _Events:
-    """A service observer that keeps every event."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, dict[str, Any]]] = []
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [fields for k, fields in self.seen if k == kind]
-
-    def event(self, kind: str, **fields: Any) -> None:
-        self.seen.append((kind, fields))
 
 
 def _cap_filled(
@@ -225,7 +212,7 @@ def test_an_expired_training_task_is_dropped_by_the_tick_and_its_report_refused(
 ) -> None:
     # Prepare: cap 3 filled by three trainers (silence_s 30, deadline 600 s); a fourth
     # device is deferred. Trainers 1 and 2 keep asking (GetTask keeps a task alive).
-    events = _Events()
+    events = Events()
     fed, trainers, training = _cap_filled(tmp_path, base, observer=events)
     start = fed.clock.time()
     late = fed.device("laptop")
@@ -265,7 +252,7 @@ def test_heartbeats_keep_a_training_task_past_silence_s_but_not_past_its_deadlin
     tmp_path: Any, base: nn.Module
 ) -> None:
     # Prepare: training tasks due 100 s after they are given, silence_s 30.
-    events = _Events()
+    events = Events()
     fed = Fed(
         tmp_path,
         base,

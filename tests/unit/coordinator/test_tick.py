@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from service_fixtures import Fed, tasks_for
+from service_fixtures import Events, Fed, tasks_for
 
 from coordinator.enrolment import Device
 from coordinator.service import TaskOffer
@@ -236,20 +236,10 @@ def test_heartbeats_hold_the_upload_stage_open_until_the_deadline(
     assert service.heartbeat(slow, cohort.offers[2].task_id).abandon
 
 
-class _Events:
-    """A service observer that keeps every event."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, dict[str, Any]]] = []
-
-    def event(self, kind: str, **fields: Any) -> None:
-        self.seen.append((kind, fields))
-
-
 def test_a_sum_dropped_at_the_commit_is_reported_not_lost_silently(
     tmp_path: Path, base: Any
 ) -> None:
-    events = _Events()
+    events = Events()
     fed = Fed(
         tmp_path, base, observer=events,
         aggregation={"buffer_size": 1, "max_staleness": 1},
