@@ -722,7 +722,7 @@ class Admission:
         )
 
     def _training_fields(self, rank: int) -> dict[str, Any]:
-        """The task fields that say how a rank-``rank`` device trains (``training.*``)."""
+        """Return the task fields that say how a rank-``rank`` device trains (``training.*``)."""
         training = self.settings.training
         return {
             "rank": rank,

@@ -87,7 +87,9 @@ class CoordinatorMetrics:
             "estuary_cohorts_finished", "Cohorts finished, by outcome.", ["status"], registry=r
         )
         self.devices_active = Gauge(
-            "estuary_devices_active", "Devices admitted into unfinished cohorts.", registry=r
+            "estuary_devices_active",
+            "Devices training, or in forming and unfinished cohorts.",
+            registry=r,
         )
         self.buffered_updates = Gauge(
             "estuary_buffered_updates", "Client updates buffered for the next version.", registry=r
