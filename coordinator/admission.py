@@ -229,7 +229,10 @@ class Admission:
             if offer is not None:
                 return offer
         if forming is not None and device.device_id in forming[0].members:
-            return self._wait_for_seal(device, device_class, head)
+            index = forming[0].members.index(device.device_id)
+            if not forming[0].trained or forming[0].tasks[index] == trained_task_id:
+                return self._wait_for_seal(device, device_class, head)
+            self._leave_forming(device, device_class)  # it lost its update: a restart
         if training is not None:
             task, record_version = training
             if trained_task_id == task.task_id:
@@ -451,6 +454,18 @@ class Admission:
             )
         self._book.stop_training(device.device_id, expected_version=record_version)
         return self._wait_for_seal(device, device_class, head)
+
+    def _leave_forming(self, device: Device, device_class: str) -> None:
+        """Take ``device`` out of its class's forming cohort (it holds no update now)."""
+        min_size = self.settings.cohort.min_size
+
+        def leave(forming: FormingCohort | None) -> FormingCohort | None:
+            if forming is None or device.device_id not in forming.members:
+                return None
+            return forming.without({forming.members.index(device.device_id)}, min_size=min_size)
+
+        if self._book.update_forming(device_class, leave) is not None:
+            log.info("device %s left its forming cohort: it lost its update", device.device_id)
 
     def _join(self, device: Device, device_class: str, task: TrainingTask) -> bool:
         """Add the device with its trained ``task`` to the class's forming cohort."""

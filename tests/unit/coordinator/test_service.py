@@ -205,6 +205,31 @@ def test_pace_until_cohort_is_full_then_same_task_again(tmp_path: Any, base: Any
         fed.service.get_task(fed.device("laptop"), trained_task_id=training[0].task_id)
 
 
+def test_a_forming_member_that_lost_its_update_leaves_the_cohort(tmp_path: Any, base: Any) -> None:
+    # Prepare: three laptops (cohorts of 3) train; two report and wait for the third.
+    fed = Fed(tmp_path, base)
+    a, b, c = (fed.device("laptop") for _ in range(3))
+    training = training_for(fed, [a, b, c])
+    for device, task in ((a, training[0]), (b, training[1])):
+        assert isinstance(fed.service.get_task(device, trained_task_id=task.task_id), PaceOffer)
+
+    # Execute: a restarts (its update was in memory) and asks without trained_task_id.
+    again = fed.service.get_task(a)
+
+    # Assert: a left the forming cohort and trains afresh; the cohort seals without it,
+    # once the third report and a new member fill it again.
+    assert (
+        isinstance(again, TaskOffer) and again.is_training and again.task_id != training[0].task_id
+    )
+    forming = fed.service.cohorts.forming("laptop")
+    assert forming is not None and forming[0].members == (b.device_id,)
+    assert forming[0].tasks == (training[1].task_id,) and forming[0].full_at is None
+    fed.service.get_task(c, trained_task_id=training[2].task_id)
+    offer = fed.service.get_task(a, trained_task_id=again.task_id)
+    assert isinstance(offer, TaskOffer) and offer.session is not None
+    assert offer.trained_task_id == again.task_id
+
+
 def test_restarted_device_abandons_and_is_readmitted(tmp_path: Any, base: Any) -> None:
     fed = Fed(tmp_path, base)  # cohorts of 3: secure aggregation refuses fewer
     a, b, c = (fed.device("laptop") for _ in range(3))
