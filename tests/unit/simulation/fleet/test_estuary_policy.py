@@ -162,8 +162,8 @@ def test_staleness_counts_each_update_as_its_version_folded_it_in(tmp_path: Path
 def test_a_cohort_dropped_at_the_commit_is_wasted_work_not_accepted(tmp_path: Path) -> None:
     # max_staleness 0: a cohort relayed fresh lands 1 version behind when another commit
     # comes between its share relay and its fold-in (members train first, so that window
-    # is the upload and the unmask: short, but cohorts overlap).
-    policy, rec = _busy_run(tmp_path, max_staleness=0)
+    # is the upload and the unmask: short; a pacer cap of 16 keeps several cohorts in it).
+    policy, rec = _busy_run(tmp_path, max_staleness=0, target_staleness=8.0)
     accepted = _sizes(policy, rec, "accepted")
     dropped = _sizes(policy, rec, "dropped")
     assert dropped, "this run drops a cohort at a commit (else the test tests nothing)"
