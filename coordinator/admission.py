@@ -72,6 +72,7 @@ from coordinator.outcomes import (
     TaskOffer,
 )
 from coordinator.pacing import Admit, PacerConfig, decide
+from coordinator.tick import TICK_INTERVAL_S
 from coordinator.versions import VersionInfo, VersionLedger
 from estuary.adapters import rank_learning_rate, trained_columns
 from estuary.clock import SYSTEM_CLOCK, Clock
@@ -87,9 +88,8 @@ __all__ = ["SEAL_POLL_S", "Admission", "PaceQueue", "pacer_config"]
 log = logging.getLogger(__name__)
 
 #: The soonest a member of a forming cohort that is due to be sealed is told to come
-#: back: the coordinator's tick interval (``coordinator.server.TICK_INTERVAL_S``), at
-#: which cohorts are sealed.
-SEAL_POLL_S = 0.25
+#: back: the tick interval, at which cohorts are sealed.
+SEAL_POLL_S = TICK_INTERVAL_S
 
 
 def pacer_config(settings: CoordinatorSettings) -> PacerConfig:

@@ -38,6 +38,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.peer_identity import PeerInterceptor
 from coordinator.service import FederationService, ServiceObserver
 from coordinator.store_watch import StoreWatch
+from coordinator.tick import TICK_INTERVAL_S
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.log import log_context
 from estuary.proto.v1 import edge_pb2
@@ -61,10 +62,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Seconds between calls of the service's periodic work: 0.25 s. Sealing a cohort or
-#: closing a stage late by this much is invisible next to stage deadlines of seconds to
-#: minutes, and a tick is a handful of store reads when nothing is due.
-TICK_INTERVAL_S = 0.25
 
 #: Seconds between store probes of the watcher (health) and refreshes of the gauges: 1 s,
 #: so with the default probe timeout (0.5 s) a load balancer probing every second or more

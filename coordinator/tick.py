@@ -33,10 +33,10 @@ by advancing a :class:`~estuary.clock.VirtualClock`.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator.admission import Admission
 from coordinator.cohort_book import CohortBook
 from coordinator.cohort_log import ReplicatedCohort
 from coordinator.cohorts import CohortRecord
@@ -49,7 +49,16 @@ from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.config.models import CohortSettings
 from secure_agg import Stage
 
-__all__ = ["Ticker", "stage_deadline"]
+if TYPE_CHECKING:  # admission reads TICK_INTERVAL_S from here
+    from coordinator.admission import Admission
+
+__all__ = ["TICK_INTERVAL_S", "Ticker", "stage_deadline"]
+
+#: Seconds between calls of the service's periodic work (the server's tick loop): 0.25 s.
+#: Sealing a cohort or closing a stage late by this much is invisible next to stage
+#: deadlines of seconds to minutes, and a tick is a handful of store reads when nothing
+#: is due.
+TICK_INTERVAL_S = 0.25
 
 log = logging.getLogger(__name__)
 
