@@ -49,7 +49,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -231,7 +231,7 @@ class Admission:
         if forming is not None and device.device_id in forming[0].members:
             index = forming[0].members.index(device.device_id)
             if not forming[0].trained or forming[0].tasks[index] == trained_task_id:
-                return self._wait_for_seal(device, device_class, head)
+                return self._wait_for_seal(device, device_class, head, forming)
             self._leave_forming(device, device_class)  # it lost its update: a restart
         if training is not None:
             task, record_version = training
@@ -241,7 +241,7 @@ class Admission:
                 if self._counts(task.version, head) and self._clock.time() < task.deadline_at:
                     # Asked again before reporting it: the reply was lost, or the device
                     # restarted; the same task, still alive.
-                    self._book.keep_training(device.device_id, expires_at=self._expiry(task))
+                    self.keep_training(device.device_id, task)
                     return self._training_offer(task)
                 self._book.stop_training(device.device_id, expected_version=record_version)
         if trained_task_id:
@@ -353,19 +353,13 @@ class Admission:
                     and cohort.stage is Stage.ADVERTISE_KEYS
                     and trained_task_id == assignment.trained_task_id
                 ):
-                    version = record.member_version(index)
-                    if self._counts(version, head):
+                    stale = self._why_stale(record.member_version(index), head)
+                    if not stale:
                         return self.offer(record, index, trained_task_id=trained_task_id)
-                    current = head.version if head else 0
-                    stale = f"trained on version {version}, no longer counts at {current}"
                 self._abandon(cohort_id, index)
         self._book.clear_assignment(device.device_id, cohort_id)
         if stale:
-            self._counters.updates_rejected += 1
-            self._observer.event("update_rejected", cohort_id=cohort_id, reason=stale)
-            raise FailedPrecondition(
-                f"trained_task_id: {trained_task_id!r} {stale}: too stale to count; drop the update"
-            )
+            self._refuse(trained_task_id, stale, cohort_id=cohort_id)
         return None
 
     def _abandon(self, cohort_id: str, index: int) -> None:
@@ -383,8 +377,21 @@ class Admission:
         return min(task.deadline_at, self._clock.time() + self.settings.cohort.silence_s)
 
     def keep_training(self, device_id: str, task: TrainingTask) -> None:
-        """Note that ``device_id``, training ``task``, is alive now (a heartbeat)."""
+        """Note that ``device_id``, training ``task``, is alive now."""
         self._book.keep_training(device_id, expires_at=self._expiry(task))
+
+    def training_heartbeat(
+        self, device_id: str, task: TrainingTask, head: VersionInfo | None
+    ) -> bool:
+        """Take a heartbeat of ``device_id`` training ``task``; return whether to go on.
+
+        Its work must still count at ``head``; while it does, the heartbeat keeps the task
+        from expiring as silent.
+        """
+        if not self._counts(task.version, head):
+            return False
+        self.keep_training(device_id, task)
+        return True
 
     def _start_training(
         self, device: Device, device_class: str, artifact: tuple[int, str, int]
@@ -426,26 +433,16 @@ class Admission:
         It joins before its training task is dropped, so a crash between the two leaves
         it a member (its training task expires), never neither.
         """
-        if not self._counts(task.version, head):
+        stale = self._why_stale(task.version, head)
+        if stale:
             self._book.stop_training(device.device_id, expected_version=record_version)
-            reason = (
-                f"trained on version {task.version}, abandoned by a rollback"
-                if head is not None and head.is_abandoned(task.version)
-                else f"trained on version {task.version}, more than "
-                f"{self.settings.aggregation.max_staleness} versions behind the current "
-                f"{head.version if head else 0}"
-            )
-            self._counters.updates_rejected += 1
-            self._observer.event("update_rejected", cohort_id="", reason=reason)
-            raise FailedPrecondition(
-                f"trained_task_id: {task.task_id!r} {reason}: too stale to count; drop the update"
-            )
-        joined = False
-        for _ in range(3):  # a full forming cohort is sealed, then joined afresh
-            self.maybe_seal(device_class, head=head)
-            if self._join(device, device_class, task):
-                joined = True
+            self._refuse(task.task_id, stale)
+        joined = self._join(device, device_class, task)
+        for _ in range(2):  # a full forming cohort is sealed, then joined afresh
+            if joined:
                 break
+            self.maybe_seal(device_class, head=head)
+            joined = self._join(device, device_class, task)
         if not joined:
             return self._pace(
                 self.pacer.retry_after_min_s,
@@ -486,16 +483,31 @@ class Admission:
                 now=now,
             )
 
-        joined = self._book.update_forming(device_class, join)
-        if joined is not None and device.device_id in joined.members:
-            return True
-        found = self._book.forming(device_class)
-        return found is not None and device.device_id in found[0].members
+        member = False
+
+        def join_or_note(forming: FormingCohort | None) -> FormingCohort | None:
+            nonlocal member
+            member = forming is not None and device.device_id in forming.members
+            return join(forming)
+
+        joined = self._book.update_forming(device_class, join_or_note)
+        return member or (joined is not None and device.device_id in joined.members)
 
     def _wait_for_seal(
-        self, device: Device, device_class: str, head: VersionInfo | None
+        self,
+        device: Device,
+        device_class: str,
+        head: VersionInfo | None,
+        found: tuple[FormingCohort, int] | None = None,
     ) -> TaskOffer | PaceOffer:
-        self.maybe_seal(device_class, head=head)
+        """Seal the device's forming cohort if it is ready; its cohort task, or Pace.
+
+        ``found``: the forming cohort and its record version, as the caller read them
+        (``None``: read here); the Pace's count and retry-after come from it.
+        """
+        if found is None:
+            found = self._book.forming(device_class)
+        self.maybe_seal(device_class, head=head, found=found)
         assignment = self._book.assignment(device.device_id)
         if assignment is not None:
             record = self._book.record(assignment.cohort_id)
@@ -505,7 +517,6 @@ class Admission:
                     assignment.member_index,
                     trained_task_id=assignment.trained_task_id,
                 )
-        found = self._book.forming(device_class)
         forming = found[0] if found else None
         members = len(forming.members) if forming else 0
         retry = self.pacer.retry_after_min_s
@@ -521,13 +532,11 @@ class Admission:
             "cohort_formation",
         )
 
-    def expire_training(self) -> list[str]:
+    def expire_training(self) -> None:
         """Drop the training tasks that expired (deadline, or a silent device); the tick.
 
-        Returns the devices whose task this call dropped. A device that reports such a
-        task later is refused (its update is not wanted).
+        A device that reports such a task later is refused (its update is not wanted).
         """
-        dropped = []
         for device_id in self._book.expired_training(self._clock.time()):
             found = self._book.training_task(device_id)
             if found is None:
@@ -535,14 +544,12 @@ class Admission:
                 continue
             task, record_version = found
             if self._book.stop_training(device_id, expected_version=record_version):
-                dropped.append(device_id)
                 self._observer.event(
                     "training_expired",
                     task_id=task.task_id,
                     device_class=task.device_class,
                     version=task.version,
                 )
-        return dropped
 
     # ------------------------------------------------------------------ sealing
 
@@ -556,14 +563,23 @@ class Admission:
         for device_class in self._classes:
             self.maybe_seal(device_class, head=head)
 
-    def maybe_seal(self, device_class: str, *, head: VersionInfo | None = None) -> str | None:
+    def maybe_seal(
+        self,
+        device_class: str,
+        *,
+        head: VersionInfo | None = None,
+        found: tuple[FormingCohort, int] | None = None,
+    ) -> str | None:
         """Seal the forming cohort of ``device_class`` if it is full enough; return its id.
 
         Members whose update no longer counts at ``head`` (read here when None: more than
         ``max_staleness`` behind, or abandoned by a rollback) are taken out first and
-        refused; the cohort is sealed from the rest, at a later call.
+        refused; the cohort is sealed from the rest, at a later call. ``found``: the
+        forming cohort and its record version as the caller just read them (``None``:
+        read here; a stale read only makes the seal's versioned delete fail).
         """
-        found = self._book.forming(device_class)
+        if found is None:
+            found = self._book.forming(device_class)
         if found is None:
             return None
         forming, record_version = found
@@ -674,13 +690,9 @@ class Admission:
         if self._book.update_forming(device_class, prune) is None:
             return
         for task_id, version in removed:
-            reason = (
-                f"trained on version {version}, too stale to count by the time its cohort "
-                f"of {device_class} devices was sealed (now {head.version if head else 0})"
-            )
+            reason = f"{self._why_stale(version, head)}, while its cohort formed"
             log.info("training task %s: %s", task_id, reason)
-            self._counters.updates_rejected += 1
-            self._observer.event("update_rejected", cohort_id="", reason=reason)
+            self._reject(reason)
 
     def _none_training(self) -> bool:
         """Whether no device trains now: a forming cohort can gain no member soon.
@@ -753,6 +765,30 @@ class Admission:
             "seq_len": training.seq_len,
             "warmup_steps": training.warmup_steps,
         }
+
+    def _why_stale(self, version: int, head: VersionInfo | None) -> str:
+        """Why work on ``version`` no longer counts at ``head``; empty if it does."""
+        if self._counts(version, head):
+            return ""
+        if head is not None and head.is_abandoned(version):
+            return f"trained on version {version}, abandoned by a rollback"
+        return (
+            f"trained on version {version}, more than "
+            f"{self.settings.aggregation.max_staleness} versions behind the current "
+            f"{head.version if head else 0}"
+        )
+
+    def _reject(self, reason: str, *, cohort_id: str = "") -> None:
+        """Count an update refused as too stale (``updates_rejected``, ``update_rejected``)."""
+        self._counters.updates_rejected += 1
+        self._observer.event("update_rejected", cohort_id=cohort_id, reason=reason)
+
+    def _refuse(self, trained_task_id: str, reason: str, *, cohort_id: str = "") -> NoReturn:
+        """Count a reported update that no longer counts, and refuse it by name."""
+        self._reject(reason, cohort_id=cohort_id)
+        raise FailedPrecondition(
+            f"trained_task_id: {trained_task_id!r} {reason}: too stale to count; drop the update"
+        )
 
     def _counts(self, version: int, head: VersionInfo | None) -> bool:
         """Whether work on ``version`` would still be accepted at ``head``.

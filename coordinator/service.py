@@ -402,15 +402,8 @@ class FederationService:
             training_key = TRAINING_PREFIX + device.device_id
             task = TrainingTask.from_json(training_record.value, where=training_key)
             if task.task_id == task_id:
-                limit = self.settings.aggregation.max_staleness
-                stale = (
-                    head is None
-                    or head.is_abandoned(task.version)
-                    or (task.version < head.version - limit)
-                )
-                if not stale:
-                    self.admission.keep_training(device.device_id, task)
-                return HeartbeatReply(abandon=stale, current_version=current)
+                go_on = self.admission.training_heartbeat(device.device_id, task, head)
+                return HeartbeatReply(abandon=not go_on, current_version=current)
         assignment = (
             None
             if assign_record is None

@@ -233,7 +233,6 @@ class Ticker:
                     weighted_sum=weighted,
                     weight_total=weight_total,
                     updates=len(result.survivors),
-                    trained_on=min(record.member_version(i) for i in result.survivors),
                     trained_versions=[record.member_version(i) for i in result.survivors],
                 )
                 if added:

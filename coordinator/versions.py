@@ -76,6 +76,7 @@ import json
 import logging
 import math
 import struct
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -556,9 +557,7 @@ class VersionLedger:
                     f"trained_on: {trained_on} is not the oldest of trained_versions "
                     f"({min(trained_versions)})"
                 )
-            by_version = {}
-            for t in trained_versions:
-                by_version[t] = by_version.get(t, 0) + 1
+            by_version = dict(Counter(trained_versions))
         if trained_on is None:
             trained_on = head.version
         if not 0 <= trained_on <= head.version:
