@@ -428,7 +428,7 @@ class EdgeAgent:
         request = edge_pb2.GetTaskRequest(
             held_version=self._held_version,
             held_artifacts=self.state.cached_artifacts(),
-            trained_task_id="" if trained is None else trained.task.task_id,
+            trained_task_id=self.trained_task_id or "",
         )
         try:
             response = await self._rpc.call(

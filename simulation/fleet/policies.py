@@ -311,7 +311,7 @@ class _Task:
     handle: Any = None
     train_s: float = 0.0
     trained: bool = False
-    trained_at: float = 0.0
+    shared_at: float = 0.0
     accepted: bool = False
     relay_staleness: int = 0
     settled: bool = False
@@ -697,7 +697,7 @@ class EstuaryPolicy(Policy):
         with Stopwatch(self.rec.overhead, "device_secagg_s"):
             out = task.client.handle(reply.payload)
         self.rec.wait("key_exchange", self.q.now - task.offered_at)
-        task.trained_at = self.q.now
+        task.shared_at = self.q.now
         self.send(
             task,
             Stage.SHARE_KEYS,
@@ -740,7 +740,6 @@ class EstuaryPolicy(Policy):
             if task.dead:
                 return
             task.trained = True
-            task.trained_at = self.q.now
             self.rec.trained += 1
             self.rec.work_s += train_s
             self.rec.wait("training", download + train_s)
@@ -779,7 +778,7 @@ class EstuaryPolicy(Policy):
         from edge_client.exchange import clipped_update, mask
         from secure_agg import Stage
 
-        self.rec.wait("relay_wait", self.q.now - task.trained_at)  # since the shares went
+        self.rec.wait("relay_wait", self.q.now - task.shared_at)
         spec = self.env.fleet[task.index]
         with Stopwatch(self.rec.overhead, "device_secagg_s"):
             task.client.handle(reply.payload)
