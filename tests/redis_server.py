@@ -10,6 +10,7 @@ real. Only servers started through this class are ever signalled.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -66,18 +67,30 @@ class ServerTLS:
     ca_file: Path
 
 
-def _ping(port: int, tls: ServerTLS | None = None) -> bool:
-    """Return whether a server on ``port`` answers PING with PONG (not LOADING)."""
+def _server_pid(port: int, tls: ServerTLS | None = None) -> int | None:
+    """Return the process id of the server answering on ``port``, or None if none is ready.
+
+    ``INFO server`` names the process: a server that answers is only ours if that is the
+    pid we started (with tests running in parallel, another test's server may hold a port
+    that was free a moment ago). None while nothing listens, or the server still loads.
+    """
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
             sock: socket.socket = raw
             if tls is not None:
                 context = ssl.create_default_context(cafile=str(tls.ca_file))
                 sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            sock.sendall(b"INFO server\r\n")
+            reply = b""
+            while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+                chunk = sock.recv(4096)
+                if not chunk or reply.startswith(b"-"):  # closed, or an error (LOADING)
+                    return None
+                reply += chunk
     except OSError:
-        return False
+        return None
+    match = re.search(rb"process_id:(\d+)", reply)
+    return int(match.group(1)) if match else None
 
 
 class RedisServer:
@@ -105,6 +118,7 @@ class RedisServer:
         self.port = free_port()
         self.tls = tls
         self._process: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def url(self) -> str:
@@ -118,9 +132,24 @@ class RedisServer:
         return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
-        """Start the server (same port and directory as before) and wait until it answers."""
+        """Start the server (same port and directory as before) and wait until it answers.
+
+        The first start picks another free port if the one chosen was taken meanwhile
+        (tests running in parallel); a restart keeps its port, as clients expect.
+        """
         if self.running:
             raise RuntimeError("redis-server already running")
+        for attempt in range(3):
+            lost = self._start_once()
+            if lost is None:
+                self._started = True
+                return
+            if self._started or attempt == 2:
+                raise RuntimeError(lost)
+            self.port = free_port()
+
+    def _start_once(self) -> str | None:
+        """Start the process once; None once it answers, else why it lost its port."""
         if self.tls is None:
             listen = ["--port", str(self.port)]
         else:
@@ -143,15 +172,20 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", "redis.log",
         ]  # fmt: skip
-        self._process = subprocess.Popen(
+        self._process = process = subprocess.Popen(
             args, cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"redis-server exited at start; see {self.directory}/redis.log")
-            if _ping(self.port, self.tls):
-                return
+            pid = _server_pid(self.port, self.tls)
+            if pid == process.pid:
+                return None
+            if process.poll() is not None or pid is not None:
+                # It exited, or another server (another test's, in a parallel run)
+                # answers on the port: never talk to a server we did not start.
+                self.kill()
+                who = "exited at start" if pid is None else f"found process {pid} there"
+                return f"redis-server on port {self.port} {who}; see {self.directory}/redis.log"
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"redis-server did not answer within {START_TIMEOUT_S} s")
