@@ -17,6 +17,16 @@ import pytest
 # tests/ is on pytest's pythonpath (pyproject.toml).
 from redis_server import RedisServer, find_redis_server
 
+# Under pytest-xdist (`make test` runs two workers on what may be a 2-core machine) each
+# worker, and every process it starts, gets one intra-op thread unless the caller chose:
+# torch's default (a thread per core) in each of two workers, with other processes
+# competing, spends its time in the thread pool's spin-waits (the serving tests' module
+# fixture took over 300 s that way beside four busy loops, 49 s alone). Set before any
+# test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def redis_binary() -> str:
