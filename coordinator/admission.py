@@ -15,7 +15,10 @@ trained on, answered with Pace until the cohort is sealed, then with the *cohort
 trained on different versions: the cohort record keeps each member's, and the share
 relay weighs each member by its own staleness. A cohort is sealed once it has
 ``max_size`` devices, or ``min_size`` devices for ``formation_s`` seconds, or ``min_size``
-devices while no device trains (no one else can join). Sealing deletes the forming
+devices while no device trains (no one else can join), or ``min_size`` devices one of
+which trained on a version older than the head (waiting for more would only make the
+updates it holds staler; with versions committed every few seconds cohorts seal at
+``min_size``, with versions hours apart they fill for ``formation_s``). Sealing deletes the forming
 record with a versioned delete, so of two replicas sealing the same cohort exactly one
 writes the sealed :class:`~coordinator.cohorts.CohortRecord`, the members' assignments
 and the entry in the active set.
@@ -319,9 +322,16 @@ class Admission:
         coming = self._ledger.buffered_updates() + self._book.in_flight_updates()
         return coming >= self.pacer.buffer_size
 
-    def _pace(self, seconds: float, reason: str, mechanism: PaceMechanism = "pacing") -> PaceOffer:
+    def _pace(
+        self,
+        seconds: float,
+        reason: str,
+        mechanism: PaceMechanism = "pacing",
+        *,
+        forming_cohort_id: str = "",
+    ) -> PaceOffer:
         self._observer.event("paced", retry_after_s=seconds, reason=reason)
-        return PaceOffer(seconds, reason, mechanism)
+        return PaceOffer(seconds, reason, mechanism, forming_cohort_id=forming_cohort_id)
 
     def _resume(
         self,
@@ -526,10 +536,12 @@ class Admission:
             due = forming.full_at + self.settings.cohort.formation_s - self._clock.time()
             retry = min(retry, max(due, SEAL_POLL_S))
         # A member of the forming cohort: it comes back soon, with its update.
+        member = forming is not None and device.device_id in forming.members
         return self._pace(
             retry,
             f"waiting for the cohort to fill ({members}/{self.settings.cohort.min_size})",
             "cohort_formation",
+            forming_cohort_id=forming.cohort_id if forming is not None and member else "",
         )
 
     def expire_training(self) -> None:
@@ -602,8 +614,12 @@ class Admission:
                     n,
                 )
             return None
+        # Waiting for more members only makes these updates staler once a version newer
+        # than one of them has been committed, and no one can come while none trains.
+        behind = head is not None and head.version > min(forming.versions, default=head.version)
         ready = n >= cohort.max_size or (
-            n >= cohort.min_size and (now - full_at >= cohort.formation_s or self._none_training())
+            n >= cohort.min_size
+            and (now - full_at >= cohort.formation_s or behind or self._none_training())
         )
         if not ready:
             return None

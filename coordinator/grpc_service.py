@@ -363,12 +363,14 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
         auth, body = self._signed(request)
         service = self.service
 
-        offer = await self._thread(
+        device, offer = await self._thread(
             service.get_task_signed,
             auth,
             body_sha256=body,
             trained_task_id=request.trained_task_id,
         )
+        if isinstance(offer, PaceOffer) and offer.forming_cohort_id and request.wait_ms:
+            offer = await self._until_sealed(device, request, offer)
         if isinstance(offer, PaceOffer):
             return edge_pb2.GetTaskResponse(
                 pace=edge_pb2.Pace(
@@ -376,6 +378,31 @@ class EdgeServicer(edge_pb2_grpc.EdgeServiceServicer):
                 )
             )
         return edge_pb2.GetTaskResponse(task=_task(offer))
+
+    async def _until_sealed(
+        self, device: Device, request: edge_pb2.GetTaskRequest, offer: PaceOffer
+    ) -> TaskOffer | PaceOffer:
+        """Hold the GetTask of a forming cohort's member until the cohort is sealed.
+
+        At most ``request.wait_ms`` (capped at MAX_LONG_POLL_MS); every ``poll_interval_s``
+        one store read asks whether the device has been assigned its cohort task (a tick,
+        or another member's report, seals the cohort). Sealed: its cohort task. The wait
+        over: Pace with no retry-after, since the device has waited already.
+        """
+        wait_s = min(request.wait_ms, MAX_LONG_POLL_MS) / 1000
+        deadline = self.clock.monotonic() + wait_s
+        while True:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                return PaceOffer(0.0, offer.reason, offer.mechanism)
+            await self.clock.sleep_async(min(self.poll_interval_s, remaining))
+            if await self._thread(self.service.sealed_for, device, request.trained_task_id):
+                found = await self._thread(
+                    self.service.get_task, device, trained_task_id=request.trained_task_id
+                )
+                if not (isinstance(found, PaceOffer) and found.forming_cohort_id):
+                    return found
+                offer = found
 
     # ------------------------------------------------------------------ FetchArtifact
 

@@ -84,6 +84,10 @@ class PaceOffer:
     retry_after_s: float
     reason: str
     mechanism: PaceMechanism = "pacing"
+    forming_cohort_id: str = ""
+    """The forming cohort the device is a member of, waiting for it to be sealed; empty
+    otherwise. The gRPC service may hold such a device's GetTask until the seal
+    (``GetTaskRequest.wait_ms``)."""
 
 
 @dataclass(frozen=True)

@@ -306,8 +306,8 @@ class FederationService:
 
     def get_task_signed(
         self, auth: SignedAuth, *, body_sha256: bytes, trained_task_id: str = ""
-    ) -> TaskOffer | PaceOffer:
-        """:meth:`authenticate` a GetTask request, then :meth:`get_task`.
+    ) -> tuple[Device, TaskOffer | PaceOffer]:
+        """:meth:`authenticate` a GetTask request, then :meth:`get_task`; the device too.
 
         For a device whose record this replica has cached, the first reads of the task
         (:meth:`~coordinator.admission.Admission.task_keys`) travel with the request's
@@ -322,9 +322,18 @@ class FederationService:
             auth, method="GetTask", body_sha256=body_sha256, read=keys
         )
         name, _rank = self.device_class(device)
-        return self.admission.get_task(
+        return device, self.admission.get_task(
             device, name, trained_task_id=trained_task_id, records=records
         )
+
+    def sealed_for(self, device: Device, trained_task_id: str) -> bool:
+        """Whether the cohort of ``device``'s update ``trained_task_id`` has been sealed.
+
+        One store read (its assignment): what a GetTask held open while the device waits
+        in a forming cohort polls, before it asks :meth:`get_task` for the cohort task.
+        """
+        assignment = self.cohorts.assignment(device.device_id)
+        return assignment is not None and assignment.trained_task_id == trained_task_id
 
     def heartbeat_signed(
         self, auth: SignedAuth, *, task_id: str, body_sha256: bytes

@@ -8,8 +8,9 @@ also finished (the contract is the top comment of ``estuary/proto/v1/edge.proto`
 2. The artifact manifest and the blobs it names that are not cached are fetched
    (resumable, SHA-256 verified) and loaded; the device trains locally, with a Heartbeat
    every ``heartbeat_s`` meanwhile, and keeps the update ΔB in memory.
-3. GetTask with ``trained_task_id`` (Pace while the cohort of finished devices forms,
-   asking again with it) gives the *cohort task*: cohort, member index, secure-aggregation
+3. GetTask with ``trained_task_id`` (held open up to 20 s while the cohort of finished
+   devices forms; Pace when the wait is over, asking again with it) gives the *cohort
+   task*: cohort, member index, secure-aggregation
    parameters, and the training task whose update it aggregates. FAILED_PRECONDITION
    instead means the coordinator no longer holds that training task: the update is
    dropped.
@@ -62,15 +63,16 @@ from edge_client.certificate import DeviceCertificate, renew_if_due
 from edge_client.download import ArtifactDownloader
 from edge_client.enrolment import Identity, enroll
 from edge_client.errors import AgentError, TaskAbandoned
-from edge_client.exchange import SecAggExchange, clipped_update, mask
+from edge_client.exchange import LONG_POLL_MARGIN_S, SecAggExchange, clipped_update, mask
 from edge_client.hooks import AgentHooks, AgentStats
-from edge_client.rpc import EdgeRpc
+from edge_client.rpc import RPC_TIMEOUT_S, EdgeRpc
 from edge_client.state import EdgeState, Progress
 from edge_client.tls import ChannelTLS
 from edge_client.training import HEARTBEAT_S, TaskTrainer, task_seed
 from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.log import log_context
 from estuary.proto.v1 import edge_pb2
+from estuary.transport import MAX_LONG_POLL_MS
 
 if TYPE_CHECKING:
     from edge_client.train import TrainResult
@@ -425,14 +427,24 @@ class EdgeAgent:
         self._require_ready()
         self._recover()
         trained = self._trained
+        reporting = self.trained_task_id or ""
         request = edge_pb2.GetTaskRequest(
             held_version=self._held_version,
             held_artifacts=self.state.cached_artifacts(),
-            trained_task_id=self.trained_task_id or "",
+            trained_task_id=reporting,
+            # Holding an update: the coordinator may hold the call until its cohort is
+            # sealed (one call instead of a poll every retry-after while it forms).
+            wait_ms=MAX_LONG_POLL_MS if reporting else 0,
         )
         try:
             response = await self._rpc.call(
-                "GetTask", request, response_type=edge_pb2.GetTaskResponse, in_task=False
+                "GetTask",
+                request,
+                response_type=edge_pb2.GetTaskResponse,
+                in_task=False,
+                timeout=(
+                    MAX_LONG_POLL_MS / 1000 + LONG_POLL_MARGIN_S if reporting else RPC_TIMEOUT_S
+                ),
             )
         except grpc.aio.AioRpcError as exc:
             return await self._get_task_refused(exc, trained)

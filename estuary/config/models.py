@@ -337,8 +337,10 @@ class CohortSettings(Section):
         ge=0,
         description=(
             "Seconds a cohort that has min_size trained devices stays open for more before "
-            "it is sealed (it is sealed at once when it reaches max_size, or while no device "
-            "trains and so no one could join)."
+            "it is sealed (it is sealed at once when it reaches max_size, while no device "
+            "trains and so no one could join, or once a version newer than one of its "
+            "members trained on is committed, since waiting would only make the updates "
+            "staler)."
         ),
     )
     silence_s: float = Field(

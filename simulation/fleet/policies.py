@@ -318,6 +318,7 @@ class _Task:
     dead: bool = False
     seed: int = 0
     plain: dict[str, np.ndarray] | None = None
+    held: int = 0  # bumped whenever a held report ends: a stale wake-up is ignored
 
 
 def seeded_cohort_ids(seed: int) -> Callable[[], str]:
@@ -405,6 +406,9 @@ class EstuaryPolicy(Policy):
         self.adapters: dict[int, Any] = {}
         self.assigned: dict[tuple[str, int], int] = {}
         self.plain_updates: dict[str, tuple[float, dict[str, np.ndarray]]] = {}
+        # Reports held open while their forming cohort fills: cohort id -> (task, the
+        # hold's token, held since).
+        self.holds: dict[str, list[tuple[_Task, int, float]]] = {}
 
     # -- set-up
     def start(self) -> None:
@@ -463,6 +467,8 @@ class EstuaryPolicy(Policy):
                     self.rec.wasted_s += task.train_s
                     self.rec.discarded += 1
             self.rec.event(self.q.now, "dropped", -1, f"c{self.cname(cid)} n={fields['updates']}")
+        elif kind == "cohort_sealed":
+            self.wake_held(str(fields["cohort_id"]))
         elif kind == "cohort_finished":
             cid = str(fields["cohort_id"])
             self.rec.event(self.q.now, "cohort", -1, f"c{self.cname(cid)} {fields['status']}")
@@ -527,11 +533,46 @@ class EstuaryPolicy(Policy):
             self.end_task(task, f"refused: {exc}")
             return
         if isinstance(offer, PaceOffer):
+            if offer.forming_cohort_id:
+                self.hold(task, offer.forming_cohort_id)
+                return
             delay = self.paced_delay(offer.retry_after_s)
             self.rec.wait(offer.mechanism, delay)
             self.q.after(delay, lambda: self.report(task))
             return
         self.start_cohort(task, offer)
+
+    def hold(self, task: _Task, cohort_id: str) -> None:
+        """Hold the report open, as the gRPC service does (``wait_ms``), while it forms.
+
+        Woken when ``cohort_id`` is sealed, one poll interval of the held call later (it
+        reads the device's assignment every ``AWAIT_POLL_INTERVAL_S``), or at the end of
+        the agent's wait (``MAX_LONG_POLL_MS``), when it reports again at once.
+        """
+        from estuary.transport import MAX_LONG_POLL_MS
+
+        task.held += 1
+        token, since = task.held, self.q.now
+        self.holds.setdefault(cohort_id, []).append((task, token, since))
+
+        def wait_over() -> None:
+            if task.held == token and not task.dead:
+                task.held += 1
+                self.rec.wait("cohort_formation", self.q.now - since)
+                self.report(task)
+
+        self.q.after(MAX_LONG_POLL_MS / 1000, wait_over)
+
+    def wake_held(self, cohort_id: str) -> None:
+        """Answer the reports held for ``cohort_id``, which was just sealed."""
+        from coordinator.grpc_service import AWAIT_POLL_INTERVAL_S
+
+        for task, token, since in self.holds.pop(cohort_id, []):
+            if task.held != token or task.dead:
+                continue
+            task.held += 1
+            self.rec.wait("cohort_formation", self.q.now + AWAIT_POLL_INTERVAL_S - since)
+            self.q.after(AWAIT_POLL_INTERVAL_S, functools.partial(self.report, task))
 
     def start_cohort(self, task: _Task, offer: Any) -> None:
         """Start the cohort task: a fresh secure-aggregation client advertises its keys."""

@@ -930,3 +930,71 @@ def test_signing_helper_matches_the_servicer_body_hash() -> None:
     key = Ed25519PrivateKey.generate()
     request = sign(key, "GetTask", edge_pb2.GetTaskRequest(held_version=3))
     assert request.auth.device_id and len(request.auth.signature) == 64
+
+
+# --------------------------------------------------------------------------- held GetTask
+
+
+def test_a_reporting_members_get_task_is_held_until_its_cohort_is_sealed(
+    base: Any, tmp_path: Path
+) -> None:
+    # Prepare: cohorts of exactly three; three laptops hold training tasks.
+    server = CoordinatorServer(
+        make_settings(),
+        store=MemoryStore(),
+        blobs=BlobStore(tmp_path / "blobs", fsync=False),
+        base=base,
+        local_worker=functools.partial(
+            local_worker, eval_windows=torch.randint(0, 256, (2, 17)), onnx=False
+        ),
+        tick_interval_s=0.05,
+        health_interval_s=0.2,
+    )
+    thread = ServerThread(server).start()
+    ch = channel(thread.address)
+    try:
+        stub = edge_pb2_grpc.EdgeServiceStub(ch)
+        devices = [Device(stub) for _ in range(3)]
+        for device in devices:
+            device.enroll(server.service.registry.issue_token(), "laptop")
+        training = [device.wait_for_task(60.0) for device in devices]
+
+        def report(i: int, wait_ms: int) -> edge_pb2.GetTaskResponse:
+            request = edge_pb2.GetTaskRequest(trained_task_id=training[i].task_id, wait_ms=wait_ms)
+            response: edge_pb2.GetTaskResponse = stub.GetTask(
+                devices[i].signed("GetTask", request), timeout=30
+            )
+            return response
+
+        # Execute: device 0 reports without waiting (Pace: 1 of 3), then asks with a
+        # 300 ms wait while nobody else reports.
+        first = report(0, 0)
+        assert first.WhichOneof("outcome") == "pace" and first.pace.retry_after_ms > 0
+        started = time.monotonic()
+        waited = report(0, 300)
+
+        # Assert: held for the wait, then told to ask again at once.
+        assert time.monotonic() - started >= 0.3
+        assert waited.WhichOneof("outcome") == "pace" and waited.pace.retry_after_ms == 0
+
+        # Execute: device 0 asks with a 20 s wait; device 1 reports meanwhile (2 of 3).
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            held = pool.submit(report, 0, 20_000)
+            assert report(1, 0).WhichOneof("outcome") == "pace"
+            time.sleep(0.5)
+            assert not held.done()  # still held: the cohort is not sealed
+
+            # Execute: device 2's report fills the cohort (max_size 3): sealed.
+            sealed = report(2, 0)
+            reply = held.result(timeout=15)
+
+        # Assert: the held call answers with device 0's cohort task, the cohort device 2
+        # was given.
+        assert sealed.WhichOneof("outcome") == "task" and sealed.task.cohort_id
+        assert reply.WhichOneof("outcome") == "task"
+        assert reply.task.cohort_id == sealed.task.cohort_id
+        assert reply.task.trained_task_id == training[0].task_id
+        assert reply.task.member_index != sealed.task.member_index
+    finally:
+        ch.close()
+        thread.stop()

@@ -70,16 +70,18 @@ class RenewCertificateResponse(_message.Message):
     def __init__(self, client_certificate_pem: _Optional[bytes] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
-    __slots__ = ("auth", "held_version", "held_artifacts", "trained_task_id")
+    __slots__ = ("auth", "held_version", "held_artifacts", "trained_task_id", "wait_ms")
     AUTH_FIELD_NUMBER: _ClassVar[int]
     HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
     HELD_ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     TRAINED_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     auth: _common_pb2.DeviceAuth
     held_version: int
     held_artifacts: _containers.RepeatedScalarFieldContainer[str]
     trained_task_id: str
-    def __init__(self, auth: _Optional[_Union[_common_pb2.DeviceAuth, _Mapping]] = ..., held_version: _Optional[int] = ..., held_artifacts: _Optional[_Iterable[str]] = ..., trained_task_id: _Optional[str] = ...) -> None: ...
+    wait_ms: int
+    def __init__(self, auth: _Optional[_Union[_common_pb2.DeviceAuth, _Mapping]] = ..., held_version: _Optional[int] = ..., held_artifacts: _Optional[_Iterable[str]] = ..., trained_task_id: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class Pace(_message.Message):
     __slots__ = ("retry_after_ms", "reason")

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from service_fixtures import Events, Fed, exchange_keys, report_trained, tasks_for, training_for
+from test_admission_liveness import commit, sealed
 from test_request_round_trips import CountingStore
 from torch import nn
 
@@ -361,6 +362,38 @@ def test_deferred_devices_are_told_to_come_back_one_after_another(
     late = fed.service.get_task(fed.device("laptop"))
     assert isinstance(late, PaceOffer) and "4 waiting" in late.reason
     assert late.retry_after_s == pytest.approx(5 * 5.0 / 3)
+
+
+def test_a_cohort_at_min_size_is_sealed_once_a_newer_version_is_committed(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    # Prepare: cohorts of 3 to 5 that would stay open 1000 s for more members; five
+    # laptops train on version 0, three report and wait while two still train.
+    cohort = {**COHORT, "max_size": 5, "formation_s": 1000.0}
+    fed = Fed(
+        tmp_path, base, pacing={"target_staleness": 4.0, "retry_after_min_s": 10.0}, cohort=cohort
+    )
+    devices = [fed.device("laptop") for _ in range(5)]
+    training = training_for(fed, devices)
+    report_trained(fed, devices[:3], training[:3])
+    fed.service.tick()
+    paced = report_trained(fed, devices[:3], training[:3])
+    assert all(isinstance(o, PaceOffer) and o.mechanism == "cohort_formation" for o in paced)
+
+    # Execute: version 1 is committed (by updates from elsewhere); the tick runs. No
+    # virtual time passes.
+    assert commit(fed).version == 1
+    fed.service.tick()
+
+    # Assert: waiting longer would only make the three updates staler: sealed with them,
+    # though two laptops still train and formation_s is far off.
+    assert fed.service.cohorts.forming("laptop") is None
+    offers = report_trained(fed, devices[:3], training[:3])
+    assert all(isinstance(o, TaskOffer) and not o.is_training for o in offers), offers
+    assert len({o.cohort_id for o in offers if isinstance(o, TaskOffer)}) == 1
+    (record,) = sealed(fed)
+    assert record.member_versions == (0, 0, 0)
+    assert fed.service.cohorts.training_devices() == 2
 
 
 def test_a_tick_seals_without_scanning_the_store(

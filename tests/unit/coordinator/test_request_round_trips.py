@@ -141,7 +141,7 @@ def test_signed_get_task_and_heartbeat_are_one_round_trip_each(
         store.calls.clear()
 
         # Execute
-        offer = service.get_task_signed(signed("GetTask"), body_sha256=BODY)
+        _device, offer = service.get_task_signed(signed("GetTask"), body_sha256=BODY)
         after_get_task = list(store.calls)
         store.calls.clear()
         reply = service.heartbeat_signed(

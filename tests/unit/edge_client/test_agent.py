@@ -40,6 +40,7 @@ from estuary.clock import SYSTEM_CLOCK, Clock
 from estuary.proto.session import identities_from_proto, session_from_proto
 from estuary.proto.stages import stage_to_proto
 from estuary.proto.v1 import common_pb2, edge_pb2, edge_pb2_grpc
+from estuary.transport import MAX_LONG_POLL_MS
 from secure_agg import Client, FixedPoint, Server, Stage
 
 TEXT = b"def add(a, b):\n    return a + b\n\n" * 40
@@ -224,6 +225,7 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
     clock: Clock = SYSTEM_CLOCK  # the agent's: signatures are checked against its time
     sent_stages: list[str] = field(default_factory=list)  # SendSecAgg stages, in order
     asked: list[str] = field(default_factory=list)  # each GetTask's trained_task_id
+    waits: list[int] = field(default_factory=list)  # each GetTask's wait_ms
     beats: list[str] = field(default_factory=list)  # each Heartbeat's task_id
     uploads: list[tuple[str, str]] = field(default_factory=list)  # (task_id, cohort_id)
 
@@ -267,6 +269,7 @@ class Fake(edge_pb2_grpc.EdgeServiceServicer):  # type: ignore[misc]
     async def GetTask(self, request: Any, context: Any) -> Any:
         await self._auth("GetTask", request, context)
         self.asked.append(request.trained_task_id)
+        self.waits.append(request.wait_ms)
         step = self.script.pop(0) if self.script else ("pace", 50)
         if isinstance(step, grpc.StatusCode):
             await context.abort(step, "scripted failure")
@@ -402,6 +405,8 @@ def test_full_task_trains_first_then_aggregates_to_the_exact_unmasked_sum(
     # Assert: outcomes, pacing, auth on every method, resumed download.
     assert outcomes == ["paced", "trained", "paced", "done"]
     assert fake.asked == ["", "", "t1", "t1"]
+    # Holding its update, it lets the coordinator hold the call until the cohort is sealed.
+    assert fake.waits == [0, 0, MAX_LONG_POLL_MS, MAX_LONG_POLL_MS]
     assert offered == [("t1", ""), ("k1", "c1")]
     get_times = [t for m, t in fake.calls if m == "GetTask"]
     assert get_times[1] - get_times[0] >= 0.3
