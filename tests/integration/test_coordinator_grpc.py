@@ -115,15 +115,12 @@ def base() -> Any:
     return build_preset("tiny", seed=0)
 
 
-@pytest.fixture(scope="module")
-def fed(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A coordinator with a local worker, three devices in a sealed cohort, and a bystander."""
-    store = MemoryStore()
-    blobs = BlobStore(tmp_path_factory.mktemp("blobs"), fsync=False)
-    server = CoordinatorServer(
+def _server_with_local_worker(base: Any, blob_dir: Path, store: MemoryStore) -> CoordinatorServer:
+    """A coordinator (make_settings) whose local worker builds artifacts, ticking every 50 ms."""
+    return CoordinatorServer(
         make_settings(),
         store=store,
-        blobs=blobs,
+        blobs=BlobStore(blob_dir, fsync=False),
         base=base,
         # No ONNX export: nothing here serves the merged model, and each export costs seconds.
         local_worker=functools.partial(
@@ -132,6 +129,13 @@ def fed(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         tick_interval_s=0.05,
         health_interval_s=0.2,
     )
+
+
+@pytest.fixture(scope="module")
+def fed(base: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A coordinator with a local worker, three devices in a sealed cohort, and a bystander."""
+    store = MemoryStore()
+    server = _server_with_local_worker(base, tmp_path_factory.mktemp("blobs"), store)
     thread = ServerThread(server).start()
     ch = channel(thread.address)
     stub = edge_pb2_grpc.EdgeServiceStub(ch)
@@ -939,17 +943,7 @@ def test_a_reporting_members_get_task_is_held_until_its_cohort_is_sealed(
     base: Any, tmp_path: Path
 ) -> None:
     # Prepare: cohorts of exactly three; three laptops hold training tasks.
-    server = CoordinatorServer(
-        make_settings(),
-        store=MemoryStore(),
-        blobs=BlobStore(tmp_path / "blobs", fsync=False),
-        base=base,
-        local_worker=functools.partial(
-            local_worker, eval_windows=torch.randint(0, 256, (2, 17)), onnx=False
-        ),
-        tick_interval_s=0.05,
-        health_interval_s=0.2,
-    )
+    server = _server_with_local_worker(base, tmp_path / "blobs", MemoryStore())
     thread = ServerThread(server).start()
     ch = channel(thread.address)
     try:

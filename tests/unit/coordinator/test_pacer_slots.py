@@ -158,12 +158,15 @@ def test_a_cohort_at_min_size_is_sealed_at_once_when_no_device_trains(
     assert fed.service.cohorts.forming("laptop") is None
 
 
-def test_while_a_device_trains_a_cohort_waits_for_it_up_to_formation_s(
-    tmp_path: Any, base: nn.Module
-) -> None:
-    # Prepare: cohorts of 3 to 5 open 20 s for more (less than silence_s, so the device
-    # still training stays alive throughout); five laptops train, three report.
-    cohort = {**COHORT, "max_size": 5, "formation_s": 20.0}
+def _three_of_five_waiting(
+    tmp_path: Any, base: nn.Module, *, formation_s: float
+) -> tuple[Fed, list[Any], list[TaskOffer], list[Any]]:
+    """Cohorts of 3 to 5; five laptops train, three report (twice, a tick between).
+
+    Returns the federation, the devices, their training tasks and the second reports'
+    answers: Pace for each of the three, waiting in the forming cohort.
+    """
+    cohort = {**COHORT, "max_size": 5, "formation_s": formation_s}
     fed = Fed(
         tmp_path, base, pacing={"target_staleness": 4.0, "retry_after_min_s": 10.0}, cohort=cohort
     )
@@ -171,12 +174,21 @@ def test_while_a_device_trains_a_cohort_waits_for_it_up_to_formation_s(
     training = training_for(fed, devices)
     report_trained(fed, devices[:3], training[:3])
     fed.service.tick()
+    paced = report_trained(fed, devices[:3], training[:3])
+    assert all(isinstance(o, PaceOffer) and o.mechanism == "cohort_formation" for o in paced)
+    return fed, devices, training, paced
+
+
+def test_while_a_device_trains_a_cohort_waits_for_it_up_to_formation_s(
+    tmp_path: Any, base: nn.Module
+) -> None:
+    # Prepare: cohorts of 3 to 5 open 20 s for more (less than silence_s, so the device
+    # still training stays alive throughout); five laptops train, three report.
+    fed, devices, training, paced = _three_of_five_waiting(tmp_path, base, formation_s=20.0)
 
     # Assert: two devices still train, so the cohort at min_size stays open; its members
     # are told to come back no later than it is due (at most retry_after_min_s, 10 s).
-    paced = report_trained(fed, devices[:3], training[:3])
-    assert all(isinstance(o, PaceOffer) and o.mechanism == "cohort_formation" for o in paced)
-    assert [o.retry_after_s for o in paced] == [10.0] * 3  # type: ignore[union-attr]
+    assert [o.retry_after_s for o in paced] == [10.0] * 3
 
     # Execute: a fourth reports within formation_s: it joins (max 5, so not sealed yet).
     forming = fed.service.cohorts.forming("laptop")
@@ -369,16 +381,7 @@ def test_a_cohort_at_min_size_is_sealed_once_a_newer_version_is_committed(
 ) -> None:
     # Prepare: cohorts of 3 to 5 that would stay open 1000 s for more members; five
     # laptops train on version 0, three report and wait while two still train.
-    cohort = {**COHORT, "max_size": 5, "formation_s": 1000.0}
-    fed = Fed(
-        tmp_path, base, pacing={"target_staleness": 4.0, "retry_after_min_s": 10.0}, cohort=cohort
-    )
-    devices = [fed.device("laptop") for _ in range(5)]
-    training = training_for(fed, devices)
-    report_trained(fed, devices[:3], training[:3])
-    fed.service.tick()
-    paced = report_trained(fed, devices[:3], training[:3])
-    assert all(isinstance(o, PaceOffer) and o.mechanism == "cohort_formation" for o in paced)
+    fed, devices, training, _paced = _three_of_five_waiting(tmp_path, base, formation_s=1000.0)
 
     # Execute: version 1 is committed (by updates from elsewhere); the tick runs. No
     # virtual time passes.
