@@ -10,15 +10,15 @@ real. Only servers started through this class are ever signalled.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import redis
 
 __all__ = ["RedisServer", "ServerTLS", "find_redis_server", "free_port"]
 
@@ -74,23 +74,20 @@ def _server_pid(port: int, tls: ServerTLS | None = None) -> int | None:
     pid we started (with tests running in parallel, another test's server may hold a port
     that was free a moment ago). None while nothing listens, or the server still loads.
     """
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        ssl=tls is not None,
+        ssl_ca_certs=str(tls.ca_file) if tls is not None else None,
+    )
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
-            sock: socket.socket = raw
-            if tls is not None:
-                context = ssl.create_default_context(cafile=str(tls.ca_file))
-                sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
-            sock.sendall(b"INFO server\r\n")
-            reply = b""
-            while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
-                chunk = sock.recv(4096)
-                if not chunk or reply.startswith(b"-"):  # closed, or an error (LOADING)
-                    return None
-                reply += chunk
-    except OSError:
-        return None
-    match = re.search(rb"process_id:(\d+)", reply)
-    return int(match.group(1)) if match else None
+        return int(client.info("server")["process_id"])
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        return None  # nothing listens yet, or it still loads (BusyLoadingError)
+    finally:
+        client.close()
 
 
 class RedisServer:
