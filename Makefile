@@ -45,9 +45,11 @@ typecheck: $(STAMP)
 # an empty run can never pass as green. Two workers (pytest-xdist), each taking whole
 # files (module fixtures such as the ONNX exports run once): much of the suite waits on
 # real processes (Redis, coordinators, torchrun, Ray), so two workers finish it in about
-# 8 minutes where one took 11 on a 2-core machine. PYTEST_WORKERS=0 runs it in one process.
+# 8 minutes where one took 11 on a 2-core machine. The longest modules start first
+# (tests/run_order.py; --no-loadscope-reorder keeps that order) so that neither worker
+# ends the run alone on a long module. PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 2
-PYTEST := $(BIN)/pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
+PYTEST := $(BIN)/pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 pytest: $(STAMP) redis-server
 	$(PYTEST)

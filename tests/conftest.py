@@ -16,6 +16,7 @@ import pytest
 
 # tests/ is on pytest's pythonpath (pyproject.toml).
 from redis_server import RedisServer, find_redis_server
+from run_order import RUN_FIRST
 
 # Under pytest-xdist (`make test` runs two workers on what may be a 2-core machine) each
 # worker, and every process it starts, gets one intra-op thread unless the caller chose:
@@ -75,3 +76,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                 counts[outcome] = counts.get(outcome, 0) + 1
     line = ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) or "none ran"
     terminalreporter.write_line(f"Redis-backed tests (real redis-server): {line}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the modules of :data:`RUN_FIRST` first, in its order (a stable sort)."""
+    rank = {path: i for i, path in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
