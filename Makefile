@@ -33,13 +33,14 @@ redis-server:
 
 # lint-imports checks the floors (pyproject [tool.importlinter]): no role imports another,
 # the core imports no role, secure_agg imports nothing of the project.
+LINT      := $(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-cache
+TYPECHECK := $(BIN)/mypy $(SRC)
+
 lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports --no-cache
+	$(LINT)
 
 typecheck: $(STAMP)
-	$(BIN)/mypy $(SRC)
+	$(TYPECHECK)
 
 # pytest exits 5 when it collects nothing; make treats any non-zero exit as failure, so
 # an empty run can never pass as green. Two workers (pytest-xdist), each taking whole
@@ -70,19 +71,24 @@ SMOKE := $(BIN)/python tests/deploy/smoke.py --base-pretrain-steps 30 --base-cac
 deploy-smoke: $(STAMP) redis-server
 	$(SMOKE)
 
-# The extras check (mostly unpacking wheels) runs beside pytest (mostly one core), which
-# keeps a clean-clone `make test` well inside CI's 15 minutes; the deploy smoke follows
-# pytest (while the extras check may still run); the extras report comes last, and any of
-# the three failing fails the target.
-test: lint typecheck $(STAMP) redis-server
+# During a run every core is busy (vmstat: 0 % idle through pytest), except while ruff,
+# mypy (about 2 minutes, one process) and lint-imports run: so the extras check (pip
+# installing four fresh venvs) starts as soon as the project is installed and runs beside
+# them, instead of beside pytest. Then pytest, then the deploy smoke. Every step runs even
+# when one before it failed, so that one run shows every problem; the extras report and a
+# line of each step's exit status come last, and any step failing fails the target.
+test: $(STAMP) redis-server
 	@mkdir -p .venv-extras
 	@.ci/extras $(PYTHON) >.venv-extras/report.log 2>&1 & extras=$$!; \
+	  echo '$(LINT)'; $(LINT); lint=$$?; \
+	  echo '$(TYPECHECK)'; $(TYPECHECK); types=$$?; \
 	  $(PYTEST); tests=$$?; \
 	  $(SMOKE); smoke=$$?; \
 	  wait $$extras; packaging=$$?; \
 	  echo "--- .ci/extras (each extra alone in a fresh venv; exit $$packaging)"; \
 	  cat .venv-extras/report.log; \
-	  [ $$tests -eq 0 ] && [ $$smoke -eq 0 ] && [ $$packaging -eq 0 ]
+	  echo "--- make test: lint $$lint, typecheck $$types, pytest $$tests, deploy smoke $$smoke, extras $$packaging"; \
+	  [ $$lint -eq 0 ] && [ $$types -eq 0 ] && [ $$tests -eq 0 ] && [ $$smoke -eq 0 ] && [ $$packaging -eq 0 ]
 
 proto: $(STAMP)
 	$(BIN)/python -m estuary.proto.generate
