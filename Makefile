@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.estuary-installed
 SRC    := estuary coordinator edge_client cloud_workers secure_agg simulation bench
 
-.PHONY: test lint typecheck pytest extras deploy-smoke demo proto redis-server clean
+.PHONY: test lint typecheck pytest extras extras-started deploy-smoke demo proto redis-server clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,22 +71,29 @@ SMOKE := $(BIN)/python tests/deploy/smoke.py --base-pretrain-steps 30 --base-cac
 deploy-smoke: $(STAMP) redis-server
 	$(SMOKE)
 
-# During a run every core is busy (vmstat: 0 % idle through pytest), except while ruff,
-# mypy (about 2 minutes, one process) and lint-imports run: so the extras check (pip
-# installing four fresh venvs) starts as soon as the project is installed and runs beside
-# them, instead of beside pytest. Then pytest, then the deploy smoke. Every step runs even
-# when one before it failed, so that one run shows every problem; the extras report and a
-# line of each step's exit status come last, and any step failing fails the target.
-test: $(STAMP) redis-server
-	@mkdir -p .venv-extras
-	@.ci/extras $(PYTHON) >.venv-extras/report.log 2>&1 & extras=$$!; \
-	  echo '$(LINT)'; $(LINT); lint=$$?; \
+# During a run every core is busy (vmstat: 0 % idle through pytest), except while the
+# project installs and ruff, mypy (about 2 minutes, one process) and lint-imports run: so
+# the extras check (pip installing four fresh venvs from its own copy of the sources)
+# starts first, in the background (extras-started), and runs beside them instead of beside
+# pytest; `test` waits for its exit status at the end. Then pytest, then the deploy smoke.
+# Every step runs even when one before it failed, so that one run shows every problem; the
+# extras report and a line of each step's exit status come last, and any step failing
+# fails the target. (Interrupted, `make test` leaves the extras check to finish alone; it
+# writes only under .venv-extras/.)
+EXTRAS := .venv-extras
+
+extras-started:
+	@mkdir -p $(EXTRAS) && rm -f $(EXTRAS)/exit
+	@{ .ci/extras $(PYTHON) >$(EXTRAS)/report.log 2>&1; echo $$? >$(EXTRAS)/exit; } </dev/null &
+
+test: extras-started $(STAMP) redis-server
+	@echo '$(LINT)'; $(LINT); lint=$$?; \
 	  echo '$(TYPECHECK)'; $(TYPECHECK); types=$$?; \
 	  $(PYTEST); tests=$$?; \
 	  $(SMOKE); smoke=$$?; \
-	  wait $$extras; packaging=$$?; \
+	  while [ ! -f $(EXTRAS)/exit ]; do sleep 1; done; packaging=$$(cat $(EXTRAS)/exit); \
 	  echo "--- .ci/extras (each extra alone in a fresh venv; exit $$packaging)"; \
-	  cat .venv-extras/report.log; \
+	  cat $(EXTRAS)/report.log; \
 	  echo "--- make test: lint $$lint, typecheck $$types, pytest $$tests, deploy smoke $$smoke, extras $$packaging"; \
 	  [ $$lint -eq 0 ] && [ $$types -eq 0 ] && [ $$tests -eq 0 ] && [ $$smoke -eq 0 ] && [ $$packaging -eq 0 ]
 
