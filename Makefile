@@ -72,10 +72,10 @@ deploy-smoke: $(STAMP) redis-server
 	$(SMOKE)
 
 # During a run every core is busy (vmstat: 0 % idle through pytest), except while the
-# project installs and while mypy (1.5-2 minutes, one process) runs: so the extras check
-# (pip installing four fresh venvs from its own copy of the sources) starts first, in the
-# background (extras-started), beside the project's install, and mypy runs beside pytest;
-# `test` waits for the extras' exit status at the end. Then the deploy smoke.
+# project installs and ruff, mypy (about 2 minutes, one process) and lint-imports run: so
+# the extras check (pip installing four fresh venvs from its own copy of the sources)
+# starts first, in the background (extras-started), and runs beside them instead of beside
+# pytest; `test` waits for its exit status at the end. Then pytest, then the deploy smoke.
 # Every step runs even when one before it failed, so that one run shows every problem; the
 # extras report and a line of each step's exit status come last, and any step failing
 # fails the target. (Interrupted, `make test` leaves the extras check to finish alone; it
@@ -88,10 +88,8 @@ extras-started:
 
 test: extras-started $(STAMP) redis-server
 	@echo '$(LINT)'; $(LINT); lint=$$?; \
-	  $(TYPECHECK) >$(EXTRAS)/mypy.log 2>&1 & types_pid=$$!; \
+	  echo '$(TYPECHECK)'; $(TYPECHECK); types=$$?; \
 	  $(PYTEST); tests=$$?; \
-	  wait $$types_pid; types=$$?; \
-	  echo "--- $(TYPECHECK) (beside pytest; exit $$types)"; cat $(EXTRAS)/mypy.log; \
 	  $(SMOKE); smoke=$$?; \
 	  while [ ! -f $(EXTRAS)/exit ]; do sleep 1; done; packaging=$$(cat $(EXTRAS)/exit); \
 	  echo "--- .ci/extras (each extra alone in a fresh venv; exit $$packaging)"; \
