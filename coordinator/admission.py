@@ -18,10 +18,12 @@ relay weighs each member by its own staleness. A cohort is sealed once it has
 devices while no device trains (no one else can join), or ``min_size`` devices one of
 which trained on a version older than the head (waiting for more would only make the
 updates it holds staler; with versions committed every few seconds cohorts seal at
-``min_size``, with versions hours apart they fill for ``formation_s``). Sealing deletes the forming
-record with a versioned delete, so of two replicas sealing the same cohort exactly one
-writes the sealed :class:`~coordinator.cohorts.CohortRecord`, the members' assignments
-and the entry in the active set.
+``min_size``, with versions hours apart they fill for ``formation_s``). Sealing marks the
+forming record sealed with compare-and-set, so of two replicas sealing the same cohort
+exactly one seals it; the sealed :class:`~coordinator.cohorts.CohortRecord`, the members'
+assignments and the entry in the active set are written after, and the marker is deleted
+last. Whoever reads a marker (a tick, a member's GetTask) finishes those idempotent writes,
+so a coordinator that dies halfway through a seal loses no member's update.
 
 Work is only handed out if it can count. Training tasks use the newest edge artifact
 built for the class, and an update more than ``aggregation.max_staleness`` versions
@@ -52,6 +54,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import numpy as np
@@ -467,7 +470,9 @@ class Admission:
         min_size = self.settings.cohort.min_size
 
         def leave(forming: FormingCohort | None) -> FormingCohort | None:
-            if forming is None or device.device_id not in forming.members:
+            if forming is None or forming.sealed_at is not None:
+                return None
+            if device.device_id not in forming.members:
                 return None
             return forming.without({forming.members.index(device.device_id)}, min_size=min_size)
 
@@ -482,7 +487,11 @@ class Admission:
         def join(forming: FormingCohort | None) -> FormingCohort | None:
             if forming is None:
                 forming = FormingCohort(cohort_id=self._new_cohort_id(), members=(), opened_at=now)
-            if device.device_id in forming.members or len(forming.members) >= cohort.max_size:
+            if (
+                forming.sealed_at is not None
+                or device.device_id in forming.members
+                or len(forming.members) >= cohort.max_size
+            ):
                 return None
             return forming.joined(
                 device.device_id,
@@ -588,13 +597,18 @@ class Admission:
         ``max_staleness`` behind, or abandoned by a rollback) are taken out first and
         refused; the cohort is sealed from the rest, at a later call. ``found``: the
         forming cohort and its record version as the caller just read them (``None``:
-        read here; a stale read only makes the seal's versioned delete fail).
+        read here; a stale read only makes the seal's compare-and-set fail). A cohort
+        found sealed but not yet written out (its sealer died) is finished here.
         """
         if found is None:
             found = self._book.forming(device_class)
         if found is None:
             return None
         forming, record_version = found
+        if forming.sealed_at is not None:
+            # Sealed, by this replica or another that may have died before writing the
+            # cohort and its assignments: finish that (each step is idempotent).
+            return self._complete_seal(device_class, forming, record_version)
         if head is None:
             head = self._ledger.head()
         if forming.trained and any(not self._counts(v, head) for v in forming.versions):
@@ -623,9 +637,30 @@ class Admission:
         )
         if not ready:
             return None
-        # The versioned delete is the seal: of two replicas sealing, exactly one wins.
-        if not self._book.seal_forming(device_class, expected_version=record_version):
+        # Marking the record sealed (compare-and-set) is the seal: of two replicas
+        # sealing, exactly one wins. The marker stays until the cohort record and every
+        # assignment are written, so a replica that dies in between loses no update.
+        sealing = replace(forming, sealed_at=now)
+        marker_version = self._book.mark_sealed(
+            device_class, sealing, expected_version=record_version
+        )
+        if marker_version is None:
             return None
+        return self._complete_seal(device_class, sealing, marker_version)
+
+    def _complete_seal(self, device_class: str, forming: FormingCohort, marker_version: int) -> str:
+        """Write the cohort record and the assignments of sealed ``forming``; return its id.
+
+        Idempotent, so that any replica reading the marker may finish a seal another began
+        (the record is inserted if absent, each assignment written with the same value);
+        the marker is then deleted, and the replica that deletes it logs the seal and
+        tells the observer, once.
+        """
+        now = forming.sealed_at
+        if now is None:
+            raise ValueError(f"forming cohort {forming.cohort_id}: not sealed")
+        cohort = self.settings.cohort
+        n = len(forming.members)
         # The clip travels as a float32 and is bound into the session id: use the value
         # the devices will see, or coordinator and devices would be in different sessions.
         clip = float(np.float32(cohort.clip_norm))
@@ -634,11 +669,6 @@ class Admission:
         # t is a fraction of a secret's share holders: the cohort, or a SecAgg+ neighbourhood.
         holders = n if neighbours is None else neighbours + 1
         active = cohort.active_adversary and forming.has_identity_keys
-        if cohort.active_adversary and not active:
-            log.warning(
-                "cohort %s: its forming record predates identity keys; sealed in passive mode",
-                forming.cohort_id,
-            )
         record = CohortRecord(
             cohort_id=forming.cohort_id,
             device_class=device_class,
@@ -674,6 +704,13 @@ class Admission:
                 ),
             )
         self._book.activate(cohort_id, sealed_at=now)
+        if not self._book.seal_forming(device_class, expected_version=marker_version):
+            return cohort_id  # another replica finished the same seal
+        if cohort.active_adversary and not active:
+            log.warning(
+                "cohort %s: its forming record predates identity keys; sealed in passive mode",
+                cohort_id,
+            )
         log.info(
             "sealed cohort %s: %d %s devices trained on versions %d..%d",
             cohort_id,
@@ -697,7 +734,7 @@ class Admission:
 
         def prune(forming: FormingCohort | None) -> FormingCohort | None:
             removed.clear()
-            if forming is None or not forming.trained:
+            if forming is None or not forming.trained or forming.sealed_at is not None:
                 return None
             stale = {i for i, v in enumerate(forming.versions) if not self._counts(v, head)}
             removed.extend((forming.tasks[i], forming.versions[i]) for i in sorted(stale))

@@ -3,8 +3,10 @@
 Key layout (the records are :mod:`coordinator.cohorts`' typed records):
 
 - ``forming/<class>``: the :class:`~coordinator.cohorts.FormingCohort` of a device class.
-  Admission adds to it with compare-and-set; sealing deletes it with a versioned delete
-  (:meth:`CohortBook.seal_forming`), the one point where membership becomes final.
+  Admission adds to it with compare-and-set; sealing marks it sealed with compare-and-set
+  (:meth:`CohortBook.mark_sealed`), the one point where membership becomes final, then
+  writes the cohort record and the assignments, then deletes the marker
+  (:meth:`CohortBook.seal_forming`).
 - ``cohort/<id>``: the sealed :class:`~coordinator.cohorts.CohortRecord`, created with
   insert-if-absent and changed only by compare-and-set (:meth:`CohortBook.update`).
 - ``assign/<device>``: the :class:`~coordinator.cohorts.Assignment` a device holds.
@@ -254,8 +256,22 @@ class CohortBook:
         stored = self.store.update(key, apply)
         return None if stored is None else FormingCohort.from_json(stored, where=key)
 
+    def mark_sealed(
+        self, device_class: str, sealed: FormingCohort, *, expected_version: int
+    ) -> int | None:
+        """Store ``sealed`` (a marker) if the record is unchanged since read: the seal.
+
+        Returns the marker's record version, or None if another change came first.
+        """
+        try:
+            return self.store.compare_and_set(
+                _forming_key(device_class), sealed.to_json(), expected_version=expected_version
+            )
+        except VersionConflict:
+            return None
+
     def seal_forming(self, device_class: str, *, expected_version: int) -> bool:
-        """Delete the forming cohort if unchanged since read: the seal; False if lost."""
+        """Delete the forming record if unchanged since read; False if it changed or went."""
         try:
             return self.store.delete(_forming_key(device_class), expected_version=expected_version)
         except VersionConflict:

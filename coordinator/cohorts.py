@@ -5,9 +5,10 @@ form (the one already in the store: the field names and value types are the stor
 format, so records written before these classes existed read back unchanged):
 
 - :class:`FormingCohort` at ``forming/<class>``: the cohort of a device class that is
-  gathering devices. Admission adds to it with compare-and-set; **sealing deletes it with
-  a versioned delete**, which is the one point where a cohort's membership becomes final
-  (of two replicas sealing, one wins).
+  gathering devices. Admission adds to it with compare-and-set; **sealing marks it sealed
+  with compare-and-set** (``sealed_at``), which is the one point where a cohort's
+  membership becomes final (of two replicas sealing, one wins); the marker is deleted once
+  the cohort record and the assignments are written.
 - :class:`CohortRecord` at ``cohort/<id>``: a sealed cohort: members, the version and
   artifact it trains from, the secure-aggregation parameters, ``stage`` and
   ``stage_started`` (for deadlines), ``status`` (active / completed / aborted), the
@@ -475,6 +476,11 @@ class FormingCohort:
         Unix seconds when the first device joined.
     full_at
         Unix seconds when it reached the minimum size; ``None`` before that.
+    sealed_at
+        Unix seconds when it was sealed; ``None`` while it forms. A sealed record is a
+        marker: membership is final, and it stays until its cohort record and every
+        member's assignment are written (whoever reads it next finishes that), so a
+        coordinator that dies halfway through a seal loses no member's update.
     """
 
     cohort_id: str
@@ -484,6 +490,7 @@ class FormingCohort:
     identity_keys: tuple[bytes, ...] = ()
     versions: tuple[int, ...] = ()
     tasks: tuple[str, ...] = ()
+    sealed_at: float | None = None
 
     @property
     def trained(self) -> bool:
@@ -556,6 +563,8 @@ class FormingCohort:
         if self.versions or self.tasks:
             value["versions"] = list(self.versions)
             value["tasks"] = list(self.tasks)
+        if self.sealed_at is not None:
+            value["sealed_at"] = self.sealed_at
         return _json(value)
 
     @classmethod
@@ -570,6 +579,7 @@ class FormingCohort:
             identity_keys=tuple(f.hex_list("identity_keys")),
             versions=tuple(f.list_of("versions", int, default=[])),
             tasks=tuple(f.list_of("tasks", str, default=[])),
+            sealed_at=f.opt_float("sealed_at"),
         )
 
 

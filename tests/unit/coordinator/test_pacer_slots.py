@@ -469,16 +469,6 @@ def test_an_unchanged_cohort_record_is_not_parsed_again(
     assert len(parsed) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FailedPrecondition,
-    reason=(
-        "known defect: the seal deletes the forming record first and writes the cohort "
-        "record and the members' assignments after it, so a coordinator that dies in "
-        "between leaves the members neither forming nor assigned, and their reported "
-        "updates are refused"
-    ),
-)
 def test_a_coordinator_killed_between_sealing_and_assigning_loses_no_reported_update(
     tmp_path: Any, base: nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -487,8 +477,8 @@ def test_a_coordinator_killed_between_sealing_and_assigning_loses_no_reported_up
     fed, devices, training, _paced = _three_of_five_waiting(tmp_path, base, formation_s=1000.0)
     assert commit(fed).version == 1
 
-    # Execute: the sealing coordinator dies after the seal (the forming record's
-    # versioned delete) and before the cohort record is written; another replica ticks.
+    # Execute: the sealing coordinator dies after the seal (the forming record marked
+    # sealed) and before the cohort record is written; another replica ticks.
     def killed(*_args: Any, **_kwargs: Any) -> None:
         raise SystemExit("coordinator killed while sealing")
 
@@ -496,9 +486,51 @@ def test_a_coordinator_killed_between_sealing_and_assigning_loses_no_reported_up
         patch.setattr(type(fed.service.cohorts), "create", killed)
         with pytest.raises(SystemExit):
             fed.service.tick()
+    found = fed.service.cohorts.forming("laptop")
+    assert found is not None and found[0].sealed_at is not None  # the marker stayed
+    assert sealed(fed) == []
     fed.service.tick()
 
-    # Assert: the three reported updates still count: each member is offered its cohort
-    # task, or told to wait, never told to drop its update.
+    # Assert: the seal was finished once: one cohort of the three, the marker gone, and
+    # each member is offered its cohort task (before the fix: told to drop its update).
+    assert fed.service.cohorts.forming("laptop") is None
+    (record,) = sealed(fed)
+    assert set(record.members) == {d.device_id for d in devices[:3]}
     offers = report_trained(fed, devices[:3], training[:3])
-    assert all(isinstance(o, TaskOffer | PaceOffer) for o in offers), offers
+    assert all(isinstance(o, TaskOffer) and not o.is_training for o in offers), offers
+    assert {o.cohort_id for o in offers if isinstance(o, TaskOffer)} == {record.cohort_id}
+
+
+def test_a_member_asking_while_its_seal_is_half_written_finishes_it(
+    tmp_path: Any, base: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: as above; the sealer dies after writing the cohort record and the first
+    # member's assignment.
+    fed, devices, training, _paced = _three_of_five_waiting(tmp_path, base, formation_s=1000.0)
+    assert commit(fed).version == 1
+    book_type = type(fed.service.cohorts)
+    assign = book_type.assign
+    written: list[str] = []
+
+    def assign_then_die(book: Any, device_id: str, assignment: Any) -> None:
+        if written:
+            raise SystemExit("coordinator killed while assigning")
+        written.append(device_id)
+        assign(book, device_id, assignment)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(book_type, "assign", assign_then_die)
+        with pytest.raises(SystemExit):
+            fed.service.tick()
+    assert len(written) == 1 and len(sealed(fed)) == 1
+
+    # Execute: the third member, not yet assigned, reports again before any tick.
+    offer = fed.service.get_task(devices[2], trained_task_id=training[2].task_id)
+
+    # Assert: its call finished the seal: it holds its cohort task, the others theirs.
+    (record,) = sealed(fed)
+    assert isinstance(offer, TaskOffer) and offer.cohort_id == record.cohort_id
+    assert fed.service.cohorts.forming("laptop") is None
+    offers = report_trained(fed, devices[:3], training[:3])
+    assert {o.cohort_id for o in offers if isinstance(o, TaskOffer)} == {record.cohort_id}
+    assert len({o.task_id for o in offers if isinstance(o, TaskOffer)}) == 3
