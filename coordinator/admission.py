@@ -651,10 +651,12 @@ class Admission:
     def _complete_seal(self, device_class: str, forming: FormingCohort, marker_version: int) -> str:
         """Write the cohort record and the assignments of sealed ``forming``; return its id.
 
-        Idempotent, so that any replica reading the marker may finish a seal another began
-        (the record is inserted if absent, each assignment written with the same value);
-        the marker is then deleted, and the replica that deletes it logs the seal and
-        tells the observer, once.
+        Idempotent, so that any replica reading the marker may finish a seal another began:
+        the record is inserted if absent; if it was there, only the members still without
+        an assignment get theirs, and none once the cohort finished or left the key
+        exchange (an assignment cleared since was cleared on purpose: a member that
+        finished or gave up). The marker is then deleted, and the replica that deletes it
+        logs the seal and tells the observer, once.
         """
         now = forming.sealed_at
         if now is None:
@@ -692,8 +694,9 @@ class Admission:
             member_versions=forming.versions,
         )
         cohort_id = record.cohort_id
-        self._book.create(record)
-        for index, device_id in enumerate(record.members):
+        pending = list(range(n)) if self._book.create(record) else self._unassigned(cohort_id)
+        for index in pending or ():
+            device_id = record.members[index]
             self._book.assign(
                 device_id,
                 Assignment(
@@ -703,7 +706,8 @@ class Admission:
                     trained_task_id=forming.tasks[index],
                 ),
             )
-        self._book.activate(cohort_id, sealed_at=now)
+        if pending is not None:
+            self._book.activate(cohort_id, sealed_at=now)
         if not self._book.seal_forming(device_class, expected_version=marker_version):
             return cohort_id  # another replica finished the same seal
         if cohort.active_adversary and not active:
@@ -727,6 +731,23 @@ class Admission:
             version=record.version,
         )
         return cohort_id
+
+    def _unassigned(self, cohort_id: str) -> list[int] | None:
+        """Members an interrupted seal of the written ``cohort_id`` left without a task.
+
+        None (write nothing, not even the active-set entry) once the cohort is gone or
+        finished; none past its key exchange (a member without a task by then lost it).
+        """
+        record = self._book.record(cohort_id)
+        if record is None or not record.active:
+            return None
+        if self._book.cohort(record).stage is not Stage.ADVERTISE_KEYS:
+            return []
+        return [
+            index
+            for index, device_id in enumerate(record.members)
+            if not record.is_abandoned(index) and self._book.assignment(device_id) is None
+        ]
 
     def _prune_stale(self, device_class: str, head: VersionInfo | None) -> None:
         """Take the members whose update no longer counts out of the forming cohort."""

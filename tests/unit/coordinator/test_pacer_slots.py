@@ -534,3 +534,36 @@ def test_a_member_asking_while_its_seal_is_half_written_finishes_it(
     offers = report_trained(fed, devices[:3], training[:3])
     assert {o.cohort_id for o in offers if isinstance(o, TaskOffer)} == {record.cohort_id}
     assert len({o.task_id for o in offers if isinstance(o, TaskOffer)}) == 3
+
+
+def test_finishing_a_seal_gives_no_task_back_to_a_member_that_gave_its_up(
+    tmp_path: Any, base: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the sealer wrote everything and died before deleting the marker; then a
+    # member restarted without its update (it asks with no trained task): it is
+    # abandoned and its assignment cleared.
+    fed, devices, _training, _paced = _three_of_five_waiting(tmp_path, base, formation_s=1000.0)
+    assert commit(fed).version == 1
+
+    def killed(*_args: Any, **_kwargs: Any) -> None:
+        raise SystemExit("coordinator killed before deleting the marker")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(fed.service.cohorts), "seal_forming", killed)
+        with pytest.raises(SystemExit):
+            fed.service.tick()
+    (record,) = sealed(fed)
+    fed.service.get_task(devices[0])
+    assert fed.service.cohorts.assignment(devices[0].device_id) is None
+
+    # Execute: the next tick finds the marker and finishes the seal.
+    fed.service.tick()
+
+    # Assert: the marker is gone, the cohort is still the one, and the member that gave
+    # its task up was not handed it again; the others keep theirs.
+    assert fed.service.cohorts.forming("laptop") is None
+    assert [r.cohort_id for r in sealed(fed)] == [record.cohort_id]
+    assert fed.service.cohorts.assignment(devices[0].device_id) is None
+    for device in devices[1:3]:
+        held = fed.service.cohorts.assignment(device.device_id)
+        assert held is not None and held.cohort_id == record.cohort_id
