@@ -13,6 +13,7 @@ update at 10 000 devices).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -469,23 +470,42 @@ def test_an_unchanged_cohort_record_is_not_parsed_again(
     assert len(parsed) == 1
 
 
+def _sealed_at_next_tick(
+    tmp_path: Any, base: nn.Module
+) -> tuple[Fed, list[Any], list[TaskOffer], list[Any]]:
+    """Three of five laptops wait in a cohort at min_size; a commit makes the next tick seal it."""
+    fed, devices, training, paced = _three_of_five_waiting(tmp_path, base, formation_s=1000.0)
+    assert commit(fed).version == 1
+    return fed, devices, training, paced
+
+
+def _tick_killed_in(
+    fed: Fed,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    instead: Callable[..., None] | None = None,
+) -> None:
+    """Tick, with ``CohortBook.<method>`` (or ``instead``) ending the coordinator there."""
+
+    def killed(*_args: Any, **_kwargs: Any) -> None:
+        raise SystemExit(f"coordinator killed in {method}")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(fed.service.cohorts), method, instead or killed)
+        with pytest.raises(SystemExit):
+            fed.service.tick()
+
+
 def test_a_coordinator_killed_between_sealing_and_assigning_loses_no_reported_update(
     tmp_path: Any, base: nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: three laptops reported and wait in a cohort at min_size; a commit makes
     # the next tick seal it.
-    fed, devices, training, _paced = _three_of_five_waiting(tmp_path, base, formation_s=1000.0)
-    assert commit(fed).version == 1
+    fed, devices, training, _paced = _sealed_at_next_tick(tmp_path, base)
 
     # Execute: the sealing coordinator dies after the seal (the forming record marked
     # sealed) and before the cohort record is written; another replica ticks.
-    def killed(*_args: Any, **_kwargs: Any) -> None:
-        raise SystemExit("coordinator killed while sealing")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(type(fed.service.cohorts), "create", killed)
-        with pytest.raises(SystemExit):
-            fed.service.tick()
+    _tick_killed_in(fed, monkeypatch, "create")
     found = fed.service.cohorts.forming("laptop")
     assert found is not None and found[0].sealed_at is not None  # the marker stayed
     assert sealed(fed) == []
@@ -506,8 +526,7 @@ def test_a_member_asking_while_its_seal_is_half_written_finishes_it(
 ) -> None:
     # Prepare: as above; the sealer dies after writing the cohort record and the first
     # member's assignment.
-    fed, devices, training, _paced = _three_of_five_waiting(tmp_path, base, formation_s=1000.0)
-    assert commit(fed).version == 1
+    fed, devices, training, _paced = _sealed_at_next_tick(tmp_path, base)
     book_type = type(fed.service.cohorts)
     assign = book_type.assign
     written: list[str] = []
@@ -518,10 +537,7 @@ def test_a_member_asking_while_its_seal_is_half_written_finishes_it(
         written.append(device_id)
         assign(book, device_id, assignment)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(book_type, "assign", assign_then_die)
-        with pytest.raises(SystemExit):
-            fed.service.tick()
+    _tick_killed_in(fed, monkeypatch, "assign", assign_then_die)
     assert len(written) == 1 and len(sealed(fed)) == 1
 
     # Execute: the third member, not yet assigned, reports again before any tick.
@@ -542,16 +558,8 @@ def test_finishing_a_seal_gives_no_task_back_to_a_member_that_gave_its_up(
     # Prepare: the sealer wrote everything and died before deleting the marker; then a
     # member restarted without its update (it asks with no trained task): it is
     # abandoned and its assignment cleared.
-    fed, devices, _training, _paced = _three_of_five_waiting(tmp_path, base, formation_s=1000.0)
-    assert commit(fed).version == 1
-
-    def killed(*_args: Any, **_kwargs: Any) -> None:
-        raise SystemExit("coordinator killed before deleting the marker")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(type(fed.service.cohorts), "seal_forming", killed)
-        with pytest.raises(SystemExit):
-            fed.service.tick()
+    fed, devices, _training, _paced = _sealed_at_next_tick(tmp_path, base)
+    _tick_killed_in(fed, monkeypatch, "seal_forming")
     (record,) = sealed(fed)
     fed.service.get_task(devices[0])
     assert fed.service.cohorts.assignment(devices[0].device_id) is None
