@@ -20,8 +20,11 @@ import pytest
 from estuary.model.presets import build_preset
 
 #: Wall seconds the command may take (and, with a margin, the test: pytest-timeout's
-#: default of 300 s would cut a run that a loaded machine merely slows down).
-SUBPROCESS_TIMEOUT_S = 900
+#: default of 300 s would cut a run that a loaded machine merely slows down). 62 s in a
+#: quiet clean-clone run, 262 s beside four busy loops; 900 s was once not enough beside
+#: four busy loops, the serving tests' set-up and other test runs (2026-12-08; whether it
+#: was slow or hung is unknown: the output was lost, which a timeout now prints).
+SUBPROCESS_TIMEOUT_S = 1800
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(SUBPROCESS_TIMEOUT_S + 60)]
 
@@ -70,15 +73,27 @@ batch_size = 4
 seq_len = 64
 """
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "estuary.cli.app", "simulate", "--config", str(config), "--no-live"],
-        capture_output=True,
-        text=True,
-        # 85 s on 2 cores at load 12. The run's clock slows down on a busier machine (its
-        # deadlines and time limit stretch rather than expire), so the wall time grows with
-        # the load instead of the run failing: this limit only guards against a hang.
-        timeout=SUBPROCESS_TIMEOUT_S,
-    )
+    command = [sys.executable, "-m", "estuary.cli.app", "simulate", "--config", str(config)]
+    try:
+        done = subprocess.run(
+            [*command, "--no-live"],
+            capture_output=True,
+            text=True,
+            # 85 s on 2 cores at load 12. The run's clock slows down on a busier machine (its
+            # deadlines and time limit stretch rather than expire), so the wall time grows
+            # with the load instead of the run failing: this limit only guards against a hang.
+            timeout=SUBPROCESS_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out, err = (
+            (x.decode(errors="replace") if isinstance(x, bytes) else x or "")
+            for x in (exc.stdout, exc.stderr)
+        )
+        pytest.fail(
+            f"estuary simulate still ran after {SUBPROCESS_TIMEOUT_S} s; its last output:\n"
+            + out[-3000:]
+            + err[-5000:]
+        )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     effective = json.loads((run_dir / "config.json").read_text())
