@@ -84,18 +84,20 @@ EXTRAS := .venv-extras
 
 extras-started:
 	@mkdir -p $(EXTRAS) && rm -f $(EXTRAS)/exit
-	@{ .ci/extras $(PYTHON) >$(EXTRAS)/report.log 2>&1; echo $$? >$(EXTRAS)/exit; } </dev/null &
+	@{ .ci/extras $(PYTHON) >$(EXTRAS)/report.log 2>&1; echo $$? >$(EXTRAS)/exit; } </dev/null & \
+	  echo $$! >$(EXTRAS)/pid
 
 test: extras-started $(STAMP) redis-server
 	@echo '$(LINT)'; $(LINT); lint=$$?; \
 	  echo '$(TYPECHECK)'; $(TYPECHECK); types=$$?; \
 	  $(PYTEST); tests=$$?; \
 	  $(SMOKE); smoke=$$?; \
-	  while [ ! -f $(EXTRAS)/exit ]; do sleep 1; done; packaging=$$(cat $(EXTRAS)/exit); \
+	  while [ ! -f $(EXTRAS)/exit ] && kill -0 $$(cat $(EXTRAS)/pid) 2>/dev/null; do sleep 1; done; \
+	  packaging=$$(cat $(EXTRAS)/exit 2>/dev/null || echo "killed before it ended"); \
 	  echo "--- .ci/extras (each extra alone in a fresh venv; exit $$packaging)"; \
 	  cat $(EXTRAS)/report.log; \
 	  echo "--- make test: lint $$lint, typecheck $$types, pytest $$tests, deploy smoke $$smoke, extras $$packaging"; \
-	  [ $$lint -eq 0 ] && [ $$types -eq 0 ] && [ $$tests -eq 0 ] && [ $$smoke -eq 0 ] && [ $$packaging -eq 0 ]
+	  [ $$lint -eq 0 ] && [ $$types -eq 0 ] && [ $$tests -eq 0 ] && [ $$smoke -eq 0 ] && [ "$$packaging" = 0 ]
 
 proto: $(STAMP)
 	$(BIN)/python -m estuary.proto.generate
